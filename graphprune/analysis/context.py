@@ -1,0 +1,172 @@
+"""What an op rule sees and records while the dependency graph is built."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from enum import StrEnum
+from typing import Any
+
+import numpy as np
+import onnx
+
+from graphprune.analysis.atoms import AtomTable, channel_view, view_axes
+
+
+class Role(StrEnum):
+    """How a parameter slice relates to its channels.
+
+    PRODUCER slices belong to the channel itself (a filter, a BN scale) and vanish with it.
+    CONSUMER slices read a channel (an input slice of the next conv); the masked reference zeroes them.
+    """
+
+    PRODUCER = "producer"
+    CONSUMER = "consumer"
+
+
+@dataclass
+class ParamMember:
+    """Initializer `name` follows `atoms` along `axis` (for a grouped conv input, per group)."""
+
+    name: str
+    axis: int
+    atoms: np.ndarray
+    role: Role
+    node: str
+    op: str
+    kind: str
+    conv_groups: int = 1
+
+
+@dataclass
+class Rewrite:
+    """A node whose attributes or constant inputs must be recomputed after pruning."""
+
+    node: str
+    kind: str
+    data: dict[str, Any] = field(default_factory=dict)
+
+
+def attribute(node: onnx.NodeProto, name: str, default: Any = None) -> Any:
+    for attr in node.attribute:
+        if attr.name == name:
+            return onnx.helper.get_attribute_value(attr)
+    return default
+
+
+class RuleContext:
+    """The state op rules read (shapes, constants, views) and write (views, ties, members, rewrites)."""
+
+    def __init__(
+        self,
+        shapes: dict[str, tuple[int, ...]],
+        constants: dict[str, np.ndarray],
+        computed: dict[str, np.ndarray],
+        opset: int,
+    ) -> None:
+        self.shapes = shapes
+        self.constants = constants
+        self.computed = computed
+        self.opset = opset
+        self.table = AtomTable()
+        self.views: dict[str, np.ndarray] = {}
+        self.members: dict[tuple[str, int], ParamMember] = {}
+        self.segments: list[tuple[str, list[np.ndarray]]] = []
+        self.keep_one: list[np.ndarray] = []
+        self.rewrites: list[Rewrite] = []
+        self.blocked_nodes: dict[str, str] = {}
+
+    # reading -----------------------------------------------------------------------------------
+    def shape(self, name: str) -> tuple[int, ...]:
+        return self.shapes[name]
+
+    def const(self, name: str) -> np.ndarray | None:
+        return self.constants.get(name) if name else None
+
+    def value(self, name: str) -> np.ndarray | None:
+        """A constant, or a small integer tensor computed from shapes (its value at batch 1)."""
+        if not name:
+            return None
+        return self.constants[name] if name in self.constants else self.computed.get(name)
+
+    def view(self, name: str) -> np.ndarray | None:
+        return self.views.get(name)
+
+    def axis_atoms(self, name: str, axis: int, node: onnx.NodeProto) -> np.ndarray | None:
+        """Atoms of tensor `name` along `axis` as a 1-D array, or None if it carries no channel mapping.
+
+        A view whose channels run along another axis cannot be read this way; it is blocked.
+        """
+        view = self.view(name)
+        if view is None:
+            return None
+        rank = len(self.shape(name))
+        axis = axis % rank
+        if set(view_axes(view)) - {axis}:
+            self.block(view, node, f"channels arrive on axis {view_axes(view)} but the op reads axis {axis}")
+            return None
+        return np.broadcast_to(
+            view, view.shape[:axis] + (self.shape(name)[axis],) + view.shape[axis + 1 :]
+        ).ravel()
+
+    # writing -----------------------------------------------------------------------------------
+    def set_view(self, name: str, view: np.ndarray | None) -> None:
+        if view is not None and name:
+            self.views[name] = view
+
+    def new_source(self, node: onnx.NodeProto, size: int, param: str | None = None) -> np.ndarray:
+        """Fresh prunable channels produced by `node`; a layer always keeps at least one."""
+        atoms = self.table.new_block(node.output[0], node.name, node.op_type, size, param)
+        self.keep_one.append(atoms)
+        return atoms
+
+    def blocked_source(self, node: onnx.NodeProto, size: int, why: str) -> np.ndarray:
+        atoms = self.table.new_block(f"{node.name}:fixed", node.name, node.op_type, size)
+        self.table.block(atoms, f"{node.name} ({node.op_type}): {why}")
+        return atoms
+
+    def merge(self, a: np.ndarray, b: np.ndarray, node: onnx.NodeProto) -> None:
+        self.table.merge(a, b, node.name, node.op_type)
+
+    def block(self, atoms: np.ndarray | None, node: onnx.NodeProto | str, why: str) -> None:
+        if atoms is None or atoms.size == 0:
+            return
+        label = node if isinstance(node, str) else f"{node.name} ({node.op_type})"
+        self.blocked_nodes.setdefault(label, why)
+        self.table.block(atoms, f"{label}: {why}")
+
+    def member(
+        self,
+        node: onnx.NodeProto,
+        name: str,
+        axis: int,
+        atoms: np.ndarray,
+        role: Role,
+        kind: str,
+        conv_groups: int = 1,
+    ) -> None:
+        """Record that initializer `name` is sliced along `axis` by `atoms`; a shared initializer ties."""
+        key = (name, axis)
+        existing = self.members.get(key)
+        if existing is not None:
+            if existing.atoms.shape == atoms.shape and existing.conv_groups == conv_groups:
+                self.merge(existing.atoms, atoms, node)
+            else:
+                self.block(existing.atoms, node, f"initializer {name} is shared with an incompatible layout")
+                self.block(atoms, node, f"initializer {name} is shared with an incompatible layout")
+            return
+        self.members[key] = ParamMember(name, axis, atoms, role, node.name, node.op_type, kind, conv_groups)
+
+    def equal_segments(self, node: onnx.NodeProto, atoms: np.ndarray, groups: int) -> None:
+        """A grouped conv needs the same number of channels removed from each of its groups."""
+        self.segments.append((node.name, np.split(atoms, groups)))
+
+    def rewrite(self, node: onnx.NodeProto, kind: str, **data: Any) -> None:
+        self.rewrites.append(Rewrite(node.name, kind, data))
+
+    def opaque(self, node: onnx.NodeProto, why: str) -> None:
+        """The op is not understood here: every channel reaching it is kept whole; its outputs are opaque."""
+        for name in node.input:
+            self.block(self.view(name), node, why)
+
+    def channel_view(self, atoms: np.ndarray, name: str, axis: int) -> np.ndarray:
+        return channel_view(atoms, len(self.shape(name)), axis % len(self.shape(name)))

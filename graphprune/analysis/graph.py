@@ -1,0 +1,192 @@
+"""Build the channel-dependency graph of an ONNX model and split it into prunable groups.
+
+The networkx graph has one node per block of channels (a conv's outputs, a Gemm's hidden units) and an
+edge wherever an op ties two blocks (a residual sum, a depthwise conv, a shared weight).  Its connected
+components are the groups; within a group, the union-find classes are the channels that are removed
+together.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+
+import networkx as nx
+import numpy as np
+import onnx
+
+from graphprune.analysis.atoms import AtomTable, Block
+from graphprune.analysis.context import ParamMember, Rewrite, RuleContext
+from graphprune.analysis.rules import RULES
+from graphprune.model_io import clean, initializer_arrays
+from graphprune.runtime.shapes import run_intermediates, tensor_shapes
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Group:
+    """Channels that must be pruned with the same indices, and why some of them cannot be pruned."""
+
+    index: int
+    blocks: list[Block]
+    classes: np.ndarray
+    blocked: dict[int, str]
+    members: list[ParamMember] = field(default_factory=list)
+
+    @property
+    def name(self) -> str:
+        return self.blocks[0].node
+
+    @property
+    def size(self) -> int:
+        return int(self.classes.size)
+
+    @property
+    def prunable(self) -> np.ndarray:
+        return np.array([c for c in self.classes if int(c) not in self.blocked], dtype=np.int64)
+
+
+@dataclass
+class DependencyGraph:
+    """Everything analysis learned about a model; the input of criteria, planning and surgery."""
+
+    model: onnx.ModelProto
+    shapes: dict[str, tuple[int, ...]]
+    constants: dict[str, np.ndarray]
+    table: AtomTable
+    views: dict[str, np.ndarray]
+    members: dict[tuple[str, int], ParamMember]
+    segments: list[tuple[str, list[np.ndarray]]]
+    keep_one: list[np.ndarray]
+    rewrites: list[Rewrite]
+    blocked_nodes: dict[str, str]
+    graph: nx.Graph
+    groups: list[Group]
+    roots: np.ndarray
+    class_group: np.ndarray
+    class_slot: np.ndarray
+
+    def slots(self, atoms: np.ndarray, group: Group) -> tuple[np.ndarray, np.ndarray]:
+        """For each atom: whether its channel belongs to `group`, and its index in `group.classes`."""
+        classes = self.roots[atoms]
+        inside = self.class_group[classes] == group.index
+        return inside, self.class_slot[classes]
+
+    @property
+    def prunable_groups(self) -> list[Group]:
+        return [g for g in self.groups if g.prunable.size > 1]
+
+    def block_by_name(self, name: str) -> Block:
+        for block in self.table.blocks:
+            if name in (block.name, block.node, block.param):
+                return block
+        raise KeyError(name)
+
+
+def analyze(model: onnx.ModelProto) -> DependencyGraph:
+    """Run every op rule over the (cleaned) graph in topological order and build the groups."""
+    model = clean(model)
+    shapes = tensor_shapes(model)
+    constants = initializer_arrays(model)
+    opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 13)
+    ctx = RuleContext(shapes, constants, shape_arithmetic(model, constants), opset)
+    for node in model.graph.node:
+        if node.domain not in ("", "ai.onnx"):
+            ctx.opaque(node, f"custom-domain op {node.domain}.{node.op_type}")
+            continue
+        handler = RULES.get(node.op_type)
+        if handler is None:
+            ctx.opaque(node, f"no channel rule for {node.op_type}")
+            continue
+        handler(ctx, node)
+    for output in model.graph.output:
+        ctx.block(ctx.view(output.name), f"output {output.name}", "model outputs are never narrowed")
+    for node_name, parts in ctx.segments:
+        _check_segments(ctx, node_name, parts)
+    roots = ctx.table.roots()
+    graph, groups = _groups(ctx, roots)
+    class_group = np.full(roots.size, -1, dtype=np.int64)
+    class_slot = np.full(roots.size, -1, dtype=np.int64)
+    for group in groups:
+        class_group[group.classes] = group.index
+        class_slot[group.classes] = np.arange(group.size)
+    log.debug("analysis: %d blocks, %d groups", len(ctx.table.blocks), len(groups))
+    return DependencyGraph(
+        model,
+        shapes,
+        constants,
+        ctx.table,
+        ctx.views,
+        ctx.members,
+        ctx.segments,
+        ctx.keep_one,
+        ctx.rewrites,
+        ctx.blocked_nodes,
+        graph,
+        groups,
+        roots,
+        class_group,
+        class_slot,
+    )
+
+
+# Inputs that hold sizes, bounds or indices rather than data, per op type.
+SHAPE_INPUTS = {
+    "Slice": (1, 2, 3, 4),
+    "Reshape": (1,),
+    "Split": (1,),
+    "Resize": (2, 3),
+    "Pad": (1, 3),
+    "Gather": (1,),
+}
+
+
+def shape_arithmetic(model: onnx.ModelProto, constants: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Values (at batch 1) of size/bound/index inputs computed at run time, e.g. chunk bounds derived
+    from Shape; one onnxruntime run fetches them all."""
+    wanted = sorted(
+        {
+            node.input[i]
+            for node in model.graph.node
+            for i in SHAPE_INPUTS.get(node.op_type, ())
+            if i < len(node.input) and node.input[i] and node.input[i] not in constants
+        }
+    )
+    return run_intermediates(model, wanted) if wanted else {}
+
+
+def _check_segments(ctx: RuleContext, node_name: str, parts: list[np.ndarray]) -> None:
+    """Equal-per-group removal is only planned when no channel class spans two groups of the conv."""
+    owners: dict[int, int] = {}
+    for index, part in enumerate(parts):
+        for atom in part:
+            root = ctx.table.find(int(atom))
+            if owners.setdefault(root, index) != index:
+                atoms = np.concatenate(parts)
+                ctx.block(atoms, node_name, "grouped conv whose groups share channels")
+                return
+
+
+def _groups(ctx: RuleContext, roots: np.ndarray) -> tuple[nx.Graph, list[Group]]:
+    table = ctx.table
+    graph = nx.Graph()
+    for block in table.blocks:
+        graph.add_node(block.index, name=block.name, node=block.node, op=block.op, size=block.size)
+    for tie in table.ties:
+        graph.add_edge(tie.block_a, tie.block_b, node=tie.node, op=tie.op)
+    blocked = table.blocked_roots()
+    block_of = np.asarray(table.block_of, dtype=np.int64)
+    members_by_block: dict[int, list[ParamMember]] = {}
+    for member in ctx.members.values():
+        for block in np.unique(block_of[member.atoms]):
+            members_by_block.setdefault(int(block), []).append(member)
+    groups = []
+    for component in sorted(nx.connected_components(graph), key=min):
+        blocks = [table.blocks[i] for i in sorted(component)]
+        atoms = np.concatenate([b.atoms() for b in blocks])
+        classes = list(dict.fromkeys(roots[atoms].tolist()))
+        members = list({id(m): m for b in blocks for m in members_by_block.get(b.index, [])}.values())
+        group_blocked = {c: blocked[c] for c in classes if c in blocked}
+        groups.append(Group(len(groups), blocks, np.asarray(classes, dtype=np.int64), group_blocked, members))
+    return graph, groups

@@ -1,0 +1,98 @@
+"""Criteria: each scores the channels of a group (higher = more important).  A small registry of classes."""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from typing import ClassVar
+
+import numpy as np
+
+from graphprune.analysis.context import ParamMember
+from graphprune.analysis.graph import DependencyGraph, Group
+from graphprune.errors import PlanError
+
+AGGREGATIONS = ("sum", "mean", "max")
+
+
+@dataclass
+class ScoringInputs:
+    """What criteria may read: the analysed graph (initialisers included) and a seed."""
+
+    dep: DependencyGraph
+    seed: int = 0
+
+
+class Criterion(ABC):
+    """Scores one group's channels; returning None means "no opinion": the group is left whole."""
+
+    name: ClassVar[str]
+    registry: ClassVar[dict[str, type[Criterion]]] = {}
+
+    def __init_subclass__(cls, **kwargs: object) -> None:
+        super().__init_subclass__(**kwargs)
+        if getattr(cls, "name", None):
+            Criterion.registry[cls.name] = cls
+
+    def __init__(self, aggregate: str = "sum") -> None:
+        if aggregate not in AGGREGATIONS:
+            raise PlanError(f"unknown aggregation {aggregate!r}; choose one of {', '.join(AGGREGATIONS)}.")
+        self.aggregate = aggregate
+
+    def prepare(self, inputs: ScoringInputs) -> None:
+        """Check the model offers what the criterion reads (raise a clear error if not)."""
+        return None
+
+    @abstractmethod
+    def score_group(self, inputs: ScoringInputs, group: Group) -> np.ndarray | None: ...
+
+
+class MemberCriterion(Criterion):
+    """Scores from initialiser slices: per-position values of chosen member kinds, gathered per class."""
+
+    kinds: ClassVar[frozenset[str]]
+
+    @abstractmethod
+    def position_scores(self, values: np.ndarray, member: ParamMember) -> np.ndarray: ...
+
+    def score_group(self, inputs: ScoringInputs, group: Group) -> np.ndarray | None:
+        dep = inputs.dep
+        rows = []
+        for member in group.members:
+            if member.kind not in self.kinds:
+                continue
+            per_position = self.position_scores(dep.constants[member.name], member)
+            inside, slots = dep.slots(member.atoms, group)
+            totals = np.zeros(group.size)
+            np.add.at(totals, slots[inside], per_position[inside])
+            row = np.full(group.size, np.nan)
+            touched = np.unique(slots[inside])
+            row[touched] = totals[touched]
+            rows.append(row)
+        if not rows:
+            return None
+        stacked = np.vstack(rows)
+        reducer = {"sum": np.nansum, "mean": np.nanmean, "max": np.nanmax}[self.aggregate]
+        return np.nan_to_num(reducer(stacked, axis=0))
+
+
+def position_norms(values: np.ndarray, member: ParamMember, order: int) -> np.ndarray:
+    """|w|^order summed over everything but the member's channel axis (per group for grouped inputs)."""
+    powered = np.abs(values.astype(np.float64)) ** order
+    if member.conv_groups == 1:
+        axes = tuple(a for a in range(values.ndim) if a != member.axis)
+        return powered.sum(axis=axes) if axes else powered
+    groups = member.conv_groups
+    per_group = np.stack(
+        [g.sum(axis=tuple(a for a in range(g.ndim) if a != 1)) for g in np.split(powered, groups)]
+    )
+    return per_group.ravel()
+
+
+def get_criterion(name: str, **options: object) -> Criterion:
+    try:
+        cls = Criterion.registry[name]
+    except KeyError:
+        known = ", ".join(sorted(Criterion.registry))
+        raise PlanError(f"unknown criterion {name!r}; choose one of {known}.") from None
+    return cls(**options)

@@ -1,0 +1,152 @@
+"""Loading, cleaning and atomically saving ONNX models (external data included)."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import onnx
+from onnx import numpy_helper
+
+from graphprune.errors import InvalidModelError
+
+
+@dataclass
+class LoadedModel:
+    """A model read from disk: the proto (weights in memory) and how it was stored."""
+
+    proto: onnx.ModelProto
+    path: Path | None
+    external_data: bool
+
+
+def load_model(path: str | os.PathLike[str]) -> LoadedModel:
+    """Read and check an ONNX file; any failure is one InvalidModelError naming the file."""
+    file = Path(path)
+    if not file.is_file():
+        raise InvalidModelError(f"{file}: no such file.")
+    try:
+        header = onnx.load(str(file), load_external_data=False)
+    except Exception as exc:  # noqa: BLE001 - protobuf raises DecodeError and friends
+        raise InvalidModelError(f"{file}: not a readable ONNX model ({type(exc).__name__}: {exc}).") from exc
+    if not header.graph.node:
+        raise InvalidModelError(f"{file}: not an ONNX model (the graph has no nodes).")
+    external = any(init.data_location == onnx.TensorProto.EXTERNAL for init in header.graph.initializer)
+    try:
+        proto = onnx.load(str(file), load_external_data=True) if external else header
+        onnx.checker.check_model(proto)
+    except Exception as exc:  # noqa: BLE001
+        raise InvalidModelError(
+            f"{file}: the model fails onnx.checker or its external data is missing ({exc})."
+        ) from exc
+    return LoadedModel(proto, file, external)
+
+
+def as_loaded(model: LoadedModel | onnx.ModelProto | str | os.PathLike[str]) -> LoadedModel:
+    """Accept a path, a proto or an already loaded model."""
+    if isinstance(model, LoadedModel):
+        return model
+    if isinstance(model, onnx.ModelProto):
+        return LoadedModel(model, None, False)
+    return load_model(model)
+
+
+def clean(model: onnx.ModelProto) -> onnx.ModelProto:
+    """A copy ready for analysis: Constant nodes and transposed initializers become initializers, Identity-on-initializer nodes become
+    their own copy of the initializer (the exporter shares equal tensors between layers that are not tied),
+    initializers leave the graph inputs, and every node has a unique name."""
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    graph = out.graph
+    initializers = {init.name for init in graph.initializer}
+    copies: dict[str, str] = {}
+    kept = []
+    for node in graph.node:
+        if node.op_type == "Constant" and len(node.attribute) == 1 and node.attribute[0].name == "value":
+            tensor = onnx.TensorProto()
+            tensor.CopyFrom(node.attribute[0].t)
+            tensor.name = node.output[0]
+            graph.initializer.append(tensor)
+            initializers.add(tensor.name)
+            continue
+        if (
+            node.op_type == "Transpose"
+            and node.input[0] in initializers
+            and node.output[0] not in _output_names(graph)
+        ):
+            folded = np.transpose(numpy_helper.to_array(_find(graph, node.input[0])), _perm(node))
+            graph.initializer.append(numpy_helper.from_array(np.ascontiguousarray(folded), node.output[0]))
+            initializers.add(node.output[0])
+            continue
+        if (
+            node.op_type == "Identity"
+            and node.input[0] in initializers
+            and node.output[0] not in _output_names(graph)
+        ):
+            copies[node.output[0]] = node.input[0]
+            continue
+        kept.append(node)
+    by_name = {init.name: init for init in graph.initializer}
+    for name, source in copies.items():
+        while source in copies:
+            source = copies[source]
+        tensor = onnx.TensorProto()
+        tensor.CopyFrom(by_name[source])
+        tensor.name = name
+        graph.initializer.append(tensor)
+    del graph.node[:]
+    graph.node.extend(kept)
+    inputs = [value for value in graph.input if value.name not in initializers]
+    del graph.input[:]
+    graph.input.extend(inputs)
+    seen: set[str] = set()
+    for index, node in enumerate(graph.node):
+        if not node.name or node.name in seen:
+            node.name = f"{node.op_type}_{index}"
+        seen.add(node.name)
+    return out
+
+
+def _find(graph: onnx.GraphProto, name: str) -> onnx.TensorProto:
+    return next(init for init in graph.initializer if init.name == name)
+
+
+def _perm(node: onnx.NodeProto) -> list[int] | None:
+    return next((list(a.ints) for a in node.attribute if a.name == "perm"), None)
+
+
+def _output_names(graph: onnx.GraphProto) -> set[str]:
+    return {value.name for value in graph.output}
+
+
+def save_model(model: onnx.ModelProto, path: str | os.PathLike[str], *, external_data: bool = False) -> Path:
+    """Write atomically; with external_data the weights go to `<name>.data` beside the model."""
+    target = Path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=target.parent, prefix=f".{target.name}.") as tmp:
+        staged = Path(tmp) / target.name
+        if external_data:
+            data_name = f"{target.name}.data"
+            copy = onnx.ModelProto()
+            copy.CopyFrom(model)
+            onnx.save_model(
+                copy,
+                str(staged),
+                save_as_external_data=True,
+                all_tensors_to_one_file=True,
+                location=data_name,
+                size_threshold=1024,
+            )
+            os.replace(Path(tmp) / data_name, target.parent / data_name)
+        else:
+            onnx.save_model(model, str(staged))
+        os.replace(staged, target)
+    return target
+
+
+def initializer_arrays(model: onnx.ModelProto) -> dict[str, np.ndarray]:
+    """Every initializer as a numpy array."""
+    return {init.name: numpy_helper.to_array(init) for init in model.graph.initializer}

@@ -1,0 +1,103 @@
+"""PruningPlan: the single, reviewable record of which channels go (JSON round-trip)."""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from graphprune.analysis.graph import DependencyGraph
+from graphprune.errors import PlanError
+from graphprune.util import atomic_write
+
+PLAN_FORMAT = "graphprune-plan/1"
+
+
+@dataclass
+class PruningPlan:
+    """Channels to remove, keyed by the node that produces them (indices within that node's output).
+
+    Removing a channel removes everything tied to it (residual partners, BN, consumers' input slices),
+    so listing one member of a tie is enough; `summary` is informational and ignored on replay.
+    """
+
+    remove: dict[str, list[int]]
+    criterion: str = "manual"
+    settings: dict[str, Any] = field(default_factory=dict)
+    model_sha256: str | None = None
+    summary: list[dict[str, Any]] = field(default_factory=list)
+
+    @classmethod
+    def from_removed(cls, dep: DependencyGraph, removed: np.ndarray, **info: Any) -> PruningPlan:
+        """Describe a boolean atom mask as per-block channel indices."""
+        remove: dict[str, list[int]] = {}
+        for block in dep.table.blocks:
+            hits = np.flatnonzero(removed[block.start : block.start + block.size])
+            if hits.size:
+                remove[block.node] = hits.tolist()
+        summary = []
+        for group in dep.groups:
+            gone = int(np.isin(group.classes, dep.roots[removed]).sum())
+            if gone:
+                summary.append({"group": group.name, "channels": group.size, "removed": gone})
+        return cls(remove=remove, summary=summary, **info)
+
+    def removed_mask(self, dep: DependencyGraph) -> np.ndarray:
+        """Boolean mask over the analysed model's atoms (closed over ties)."""
+        prunable = {b.node: b for b in dep.table.blocks if not b.name.endswith(":fixed")}
+        chosen: list[int] = []
+        for node, indices in self.remove.items():
+            block = prunable.get(node)
+            if block is None:
+                raise PlanError(
+                    f"the plan names node {node!r}, which produces no prunable channels in this model."
+                )
+            bad = [i for i in indices if not 0 <= i < block.size]
+            if bad:
+                raise PlanError(
+                    f"the plan removes channel {bad[0]} of {node}, which has {block.size} channels."
+                )
+            chosen.extend(block.start + i for i in indices)
+        return np.isin(dep.roots, dep.roots[np.asarray(chosen, dtype=np.int64)])
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "format": PLAN_FORMAT,
+            "model_sha256": self.model_sha256,
+            "criterion": self.criterion,
+            "settings": self.settings,
+            "summary": self.summary,
+            "remove": self.remove,
+        }
+
+    def save(self, path: str | os.PathLike[str]) -> Path:
+        with atomic_write(path) as tmp:
+            tmp.write_text(json.dumps(self.to_dict(), indent=1) + "\n")
+        return Path(path)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike[str]) -> PruningPlan:
+        try:
+            data = json.loads(Path(path).read_text())
+        except (OSError, ValueError) as exc:
+            raise PlanError(f"{path}: not a readable plan file ({exc}).") from exc
+        if (
+            not isinstance(data, dict)
+            or data.get("format") != PLAN_FORMAT
+            or not isinstance(data.get("remove"), dict)
+        ):
+            raise PlanError(
+                f"{path}: not a graphprune plan (expected format {PLAN_FORMAT!r} with a 'remove' map)."
+            )
+        remove = {str(k): [int(i) for i in v] for k, v in data["remove"].items()}
+        return cls(
+            remove,
+            data.get("criterion", "manual"),
+            data.get("settings", {}),
+            data.get("model_sha256"),
+            data.get("summary", []),
+        )

@@ -1,0 +1,233 @@
+"""Turn channel scores into a removal: local ratio, global ranking, a MACs target, and the structural
+limits (minimum channels, round-to multiples, excluded nodes, equal removal per conv group)."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from graphprune.analysis.graph import DependencyGraph, Group
+from graphprune.errors import PlanError
+from graphprune.runtime.cost import CostReport
+from graphprune.surgery.apply import check_removal
+
+log = logging.getLogger(__name__)
+
+NORMALIZATIONS = ("mean", "max", "sum", "none")
+WEIGHTED_OPS = {"Conv", "ConvTranspose", "Gemm", "MatMul"}
+
+
+@dataclass
+class PlanOptions:
+    """How much to remove and under which limits (see `graphprune prune --help`)."""
+
+    ratio: float | None = None
+    target_macs: float | None = None
+    global_ranking: bool = False
+    max_ratio: float = 0.9
+    min_channels: int = 1
+    round_to: int = 1
+    exclude: list[str] = field(default_factory=list)
+    normalize: str = "mean"
+
+    def validate(self) -> None:
+        if (self.ratio is None) == (self.target_macs is None):
+            raise PlanError("give exactly one of --ratio or --target-macs.")
+        if self.ratio is not None and not 0.0 <= self.ratio < 1.0:
+            raise PlanError(f"--ratio must be in [0, 1), got {self.ratio}.")
+        if self.target_macs is not None and not 0.0 < self.target_macs <= 1.0:
+            raise PlanError(f"--target-macs must be in (0, 1], got {self.target_macs}.")
+        if not 0.0 < self.max_ratio < 1.0:
+            raise PlanError(f"--max-ratio must be in (0, 1), got {self.max_ratio}.")
+        if self.min_channels < 1 or self.round_to < 1:
+            raise PlanError("--min-channels and --round-to must be at least 1.")
+        if self.normalize not in NORMALIZATIONS:
+            raise PlanError(
+                f"unknown normalisation {self.normalize!r}; choose one of {', '.join(NORMALIZATIONS)}."
+            )
+
+
+def excluded_groups(dep: DependencyGraph, names: list[str]) -> set[int]:
+    """Groups touched by the named nodes (or output tensors / weight names)."""
+    found: set[int] = set()
+    for name in names:
+        hits = {g.index for g in dep.groups for b in g.blocks if name in (b.node, b.name, b.param)}
+        if not hits:
+            raise PlanError(f"--exclude {name}: no prunable channels are produced by a node of that name.")
+        found |= hits
+    return found
+
+
+class Planner:
+    """Chooses which channels to remove from per-group scores."""
+
+    def __init__(self, dep: DependencyGraph, scores: dict[int, np.ndarray], options: PlanOptions) -> None:
+        options.validate()
+        self.dep = dep
+        self.scores = scores
+        self.options = options
+        skip = excluded_groups(dep, options.exclude)
+        self.groups = [
+            g for g in dep.groups if g.index in scores and g.index not in skip and g.prunable.size > 1
+        ]
+        self.segments = self._segments_by_group()
+
+    def _segments_by_group(self) -> dict[int, list[np.ndarray]]:
+        """Per group, the class sets that must lose equal counts (parts of grouped convs)."""
+        result: dict[int, list[np.ndarray]] = {}
+        for _, parts in self.dep.segments:
+            for part in parts:
+                classes = np.unique(self.dep.roots[part])
+                group = int(self.dep.class_group[classes[0]])
+                known = result.setdefault(group, [])
+                if not any(np.array_equal(classes, k) for k in known):
+                    known.append(classes)
+        return result
+
+    # counts ------------------------------------------------------------------------------------
+    def max_removable(self, group: Group) -> int:
+        limit = min(int(group.size * self.options.max_ratio), group.size - self.options.min_channels)
+        return max(0, min(limit, group.prunable.size))
+
+    def rounded(self, group: Group, count: int) -> int:
+        """Shrink a removal so the kept count is a multiple of --round-to (never below one multiple)."""
+        step = self.options.round_to
+        kept = group.size - count
+        if step > 1 and kept % step and group.size > step:
+            kept = min(group.size, -(-kept // step) * step)
+        return group.size - kept
+
+    def local_counts(self, ratio: float) -> dict[int, int]:
+        return {
+            g.index: min(self.rounded(g, int(g.size * ratio)), self.max_removable(g)) for g in self.groups
+        }
+
+    def global_counts(self, ratio: float) -> dict[int, int]:
+        """One threshold over normalised scores of every group, capped per group by --max-ratio."""
+        entries = []
+        for group in self.groups:
+            scores = normalized(self.scores[group.index], self.options.normalize)
+            prunable = np.isin(group.classes, group.prunable)
+            entries.extend((float(s), group.index) for s in scores[prunable])
+        total = sum(g.size for g in self.groups)
+        budget = int(total * ratio)
+        counts = dict.fromkeys((g.index for g in self.groups), 0)
+        caps = {g.index: self.max_removable(g) for g in self.groups}
+        for _, index in sorted(entries):
+            if budget <= 0:
+                break
+            if counts[index] < caps[index]:
+                counts[index] += 1
+                budget -= 1
+        by_index = {g.index: g for g in self.groups}
+        return {i: min(self.rounded(by_index[i], c), caps[i]) for i, c in counts.items()}
+
+    # selection ---------------------------------------------------------------------------------
+    def select(self, group: Group, count: int) -> np.ndarray:
+        """The `count` least important prunable classes of the group, equal per conv-group part."""
+        if count <= 0:
+            return np.empty(0, dtype=np.int64)
+        scores = self.scores[group.index]
+        order = np.argsort(scores, kind="stable")
+        prunable = set(group.prunable.tolist())
+        ranked = [int(group.classes[i]) for i in order if int(group.classes[i]) in prunable]
+        parts = self.segments.get(group.index)
+        if not parts:
+            return np.asarray(ranked[:count], dtype=np.int64)
+        in_parts = set(np.concatenate(parts).tolist())
+        per_part = min(count // len(parts), *(sum(c in prunable for c in p.tolist()) for p in parts))
+        per_part = min(per_part, min(p.size for p in parts) - 1)
+        chosen = []
+        for part in parts:
+            members = set(part.tolist())
+            chosen.extend([c for c in ranked if c in members][:per_part])
+        free = [c for c in ranked if c not in in_parts]
+        share = int(len(free) * count / max(group.size, 1))
+        chosen.extend(free[:share])
+        return np.asarray(chosen, dtype=np.int64)
+
+    def removal(self, counts: dict[int, int]) -> np.ndarray:
+        """Boolean atom mask for the given per-group counts; a group whose removal breaks a structural
+        rule (for instance grouped-conv parts sharing channels) is left whole."""
+        removed = np.zeros(self.dep.roots.size, dtype=bool)
+        for group in self.groups:
+            chosen = self.select(group, counts.get(group.index, 0))
+            if not chosen.size:
+                continue
+            trial = self._keep_one_repaired(removed | np.isin(self.dep.roots, chosen), group)
+            try:
+                check_removal(self.dep, trial)
+            except PlanError as exc:
+                log.warning("group %s left whole: %s", group.name, exc)
+                continue
+            removed = trial
+        return removed
+
+    def _keep_one_repaired(self, removed: np.ndarray, group: Group) -> np.ndarray:
+        """Give back the best channel of any split/slice part or layer the removal would empty."""
+        scores = self.scores[group.index]
+        for atoms in self.dep.keep_one:
+            if atoms.size and removed[atoms].all():
+                inside, slots = self.dep.slots(atoms, group)
+                if inside.any():
+                    best = slots[inside][np.argmax(scores[slots[inside]])]
+                    removed = removed & (self.dep.roots != group.classes[best])
+        return removed
+
+    def plan(self, cost: CostReport | None = None) -> np.ndarray:
+        """The removal mask for the options (bisection on the ratio for a MACs target)."""
+        counts_for = self.global_counts if self.options.global_ranking else self.local_counts
+        if self.options.ratio is not None:
+            return self.removal(counts_for(self.options.ratio))
+        if cost is None:
+            raise PlanError("a MACs target needs the model's cost report.")
+        target = self.options.target_macs * cost.macs
+        low, high = 0.0, 0.99
+        best = self.removal(counts_for(low))
+        for _ in range(14):
+            middle = (low + high) / 2
+            removed = self.removal(counts_for(middle))
+            if predicted_macs(self.dep, cost, removed) <= target:
+                best, high = removed, middle
+            else:
+                low = middle
+        if predicted_macs(self.dep, cost, best) > target:
+            reached = predicted_macs(self.dep, cost, best) / cost.macs
+            raise PlanError(
+                f"cannot reach {self.options.target_macs:.0%} of the MACs within the limits "
+                f"(the closest plan keeps {reached:.1%}); raise --max-ratio or lower --min-channels."
+            )
+        return best
+
+
+def normalized(scores: np.ndarray, how: str) -> np.ndarray:
+    """Make scores comparable across groups for global ranking."""
+    scale = {"mean": np.mean, "max": np.max, "sum": np.sum, "none": lambda s: 1.0}[how](scores)
+    return scores / scale if scale else scores
+
+
+def kept_fraction(dep: DependencyGraph, tensor: str, keep: np.ndarray) -> float:
+    view = dep.views.get(tensor)
+    return float(keep[view].mean()) if view is not None else 1.0
+
+
+def predicted_macs(dep: DependencyGraph, cost: CostReport, removed: np.ndarray) -> float:
+    """MACs after removal without doing surgery: each node's count scales with its kept channels."""
+    keep = ~removed
+    total = 0.0
+    for node in dep.model.graph.node:
+        node_cost = cost.per_node.get(node.name)
+        if node_cost is None or not node_cost.macs:
+            continue
+        scale = kept_fraction(dep, node.output[0], keep)
+        if node.op_type in WEIGHTED_OPS and not _is_depthwise(dep, node):
+            scale *= kept_fraction(dep, node.input[0], keep)
+        total += node_cost.macs * scale
+    return total
+
+
+def _is_depthwise(dep: DependencyGraph, node: object) -> bool:
+    groups = next((a.i for a in node.attribute if a.name == "group"), 1)
+    return node.op_type == "Conv" and groups > 1 and groups == dep.shapes[node.input[0]][1]

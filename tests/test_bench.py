@@ -1,0 +1,54 @@
+"""Latency benchmark: sane numbers, batch handling, and argument checks."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from graphprune.errors import GraphPruneError
+from graphprune.runtime.bench import LatencyResult, bench, bench_many
+
+
+def _save_conv(path, batch_dim: int | str) -> str:
+    weight = numpy_helper.from_array(np.ones((16, 3, 3, 3), np.float32), "w")
+    graph = helper.make_graph(
+        [helper.make_node("Conv", ["x", "w"], ["y"], pads=[1, 1, 1, 1])],
+        "conv",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [batch_dim, 3, 16, 16])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [batch_dim, 16, 16, 16])],
+        [weight],
+    )
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(path))
+    return str(path)
+
+
+def test_bench_returns_sane_numbers(tmp_path) -> None:
+    path = _save_conv(tmp_path / "conv.onnx", "batch")
+    result = bench(path, batch=4, threads=1, provider="cpu", warmup=2, runs=15)
+    assert isinstance(result, LatencyResult)
+    assert 0 < result.median_ms <= result.p90_ms < 1000
+    assert result.throughput_per_s == pytest.approx(4 / (result.median_ms / 1e3))
+    assert (result.batch, result.threads, result.provider, result.model) == (4, 1, "cpu", path)
+
+
+def test_bench_many_covers_every_model_and_batch(tmp_path) -> None:
+    paths = [_save_conv(tmp_path / f"m{i}.onnx", "N") for i in range(2)]
+    results = bench_many(paths, [1, 2], threads=1, provider="cpu", warmup=0, runs=3)
+    assert [(r.model, r.batch) for r in results] == [(p, b) for p in paths for b in (1, 2)]
+    assert all(r.median_ms > 0 and r.p90_ms >= r.median_ms for r in results)
+
+
+def test_fixed_batch_model_refuses_other_batches(tmp_path) -> None:
+    path = _save_conv(tmp_path / "fixed.onnx", 1)
+    assert bench(path, batch=1, threads=1, warmup=0, runs=2).batch == 1
+    with pytest.raises(GraphPruneError, match="fixed batch size of 1"):
+        bench(path, batch=8, threads=1, warmup=0, runs=2)
+
+
+@pytest.mark.parametrize(("batch", "warmup", "runs"), [(0, 1, 1), (1, -1, 1), (1, 0, 0)])
+def test_invalid_counts_are_refused(tmp_path, batch: int, warmup: int, runs: int) -> None:
+    path = _save_conv(tmp_path / "conv.onnx", "batch")
+    with pytest.raises(GraphPruneError, match="invalid"):
+        bench(path, batch=batch, threads=1, warmup=warmup, runs=runs)
