@@ -28,10 +28,28 @@ def _static_dims(type_proto: onnx.TypeProto) -> tuple[int, ...] | None:
     return tuple(dims)
 
 
-def with_batch_one(model: onnx.ModelProto) -> onnx.ModelProto:
-    """Copy of the model whose graph inputs have every symbolic dimension set to 1."""
+def with_batch_one(model: onnx.ModelProto, *, weights_as_inputs: bool = False) -> onnx.ModelProto:
+    """Copy of the model whose graph inputs have every symbolic dimension set to 1.
+
+    With weights_as_inputs, large initializers become typed graph inputs instead, so shape inference
+    does not serialise megabytes of weights it never reads.
+    """
     fixed = onnx.ModelProto()
-    fixed.CopyFrom(model)
+    graph = model.graph
+    if weights_as_inputs:
+        big = [init for init in graph.initializer if _elements(init) > 64]
+        small = [init for init in graph.initializer if _elements(init) <= 64]
+        fixed.CopyFrom(onnx.helper.make_model(
+            onnx.helper.make_graph(
+                list(graph.node), graph.name, list(graph.input), list(graph.output), small,
+            ),
+            opset_imports=list(model.opset_import), ir_version=model.ir_version,
+        ))
+        fixed.graph.input.extend(
+            onnx.helper.make_tensor_value_info(init.name, init.data_type, list(init.dims)) for init in big
+        )
+    else:
+        fixed.CopyFrom(model)
     initializer_names = {init.name for init in fixed.graph.initializer}
     for value in fixed.graph.input:
         if value.name in initializer_names:
@@ -43,10 +61,17 @@ def with_batch_one(model: onnx.ModelProto) -> onnx.ModelProto:
     return fixed
 
 
+def _elements(init: onnx.TensorProto) -> int:
+    count = 1
+    for dim in init.dims:
+        count *= dim
+    return count
+
+
 def tensor_shapes(model: onnx.ModelProto) -> dict[str, tuple[int, ...]]:
     """Shape of every tensor (graph inputs, initializers, node outputs) with the batch set to 1."""
-    fixed = with_batch_one(model)
-    shapes: dict[str, tuple[int, ...]] = {init.name: tuple(init.dims) for init in fixed.graph.initializer}
+    fixed = with_batch_one(model, weights_as_inputs=True)
+    shapes: dict[str, tuple[int, ...]] = {init.name: tuple(init.dims) for init in model.graph.initializer}
     try:
         inferred = onnx.shape_inference.infer_shapes(fixed, strict_mode=False, data_prop=True)
     except Exception as exc:  # noqa: BLE001 - inference failures fall back to running the model
@@ -61,7 +86,7 @@ def tensor_shapes(model: onnx.ModelProto) -> dict[str, tuple[int, ...]]:
     missing = [name for name in wanted if name not in shapes]
     if missing:
         log.debug("%d tensors without static shapes; running onnxruntime", len(missing))
-        for name, value in run_intermediates(fixed, missing).items():
+        for name, value in run_intermediates(with_batch_one(model), missing).items():
             shapes[name] = tuple(value.shape)
     return shapes
 

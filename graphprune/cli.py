@@ -1,0 +1,277 @@
+"""The `graphprune` command: analyze, prune, verify, bench, export.
+
+Every failure is one line on stderr and exit status 2; status 0 means the promised file was written
+(and verified, unless --no-verify was given).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from rich.console import Console
+
+from graphprune.errors import GraphPruneError
+
+console = Console(stderr=True, highlight=False)
+out = Console(highlight=False)
+
+
+@contextmanager
+def stage(label: str) -> Iterator[None]:
+    """A spinner while a stage runs, then its duration."""
+    start = time.perf_counter()
+    with console.status(f"{label} ..."):
+        yield
+    console.print(f"{label:<10} done in {time.perf_counter() - start:.2f} s")
+
+
+def _floats(text: str) -> list[int]:
+    return [int(x) for x in text.split(",") if x]
+
+
+def cmd_analyze(args: argparse.Namespace) -> int:
+    from graphprune.api import analyze_model
+    from graphprune.report.summary import analysis_summary, render_analysis
+
+    with stage("analysis"):
+        dep = analyze_model(args.model)
+    summary = analysis_summary(dep, Path(args.model).name)
+    if args.json:
+        out.print_json(json.dumps(summary))
+    else:
+        out.print(render_analysis(summary), end="")
+    return 0
+
+
+def _plan_options(args: argparse.Namespace):  # noqa: ANN202 - PlanOptions, imported lazily
+    from graphprune.planning import PlanOptions
+
+    return PlanOptions(
+        ratio=args.ratio,
+        target_macs=args.target_macs,
+        global_ranking=args.global_ranking,
+        max_ratio=args.max_ratio,
+        min_channels=args.min_channels,
+        round_to=args.round_to,
+        exclude=args.exclude or [],
+        normalize=args.normalize,
+    )
+
+
+def cmd_prune(args: argparse.Namespace) -> int:
+    from graphprune.api import prune
+    from graphprune.model_io import load_model
+    from graphprune.plan import PruningPlan
+    from graphprune.report.summary import cost_rows
+    from graphprune.report.tables import comparison_table, render
+
+    output = Path(args.output)
+    if output.resolve() == Path(args.model).resolve():
+        raise GraphPruneError("the output path is the input model; graphprune never overwrites its input.")
+    options = None if args.plan else _plan_options(args)
+    if options is not None:
+        options.validate()
+    plan = PruningPlan.load(args.plan) if args.plan else None
+    loaded = load_model(args.model)
+    with stage("prune"):
+        result = prune(
+            loaded,
+            options,
+            plan=plan,
+            criterion=args.criterion,
+            aggregate=args.aggregate,
+            seed=args.seed,
+            verify=not args.no_verify,
+            tolerance=args.tolerance,
+        )
+    if result.verification is not None:
+        report = result.verification
+        console.print(
+            f"verify     max rel err {report.max_rel_error:.2g} over {report.tensors} tensors x {report.seeds} "
+            "seeded inputs  ok"
+        )
+    else:
+        console.print(
+            "verify     skipped (--no-verify): the model was NOT checked against the masked reference"
+        )
+    plan_path = Path(args.plan_out) if args.plan_out else output.with_suffix(".plan.json")
+    result.save(output, plan_path)
+    rows = cost_rows(result.before, result.after)
+    if args.bench:
+        rows = _with_latency(rows, [args.model, str(output)], args.threads)
+    out.print(render(comparison_table(rows)), end="")
+    out.print(f"wrote {output}, plan {plan_path}")
+    return 0
+
+
+def _with_latency(rows: dict, paths: list[str], threads: int | None) -> dict:
+    from graphprune.runtime.bench import bench
+
+    for metrics, path in zip(rows.values(), paths, strict=True):
+        metrics["latency_ms"] = bench(
+            path, batch=1, threads=threads, provider="cpu", warmup=5, runs=30
+        ).median_ms
+    return rows
+
+
+def cmd_verify(args: argparse.Namespace) -> int:
+    from graphprune.api import verify_plan
+    from graphprune.plan import PruningPlan
+
+    with stage("verify"):
+        report = verify_plan(
+            args.original, args.pruned, PruningPlan.load(args.plan), tolerance=args.tolerance
+        )
+    out.print(
+        f"equal to the masked reference: max rel err {report.max_rel_error:.2g} over {report.tensors} tensors"
+    )
+    return 0
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from rich.table import Table
+
+    from graphprune.report.tables import fmt_ms, render
+    from graphprune.runtime.bench import bench_many
+
+    results = bench_many(
+        args.models,
+        _floats(args.batch),
+        threads=args.threads,
+        provider=args.provider,
+        warmup=args.warmup,
+        runs=args.runs,
+    )
+    table = Table(title=f"latency ({args.provider}, {args.threads or 'default'} threads)")
+    for column in ("model", "batch", "median", "p90", "throughput/s", "speed-up"):
+        table.add_column(column, justify="left" if column == "model" else "right")
+    baseline: dict[int, float] = {}
+    for result in (r for per_model in results for r in per_model):
+        first = baseline.setdefault(result.batch, result.median_ms)
+        table.add_row(
+            Path(result.model).name,
+            str(result.batch),
+            fmt_ms(result.median_ms),
+            fmt_ms(result.p90_ms),
+            f"{result.throughput_per_s:,.1f}",
+            f"{first / result.median_ms:.2f}x",
+        )
+    out.print(render(table), end="")
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    import torch
+
+    from graphprune.torch_bridge.export import export
+    from graphprune.zoo import build, default_input_shape
+
+    module = build(args.spec, in_channels=args.in_channels, num_classes=args.num_classes)
+    shape = tuple(_floats(args.input_shape)) if args.input_shape else default_input_shape(args.spec)
+    with stage("export"):
+        export(
+            module,
+            torch.randn(*shape),
+            args.output,
+            exporter=args.exporter,
+            fold_bn=args.fold_bn,
+            external_data=args.external_data,
+        )
+    out.print(f"wrote {args.output}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="graphprune", description=__doc__.splitlines()[0])
+    parser.add_argument("-v", "--verbose", action="store_true", help="log what each stage does")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("analyze", help="groups, prunable channels, blocked nodes and why, MACs/params")
+    p.add_argument("model")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.set_defaults(func=cmd_analyze)
+
+    p = sub.add_parser("prune", help="remove channels, verify against the masked reference, write the model")
+    p.add_argument("model")
+    p.add_argument("-o", "--output", required=True)
+    how = p.add_mutually_exclusive_group()
+    how.add_argument("--ratio", type=float, help="fraction of channels removed from every prunable group")
+    how.add_argument("--target-macs", type=float, help="keep at most this fraction of the MACs")
+    p.add_argument("--plan", help="replay a saved plan instead of planning")
+    p.add_argument("--criterion", default="l1", help="l1, l2, bn, random (default l1)")
+    p.add_argument(
+        "--aggregate", default="sum", choices=("sum", "mean", "max"), help="group score from members"
+    )
+    p.add_argument("--global", dest="global_ranking", action="store_true", help="rank channels across groups")
+    p.add_argument(
+        "--normalize", default="mean", help="score normalisation for --global: mean, max, sum, none"
+    )
+    p.add_argument("--max-ratio", type=float, default=0.9, help="most of one group --global may remove")
+    p.add_argument("--min-channels", type=int, default=1, help="channels every group keeps")
+    p.add_argument("--round-to", type=int, default=1, help="kept channels a multiple of N (e.g. 8)")
+    p.add_argument("--exclude", nargs="*", metavar="NODE", help="nodes whose channels stay whole")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--plan-out", help="where to write the plan (default OUT.plan.json)")
+    p.add_argument("--no-verify", action="store_true", help="skip verification (not recommended)")
+    p.add_argument("--tolerance", type=float, default=1e-4, help="relative tolerance of verification")
+    p.add_argument("--bench", action="store_true", help="also measure ORT CPU latency before/after")
+    p.add_argument("--threads", type=int, default=None)
+    p.set_defaults(func=cmd_prune)
+
+    p = sub.add_parser("verify", help="check a pruned model against ORIGINAL masked by PLAN")
+    p.add_argument("original")
+    p.add_argument("pruned")
+    p.add_argument("--plan", required=True)
+    p.add_argument("--tolerance", type=float, default=1e-4)
+    p.set_defaults(func=cmd_verify)
+
+    p = sub.add_parser("bench", help="onnxruntime latency of one or more models")
+    p.add_argument("models", nargs="+")
+    p.add_argument("--batch", default="1", help="comma-separated batch sizes, e.g. 1,32")
+    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--provider", default="cpu", choices=("cpu", "cuda"))
+    p.add_argument("--warmup", type=int, default=10)
+    p.add_argument("--runs", type=int, default=50)
+    p.set_defaults(func=cmd_bench)
+
+    p = sub.add_parser(
+        "export", help="export a zoo model, torchvision:NAME or module:callable to ONNX (BN kept)"
+    )
+    p.add_argument("spec")
+    p.add_argument("-o", "--output", required=True)
+    p.add_argument("--input-shape", help="e.g. 1,3,224,224 (default: the model's own)")
+    p.add_argument("--in-channels", type=int, default=None)
+    p.add_argument("--num-classes", type=int, default=None)
+    p.add_argument("--exporter", default="legacy", choices=("legacy", "dynamo"))
+    p.add_argument("--external-data", action="store_true", help="weights in OUT.onnx.data")
+    p.add_argument("--fold-bn", action="store_true", help="fold BatchNorm into convs (as often shipped)")
+    p.set_defaults(func=cmd_export)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(message)s"
+    )
+    handler: Callable[[argparse.Namespace], int] = args.func
+    try:
+        return handler(args)
+    except GraphPruneError as exc:
+        console.print(f"graphprune: error: {exc}", markup=False, soft_wrap=True)
+        return 2
+    except KeyboardInterrupt:
+        console.print("graphprune: interrupted; nothing was written.")
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
