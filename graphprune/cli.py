@@ -174,7 +174,11 @@ def cmd_export(args: argparse.Namespace) -> int:
     from graphprune.zoo import build, default_input_shape
 
     module = build(args.spec, in_channels=args.in_channels, num_classes=args.num_classes)
-    shape = tuple(_floats(args.input_shape)) if args.input_shape else default_input_shape(args.spec)
+    shape = (
+        tuple(_floats(args.input_shape))
+        if args.input_shape
+        else default_input_shape(args.spec, in_channels=args.in_channels)
+    )
     with stage("export"):
         export(
             module,
@@ -185,6 +189,27 @@ def cmd_export(args: argparse.Namespace) -> int:
             external_data=args.external_data,
         )
     out.print(f"wrote {args.output}")
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from graphprune.demo import run_demo
+    from graphprune.report.summary import cost_rows
+    from graphprune.report.tables import comparison_table, render
+
+    with stage("demo"):
+        demo = run_demo(
+            Path(args.out), model_name=args.model, target_macs=args.target_macs, threads=args.threads
+        )
+    rows = cost_rows(demo.result.before, demo.result.after)
+    for metrics, latency in zip(rows.values(), demo.latency, strict=True):
+        metrics["latency_ms"] = latency.median_ms
+    report = demo.result.verification
+    out.print(f"verified: max rel err {report.max_rel_error:.2g} over {report.tensors} tensors")
+    out.print(
+        render(comparison_table(rows, title=f"{args.model}, ORT CPU batch 1, {args.threads} threads")), end=""
+    )
+    out.print(f"wrote {demo.original}, {demo.pruned}, {demo.plan}, {demo.plot}")
     return 0
 
 
@@ -253,6 +278,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--external-data", action="store_true", help="weights in OUT.onnx.data")
     p.add_argument("--fold-bn", action="store_true", help="fold BatchNorm into convs (as often shipped)")
     p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser(
+        "demo", help="the built-in default: export a zoo ResNet-20, prune to half its MACs, bench"
+    )
+    p.add_argument("--out", default="out/demo")
+    p.add_argument("--model", default="resnet20")
+    p.add_argument("--target-macs", type=float, default=0.5)
+    p.add_argument("--threads", type=int, default=2)
+    p.set_defaults(func=cmd_demo)
     return parser
 
 
