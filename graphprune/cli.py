@@ -300,7 +300,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return handler(args)
     except GraphPruneError as exc:
-        console.print(f"graphprune: error: {exc}", markup=False, soft_wrap=True)
+        console.print(f"graphprune: error: {' '.join(str(exc).split())}", markup=False, soft_wrap=True)
         return 2
     except KeyboardInterrupt:
         console.print("graphprune: interrupted; nothing was written.")
