@@ -99,9 +99,6 @@ class AtomTable:
             root = self.find(int(atom))
             self._blocked.setdefault(root, reason)
 
-    def blocked_reason(self, atom: int) -> str | None:
-        return self._blocked.get(self.find(atom))
-
     def roots(self) -> np.ndarray:
         """Class (root atom) of every atom, as one array."""
         return np.fromiter(

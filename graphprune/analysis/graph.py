@@ -77,12 +77,6 @@ class DependencyGraph:
     def prunable_groups(self) -> list[Group]:
         return [g for g in self.groups if g.prunable.size > 1]
 
-    def block_by_name(self, name: str) -> Block:
-        for block in self.table.blocks:
-            if name in (block.name, block.node, block.param):
-                return block
-        raise KeyError(name)
-
 
 def analyze(model: onnx.ModelProto) -> DependencyGraph:
     """Run every op rule over the (cleaned) graph in topological order and build the groups."""
