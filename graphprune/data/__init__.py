@@ -1,0 +1,12 @@
+"""Datasets as numpy arrays (Fashion-MNIST, .npz, image folders, synthetic) and a torch loader for training.
+
+Importing this package does not import torch; only `torch_loader` does, when called.
+"""
+
+from __future__ import annotations
+
+from graphprune.data.dataset import ArrayDataset
+from graphprune.data.loader import torch_loader
+from graphprune.data.sources import FASHION_MNIST_MEAN, FASHION_MNIST_STD, load_dataset
+
+__all__ = ["FASHION_MNIST_MEAN", "FASHION_MNIST_STD", "ArrayDataset", "load_dataset", "torch_loader"]

@@ -1,0 +1,70 @@
+"""ArrayDataset: a labelled image set held as numpy arrays, the one form every graphprune consumer reads."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import numpy as np
+
+from graphprune.errors import DataError
+
+
+@dataclass
+class ArrayDataset:
+    """Normalised float32 images [N,C,H,W] with int64 labels [N] in 0..num_classes-1."""
+
+    images: np.ndarray
+    labels: np.ndarray
+    num_classes: int
+    name: str
+
+    def __post_init__(self) -> None:
+        self.images = np.ascontiguousarray(self.images, dtype=np.float32)
+        self.labels = np.ascontiguousarray(self.labels, dtype=np.int64)
+        if self.images.ndim != 4 or self.labels.ndim != 1 or len(self.images) != len(self.labels):
+            raise DataError(
+                f"Dataset '{self.name}' needs images [N,C,H,W] and labels [N], got {self.images.shape} "
+                f"and {self.labels.shape}; fix the arrays."
+            )
+        if len(self.labels) and (self.labels.min() < 0 or self.labels.max() >= self.num_classes):
+            raise DataError(
+                f"Dataset '{self.name}' has labels outside 0..{self.num_classes - 1}; fix the labels or num_classes."
+            )
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    @property
+    def sample_shape(self) -> tuple[int, int, int]:
+        """(C, H, W) of one image."""
+        _, channels, height, width = self.images.shape
+        return channels, height, width
+
+    def batches(
+        self, batch_size: int, *, shuffle: bool = False, seed: int = 0
+    ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        """Yield (images, labels) batches in order, or in a seeded random order with `shuffle`."""
+        if batch_size < 1:
+            raise DataError(f"Batch size must be at least 1, got {batch_size}; pass a positive batch size.")
+        order = np.random.default_rng(seed).permutation(len(self)) if shuffle else None
+        for start in range(0, len(self), batch_size):
+            if order is None:
+                yield self.images[start : start + batch_size], self.labels[start : start + batch_size]
+            else:
+                index = order[start : start + batch_size]
+                yield self.images[index], self.labels[index]
+
+    def subset(self, indices: np.ndarray) -> ArrayDataset:
+        """A new dataset holding the samples at `indices` (copied)."""
+        return ArrayDataset(self.images[indices], self.labels[indices], self.num_classes, self.name)
+
+    def split(self, fraction: float, seed: int = 0) -> tuple[ArrayDataset, ArrayDataset]:
+        """Split at random into (`fraction` of the samples, the rest); each part keeps the original order."""
+        if not 0.0 < fraction < 1.0:
+            raise DataError(
+                f"Split fraction must lie strictly between 0 and 1, got {fraction}; pick e.g. 0.9."
+            )
+        order = np.random.default_rng(seed).permutation(len(self))
+        cut = round(fraction * len(self))
+        return self.subset(np.sort(order[:cut])), self.subset(np.sort(order[cut:]))

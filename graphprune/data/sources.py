@@ -1,0 +1,284 @@
+"""Dataset sources: Fashion-MNIST from the Debian package, .npz files, image folders, synthetic patterns.
+
+Every source returns an ArrayDataset of normalised float32 images. Integer images (npz, image files)
+are standardised per channel with their own mean and std; float images in an npz are taken as
+already normalised. Fashion-MNIST uses its published mean 0.2860 and std 0.3530.
+"""
+
+from __future__ import annotations
+
+import functools
+import gzip
+import subprocess
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+
+from graphprune.data.dataset import ArrayDataset
+from graphprune.errors import DataError
+
+SPLITS = ("train", "test")
+FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
+FASHION_MNIST_PACKAGE = "dataset-fashion-mnist"
+FASHION_MNIST_MEAN = 0.2860
+FASHION_MNIST_STD = 0.3530
+FASHION_MNIST_PREFIX = {"train": "train", "test": "t10k"}
+SYNTHETIC_SIZES = {"train": 6000, "test": 1000}
+SYNTHETIC_SHAPE = (1, 28, 28)
+SYNTHETIC_PERIODS = (3.0, 4.2, 5.6, 7.5, 10.0)
+IMAGE_SUFFIXES = frozenset(
+    {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".pgm", ".ppm"}
+)
+GRAY_MODES = frozenset({"1", "L", "LA", "I", "I;16", "F"})
+# IDX type codes (the third magic byte) and their big-endian numpy dtypes.
+IDX_DTYPES = {0x08: ">u1", 0x09: ">i1", 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
+
+
+def load_dataset(spec: str, split: str = "train", *, limit: int | None = None, seed: int = 0) -> ArrayDataset:
+    """Load "fashion-mnist", "synthetic[:N]", an .npz file or an image-folder tree as an ArrayDataset.
+
+    `limit` keeps a seeded random subset of that many samples (in their original order); `seed` also
+    seeds the synthetic generator.
+    """
+    if split not in SPLITS:
+        raise DataError(f"Unknown split '{split}'; use one of {', '.join(SPLITS)}.")
+    if limit is not None and limit < 1:
+        raise DataError(f"Dataset limit must be at least 1, got {limit}; pass a positive limit or none.")
+    if spec == "fashion-mnist":
+        dataset = load_fashion_mnist(split)
+    elif spec == "synthetic" or spec.startswith("synthetic:"):
+        dataset = synthetic(_synthetic_count(spec, split), split=split, seed=seed)
+    else:
+        path = Path(spec)
+        if path.is_dir():
+            return load_image_folder(path, split, limit=limit, seed=seed)
+        if path.suffix == ".npz" and path.is_file():
+            dataset = load_npz(path, split)
+        else:
+            raise DataError(
+                f"Dataset '{spec}' is neither 'fashion-mnist', 'synthetic[:N]', an existing .npz file nor a "
+                "folder of class sub-folders; check the spelling or the path."
+            )
+    chosen = _choose(len(dataset), limit, seed)
+    return dataset if chosen is None else dataset.subset(chosen)
+
+
+def _choose(count: int, limit: int | None, seed: int) -> np.ndarray | None:
+    """Sorted indices of a seeded random subset of size `limit`, or None when everything is kept."""
+    if limit is None or limit >= count:
+        return None
+    return np.sort(np.random.default_rng(seed).choice(count, size=limit, replace=False))
+
+
+# Fashion-MNIST ---------------------------------------------------------------------------------------
+
+
+def load_fashion_mnist(split: str = "train") -> ArrayDataset:
+    """Fashion-MNIST (60000 train / 10000 test, 1x28x28, 10 classes) from the Debian package files."""
+    folder = fashion_mnist_dir()
+    prefix = FASHION_MNIST_PREFIX[split]
+    images = read_idx(folder / f"{prefix}-images-idx3-ubyte.gz")
+    labels = read_idx(folder / f"{prefix}-labels-idx1-ubyte.gz")
+    if images.ndim != 3 or labels.shape != images.shape[:1]:
+        raise DataError(
+            f"Fashion-MNIST files in {folder} have shapes {images.shape} and {labels.shape}; reinstall them."
+        )
+    normalised = (images[:, None].astype(np.float32) / 255.0 - FASHION_MNIST_MEAN) / FASHION_MNIST_STD
+    return ArrayDataset(normalised, labels, 10, "fashion-mnist")
+
+
+def fashion_mnist_dir() -> Path:
+    """The folder holding the Fashion-MNIST .gz files: the usual place, else where dpkg put them."""
+    marker = "train-images-idx3-ubyte.gz"
+    if (FASHION_MNIST_DIR / marker).is_file():
+        return FASHION_MNIST_DIR
+    for line in _dpkg_files(FASHION_MNIST_PACKAGE):
+        path = Path(line.strip())
+        if path.name == marker and path.is_file():
+            return path.parent
+    raise DataError(
+        f"Fashion-MNIST was not found in {FASHION_MNIST_DIR} nor through dpkg; install it with "
+        f"`apt-get install {FASHION_MNIST_PACKAGE}`."
+    )
+
+
+def _dpkg_files(package: str) -> list[str]:
+    """Paths `dpkg -L` lists for an installed package (empty when dpkg or the package is missing)."""
+    try:
+        result = subprocess.run(
+            ["dpkg", "-L", package], capture_output=True, text=True, check=False, timeout=30
+        )
+    except (OSError, subprocess.SubprocessError):
+        return []
+    return result.stdout.splitlines() if result.returncode == 0 else []
+
+
+@functools.lru_cache(maxsize=4)
+def read_idx(path: Path) -> np.ndarray:
+    """Parse an IDX file (optionally gzip-compressed) into a read-only numpy array."""
+    try:
+        opener = gzip.open if path.suffix == ".gz" else open
+        with opener(path, "rb") as handle:
+            data = handle.read()
+    except (OSError, EOFError) as exc:
+        raise DataError(f"Cannot read IDX file {path} ({exc}); check the file or reinstall it.") from exc
+    if len(data) < 4 or data[0] != 0 or data[1] != 0 or data[2] not in IDX_DTYPES:
+        raise DataError(f"File {path} is not an IDX file (bad magic number); point at an *-ubyte(.gz) file.")
+    dtype = np.dtype(IDX_DTYPES[data[2]])
+    ndim = data[3]
+    header = 4 + 4 * ndim
+    dims = (
+        tuple(int(d) for d in np.frombuffer(data, ">u4", count=ndim, offset=4)) if len(data) >= header else ()
+    )
+    expected = header + int(np.prod(dims)) * dtype.itemsize
+    if len(dims) != ndim or len(data) != expected:
+        raise DataError(
+            f"IDX file {path} holds {len(data)} bytes, its header says {expected}; the file is damaged."
+        )
+    return np.frombuffer(data, dtype, offset=header).reshape(dims)
+
+
+# Synthetic --------------------------------------------------------------------------------------------
+
+
+def _synthetic_count(spec: str, split: str) -> int:
+    """Sample count from "synthetic" (split default) or "synthetic:N"."""
+    _, _, count = spec.partition(":")
+    if not count:
+        return SYNTHETIC_SIZES[split]
+    if not count.isdigit() or int(count) < 1:
+        raise DataError(
+            f"Synthetic dataset size must be a positive integer, got '{count}'; write e.g. synthetic:2000."
+        )
+    return int(count)
+
+
+def synthetic(count: int, *, split: str = "train", seed: int = 0) -> ArrayDataset:
+    """A learnable 10-class set of 1x28x28 images: gratings under a randomly placed blob.
+
+    Class k is a grating with period SYNTHETIC_PERIODS[k // 2] px, horizontal stripes for even k and
+    vertical for odd k, so classes survive horizontal flips and small shifts (the training
+    augmentation). Phase, amplitude, blob position and additive noise vary per sample: a small CNN
+    separates the classes, a linear model on raw pixels cannot. Each image is standardised on its own.
+    """
+    rng = np.random.default_rng([seed, SPLITS.index(split)])
+    _, height, width = SYNTHETIC_SHAPE
+    labels = rng.integers(0, 10, size=count)
+    angle = (labels % 2) * (np.pi / 2)
+    period = np.asarray(SYNTHETIC_PERIODS)[labels // 2]
+    phase = rng.uniform(0, 2 * np.pi, size=count)
+    amplitude = rng.uniform(0.6, 1.4, size=count)
+    centre = rng.uniform(-4, 4, size=(count, 2))
+    ys, xs = np.meshgrid(
+        np.arange(height) - (height - 1) / 2, np.arange(width) - (width - 1) / 2, indexing="ij"
+    )
+    along = xs[None] * np.cos(angle)[:, None, None] + ys[None] * np.sin(angle)[:, None, None]
+    grating = np.cos(2 * np.pi * along / period[:, None, None] + phase[:, None, None])
+    distance2 = (ys[None] - centre[:, 0, None, None]) ** 2 + (xs[None] - centre[:, 1, None, None]) ** 2
+    blob = np.exp(-distance2 / (2 * 7.0**2))
+    images = amplitude[:, None, None] * blob * grating + rng.normal(0, 0.3, size=(count, height, width))
+    images = (images - images.mean(axis=(1, 2), keepdims=True)) / images.std(axis=(1, 2), keepdims=True)
+    return ArrayDataset(images[:, None], labels, 10, f"synthetic:{count}")
+
+
+# Files ------------------------------------------------------------------------------------------------
+
+
+def load_npz(path: Path, split: str = "train") -> ArrayDataset:
+    """Arrays from an .npz: x_<split>/y_<split> if present, else x or images with y or labels.
+
+    Images may be [N,H,W], [N,C,H,W] or [N,H,W,C] (C of 1 or 3); see the module docstring for scaling.
+    """
+    try:
+        with np.load(path, allow_pickle=False) as archive:
+            arrays = {key: archive[key] for key in archive.files}
+    except (OSError, ValueError) as exc:
+        raise DataError(f"Cannot read {path} as an .npz archive ({exc}); check the file.") from exc
+    images = _first(arrays, (f"x_{split}", f"images_{split}", "x", "images"), path)
+    labels = _first(arrays, (f"y_{split}", f"labels_{split}", "y", "labels"), path)
+    images = _to_nchw(images, path)
+    if np.issubdtype(images.dtype, np.integer):
+        images = _standardise(images)
+    if not np.issubdtype(labels.dtype, np.integer) or labels.ndim != 1 or len(labels) == 0:
+        raise DataError(
+            f"Labels in {path} must be a non-empty 1-D integer array, got {labels.dtype} {labels.shape}."
+        )
+    return ArrayDataset(images, labels, int(labels.max()) + 1, path.stem)
+
+
+def _first(arrays: dict[str, np.ndarray], keys: tuple[str, ...], path: Path) -> np.ndarray:
+    """The first array present under one of `keys`."""
+    for key in keys:
+        if key in arrays:
+            return arrays[key]
+    raise DataError(f"{path} has arrays {sorted(arrays)} but none of {', '.join(keys)}; rename the arrays.")
+
+
+def _to_nchw(images: np.ndarray, path: Path) -> np.ndarray:
+    """Images as [N,C,H,W] from [N,H,W], [N,C,H,W] or channels-last [N,H,W,C]."""
+    if images.ndim == 3:
+        return images[:, None]
+    if images.ndim == 4 and images.shape[1] not in (1, 3) and images.shape[3] in (1, 3):
+        return images.transpose(0, 3, 1, 2)
+    if images.ndim == 4:
+        return images
+    raise DataError(
+        f"Images in {path} have shape {images.shape}; store them as [N,H,W], [N,C,H,W] or [N,H,W,C]."
+    )
+
+
+def _standardise(images: np.ndarray) -> np.ndarray:
+    """Integer [N,C,H,W] images as float32 standardised per channel with their own mean and std."""
+    values = images.astype(np.float32)
+    mean = values.mean(axis=(0, 2, 3), keepdims=True)
+    std = values.std(axis=(0, 2, 3), keepdims=True)
+    return (values - mean) / np.where(std > 0, std, 1.0)
+
+
+def load_image_folder(
+    root: Path, split: str = "train", *, limit: int | None = None, seed: int = 0
+) -> ArrayDataset:
+    """Images under root/<class>/ (or root/<split>/<class>/ when that exists), one label per sub-folder.
+
+    All images become grayscale if every file is grayscale, RGB otherwise, resized to the most common
+    size. With `limit` only the chosen files are decoded.
+    """
+    from PIL import Image
+
+    if (root / split).is_dir():
+        root = root / split
+    classes = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    files = [
+        (path, label)
+        for label, name in enumerate(classes)
+        for path in sorted((root / name).iterdir())
+        if path.suffix.lower() in IMAGE_SUFFIXES
+    ]
+    if not files:
+        raise DataError(
+            f"Folder {root} has no images in class sub-folders; lay it out as {root}/<class>/<image>."
+        )
+    chosen = _choose(len(files), limit, seed)
+    if chosen is not None:
+        files = [files[i] for i in chosen]
+    try:
+        headers = []
+        for path, _ in files:
+            with Image.open(path) as image:
+                headers.append((image.mode, image.size))
+        gray = all(mode in GRAY_MODES for mode, _ in headers)
+        size = Counter(size for _, size in headers).most_common(1)[0][0]
+        pixels = []
+        for path, _ in files:
+            with Image.open(path) as image:
+                converted = image.convert("L" if gray else "RGB")
+                if converted.size != size:
+                    converted = converted.resize(size, Image.Resampling.BILINEAR)
+                pixels.append(np.asarray(converted))
+    except OSError as exc:
+        raise DataError(f"Cannot read an image under {root} ({exc}); remove or fix the file.") from exc
+    stacked = np.stack(pixels)
+    images = stacked[:, None] if gray else stacked.transpose(0, 3, 1, 2)
+    labels = np.array([label for _, label in files])
+    return ArrayDataset(_standardise(images), labels, len(classes), root.name)

@@ -1,0 +1,281 @@
+"""Datasets: Fashion-MNIST, synthetic, .npz and image folders as ArrayDatasets, and the torch loader."""
+
+from __future__ import annotations
+
+import gzip
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from torch import nn
+
+from graphprune.data import ArrayDataset, load_dataset, sources, torch_loader
+from graphprune.errors import DataError
+
+
+def _fashion_installed() -> bool:
+    try:
+        sources.fashion_mnist_dir()
+    except DataError:
+        return False
+    return True
+
+
+@pytest.mark.skipif(not _fashion_installed(), reason="dataset-fashion-mnist is not installed")
+def test_fashion_mnist_shapes_and_normalisation() -> None:
+    train = load_dataset("fashion-mnist")
+    test = load_dataset("fashion-mnist", "test")
+    assert train.images.shape == (60000, 1, 28, 28) and test.images.shape == (10000, 1, 28, 28)
+    assert train.images.dtype == np.float32 and train.labels.dtype == np.int64
+    assert train.num_classes == 10 and np.array_equal(np.bincount(train.labels), np.full(10, 6000))
+    assert abs(float(train.images.mean())) < 0.01 and abs(float(train.images.std()) - 1.0) < 0.01
+    small = load_dataset("fashion-mnist", "test", limit=50, seed=3)
+    assert len(small) == 50
+    assert np.array_equal(small.images, load_dataset("fashion-mnist", "test", limit=50, seed=3).images)
+    assert not np.array_equal(small.labels, load_dataset("fashion-mnist", "test", limit=50, seed=4).labels)
+
+
+def test_fashion_mnist_missing_says_how_to_install(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.setattr(sources, "FASHION_MNIST_DIR", tmp_path)
+    monkeypatch.setattr(sources, "_dpkg_files", lambda package: [])
+    with pytest.raises(DataError, match="apt-get install dataset-fashion-mnist"):
+        load_dataset("fashion-mnist")
+
+
+def test_fashion_mnist_found_through_dpkg(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    folder = tmp_path / "elsewhere"
+    folder.mkdir()
+    for prefix in ("train", "t10k"):
+        _write_idx(
+            folder / f"{prefix}-images-idx3-ubyte.gz",
+            np.arange(2 * 28 * 28, dtype=np.uint8).reshape(2, 28, 28),
+        )
+        _write_idx(folder / f"{prefix}-labels-idx1-ubyte.gz", np.array([3, 7], dtype=np.uint8))
+    monkeypatch.setattr(sources, "FASHION_MNIST_DIR", tmp_path / "missing")
+    monkeypatch.setattr(
+        sources, "_dpkg_files", lambda package: ["/.", str(folder / "train-images-idx3-ubyte.gz")]
+    )
+    ds = load_dataset("fashion-mnist", "test")
+    assert ds.images.shape == (2, 1, 28, 28) and ds.labels.tolist() == [3, 7]
+    expected = (np.arange(28 * 28) % 256 / 255.0 - sources.FASHION_MNIST_MEAN) / sources.FASHION_MNIST_STD
+    np.testing.assert_allclose(ds.images[0, 0].ravel(), expected, rtol=1e-5)
+
+
+def _write_idx(path: Path, array: np.ndarray) -> None:
+    header = bytes([0, 0, 0x08, array.ndim]) + np.array(array.shape, dtype=">u4").tobytes()
+    with gzip.open(path, "wb") as handle:
+        handle.write(header + array.tobytes())
+
+
+def test_damaged_idx_is_a_data_error(tmp_path: Path) -> None:
+    path = tmp_path / "bad-idx1-ubyte.gz"
+    with gzip.open(path, "wb") as handle:
+        handle.write(bytes([0, 0, 0x08, 1]) + np.array([10], dtype=">u4").tobytes() + b"\x01\x02")
+    with pytest.raises(DataError, match="damaged"):
+        sources.read_idx(path)
+    path.write_bytes(b"not gzip at all")
+    sources.read_idx.cache_clear()
+    with pytest.raises(DataError):
+        sources.read_idx(path)
+
+
+def test_synthetic_is_deterministic_and_balanced() -> None:
+    a = load_dataset("synthetic:500")
+    b = load_dataset("synthetic:500")
+    assert a.images.shape == (500, 1, 28, 28) and a.num_classes == 10
+    assert np.array_equal(a.images, b.images) and np.array_equal(a.labels, b.labels)
+    assert not np.array_equal(a.images, load_dataset("synthetic:500", seed=1).images)
+    assert not np.array_equal(a.images, load_dataset("synthetic:500", "test").images)
+    assert set(a.labels.tolist()) == set(range(10))
+    np.testing.assert_allclose(a.images.mean(axis=(1, 2, 3)), 0.0, atol=1e-5)
+    assert len(load_dataset("synthetic")) == 6000 and len(load_dataset("synthetic", "test")) == 1000
+    assert len(load_dataset("synthetic", limit=10)) == 10
+    with pytest.raises(DataError, match="synthetic:2000"):
+        load_dataset("synthetic:lots")
+
+
+@pytest.fixture
+def one_thread() -> Iterator[None]:
+    """Train on one thread: on a shared 2-core machine torch's thread pool mostly waits for the other core."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.mark.usefixtures("one_thread")
+def test_synthetic_is_learnable_by_a_small_cnn_not_by_a_linear_model() -> None:
+    torch.manual_seed(0)
+    train, test = load_dataset("synthetic:2000"), load_dataset("synthetic:500", "test")
+    model = nn.Sequential(
+        nn.Conv2d(1, 16, 5, padding=2),
+        nn.ReLU(),
+        nn.MaxPool2d(2),
+        nn.Conv2d(16, 32, 3, padding=1),
+        nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(32, 10),
+    )
+    optimiser = torch.optim.Adam(model.parameters(), 3e-3)
+    for epoch in range(3):
+        for x, y in torch_loader(train, 64, shuffle=True, augment=True, seed=epoch):
+            optimiser.zero_grad()
+            nn.functional.cross_entropy(model(x), y).backward()
+            optimiser.step()
+    with torch.no_grad():
+        accuracy = (model(torch.from_numpy(test.images)).argmax(1).numpy() == test.labels).mean()
+    assert accuracy > 0.8
+    flat = np.c_[train.images.reshape(len(train), -1), np.ones(len(train))]
+    weights = np.linalg.lstsq(flat, np.eye(10)[train.labels], rcond=None)[0]
+    linear = np.argmax(np.c_[test.images.reshape(len(test), -1), np.ones(len(test))] @ weights, 1)
+    assert (linear == test.labels).mean() < 0.3
+
+
+def test_npz_round_trip(tmp_path: Path) -> None:
+    original = load_dataset("synthetic:40")
+    path = tmp_path / "data.npz"
+    np.savez(path, images=original.images, labels=original.labels)
+    loaded = load_dataset(str(path))
+    assert np.array_equal(loaded.images, original.images) and np.array_equal(loaded.labels, original.labels)
+    assert loaded.num_classes == int(original.labels.max()) + 1 and loaded.name == "data"
+
+
+def test_npz_uint8_channels_last_with_splits(tmp_path: Path) -> None:
+    rng = np.random.default_rng(0)
+    path = tmp_path / "rgb.npz"
+    x_train = rng.integers(0, 256, size=(20, 8, 8, 3), dtype=np.uint8)
+    x_test = rng.integers(0, 256, size=(5, 8, 8, 3), dtype=np.uint8)
+    np.savez(path, x_train=x_train, y_train=np.arange(20) % 4, x_test=x_test, y_test=np.arange(5) % 4)
+    train = load_dataset(str(path))
+    test = load_dataset(str(path), "test")
+    assert train.images.shape == (20, 3, 8, 8) and test.images.shape == (5, 3, 8, 8)
+    np.testing.assert_allclose(train.images.mean(axis=(0, 2, 3)), 0.0, atol=1e-5)
+    np.testing.assert_allclose(train.images.std(axis=(0, 2, 3)), 1.0, atol=1e-4)
+    np.testing.assert_allclose(
+        np.corrcoef(train.images[:, 1].ravel(), x_train[..., 1].ravel())[0, 1], 1.0, atol=1e-6
+    )
+    np.savez(tmp_path / "bad.npz", pixels=x_train)
+    with pytest.raises(DataError, match="pixels"):
+        load_dataset(str(tmp_path / "bad.npz"))
+
+
+def _write_images(root: Path, arrays: dict[str, list[np.ndarray]]) -> None:
+    for label, images in arrays.items():
+        (root / label).mkdir(parents=True)
+        for index, array in enumerate(images):
+            Image.fromarray(array).save(root / label / f"{index:03d}.png")
+
+
+def test_image_folder_round_trip(tmp_path: Path) -> None:
+    rng = np.random.default_rng(1)
+    arrays = {
+        name: [rng.integers(0, 256, size=(12, 10), dtype=np.uint8) for _ in range(3)]
+        for name in ("cat", "dog")
+    }
+    _write_images(tmp_path / "pets", arrays)
+    ds = load_dataset(str(tmp_path / "pets"))
+    assert ds.images.shape == (6, 1, 12, 10) and ds.num_classes == 2 and ds.name == "pets"
+    assert ds.labels.tolist() == [0, 0, 0, 1, 1, 1]
+    raw = np.stack(arrays["cat"] + arrays["dog"]).astype(np.float32)
+    np.testing.assert_allclose(ds.images[:, 0], (raw - raw.mean()) / raw.std(), rtol=1e-4, atol=1e-5)
+    assert len(load_dataset(str(tmp_path / "pets"), limit=4)) == 4
+
+
+def test_image_folder_mixed_modes_sizes_and_splits(tmp_path: Path) -> None:
+    rng = np.random.default_rng(2)
+    root = tmp_path / "set"
+    _write_images(root / "train", {"a": [rng.integers(0, 256, size=(8, 8), dtype=np.uint8)] * 2})
+    _write_images(
+        root / "train",
+        {
+            "b": [
+                rng.integers(0, 256, size=(8, 8, 3), dtype=np.uint8),
+                rng.integers(0, 256, size=(16, 4, 3), dtype=np.uint8),
+            ]
+        },
+    )
+    _write_images(root / "test", {"a": [rng.integers(0, 256, size=(8, 8), dtype=np.uint8)]})
+    train = load_dataset(str(root))
+    assert train.images.shape == (4, 3, 8, 8)  # one RGB file makes all RGB; the odd size is resized
+    assert train.labels.tolist() == [0, 0, 1, 1]
+    assert load_dataset(str(root), "test").images.shape == (1, 1, 8, 8)
+
+
+def test_bad_specs_are_data_errors(tmp_path: Path) -> None:
+    with pytest.raises(DataError, match="neither"):
+        load_dataset(str(tmp_path / "nope.npz"))
+    with pytest.raises(DataError, match="split"):
+        load_dataset("synthetic", "validation")
+    with pytest.raises(DataError, match="limit"):
+        load_dataset("synthetic", limit=0)
+    (tmp_path / "empty" / "class").mkdir(parents=True)
+    with pytest.raises(DataError, match="no images"):
+        load_dataset(str(tmp_path / "empty"))
+    (tmp_path / "broken.npz").write_bytes(b"garbage")
+    with pytest.raises(DataError):
+        load_dataset(str(tmp_path / "broken.npz"))
+
+
+def test_array_dataset_batches_and_split() -> None:
+    ds = ArrayDataset(np.arange(10, dtype=np.float32).reshape(10, 1, 1, 1), np.arange(10) % 3, 3, "toy")
+    assert len(ds) == 10 and ds.sample_shape == (1, 1, 1)
+    ordered = list(ds.batches(4))
+    assert [len(y) for _, y in ordered] == [4, 4, 2]
+    assert np.concatenate([x for x, _ in ordered]).ravel().tolist() == list(range(10))
+    shuffled = np.concatenate([x for x, _ in ds.batches(3, shuffle=True, seed=5)]).ravel()
+    assert sorted(shuffled.tolist()) == list(range(10)) and shuffled.tolist() != list(range(10))
+    again = np.concatenate([x for x, _ in ds.batches(3, shuffle=True, seed=5)]).ravel()
+    assert np.array_equal(shuffled, again)
+    first, rest = ds.split(0.7, seed=1)
+    assert (len(first), len(rest)) == (7, 3)
+    assert sorted(first.images.ravel().tolist() + rest.images.ravel().tolist()) == list(range(10))
+    with pytest.raises(DataError):
+        ds.split(1.0)
+    with pytest.raises(DataError, match="labels"):
+        ArrayDataset(np.zeros((2, 1, 1, 1)), np.array([0, 5]), 3, "bad")
+    with pytest.raises(DataError, match=r"\[N,C,H,W\]"):
+        ArrayDataset(np.zeros((2, 4)), np.array([0, 1]), 3, "bad")
+
+
+def test_torch_loader_plain_and_shuffled() -> None:
+    ds = load_dataset("synthetic:50")
+    plain = list(torch_loader(ds, 16))
+    assert [tuple(x.shape) for x, _ in plain] == [(16, 1, 28, 28)] * 3 + [(2, 1, 28, 28)]
+    assert plain[0][0].dtype == torch.float32 and plain[0][1].dtype == torch.int64
+    assert np.array_equal(torch.cat([x for x, _ in plain]).numpy(), ds.images)
+    first = torch.cat([y for _, y in torch_loader(ds, 16, shuffle=True, seed=2)])
+    second = torch.cat([y for _, y in torch_loader(ds, 16, shuffle=True, seed=2)])
+    assert torch.equal(first, second) and sorted(first.tolist()) == sorted(ds.labels.tolist())
+
+
+def test_torch_loader_augmentation_is_pad_crop_flip() -> None:
+    ds = load_dataset("synthetic:32")
+    (x, y), *_ = list(torch_loader(ds, 32, augment=True, seed=0))
+    assert x.shape == (32, 1, 28, 28) and np.array_equal(y.numpy(), ds.labels)
+    padded = nn.functional.pad(torch.from_numpy(ds.images), (2, 2, 2, 2), mode="replicate")
+    changed = 0
+    for i in range(32):
+        candidates = [
+            crop
+            for top in range(5)
+            for left in range(5)
+            for crop in (padded[i, :, top : top + 28, left : left + 28],)
+            for crop in (crop, crop.flip(2))
+        ]
+        assert any(torch.equal(x[i], c) for c in candidates)
+        changed += not torch.equal(x[i], torch.from_numpy(ds.images[i]))
+    assert changed > 16
+    assert torch.equal(x, next(iter(torch_loader(ds, 32, augment=True, seed=0)))[0])
+
+
+def test_numpy_side_does_not_import_torch() -> None:
+    code = (
+        "import sys, graphprune.data as d; d.load_dataset('synthetic:8'); assert 'torch' not in sys.modules"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)
