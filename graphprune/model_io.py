@@ -55,51 +55,26 @@ def as_loaded(model: LoadedModel | onnx.ModelProto | str | os.PathLike[str]) -> 
 
 
 def clean(model: onnx.ModelProto) -> onnx.ModelProto:
-    """A copy ready for analysis: Constant nodes and transposed initializers become initializers, Identity-on-initializer nodes become
-    their own copy of the initializer (the exporter shares equal tensors between layers that are not tied),
-    initializers leave the graph inputs, and every node has a unique name."""
+    """A copy ready for analysis: Constant nodes and layout ops on initializers (Transpose, Unsqueeze,
+    Squeeze) become initializers; each Identity-on-initializer becomes its own copy of the initializer
+    (the exporter shares equal tensors between layers that are not tied); initializers leave the graph
+    inputs; every node gets a unique name."""
     out = onnx.ModelProto()
     out.CopyFrom(model)
     graph = out.graph
-    initializers = {init.name for init in graph.initializer}
-    copies: dict[str, str] = {}
+    values = {init.name: init for init in graph.initializer}
+    outputs = {value.name for value in graph.output}
     kept = []
     for node in graph.node:
-        if node.op_type == "Constant" and len(node.attribute) == 1 and node.attribute[0].name == "value":
-            tensor = onnx.TensorProto()
-            tensor.CopyFrom(node.attribute[0].t)
-            tensor.name = node.output[0]
-            graph.initializer.append(tensor)
-            initializers.add(tensor.name)
+        tensor = None if node.output[0] in outputs else _fold(node, values)
+        if tensor is None:
+            kept.append(node)
             continue
-        if (
-            node.op_type == "Transpose"
-            and node.input[0] in initializers
-            and node.output[0] not in _output_names(graph)
-        ):
-            folded = np.transpose(numpy_helper.to_array(_find(graph, node.input[0])), _perm(node))
-            graph.initializer.append(numpy_helper.from_array(np.ascontiguousarray(folded), node.output[0]))
-            initializers.add(node.output[0])
-            continue
-        if (
-            node.op_type == "Identity"
-            and node.input[0] in initializers
-            and node.output[0] not in _output_names(graph)
-        ):
-            copies[node.output[0]] = node.input[0]
-            continue
-        kept.append(node)
-    by_name = {init.name: init for init in graph.initializer}
-    for name, source in copies.items():
-        while source in copies:
-            source = copies[source]
-        tensor = onnx.TensorProto()
-        tensor.CopyFrom(by_name[source])
-        tensor.name = name
         graph.initializer.append(tensor)
+        values[tensor.name] = tensor
     del graph.node[:]
     graph.node.extend(kept)
-    inputs = [value for value in graph.input if value.name not in initializers]
+    inputs = [value for value in graph.input if value.name not in values]
     del graph.input[:]
     graph.input.extend(inputs)
     seen: set[str] = set()
@@ -110,16 +85,32 @@ def clean(model: onnx.ModelProto) -> onnx.ModelProto:
     return out
 
 
-def _find(graph: onnx.GraphProto, name: str) -> onnx.TensorProto:
-    return next(init for init in graph.initializer if init.name == name)
-
-
-def _perm(node: onnx.NodeProto) -> list[int] | None:
-    return next((list(a.ints) for a in node.attribute if a.name == "perm"), None)
-
-
-def _output_names(graph: onnx.GraphProto) -> set[str]:
-    return {value.name for value in graph.output}
+def _fold(node: onnx.NodeProto, values: dict[str, onnx.TensorProto]) -> onnx.TensorProto | None:
+    """The initializer a node reduces to when it only rearranges constants, or None."""
+    attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+    if node.op_type == "Constant":
+        if set(attrs) != {"value"}:
+            return None
+        tensor = onnx.TensorProto()
+        tensor.CopyFrom(attrs["value"])
+        tensor.name = node.output[0]
+        return tensor
+    if node.op_type not in ("Identity", "Transpose", "Unsqueeze", "Squeeze"):
+        return None
+    if not node.input or any(name and name not in values for name in node.input):
+        return None
+    value = numpy_helper.to_array(values[node.input[0]])
+    axes = attrs.get("axes")
+    if len(node.input) > 1 and node.input[1]:
+        axes = numpy_helper.to_array(values[node.input[1]]).tolist()
+    if node.op_type == "Transpose":
+        value = np.transpose(value, attrs.get("perm"))
+    elif node.op_type == "Squeeze":
+        value = np.squeeze(value, axis=None if axes is None else tuple(axes))
+    elif node.op_type == "Unsqueeze":
+        rank = value.ndim + len(axes)
+        value = np.expand_dims(value, tuple(sorted(a % rank for a in axes)))
+    return numpy_helper.from_array(np.ascontiguousarray(value), node.output[0])
 
 
 def save_model(model: onnx.ModelProto, path: str | os.PathLike[str], *, external_data: bool = False) -> Path:

@@ -110,8 +110,14 @@ class RuleContext:
 
     # writing -----------------------------------------------------------------------------------
     def set_view(self, name: str, view: np.ndarray | None) -> None:
-        if view is not None and name:
-            self.views[name] = view
+        """Record a tensor's view; channels folded into the batch axis (axis 0) are kept whole, since
+        views are built at batch 1 and could not follow a different batch."""
+        if view is None or not name:
+            return
+        if view.ndim and view.shape[0] > 1:
+            self.block(view, f"tensor {name}", "channels are folded into the batch axis")
+            return
+        self.views[name] = view
 
     def new_source(self, node: onnx.NodeProto, size: int, param: str | None = None) -> np.ndarray:
         """Fresh prunable channels produced by `node`; a layer always keeps at least one."""

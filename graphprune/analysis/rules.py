@@ -443,17 +443,20 @@ def resize(ctx: RuleContext, node: onnx.NodeProto) -> None:
     view = ctx.view(x)
     if view is None:
         return
+    rank = len(ctx.shape(x))
+    axes = [a % rank for a in attribute(node, "axes", range(rank))]
     channel_axes = set(view_axes(view))
     scales_name = input_at(node, 2) if node.op_type == "Resize" else input_at(node, 1)
     scales = ctx.value(scales_name)
-    if scales is not None and scales.size and any(scales[a] != 1 for a in channel_axes):
+    if (
+        scales is not None
+        and scales.size
+        and any(scales[i] != 1 for i, a in enumerate(axes) if a in channel_axes)
+    ):
         ctx.opaque(node, "the channel axis is resized")
         return
     sizes_name = input_at(node, 3) if node.op_type == "Resize" else ""
-    if sizes_name:
-        if ctx.value(sizes_name) is None:
-            ctx.opaque(node, "output sizes are computed at run time")
-            return
+    if sizes_name and channel_axes & set(axes):
         ctx.rewrite(node, "resize", output=node.output[0])
     ctx.set_view(node.output[0], view)
 

@@ -157,20 +157,52 @@ def _depthwise(dep: DependencyGraph, node: gs.Node, rewrite: Rewrite, keep: np.n
 
 
 def _reshape(dep: DependencyGraph, node: gs.Node, rewrite: Rewrite, keep: np.ndarray) -> None:
-    new = pruned_shape(dep, rewrite.data["output"], keep)
     old = list(dep.shapes[rewrite.data["output"]])
-    if new == old:
+    new = pruned_shape(dep, rewrite.data["output"], keep)
+    changes = {
+        axis: after for axis, (before, after) in enumerate(zip(old, new, strict=True)) if before != after
+    }
+    _rewrite_size_vector(dep, node, 1, changes)
+
+
+def _resize(dep: DependencyGraph, node: gs.Node, rewrite: Rewrite, keep: np.ndarray) -> None:
+    old = list(dep.shapes[rewrite.data["output"]])
+    new = pruned_shape(dep, rewrite.data["output"], keep)
+    axes = [int(a) % len(old) for a in node.attrs.get("axes", range(len(old)))]
+    changes = {axes.index(a): new[a] for a in range(len(old)) if old[a] != new[a] and a in axes}
+    _rewrite_size_vector(dep, node, 3, changes)
+
+
+def _rewrite_size_vector(dep: DependencyGraph, node: gs.Node, slot: int, changes: dict[int, int]) -> None:
+    """Set entries of a shape/sizes input.  A constant is replaced; a vector computed at run time is
+    left to adapt (it reads Shape of the pruned tensor) except for constant pieces of a Concat."""
+    if not changes:
         return
-    current = dep.constants.get(node.inputs[1].name)
-    if current is not None:
-        target = [int(v) for v in current]
-        for axis, (before, after) in enumerate(zip(old, new, strict=True)):
-            if before != after and target[axis] not in (-1,):
-                target[axis] = after
-    else:
-        batch_kept = dep.shapes[rewrite.data["input"]][0] == old[0]
-        target = [0 if axis == 0 and batch_kept else size for axis, size in enumerate(new)]
-    _new_constant(node, 1, np.asarray(target, dtype=np.int64))
+    tensor = node.inputs[slot]
+    if isinstance(tensor, gs.Constant):
+        _new_constant(node, slot, _with_entries(np.asarray(tensor.values), changes))
+        return
+    producer = tensor.inputs[0] if tensor.inputs else None
+    if producer is None or producer.op != "Concat":
+        return
+    offset = 0
+    for index, piece in enumerate(producer.inputs):
+        length = len(piece.values) if isinstance(piece, gs.Constant) else dep.shapes[piece.name][0]
+        local = {p - offset: v for p, v in changes.items() if offset <= p < offset + length}
+        if local and isinstance(piece, gs.Constant):
+            producer.inputs[index] = gs.Constant(
+                f"{producer.name}_pruned_{index}", _with_entries(np.asarray(piece.values), local)
+            )
+        offset += length
+
+
+def _with_entries(values: np.ndarray, changes: dict[int, int]) -> np.ndarray:
+    """Copy of a shape vector with entries replaced; -1 (inferred) and 0 (copied) entries adapt by themselves."""
+    out = values.copy()
+    for position, size in changes.items():
+        if out[position] not in (-1, 0):
+            out[position] = size
+    return out
 
 
 def _split(dep: DependencyGraph, node: gs.Node, rewrite: Rewrite, keep: np.ndarray) -> None:
@@ -213,10 +245,6 @@ def _gather(dep: DependencyGraph, node: gs.Node, rewrite: Rewrite, keep: np.ndar
     new_position = np.cumsum(in_line) - 1
     indices = data["indices"].astype(np.int64) % in_line.size
     _new_constant(node, 1, new_position[indices[out_line]].astype(data["indices"].dtype))
-
-
-def _resize(dep: DependencyGraph, node: gs.Node, rewrite: Rewrite, keep: np.ndarray) -> None:
-    _new_constant(node, 3, np.asarray(pruned_shape(dep, rewrite.data["output"], keep), dtype=np.int64))
 
 
 def _opset(dep: DependencyGraph) -> int:
