@@ -75,15 +75,21 @@ class Planner:
         self.segments = self._segments_by_group()
 
     def _segments_by_group(self) -> dict[int, list[np.ndarray]]:
-        """Per group, the class sets that must lose equal counts (parts of grouped convs)."""
+        """Per group, the pieces that must lose equal counts: channels of grouped convs split by the
+        part they fall in for every grouped conv that reads or writes them (the finest common partition,
+        so a group written by a g=2 conv and read by a g=3 conv is cut into six pieces)."""
+        signatures: dict[int, dict[int, list[int]]] = {}
+        for index, (_, parts) in enumerate(self.dep.segments):
+            for part_index, part in enumerate(parts):
+                for root in np.unique(self.dep.roots[part]).tolist():
+                    group = int(self.dep.class_group[root])
+                    signatures.setdefault(group, {}).setdefault(root, []).append(index * 1000 + part_index)
         result: dict[int, list[np.ndarray]] = {}
-        for _, parts in self.dep.segments:
-            for part in parts:
-                classes = np.unique(self.dep.roots[part])
-                group = int(self.dep.class_group[classes[0]])
-                known = result.setdefault(group, [])
-                if not any(np.array_equal(classes, k) for k in known):
-                    known.append(classes)
+        for group, by_class in signatures.items():
+            pieces: dict[tuple[int, ...], list[int]] = {}
+            for root, signature in by_class.items():
+                pieces.setdefault(tuple(sorted(signature)), []).append(root)
+            result[group] = [np.asarray(sorted(p), dtype=np.int64) for p in pieces.values()]
         return result
 
     # counts ------------------------------------------------------------------------------------
@@ -126,7 +132,8 @@ class Planner:
 
     # selection ---------------------------------------------------------------------------------
     def select(self, group: Group, count: int) -> np.ndarray:
-        """The `count` least important prunable classes of the group, equal per conv-group part."""
+        """The `count` least important prunable classes of the group.  Pieces of grouped convs lose
+        channels in proportion to their size, which removes equal counts from every conv group."""
         if count <= 0:
             return np.empty(0, dtype=np.int64)
         scores = self.scores[group.index]
@@ -137,12 +144,18 @@ class Planner:
         if not parts:
             return np.asarray(ranked[:count], dtype=np.int64)
         in_parts = set(np.concatenate(parts).tolist())
-        per_part = min(count // len(parts), *(sum(c in prunable for c in p.tolist()) for p in parts))
-        per_part = min(per_part, min(p.size for p in parts) - 1)
+        sizes = [p.size for p in parts]
+        unit = int(np.gcd.reduce(sizes))
+        available = [sum(c in prunable for c in p.tolist()) for p in parts]
+        steps = min(
+            count * unit // sum(sizes),
+            unit - 1,
+            *(a * unit // n for a, n in zip(available, sizes, strict=True)),
+        )
         chosen = []
         for part in parts:
             members = set(part.tolist())
-            chosen.extend([c for c in ranked if c in members][:per_part])
+            chosen.extend([c for c in ranked if c in members][: steps * part.size // unit])
         free = [c for c in ranked if c not in in_parts]
         share = int(len(free) * count / max(group.size, 1))
         chosen.extend(free[:share])
@@ -221,11 +234,20 @@ def predicted_macs(dep: DependencyGraph, cost: CostReport, removed: np.ndarray) 
         node_cost = cost.per_node.get(node.name)
         if node_cost is None or not node_cost.macs:
             continue
-        scale = kept_fraction(dep, node.output[0], keep)
+        out_scale = kept_fraction(dep, node.output[0], keep)
         if node.op_type in WEIGHTED_OPS and not _is_depthwise(dep, node):
-            scale *= kept_fraction(dep, node.input[0], keep)
-        total += node_cost.macs * scale
+            bias = _bias_macs(dep, node)
+            in_scale = kept_fraction(dep, node.input[0], keep)
+            total += (node_cost.macs - bias) * out_scale * in_scale + bias * out_scale
+        else:
+            total += node_cost.macs * out_scale
     return total
+
+
+def _bias_macs(dep: DependencyGraph, node: object) -> int:
+    """The cost counter adds one MAC per output element for a bias; that part does not read inputs."""
+    has_bias = node.op_type != "MatMul" and len(node.input) > 2 and bool(node.input[2])
+    return int(np.prod(dep.shapes[node.output[0]])) if has_bias else 0
 
 
 def _is_depthwise(dep: DependencyGraph, node: object) -> bool:
