@@ -11,7 +11,6 @@ import numpy as np
 from graphprune.analysis.graph import DependencyGraph, Group
 from graphprune.errors import PlanError
 from graphprune.runtime.cost import CostReport
-from graphprune.surgery.apply import check_removal
 
 log = logging.getLogger(__name__)
 
@@ -73,6 +72,7 @@ class Planner:
             g for g in dep.groups if g.index in scores and g.index not in skip and g.prunable.size > 1
         ]
         self.segments = self._segments_by_group()
+        self.keep_one, self.segment_constraints = self._constraints_by_group()
 
     def _segments_by_group(self) -> dict[int, list[np.ndarray]]:
         """Per group, the pieces that must lose equal counts: channels of grouped convs split by the
@@ -163,31 +163,53 @@ class Planner:
 
     def removal(self, counts: dict[int, int]) -> np.ndarray:
         """Boolean atom mask for the given per-group counts; a group whose removal breaks a structural
-        rule (for instance grouped-conv parts sharing channels) is left whole."""
-        removed = np.zeros(self.dep.roots.size, dtype=bool)
+        rule (for instance grouped-conv parts sharing channels) is left whole.  Only the constraints
+        that touch a group are checked for it, so planning stays linear in the graph size."""
+        roots = self.dep.roots
+        removed_class = np.zeros(roots.size, dtype=bool)
         for group in self.groups:
             chosen = self.select(group, counts.get(group.index, 0))
             if not chosen.size:
                 continue
-            trial = self._keep_one_repaired(removed | np.isin(self.dep.roots, chosen), group)
-            try:
-                check_removal(self.dep, trial)
-            except PlanError as exc:
-                log.warning("group %s left whole: %s", group.name, exc)
-                continue
-            removed = trial
-        return removed
+            removed_class[chosen] = True
+            self._give_back_emptied(removed_class, group)
+            problem = self._violation(removed_class, group)
+            if problem:
+                log.warning("group %s left whole: %s", group.name, problem)
+                removed_class[group.classes] = False
+        return removed_class[roots]
 
-    def _keep_one_repaired(self, removed: np.ndarray, group: Group) -> np.ndarray:
+    def _constraints_by_group(self) -> tuple[dict[int, list[np.ndarray]], dict[int, list[list[np.ndarray]]]]:
+        keep_one: dict[int, list[np.ndarray]] = {}
+        for atoms in self.dep.keep_one:
+            for group in np.unique(self.dep.class_group[self.dep.roots[atoms]]).tolist():
+                keep_one.setdefault(group, []).append(atoms)
+        segments: dict[int, list[list[np.ndarray]]] = {}
+        for _, parts in self.dep.segments:
+            atoms = np.concatenate(parts)
+            for group in np.unique(self.dep.class_group[self.dep.roots[atoms]]).tolist():
+                segments.setdefault(group, []).append(parts)
+        return keep_one, segments
+
+    def _give_back_emptied(self, removed_class: np.ndarray, group: Group) -> None:
         """Give back the best channel of any split/slice part or layer the removal would empty."""
         scores = self.scores[group.index]
-        for atoms in self.dep.keep_one:
-            if atoms.size and removed[atoms].all():
+        for atoms in self.keep_one.get(group.index, []):
+            if removed_class[self.dep.roots[atoms]].all():
                 inside, slots = self.dep.slots(atoms, group)
-                if inside.any():
-                    best = slots[inside][np.argmax(scores[slots[inside]])]
-                    removed = removed & (self.dep.roots != group.classes[best])
-        return removed
+                best = slots[inside][np.argmax(scores[slots[inside]])]
+                removed_class[group.classes[best]] = False
+
+    def _violation(self, removed_class: np.ndarray, group: Group) -> str | None:
+        """Why the current removal breaks a constraint touching `group`, or None."""
+        for atoms in self.keep_one.get(group.index, []):
+            if removed_class[self.dep.roots[atoms]].all():
+                return "it would empty a layer or a split part"
+        for parts in self.segment_constraints.get(group.index, []):
+            counts = {int(removed_class[self.dep.roots[part]].sum()) for part in parts}
+            if len(counts) > 1:
+                return f"a grouped conv would lose unequal channel counts per group {sorted(counts)}"
+        return None
 
     def plan(self, cost: CostReport | None = None) -> np.ndarray:
         """The removal mask for the options (bisection on the ratio for a MACs target)."""
