@@ -287,6 +287,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--target-macs", type=float, default=0.5)
     p.add_argument("--threads", type=int, default=2)
     p.set_defaults(func=cmd_demo)
+
+    from graphprune import cli_train
+
+    cli_train.register(sub)
     return parser
 
 

@@ -1,0 +1,219 @@
+"""The training commands of `graphprune`: train (a zoo baseline), finetune (a pruned ONNX model), eval.
+
+`register(subparsers)` adds them to the main parser (graphprune/cli.py). torch is imported only when
+one of these commands runs. `finetune` folds the model back into PyTorch (onto the user's module with
+--module, else through onnx2torch), proves the fold-back equal to the input graph, fine-tunes and
+re-exports it with BatchNorm kept. Both training commands checkpoint every epoch into OUT.ckpt/
+(--resume continues there) and run under torchrun as DDP, e.g.
+`torchrun --nproc_per_node=4 -m graphprune.cli finetune pruned.onnx -o tuned.onnx --data fashion-mnist`;
+then only rank 0 prints and writes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from graphprune.errors import GraphPruneError
+
+if TYPE_CHECKING:
+    from torch import nn
+
+    from graphprune.data import ArrayDataset
+    from graphprune.torch_bridge.train import Callback, TrainConfig, TrainState
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    """Add the `train`, `finetune` and `eval` commands."""
+    p = subparsers.add_parser("train", help="train a zoo model (a baseline) and export it with BN kept")
+    p.add_argument("--model", default="resnet20", help="zoo name, torchvision:NAME or pkg.module:callable")
+    p.add_argument("-o", "--output", required=True)
+    _training_arguments(p, epochs=8, lr=0.1, schedule="one-cycle")
+    p.set_defaults(func=cmd_train)
+
+    p = subparsers.add_parser(
+        "finetune", help="fold a (pruned) ONNX model back into torch, fine-tune, export"
+    )
+    p.add_argument("model")
+    p.add_argument("-o", "--output", required=True)
+    p.add_argument(
+        "--module",
+        help="fold back onto this module (zoo name or pkg.module:callable, parameters named as in the "
+        "model); default: convert the ONNX graph with onnx2torch",
+    )
+    _training_arguments(p, epochs=3, lr=0.01, schedule="cosine")
+    p.set_defaults(func=cmd_finetune)
+
+    p = subparsers.add_parser("eval", help="top-1 accuracy of an ONNX classifier through onnxruntime")
+    p.add_argument("model")
+    p.add_argument("--data", required=True, help="fashion-mnist, synthetic[:N], FILE.npz or an image folder")
+    p.add_argument("--split", default="test", choices=("train", "test"))
+    p.add_argument("--limit", type=int, default=None, help="evaluate a seeded subset of N samples")
+    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--provider", default="cpu", choices=("cpu", "cuda"))
+    p.set_defaults(func=cmd_eval)
+
+
+def _training_arguments(p: argparse.ArgumentParser, *, epochs: int, lr: float, schedule: str) -> None:
+    """Options shared by train and finetune (defaults: ANCHORS.md's recipe)."""
+    p.add_argument("--data", required=True, help="fashion-mnist, synthetic[:N], FILE.npz or an image folder")
+    p.add_argument("--epochs", type=int, default=epochs)
+    p.add_argument("--batch-size", type=int, default=128, help="per process under torchrun")
+    p.add_argument("--lr", type=float, default=lr, help="peak (one-cycle) or initial (cosine) learning rate")
+    p.add_argument("--schedule", default=schedule, choices=("cosine", "one-cycle", "constant"))
+    p.add_argument("--momentum", type=float, default=0.9)
+    p.add_argument("--no-nesterov", action="store_true")
+    p.add_argument("--weight-decay", type=float, default=5e-4)
+    p.add_argument("--no-augment", action="store_true", help="no pad-2 random crop + horizontal flip")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--limit", type=int, default=None, help="train on a seeded subset of N samples")
+    p.add_argument("--eval-limit", type=int, default=None, help="evaluate on a seeded subset of N samples")
+    p.add_argument("--checkpoint-dir", help="where to checkpoint each epoch (default OUT.ckpt/)")
+    p.add_argument("--resume", action="store_true", help="continue from the last checkpoint")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+
+
+def _config(args: argparse.Namespace) -> TrainConfig:
+    from graphprune.torch_bridge.train import TrainConfig
+
+    checkpoint_dir = (
+        Path(args.checkpoint_dir) if args.checkpoint_dir else Path(args.output).with_suffix(".ckpt")
+    )
+    return TrainConfig(
+        epochs=args.epochs,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        momentum=args.momentum,
+        nesterov=not args.no_nesterov,
+        weight_decay=args.weight_decay,
+        schedule=args.schedule,
+        augment=not args.no_augment,
+        seed=args.seed,
+        checkpoint_dir=checkpoint_dir,
+        resume=args.resume,
+        device=args.device,
+    )
+
+
+def _datasets(args: argparse.Namespace) -> tuple[ArrayDataset, ArrayDataset]:
+    """(train split, test split) of --data, each optionally limited."""
+    from graphprune.data import load_dataset
+
+    train = load_dataset(args.data, "train", limit=args.limit, seed=args.seed)
+    test = load_dataset(args.data, "test", limit=args.eval_limit, seed=args.seed)
+    return train, test
+
+
+def _check_output(args: argparse.Namespace, model: str | None = None) -> None:
+    output = Path(args.output)
+    if output.suffix != ".onnx":
+        raise GraphPruneError(f"The output {output} must be an .onnx file; name it e.g. {output.stem}.onnx.")
+    if model is not None and output.resolve() == Path(model).resolve():
+        raise GraphPruneError("The output path is the input model; graphprune never overwrites its input.")
+
+
+def _train_and_export(
+    module: nn.Module, train: ArrayDataset, test: ArrayDataset, args: argparse.Namespace
+) -> float | None:
+    """Fit with per-epoch lines, then (rank 0) export to OUT and return its test accuracy via ORT."""
+    from graphprune.cli import stage
+    from graphprune.torch_bridge.train import dist_info, evaluate_onnx, export_trained, fit
+
+    fit(module, train, test, _config(args), callbacks=[_epoch_printer()])
+    if not dist_info().is_main:
+        return None
+    with stage("export"):
+        export_trained(module, args.output, train.sample_shape)
+    with stage("evaluate"):
+        return evaluate_onnx(args.output, test)
+
+
+def _epoch_printer() -> Callback:
+    """A callback printing one line per epoch on rank 0 (the bar itself disappears when done)."""
+    from graphprune.cli import console
+    from graphprune.torch_bridge.train import Callback
+
+    class EpochPrinter(Callback):
+        def on_epoch_end(self, state: TrainState) -> None:
+            record = state.history.epochs[-1]
+            if state.rank == 0:
+                console.print(
+                    f"epoch {record.epoch}/{state.config.epochs}  loss {record.train_loss:.4f}  "
+                    f"train acc {record.train_accuracy:.4f}  test acc {record.val_accuracy:.4f}  "
+                    f"{record.seconds:.1f} s"
+                )
+
+    return EpochPrinter()
+
+
+def _set_threads(args: argparse.Namespace) -> None:
+    import torch
+
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    import torch
+
+    from graphprune.cli import out
+    from graphprune.zoo import build
+
+    _check_output(args)
+    _set_threads(args)
+    train, test = _datasets(args)
+    torch.manual_seed(args.seed)
+    module = build(args.model, in_channels=train.sample_shape[0], num_classes=train.num_classes)
+    accuracy = _train_and_export(module, train, test, args)
+    if accuracy is not None:
+        out.print(f"test accuracy {accuracy:.4f} ({test.name}, {len(test)} samples)")
+        out.print(f"wrote {args.output}")
+    return 0
+
+
+def cmd_finetune(args: argparse.Namespace) -> int:
+    from graphprune.cli import console, out, stage
+    from graphprune.model_io import load_model
+    from graphprune.torch_bridge.foldback import apply_to_module, onnx_to_module, verify_foldback
+    from graphprune.torch_bridge.train import dist_info, evaluate_onnx
+    from graphprune.zoo import build
+
+    _check_output(args, args.model)
+    _set_threads(args)
+    main = dist_info().is_main
+    loaded = load_model(args.model)
+    train, test = _datasets(args)
+    with stage("fold-back") if main else contextlib.nullcontext():
+        if args.module:
+            module = apply_to_module(build(args.module), loaded.proto)
+        else:
+            module = onnx_to_module(loaded.proto)
+        error = verify_foldback(module, loaded.proto)
+    before = evaluate_onnx(loaded.proto, test) if main else None
+    if main:
+        console.print(f"fold-back  equal to {Path(args.model).name}: max rel err {error:.2g}")
+    after = _train_and_export(module, train, test, args)
+    if before is not None and after is not None:
+        out.print(f"test accuracy {before:.4f} -> {after:.4f} ({test.name}, {len(test)} samples)")
+        out.print(f"wrote {args.output}")
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from graphprune.cli import out, stage
+    from graphprune.data import load_dataset
+    from graphprune.torch_bridge.train import evaluate_onnx
+
+    data = load_dataset(args.data, args.split, limit=args.limit)
+    with stage("evaluate"):
+        accuracy = evaluate_onnx(
+            args.model, data, args.batch_size, provider=args.provider, threads=args.threads
+        )
+    out.print(
+        f"accuracy {accuracy:.4f} ({round(accuracy * len(data))}/{len(data)}) on {data.name} {args.split}"
+    )
+    return 0

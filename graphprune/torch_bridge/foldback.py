@@ -1,0 +1,215 @@
+"""Fold a pruned ONNX graph back into PyTorch, so the smaller model can be fine-tuned.
+
+Two ways:
+
+- `apply_to_module(module, pruned)`: the user's own nn.Module takes the pruned shapes and values by
+  parameter name (graphprune's export keeps initializer names equal to parameter names). Conv, BN and
+  Linear layers get new Parameters/buffers and updated channel attributes; the user keeps their class,
+  forward and training code.
+- `onnx_to_module(pruned)`: for ONNX-only models, onnx2torch converts the cleaned graph (Identity
+  nodes on shared initializers folded first, so every BatchNormalization reads its own initializers
+  and becomes an nn.BatchNorm with trainable gamma and beta instead of a functional op on buffers).
+
+`verify_foldback` re-exports a folded module and compares it with the pruned graph in onnxruntime:
+the fold-back must be exact before any training starts.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import tempfile
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+import onnx
+import torch
+from onnx import numpy_helper
+from torch import nn
+
+from graphprune.errors import UnsupportedModelError, VerificationError
+from graphprune.model_io import as_loaded, clean
+
+if TYPE_CHECKING:
+    import onnxruntime as ort
+
+logger = logging.getLogger(__name__)
+
+ModelLike = onnx.ModelProto | str | os.PathLike[str]
+# Batch used for symbolic batch dimensions when checking a fold-back.
+CHECK_BATCH = 2
+_CONV = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+_BATCHNORM = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
+
+
+def _proto(model: ModelLike) -> onnx.ModelProto:
+    return as_loaded(model).proto
+
+
+def _conv_groups(model: onnx.ModelProto) -> dict[str, int]:
+    """The `group` attribute of every Conv node, keyed by the name of its weight input."""
+    groups = {}
+    for node in model.graph.node:
+        if node.op_type == "Conv" and len(node.input) > 1:
+            group = next((a.i for a in node.attribute if a.name == "group"), 1)
+            groups[node.input[1]] = group
+    return groups
+
+
+def apply_to_module(module: nn.Module, pruned: ModelLike) -> nn.Module:
+    """Give `module` the shapes and values of the pruned graph, matching tensors by name; return it.
+
+    Every parameter or buffer whose fully qualified name is an initializer of the pruned model gets
+    that initializer's value (a new Parameter when the shape changes, `requires_grad` kept); Conv,
+    BatchNorm and Linear layers also get their channel attributes (in/out channels, groups from the
+    Conv node, num_features, in/out features). Tensors the graph does not name are left alone, but a
+    layer left with inconsistent shapes raises UnsupportedModelError.
+    """
+    model = clean(_proto(pruned))
+    values = {init.name: init for init in model.graph.initializer}
+    groups = _conv_groups(model)
+    matched = 0
+    for prefix, layer in module.named_modules():
+        for name, tensor in [*layer.named_parameters(recurse=False), *layer.named_buffers(recurse=False)]:
+            full = f"{prefix}.{name}" if prefix else name
+            init = values.get(full)
+            if init is None or tensor is None:
+                continue
+            _replace_tensor(layer, name, tensor, numpy_helper.to_array(init), full)
+            matched += 1
+        _update_attributes(prefix, layer, groups)
+    if matched == 0:
+        raise UnsupportedModelError(
+            f"No initializer of the pruned model is named like a parameter of {type(module).__name__}; "
+            "fold back onto the module the model was exported from, or use onnx_to_module."
+        )
+    logger.info("Folded %d tensors of the pruned model into %s.", matched, type(module).__name__)
+    return module
+
+
+def _replace_tensor(layer: nn.Module, name: str, old: torch.Tensor, value: np.ndarray, full: str) -> None:
+    """Put `value` into `layer.<name>`, as a new Parameter/buffer when the shape changes."""
+    new = torch.from_numpy(np.array(value, copy=True)).to(device=old.device, dtype=old.dtype)
+    if new.ndim != old.ndim:
+        raise UnsupportedModelError(
+            f"Initializer {full} has shape {tuple(new.shape)} but the module's tensor has "
+            f"{tuple(old.shape)}; fold back onto the module the model was exported from."
+        )
+    with torch.no_grad():
+        if new.shape == old.shape:
+            old.copy_(new)
+        elif isinstance(old, nn.Parameter):
+            layer.register_parameter(name, nn.Parameter(new, requires_grad=old.requires_grad))
+        else:
+            layer.register_buffer(name, new, persistent=name not in layer._non_persistent_buffers_set)
+
+
+def _update_attributes(prefix: str, layer: nn.Module, groups: dict[str, int]) -> None:
+    """Make a Conv/BN/Linear layer's channel attributes agree with its (new) tensors."""
+    if isinstance(layer, _CONV):
+        weight = layer.weight
+        layer.groups = groups.get(f"{prefix}.weight", layer.groups)
+        layer.out_channels = weight.shape[0]
+        layer.in_channels = weight.shape[1] * layer.groups
+        consistent = weight.shape[0] % layer.groups == 0 and (
+            layer.bias is None or layer.bias.shape[0] == weight.shape[0]
+        )
+    elif isinstance(layer, _BATCHNORM):
+        layer.num_features = (
+            layer.running_mean.shape[0] if layer.running_mean is not None else layer.weight.shape[0]
+        )
+        tensors = [layer.weight, layer.bias, layer.running_mean, layer.running_var]
+        consistent = all(t is None or t.shape[0] == layer.num_features for t in tensors)
+    elif isinstance(layer, nn.Linear):
+        layer.out_features, layer.in_features = layer.weight.shape
+        consistent = layer.bias is None or layer.bias.shape[0] == layer.out_features
+    else:
+        return
+    if not consistent:
+        raise UnsupportedModelError(
+            f"Layer '{prefix}' ({type(layer).__name__}) has inconsistent shapes after fold-back (some of its "
+            "tensors are not initializers of the pruned model); export the model with graphprune's exporter "
+            "so every parameter keeps its name."
+        )
+
+
+def onnx_to_module(pruned: ModelLike) -> nn.Module:
+    """A trainable torch module (onnx2torch) computing the pruned graph, with BN gamma/beta trainable."""
+    from onnx2torch import convert
+
+    model = clean(_proto(pruned))
+    try:
+        module = convert(model)
+    except Exception as exc:  # onnx2torch raises NotImplementedError, KeyError ... for unsupported ops
+        raise UnsupportedModelError(
+            f"onnx2torch cannot convert the model ({type(exc).__name__}: {exc}); fold back onto your own "
+            "nn.Module with apply_to_module instead."
+        ) from exc
+    _check_batchnorm_trainable(model, module)
+    return module
+
+
+def _check_batchnorm_trainable(model: onnx.ModelProto, module: nn.Module) -> None:
+    """Every BatchNormalization node must have become an nn.BatchNorm with Parameters gamma and beta."""
+    bn_nodes = sum(node.op_type == "BatchNormalization" for node in model.graph.node)
+    trainable = [
+        m
+        for m in module.modules()
+        if isinstance(m, nn.modules.batchnorm._BatchNorm)
+        and isinstance(m.weight, nn.Parameter)
+        and isinstance(m.bias, nn.Parameter)
+    ]
+    if len(trainable) < bn_nodes:
+        raise UnsupportedModelError(
+            f"Only {len(trainable)} of {bn_nodes} BatchNormalization nodes became trainable BatchNorm layers "
+            "(the others read computed tensors, so their gamma/beta would be frozen buffers); fold back onto "
+            "your own nn.Module with apply_to_module instead."
+        )
+
+
+def input_shape(model: onnx.ModelProto, batch: int = CHECK_BATCH) -> tuple[int, ...]:
+    """Concrete shape of the model's first graph input, `batch` for a symbolic batch dimension."""
+    initializers = {init.name for init in model.graph.initializer}
+    graph_input = next(value for value in model.graph.input if value.name not in initializers)
+    dims = graph_input.type.tensor_type.shape.dim
+    shape = tuple(dim.dim_value if dim.HasField("dim_value") else batch for dim in dims)
+    if any(size <= 0 for size in shape[1:]):
+        raise UnsupportedModelError(
+            f"Input '{graph_input.name}' has a symbolic non-batch dimension {shape}; give the model fixed "
+            "C, H, W to fold it back."
+        )
+    return shape
+
+
+def verify_foldback(module: nn.Module, pruned: ModelLike, *, seed: int = 0, tolerance: float = 1e-4) -> float:
+    """Re-export `module` (BN kept) and compare its ONNX outputs with the pruned graph's on a seeded
+    random batch; return the max relative error or raise VerificationError above `tolerance`."""
+    from graphprune.runtime.session import make_session
+    from graphprune.torch_bridge.export import export
+
+    reference = _proto(pruned)
+    shape = input_shape(reference)
+    batch = np.random.default_rng(seed).standard_normal(shape).astype(np.float32)
+    with tempfile.TemporaryDirectory(prefix="graphprune-foldback-") as tmp:
+        exported = export(module, torch.from_numpy(batch), Path(tmp) / "folded.onnx", fold_bn=False)
+        got = _run(make_session(exported), batch)
+    want = _run(make_session(reference), batch)
+    if got.shape != want.shape:
+        raise VerificationError(
+            f"The folded-back module outputs shape {got.shape}, the pruned graph {want.shape}; the fold-back "
+            "is wrong."
+        )
+    error = float(np.abs(got - want).max() / max(float(np.abs(want).max()), 1e-12))
+    if not error <= tolerance:
+        raise VerificationError(
+            f"The folded-back module differs from the pruned graph (max rel err {error:.3g} > {tolerance:g}); "
+            "do not fine-tune it, report the model."
+        )
+    logger.info("Fold-back equal to the pruned graph: max rel err %.3g.", error)
+    return error
+
+
+def _run(session: ort.InferenceSession, batch: np.ndarray) -> np.ndarray:
+    """First output of an onnxruntime session on `batch` fed to its first input."""
+    return np.asarray(session.run(None, {session.get_inputs()[0].name: batch})[0])

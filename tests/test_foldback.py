@@ -1,0 +1,173 @@
+"""Fold-back of pruned graphs into PyTorch, both ways, equal to the pruned graph before any training."""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from onnx import helper
+from torch import nn
+
+from graphprune.api import PruneResult, prune
+from graphprune.errors import UnsupportedModelError, VerificationError
+from graphprune.planning import PlanOptions
+from graphprune.torch_bridge.export import export
+from graphprune.torch_bridge.foldback import apply_to_module, onnx_to_module, verify_foldback
+from graphprune.zoo import build
+
+MODELS = ("resnet20", "mobilenetv2", "densenet_bc40")
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_torch_thread() -> Iterator[None]:
+    """Small models train faster on one thread, and much faster when other jobs share the cores."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@dataclass
+class Pruned:
+    module: nn.Module
+    result: PruneResult
+
+
+@pytest.fixture(scope="module", params=MODELS)
+def pruned(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Pruned:
+    """A zoo model with non-trivial BN statistics, exported and pruned at ratio 0.5."""
+    torch.manual_seed(0)
+    module = build(request.param)
+    module.train()
+    with torch.no_grad():  # running statistics away from (0, 1), so BN folding errors would show
+        module(torch.randn(8, 1, 28, 28) * 2 + 0.5)
+    path = tmp_path_factory.mktemp(request.param) / "model.onnx"
+    export(module, torch.zeros(1, 1, 28, 28), path)
+    result = prune(path, PlanOptions(ratio=0.5))
+    assert result.after.params < result.before.params
+    return Pruned(module, result)
+
+
+def _count(module: nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())
+
+
+def _layer_params(model: onnx.ModelProto) -> int:
+    """Trainable values of the graph: Conv/Gemm weights and biases, BN gamma and beta."""
+    sizes = {init.name: int(np.prod(init.dims)) for init in model.graph.initializer}
+    trainable = {"Conv": 3, "Gemm": 3, "BatchNormalization": 3}
+    return sum(
+        sizes.get(name, 0)
+        for node in model.graph.node
+        if node.op_type in trainable
+        for name in node.input[1 : trainable[node.op_type]]
+    )
+
+
+def test_apply_to_module_matches_pruned_graph(pruned: Pruned) -> None:
+    original = pruned.module
+    folded = apply_to_module(copy.deepcopy(original), pruned.result.model)
+    assert type(folded) is type(original)
+    assert _count(folded) == _layer_params(pruned.result.model) < _count(original)
+    shapes = {init.name: tuple(init.dims) for init in pruned.result.model.graph.initializer}
+    for name, parameter in folded.named_parameters():
+        assert tuple(parameter.shape) == shapes[name]
+    for name, layer in folded.named_modules():
+        if isinstance(layer, nn.Conv2d):
+            assert tuple(layer.weight.shape) == shapes[f"{name}.weight"]
+            assert layer.out_channels == layer.weight.shape[0]
+            assert layer.in_channels == layer.weight.shape[1] * layer.groups
+        elif isinstance(layer, nn.BatchNorm2d):
+            assert layer.num_features == layer.weight.shape[0] == layer.running_var.shape[0]
+            assert layer.weight.requires_grad
+    assert verify_foldback(folded, pruned.result.model) < 1e-4
+
+
+def test_onnx_to_module_matches_pruned_graph(pruned: Pruned) -> None:
+    module = onnx_to_module(pruned.result.model)
+    batchnorms = [m for m in module.modules() if isinstance(m, nn.BatchNorm2d)]
+    bn_nodes = [n for n in pruned.result.model.graph.node if n.op_type == "BatchNormalization"]
+    assert len(batchnorms) == len(bn_nodes) > 0
+    parameters = {id(p) for p in module.parameters()}
+    for bn in batchnorms:
+        assert bn.weight.requires_grad and bn.bias.requires_grad
+        assert id(bn.weight) in parameters and id(bn.bias) in parameters
+    assert _count(module) == _layer_params(pruned.result.model)
+    assert verify_foldback(module, pruned.result.model) < 1e-4
+
+
+def _small(tmp_path: Path, module: nn.Module) -> PruneResult:
+    """Export a small module (28x28 single-channel input) and prune it at ratio 0.5."""
+    model = export(module, torch.zeros(1, 1, 28, 28), tmp_path / "small.onnx")
+    return prune(model, PlanOptions(ratio=0.5))
+
+
+def _depthwise_net() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(
+        nn.Conv2d(1, 8, 3, padding=1),
+        nn.BatchNorm2d(8),
+        nn.ReLU(),
+        nn.Conv2d(8, 8, 3, padding=1, groups=8),
+        nn.BatchNorm2d(8),
+        nn.ReLU(),
+        nn.Conv2d(8, 4, 1),
+        nn.Flatten(),
+        nn.Linear(4 * 28 * 28, 10),
+    )
+
+
+def test_depthwise_groups_follow_the_graph(tmp_path: Path) -> None:
+    """A depthwise conv pruned to fewer channels keeps groups == channels in the folded module."""
+    module = _depthwise_net()
+    result = _small(tmp_path, module)
+    folded = apply_to_module(copy.deepcopy(module), result.model)
+    depthwise = folded[3]
+    assert depthwise.groups == depthwise.out_channels == depthwise.in_channels == 4
+    assert folded[8].in_features == 2 * 28 * 28
+    assert verify_foldback(folded, result.model) < 1e-4
+
+
+def test_onnx_to_module_cleans_identity_on_gamma(tmp_path: Path) -> None:
+    """onnx2torch turns a BN reading an Identity output into a functional op with frozen gamma; the
+    clean-up first makes it a trainable nn.BatchNorm2d."""
+    from onnx2torch import convert
+
+    torch.manual_seed(0)
+    module = nn.Sequential(
+        nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 26 * 26, 3)
+    )
+    model = export(module, torch.zeros(1, 1, 28, 28), tmp_path / "m.onnx")
+    bn = next(node for node in model.graph.node if node.op_type == "BatchNormalization")
+    gamma = next(init for init in model.graph.initializer if init.name == bn.input[1])
+    gamma.name = "shared_gamma"  # read through an Identity, as the legacy exporter shares equal tensors
+    model.graph.node.insert(0, helper.make_node("Identity", ["shared_gamma"], [bn.input[1]], name="share"))
+
+    raw = convert(copy.deepcopy(model))
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in raw.modules())
+    folded = onnx_to_module(model)
+    (batchnorm,) = [m for m in folded.modules() if isinstance(m, nn.BatchNorm2d)]
+    assert batchnorm.weight.requires_grad and any(p is batchnorm.weight for p in folded.parameters())
+    assert verify_foldback(folded, model) < 1e-4
+
+
+def test_apply_to_module_rejects_an_unrelated_module(tmp_path: Path) -> None:
+    result = _small(tmp_path, _depthwise_net())
+    with pytest.raises(UnsupportedModelError, match="No initializer"):
+        apply_to_module(nn.ModuleDict({"stem": nn.Conv2d(1, 4, 3)}), result.model)
+
+
+def test_verify_foldback_catches_a_wrong_module(tmp_path: Path) -> None:
+    module = _depthwise_net()
+    result = _small(tmp_path, module)
+    folded = apply_to_module(copy.deepcopy(module), result.model)
+    with torch.no_grad():
+        folded[8].bias.add_(1.0)
+    with pytest.raises(VerificationError, match="differs from the pruned graph"):
+        verify_foldback(folded, result.model)

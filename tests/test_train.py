@@ -1,0 +1,226 @@
+"""The training loop: gamma trains, the synthetic set is learnt, resume is exact, ONNX eval agrees."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from torch import nn
+
+from graphprune.data import ArrayDataset, load_dataset
+from graphprune.errors import GraphPruneError
+from graphprune.torch_bridge.export import export
+from graphprune.torch_bridge.foldback import onnx_to_module
+from graphprune.torch_bridge.train import (
+    Callback,
+    TrainConfig,
+    TrainState,
+    checkpoint_path,
+    evaluate,
+    evaluate_onnx,
+    fit,
+)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_torch_thread() -> Iterator[None]:
+    """Small models train faster on one thread, and much faster when other jobs share the cores."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def tiny_cnn(seed: int = 0) -> nn.Module:
+    """Two strided conv + BN + ReLU blocks, global pooling and a linear head: learns synthetic fast."""
+    torch.manual_seed(seed)
+    return nn.Sequential(
+        nn.Conv2d(1, 8, 3, stride=2, padding=1, bias=False),
+        nn.BatchNorm2d(8),
+        nn.ReLU(),
+        nn.Conv2d(8, 16, 3, stride=2, padding=1, bias=False),
+        nn.BatchNorm2d(16),
+        nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(16, 10),
+    )
+
+
+@pytest.fixture(scope="module")
+def train_set() -> ArrayDataset:
+    return load_dataset("synthetic:1024")
+
+
+@pytest.fixture(scope="module")
+def test_set() -> ArrayDataset:
+    return load_dataset("synthetic:500", "test")
+
+
+def _config(**overrides: Any) -> TrainConfig:
+    settings: dict[str, Any] = {
+        "epochs": 3,
+        "batch_size": 32,
+        "lr": 0.05,
+        "schedule": "one-cycle",
+        "progress": False,
+    }
+    return TrainConfig(**{**settings, **overrides})
+
+
+def test_one_step_changes_gamma_of_an_onnx_only_model(tmp_path: Path, train_set: ArrayDataset) -> None:
+    """After fold-back way (b) the BN scales are trainable: one SGD step moves them."""
+    model = export(tiny_cnn(), torch.zeros(1, 1, 28, 28), tmp_path / "tiny.onnx")
+    module = onnx_to_module(model)
+    gammas = [m.weight for m in module.modules() if isinstance(m, nn.BatchNorm2d)]
+    before = [g.detach().clone() for g in gammas]
+    one_batch = train_set.subset(torch.arange(16).numpy())
+    history = fit(module, one_batch, None, _config(epochs=1, batch_size=16, schedule="constant"))
+    assert len(history.epochs) == 1
+    for gamma, old in zip(gammas, before, strict=True):
+        assert not torch.equal(gamma.detach(), old)
+
+
+def test_fit_learns_the_synthetic_set(train_set: ArrayDataset, test_set: ArrayDataset) -> None:
+    module = tiny_cnn()
+    history = fit(module, train_set, test_set, _config())
+    assert [record.epoch for record in history.epochs] == [1, 2, 3]
+    assert history.last is not None and history.last.val_accuracy is not None
+    assert history.last.val_accuracy > 0.4  # chance is 0.1
+    assert history.last.train_loss < history.epochs[0].train_loss
+    assert history.last.val_accuracy == evaluate(module, test_set)
+
+
+class CountBatches(Callback):
+    """A stateful callback (its count must survive a resume); optionally stops after `stop_after` epochs."""
+
+    def __init__(self, stop_after: int | None = None) -> None:
+        self.batches = 0
+        self.grad_seen = False
+        self.stop_after = stop_after
+
+    def after_backward(self, state: TrainState) -> None:
+        self.grad_seen = all(p.grad is not None for p in state.module.parameters())
+
+    def on_batch_end(self, state: TrainState) -> None:
+        self.batches += 1
+
+    def on_epoch_end(self, state: TrainState) -> None:
+        state.stop = state.epoch == self.stop_after
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"batches": self.batches}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.batches = state["batches"]
+
+
+def test_resume_continues_exactly(tmp_path: Path, train_set: ArrayDataset) -> None:
+    """Stopped after epoch 2 and resumed on a freshly initialised module, the run ends bit-identical
+    to an uninterrupted one (shuffle and augmentation on)."""
+    data = train_set.subset(torch.arange(256).numpy())
+    straight = tiny_cnn()
+    counter = CountBatches()
+    fit(straight, data, None, _config(checkpoint_dir=tmp_path / "a"), callbacks=[counter])
+    assert counter.grad_seen and counter.batches == 3 * 8
+
+    interrupted = tiny_cnn()
+    first = fit(interrupted, data, None, _config(checkpoint_dir=tmp_path / "b"), callbacks=[CountBatches(2)])
+    assert len(first.epochs) == 2 and checkpoint_path(tmp_path / "b").is_file()
+
+    resumed = tiny_cnn(seed=123)
+    resumed_counter = CountBatches()
+    history = fit(
+        resumed,
+        data,
+        None,
+        _config(checkpoint_dir=tmp_path / "b", resume=True),
+        callbacks=[resumed_counter],
+    )
+    assert [record.epoch for record in history.epochs] == [1, 2, 3]
+    assert resumed_counter.batches == 3 * 8
+    for (name, want), got in zip(straight.state_dict().items(), resumed.state_dict().values(), strict=True):
+        assert torch.equal(want, got), name
+
+
+def test_resume_refuses_a_different_model(tmp_path: Path, train_set: ArrayDataset) -> None:
+    data = train_set.subset(torch.arange(64).numpy())
+    fit(tiny_cnn(), data, None, _config(epochs=1, checkpoint_dir=tmp_path))
+    other = nn.Sequential(nn.Conv2d(1, 4, 3), nn.Flatten(), nn.Linear(4 * 26 * 26, 10))
+    with pytest.raises(GraphPruneError, match="does not fit"):
+        fit(other, data, None, _config(epochs=1, checkpoint_dir=tmp_path, resume=True))
+
+
+def test_regularizer_drives_gamma_down(train_set: ArrayDataset) -> None:
+    """An L1 term on BN gamma (Network Slimming's) shrinks the scales compared with plain training."""
+    data = train_set.subset(torch.arange(256).numpy())
+
+    def l1_gamma(module: nn.Module) -> torch.Tensor:
+        return 0.5 * sum(m.weight.abs().sum() for m in module.modules() if isinstance(m, nn.BatchNorm2d))
+
+    def gamma_mass(module: nn.Module) -> float:
+        return sum(m.weight.abs().sum().item() for m in module.modules() if isinstance(m, nn.BatchNorm2d))
+
+    plain, sparse = tiny_cnn(), tiny_cnn()
+    fit(plain, data, None, _config(epochs=1))
+    fit(sparse, data, None, _config(epochs=1), regularizer=l1_gamma)
+    assert gamma_mass(sparse) < 0.8 * gamma_mass(plain)
+
+
+def test_evaluate_onnx_equals_evaluate(
+    tmp_path: Path, train_set: ArrayDataset, test_set: ArrayDataset
+) -> None:
+    module = tiny_cnn()
+    fit(module, train_set.subset(torch.arange(256).numpy()), None, _config(epochs=1))
+    path = tmp_path / "trained.onnx"
+    export(module, torch.zeros(1, 1, 28, 28), path)
+    accuracy = evaluate(module, test_set)
+    assert 0.0 < accuracy < 1.0
+    assert evaluate_onnx(path, test_set, batch_size=64) == accuracy
+
+
+def test_config_is_validated(train_set: ArrayDataset) -> None:
+    with pytest.raises(GraphPruneError, match="schedule"):
+        fit(tiny_cnn(), train_set, None, _config(schedule="linear"))
+    with pytest.raises(GraphPruneError, match="checkpoint directory"):
+        fit(tiny_cnn(), train_set, None, _config(resume=True))
+
+
+def _cli(*argv: str) -> int:
+    """Run a training command through a parser holding only what cli_train registers."""
+    import argparse
+
+    from graphprune import cli_train
+
+    parser = argparse.ArgumentParser(prog="graphprune")
+    cli_train.register(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(list(argv))
+    return args.func(args)
+
+
+def test_cli_train_prune_finetune_resume_eval(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from graphprune.api import prune
+    from graphprune.planning import PlanOptions
+
+    base, pruned, tuned = tmp_path / "base.onnx", tmp_path / "pruned.onnx", tmp_path / "tuned.onnx"
+    data = ("--data", "synthetic:128", "--eval-limit", "64", "--batch-size", "64", "--epochs", "1")
+    assert _cli("train", "--model", "resnet20", "-o", str(base), *data) == 0
+    assert (tmp_path / "base.ckpt" / "last.pt").is_file()
+    prune(base, PlanOptions(ratio=0.5)).save(pruned)
+    assert _cli("finetune", str(pruned), "-o", str(tuned), *data) == 0
+    first = tuned.read_bytes()
+    capsys.readouterr()
+    assert _cli("finetune", str(pruned), "-o", str(tuned), *data, "--resume") == 0
+    assert "epoch 1/1" not in capsys.readouterr().err  # resumed after the last epoch: nothing to train
+    assert tuned.read_bytes() == first
+    with pytest.raises(GraphPruneError, match="epochs=1"):
+        _cli("finetune", str(pruned), "-o", str(tuned), *data[:-1], "2", "--resume")
+    capsys.readouterr()
+    assert _cli("eval", str(tuned), "--data", "synthetic:128", "--limit", "64") == 0
+    correct = evaluate_onnx(tuned, load_dataset("synthetic:128", "test", limit=64)) * 64
+    assert f"({round(correct)}/64)" in capsys.readouterr().out
+    with pytest.raises(GraphPruneError, match="never overwrites"):
+        _cli("finetune", str(pruned), "-o", str(pruned), *data)
