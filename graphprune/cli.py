@@ -46,7 +46,7 @@ def cmd_analyze(args: argparse.Namespace) -> int:
     if args.json:
         out.print_json(json.dumps(summary))
     else:
-        out.print(render_analysis(summary), end="")
+        out.print(render_analysis(summary), end="", soft_wrap=True)
     return 0
 
 
@@ -75,6 +75,8 @@ def cmd_prune(args: argparse.Namespace) -> int:
     output = Path(args.output)
     if output.resolve() == Path(args.model).resolve():
         raise GraphPruneError("the output path is the input model; graphprune never overwrites its input.")
+    if args.plan and (args.ratio is not None or args.target_macs is not None):
+        raise GraphPruneError("--plan replays a saved plan; drop --ratio / --target-macs.")
     options = None if args.plan else _plan_options(args)
     if options is not None:
         options.validate()
@@ -136,6 +138,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
+    from rich import box
     from rich.table import Table
 
     from graphprune.report.tables import fmt_ms, render
@@ -149,11 +152,13 @@ def cmd_bench(args: argparse.Namespace) -> int:
         warmup=args.warmup,
         runs=args.runs,
     )
-    table = Table(title=f"latency ({args.provider}, {args.threads or 'default'} threads)")
+    table = Table(
+        title=f"latency ({args.provider}, {args.threads or 'default'} threads)", box=box.SIMPLE_HEAD
+    )
     for column in ("model", "batch", "median", "p90", "throughput/s", "speed-up"):
         table.add_column(column, justify="left" if column == "model" else "right")
     baseline: dict[int, float] = {}
-    for result in (r for per_model in results for r in per_model):
+    for result in results:
         first = baseline.setdefault(result.batch, result.median_ms)
         table.add_row(
             Path(result.model).name,
@@ -309,6 +314,16 @@ def main(argv: list[str] | None = None) -> int:
     except GraphPruneError as exc:
         console.print(f"graphprune: error: {' '.join(str(exc).split())}", markup=False, soft_wrap=True)
         return 2
+    except Exception as exc:
+        if args.verbose:
+            raise
+        console.print(
+            f"graphprune: internal error: {type(exc).__name__}: {' '.join(str(exc).split())} "
+            "(rerun with -v for the traceback, and please report it)",
+            markup=False,
+            soft_wrap=True,
+        )
+        return 3
     except KeyboardInterrupt:
         console.print("graphprune: interrupted; nothing was written.")
         return 130

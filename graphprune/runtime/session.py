@@ -207,5 +207,6 @@ def _create(
         return ort.InferenceSession(model, sess_options=options, providers=providers)
     except Exception as exc:  # onnxruntime raises its own untyped pybind errors
         raise InvalidModelError(
-            f"onnxruntime could not load {label} ({exc}); check it with onnx.checker."
+            f"onnxruntime cannot run {label} ({exc}); an op it does not implement (a custom domain?) "
+            "cannot be analysed or verified here."
         ) from exc
