@@ -296,9 +296,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=2)
     p.set_defaults(func=cmd_demo)
 
-    from graphprune import cli_train
+    from graphprune import cli_methods, cli_train
 
     cli_train.register(sub)
+    cli_methods.register(sub)
     return parser
 
 
