@@ -11,10 +11,12 @@ import numpy as np
 import onnx
 
 from graphprune.analysis.graph import DependencyGraph, analyze
-from graphprune.criteria import ScoringInputs, get_criterion
+from graphprune.criteria import Criterion, ScoringInputs, get_criterion
+from graphprune.data.dataset import ArrayDataset
 from graphprune.model_io import LoadedModel, as_loaded, save_model
 from graphprune.plan import PruningPlan
 from graphprune.planning import Planner, PlanOptions
+from graphprune.runtime.activations import ActivationStats, collect_activations, load_calibration
 from graphprune.runtime.cost import CostReport, count_cost
 from graphprune.runtime.shapes import tensor_shapes
 from graphprune.surgery.apply import apply_removal
@@ -35,19 +37,65 @@ def model_cost(model: onnx.ModelProto) -> CostReport:
     return count_cost(model, tensor_shapes(model))
 
 
+@dataclass(frozen=True)
+class RemovalPlanner:
+    """Scores -> removal mask under fixed plan options.  Picklable, so the blend search's worker
+    processes can plan each candidate blend exactly as prune() will."""
+
+    options: PlanOptions
+    cost: CostReport | None = None
+
+    def __call__(self, dep: DependencyGraph, scores: dict[int, np.ndarray]) -> np.ndarray:
+        return Planner(dep, scores, self.options).plan(self.cost)
+
+
 def score_channels(
-    dep: DependencyGraph, criterion: str = "l1", *, aggregate: str = "sum", seed: int = 0
+    dep: DependencyGraph,
+    criterion: str = "l1",
+    *,
+    aggregate: str = "sum",
+    seed: int = 0,
+    calib: ArrayDataset | str | None = None,
+    calib_samples: int | None = None,
+    activations: ActivationStats | None = None,
+    criterion_options: dict[str, object] | None = None,
+    planner: RemovalPlanner | None = None,
 ) -> dict[int, np.ndarray]:
-    """Per-group channel scores from a registered criterion (groups it has no opinion on are absent)."""
-    scorer = get_criterion(criterion, aggregate=aggregate)
-    inputs = ScoringInputs(dep, seed=seed)
+    """Per-group channel scores from a registered criterion (groups it has no opinion on are absent).
+
+    calib: calibration images (an ArrayDataset or a dataset spec such as "fashion-mnist"), of which
+    `calib_samples` are drawn (seeded); activation statistics are collected from them when the
+    criterion reads activations and `activations` does not already hold them.  criterion_options go to
+    the criterion's constructor (e.g. {"config": BlendConfig(...)} for "blend")."""
+    return _score(
+        dep, criterion, aggregate, seed, calib, calib_samples, activations, criterion_options, planner
+    )[0]
+
+
+def _score(
+    dep: DependencyGraph,
+    criterion: str,
+    aggregate: str,
+    seed: int,
+    calib: ArrayDataset | str | None,
+    calib_samples: int | None,
+    activations: ActivationStats | None,
+    criterion_options: dict[str, object] | None,
+    planner: RemovalPlanner | None,
+) -> tuple[dict[int, np.ndarray], Criterion]:
+    scorer = get_criterion(criterion, aggregate=aggregate, **(criterion_options or {}))
+    data = load_calibration(calib, calib_samples, seed) if calib is not None else None
+    needed = scorer.required_statistics()
+    if needed and data is not None and (activations is None or not needed <= activations.statistics):
+        activations = collect_activations(dep, data, statistics=needed)
+    inputs = ScoringInputs(dep, seed=seed, activations=activations, calibration=data, planner=planner)
     scorer.prepare(inputs)
     scores = {}
     for group in dep.prunable_groups:
         values = scorer.score_group(inputs, group)
         if values is not None:
             scores[group.index] = values
-    return scores
+    return scores, scorer
 
 
 @dataclass
@@ -62,6 +110,7 @@ class PruneResult:
     verification: VerificationReport | None
     dep: DependencyGraph = field(repr=False)
     external_data: bool = False
+    criterion_report: dict[str, object] | None = None
 
     def save(self, path: str | os.PathLike[str], plan_path: str | os.PathLike[str] | None = None) -> Path:
         """Write the model (and its plan) atomically; external data stays external."""
@@ -79,12 +128,33 @@ def plan_pruning(
     aggregate: str = "sum",
     seed: int = 0,
     cost: CostReport | None = None,
+    calib: ArrayDataset | str | None = None,
+    calib_samples: int | None = None,
+    criterion_options: dict[str, object] | None = None,
 ) -> np.ndarray:
     """Score channels and choose the removal mask for the options."""
-    scores = score_channels(dep, criterion, aggregate=aggregate, seed=seed)
+    return _plan(dep, options, criterion, aggregate, seed, cost, calib, calib_samples, criterion_options)[0]
+
+
+def _plan(
+    dep: DependencyGraph,
+    options: PlanOptions,
+    criterion: str,
+    aggregate: str,
+    seed: int,
+    cost: CostReport | None,
+    calib: ArrayDataset | str | None,
+    calib_samples: int | None,
+    criterion_options: dict[str, object] | None,
+) -> tuple[np.ndarray, dict[str, object] | None]:
+    options.validate()  # before scoring: a blend's search is long
+    planner = RemovalPlanner(options, cost)
+    scores, scorer = _score(
+        dep, criterion, aggregate, seed, calib, calib_samples, None, criterion_options, planner
+    )
     if not scores:
         log.warning("criterion %s has no opinion on any group: nothing will be removed", criterion)
-    return Planner(dep, scores, options).plan(cost)
+    return planner(dep, scores), scorer.summary()
 
 
 def prune(
@@ -97,18 +167,28 @@ def prune(
     seed: int = 0,
     verify: bool = True,
     tolerance: float = 1e-4,
+    calib: ArrayDataset | str | None = None,
+    calib_samples: int | None = None,
+    criterion_options: dict[str, object] | None = None,
 ) -> PruneResult:
     """Prune a model by options (ratio, global ranking, MACs target) or by replaying a saved plan,
-    and prove the result equal to the masked reference unless `verify` is False."""
+    and prove the result equal to the masked reference unless `verify` is False.
+
+    Criteria that read activations, gradients or a held-out split (mean_act, apoz, hrank, entropy,
+    act_var, taylor, blend) take their calibration data from `calib` (see score_channels); the
+    criterion's own report (the blend search's) comes back as `criterion_report`."""
     loaded = as_loaded(model)
     dep = analyze(loaded.proto)
     before = count_cost(dep.model, dep.shapes)
+    criterion_report = None
     if plan is not None:
         removed = plan.removed_mask(dep)
         settings = plan.settings
     else:
         options = options or PlanOptions(ratio=0.5)
-        removed = plan_pruning(dep, options, criterion=criterion, aggregate=aggregate, seed=seed, cost=before)
+        removed, criterion_report = _plan(
+            dep, options, criterion, aggregate, seed, before, calib, calib_samples, criterion_options
+        )
         settings = {k: v for k, v in vars(options).items() if v not in (None, [], False)}
     pruned = apply_removal(dep, removed)
     report = verify_pruning(dep, removed, pruned, tolerance=tolerance) if verify else None
@@ -117,7 +197,9 @@ def prune(
     new_plan = PruningPlan.from_removed(
         dep, removed, criterion=plan.criterion if plan else criterion, settings=settings, model_sha256=sha
     )
-    return PruneResult(pruned, new_plan, removed, before, after, report, dep, loaded.external_data)
+    return PruneResult(
+        pruned, new_plan, removed, before, after, report, dep, loaded.external_data, criterion_report
+    )
 
 
 def verify_plan(

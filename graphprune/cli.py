@@ -67,6 +67,7 @@ def _plan_options(args: argparse.Namespace):  # noqa: ANN202 - PlanOptions, impo
 
 def cmd_prune(args: argparse.Namespace) -> int:
     from graphprune.api import prune
+    from graphprune.cli_criteria import calibration_kwargs
     from graphprune.model_io import load_model
     from graphprune.plan import PruningPlan
     from graphprune.report.summary import cost_rows
@@ -82,6 +83,8 @@ def cmd_prune(args: argparse.Namespace) -> int:
         options.validate()
     plan = PruningPlan.load(args.plan) if args.plan else None
     loaded = load_model(args.model)
+    if args.criterion == "blend" and args.blend_report is None:
+        args.blend_report = str(output.with_suffix(".blend"))
     with stage("prune"):
         result = prune(
             loaded,
@@ -92,6 +95,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
             seed=args.seed,
             verify=not args.no_verify,
             tolerance=args.tolerance,
+            **calibration_kwargs(args),
         )
     if result.verification is not None:
         report = result.verification
@@ -236,13 +240,19 @@ def build_parser() -> argparse.ArgumentParser:
     how.add_argument("--ratio", type=float, help="fraction of channels removed from every prunable group")
     how.add_argument("--target-macs", type=float, help="keep at most this fraction of the MACs")
     p.add_argument("--plan", help="replay a saved plan instead of planning")
-    p.add_argument("--criterion", default="l1", help="l1, l2, bn, random (default l1)")
+    p.add_argument(
+        "--criterion",
+        default="l1",
+        help="weight: l1, l2, fpgm, bn, random; with --calib: mean_act, apoz, act_var, entropy, hrank, taylor, blend",
+    )
     p.add_argument(
         "--aggregate", default="sum", choices=("sum", "mean", "max"), help="group score from members"
     )
     p.add_argument("--global", dest="global_ranking", action="store_true", help="rank channels across groups")
     p.add_argument(
-        "--normalize", default="mean", help="score normalisation for --global: mean, max, sum, none"
+        "--normalize",
+        default="mean",
+        help="score normalisation for --global: mean, max, sum, none, rank, lamp",
     )
     p.add_argument("--max-ratio", type=float, default=0.9, help="most of one group --global may remove")
     p.add_argument("--min-channels", type=int, default=1, help="channels every group keeps")
@@ -255,6 +265,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--bench", action="store_true", help="also measure ORT CPU latency before/after")
     p.add_argument("--threads", type=int, default=None)
     p.set_defaults(func=cmd_prune)
+    prune_parser = p
 
     p = sub.add_parser("verify", help="check a pruned model against ORIGINAL masked by PLAN")
     p.add_argument("original")
@@ -296,8 +307,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=2)
     p.set_defaults(func=cmd_demo)
 
-    from graphprune import cli_methods, cli_train
+    from graphprune import cli_criteria, cli_methods, cli_train
 
+    cli_criteria.add_calibration_arguments(prune_parser)
+    cli_criteria.register(sub)
     cli_train.register(sub)
     cli_methods.register(sub)
     return parser

@@ -9,12 +9,12 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from graphprune.analysis.graph import DependencyGraph, Group
+from graphprune.criteria.normalize import NORMALIZATIONS, normalize
 from graphprune.errors import PlanError
 from graphprune.runtime.cost import CostReport
 
 log = logging.getLogger(__name__)
 
-NORMALIZATIONS = ("mean", "max", "sum", "none")
 WEIGHTED_OPS = {"Conv", "ConvTranspose", "Gemm", "MatMul"}
 
 
@@ -114,7 +114,7 @@ class Planner:
         """One threshold over normalised scores of every group, capped per group by --max-ratio."""
         entries = []
         for group in self.groups:
-            scores = normalized(self.scores[group.index], self.options.normalize)
+            scores = normalize(self.scores[group.index], self.options.normalize)
             prunable = np.isin(group.classes, group.prunable)
             entries.extend((float(s), group.index) for s in scores[prunable])
         total = sum(g.size for g in self.groups)
@@ -235,12 +235,6 @@ class Planner:
                 f"(the closest plan keeps {reached:.1%}); raise --max-ratio or lower --min-channels."
             )
         return best
-
-
-def normalized(scores: np.ndarray, how: str) -> np.ndarray:
-    """Make scores comparable across groups for global ranking."""
-    scale = {"mean": np.mean, "max": np.max, "sum": np.sum, "none": lambda s: 1.0}[how](scores)
-    return scores / scale if scale else scores
 
 
 def kept_fraction(dep: DependencyGraph, tensor: str, keep: np.ndarray) -> float:

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
 
@@ -12,15 +13,28 @@ from graphprune.analysis.context import ParamMember
 from graphprune.analysis.graph import DependencyGraph, Group
 from graphprune.errors import PlanError
 
+if TYPE_CHECKING:
+    from graphprune.data.dataset import ArrayDataset
+    from graphprune.runtime.activations import ActivationStats
+
 AGGREGATIONS = ("sum", "mean", "max")
+
+# Scores per group -> removal mask over atoms, under fixed plan options (picklable: the blend search's
+# worker processes plan with it).
+RemovalPlanner = Callable[[DependencyGraph, dict[int, np.ndarray]], np.ndarray]
 
 
 @dataclass
 class ScoringInputs:
-    """What criteria may read: the analysed graph (initialisers included) and a seed."""
+    """What criteria may read: the analysed graph (initialisers included) and a seed; activation
+    statistics and the calibration samples when the criterion asked for them; and, for criteria that
+    judge a whole plan (blend), the planner that turns scores into a removal."""
 
     dep: DependencyGraph
     seed: int = 0
+    activations: ActivationStats | None = None
+    calibration: ArrayDataset | None = None
+    planner: RemovalPlanner | None = None
 
 
 class Criterion(ABC):
@@ -34,13 +48,26 @@ class Criterion(ABC):
         if getattr(cls, "name", None):
             Criterion.registry[cls.name] = cls
 
+    # Activation statistics (runtime.activations.STATISTICS) the criterion reads from calibration data.
+    statistics: ClassVar[frozenset[str]] = frozenset()
+    # Whether it reads the calibration samples themselves (gradients, a search judged on held-out data).
+    needs_data: ClassVar[bool] = False
+
     def __init__(self, aggregate: str = "sum") -> None:
         if aggregate not in AGGREGATIONS:
             raise PlanError(f"unknown aggregation {aggregate!r}; choose one of {', '.join(AGGREGATIONS)}.")
         self.aggregate = aggregate
 
+    def required_statistics(self) -> frozenset[str]:
+        """The activation statistics to collect before scoring (a blend asks for its whole pool's)."""
+        return self.statistics
+
     def prepare(self, inputs: ScoringInputs) -> None:
         """Check the model offers what the criterion reads (raise a clear error if not)."""
+        return None
+
+    def summary(self) -> dict[str, Any] | None:
+        """What the criterion learned while scoring, for reports (the blend search); None for most."""
         return None
 
     @abstractmethod
@@ -57,23 +84,33 @@ class MemberCriterion(Criterion):
 
     def score_group(self, inputs: ScoringInputs, group: Group) -> np.ndarray | None:
         dep = inputs.dep
-        rows = []
-        for member in group.members:
-            if member.kind not in self.kinds:
-                continue
-            per_position = self.position_scores(dep.constants[member.name], member)
-            inside, slots = dep.slots(member.atoms, group)
-            totals = np.zeros(group.size)
-            np.add.at(totals, slots[inside], per_position[inside])
-            row = np.full(group.size, np.nan)
-            touched = np.unique(slots[inside])
-            row[touched] = totals[touched]
-            rows.append(row)
-        if not rows:
-            return None
-        stacked = np.vstack(rows)
-        reducer = {"sum": np.nansum, "mean": np.nanmean, "max": np.nanmax}[self.aggregate]
-        return np.nan_to_num(reducer(stacked, axis=0))
+        rows = [
+            class_row(dep, group, member.atoms, self.position_scores(dep.constants[member.name], member))
+            for member in group.members
+            if member.kind in self.kinds
+        ]
+        return combine_rows(rows, self.aggregate)
+
+
+def class_row(dep: DependencyGraph, group: Group, atoms: np.ndarray, per_position: np.ndarray) -> np.ndarray:
+    """Per-position values (one per atom of a member or tensor) summed into the group's classes; NaN
+    where no position of `atoms` falls on a class."""
+    inside, slots = dep.slots(atoms, group)
+    totals = np.zeros(group.size)
+    np.add.at(totals, slots[inside], per_position[inside])
+    row = np.full(group.size, np.nan)
+    touched = np.unique(slots[inside])
+    row[touched] = totals[touched]
+    return row
+
+
+def combine_rows(rows: list[np.ndarray], aggregate: str) -> np.ndarray | None:
+    """One score per class from several members' rows (NaN = the member does not touch the class)."""
+    if not rows:
+        return None
+    stacked = np.vstack(rows)
+    reducer = {"sum": np.nansum, "mean": np.nanmean, "max": np.nanmax}[aggregate]
+    return np.nan_to_num(reducer(stacked, axis=0))
 
 
 def position_norms(values: np.ndarray, member: ParamMember, order: int) -> np.ndarray:

@@ -1,0 +1,179 @@
+"""`graphprune criteria`: do my criteria even disagree?  And the calibration / blend options of `prune`.
+
+`criteria MODEL.onnx --calib DATA` scores every prunable layer with each criterion of the pool, prints
+per layer the Spearman rank correlation between criteria (with the clusters a blend would form), then
+the correlation averaged over layers; with --out DIR it also writes criteria_spearman.json, a heatmap of
+the average (criteria_spearman.png) and one heatmap per layer under DIR/layers/.
+
+cli.py calls `register(subparsers)`, and for `prune` adds `add_calibration_arguments(parser)` and passes
+`**calibration_kwargs(args)` to graphprune.api.prune.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+if TYPE_CHECKING:
+    from rich.table import Table
+
+    from graphprune.criteria.blend.clustering import LayerClusters
+
+POOL_HELP = "comma-separated criteria (default: the blend's pool)"
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    """Add the `criteria` command."""
+    from graphprune.criteria.blend import DEFAULT_POOL
+
+    p = subparsers.add_parser(
+        "criteria", help="Spearman rank correlation between criteria, per layer (table and heatmap)"
+    )
+    p.add_argument("model")
+    p.add_argument(
+        "--calib", required=True, help="calibration data: fashion-mnist, synthetic[:N], .npz, folder"
+    )
+    p.add_argument("--samples", type=int, default=512, help="calibration images drawn (seeded; default 512)")
+    p.add_argument("--criteria", default=",".join(DEFAULT_POOL), help=POOL_HELP)
+    p.add_argument(
+        "--aggregate", default="sum", choices=("sum", "mean", "max"), help="group score from members"
+    )
+    p.add_argument(
+        "--similarity", type=float, default=0.9, help="Spearman threshold for clusters (default 0.9)"
+    )
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", help="folder for criteria_spearman.json and heatmap PNGs")
+    p.set_defaults(func=cmd_criteria)
+
+
+def cmd_criteria(args: argparse.Namespace) -> int:
+    from graphprune.api import analyze_model
+    from graphprune.cli import out, stage
+    from graphprune.criteria.blend.clustering import cluster_layers, mean_similarity
+    from graphprune.criteria.blend.pool import pool_inputs, score_pool
+    from graphprune.report.tables import render
+    from graphprune.runtime.activations import load_calibration
+
+    names = [name.strip() for name in args.criteria.split(",") if name.strip()]
+    with stage("analysis"):
+        dep = analyze_model(args.model)
+    data = load_calibration(args.calib, args.samples, args.seed)
+    inputs = pool_inputs(dep, data, names, seed=args.seed)
+    with stage("criteria"):
+        pool = score_pool(inputs, names, args.aggregate)
+    layers = cluster_layers(pool, dep.prunable_groups, args.similarity)
+    sizes = {group.index: group.size for group in dep.groups}
+    for layer in layers:
+        title = f"{layer.name} ({sizes[layer.group]} channels)"
+        out.print(
+            render(similarity_table(layer.criteria, layer.similarity, title), width=200),
+            end="",
+            soft_wrap=True,
+        )
+        out.print(
+            "  clusters: " + "  ".join("{" + ", ".join(c) + "}" for c in layer.clusters) + "\n",
+            soft_wrap=True,
+        )
+    average = mean_similarity(layers, pool.names)
+    table = similarity_table(pool.names, average, f"mean over {len(layers)} layers")
+    out.print(render(table, width=200), end="", soft_wrap=True)
+    for name, reason in pool.skipped.items():
+        out.print(f"skipped {name}: {reason}")
+    if args.out:
+        written = write_outputs(Path(args.out), layers, pool.names, average, pool.skipped)
+        out.print(f"wrote {written}")
+    return 0
+
+
+def similarity_table(names: list[str], matrix: np.ndarray, title: str) -> Table:
+    """A rich table of a correlation matrix (lower triangle; "-" where undefined)."""
+    from rich import box
+    from rich.table import Table
+
+    table = Table(title=title, box=box.SIMPLE_HEAD, title_justify="left")
+    table.add_column("")
+    for name in names:
+        table.add_column(name, justify="right")
+    for i, name in enumerate(names):
+        cells = ["-" if np.isnan(matrix[i, j]) else f"{matrix[i, j]:+.2f}" for j in range(i + 1)]
+        table.add_row(name, *cells, *([""] * (len(names) - i - 1)))
+    return table
+
+
+def write_outputs(
+    folder: Path, layers: list[LayerClusters], names: list[str], average: np.ndarray, skipped: dict[str, str]
+) -> Path:
+    """criteria_spearman.json, the average heatmap and one heatmap per layer; returns the JSON path."""
+    from graphprune.criteria.blend.clustering import json_matrix
+    from graphprune.report.plots import plot_heatmap
+    from graphprune.util import atomic_write
+
+    summary = {
+        "criteria": names,
+        "mean_spearman": json_matrix(average),
+        "skipped": skipped,
+        "layers": [layer.as_dict() for layer in layers],
+    }
+    json_path = folder / "criteria_spearman.json"
+    with atomic_write(json_path) as tmp:
+        tmp.write_text(json.dumps(summary, indent=2))
+    title = "Spearman, mean over layers (blank: undefined)"
+    plot_heatmap(average, names, folder / "criteria_spearman.png", title)
+    for layer in layers:
+        safe = re.sub(r"[^A-Za-z0-9_.-]+", "_", layer.name)
+        plot_heatmap(
+            layer.similarity,
+            layer.criteria,
+            folder / "layers" / f"{layer.group:03d}_{safe}.png",
+            f"Spearman, {layer.name}",
+        )
+    return json_path
+
+
+# prune: calibration and blend options ---------------------------------------------------------------
+def add_calibration_arguments(parser: argparse.ArgumentParser) -> None:
+    """--calib / --calib-samples for activation, Taylor and blend criteria, and the blend's options."""
+    parser.add_argument(
+        "--calib", help="calibration data for activation/taylor/blend criteria (dataset spec)"
+    )
+    parser.add_argument(
+        "--calib-samples", type=int, default=1024, help="calibration images drawn (default 1024)"
+    )
+    blend = parser.add_argument_group("blend (--criterion blend)")
+    blend.add_argument("--blend-pool", help=POOL_HELP)
+    blend.add_argument("--blend-similarity", type=float, default=0.9, help="Spearman threshold for clusters")
+    blend.add_argument("--blend-normalize", default="rank", choices=("rank", "scale"))
+    blend.add_argument("--blend-population", type=int, default=12)
+    blend.add_argument("--blend-generations", type=int, default=8)
+    blend.add_argument("--blend-workers", type=int, default=2, help="evaluation processes (default 2)")
+    blend.add_argument("--blend-report", help="folder for blend_report.json and blend_fitness.png")
+
+
+def calibration_kwargs(args: argparse.Namespace) -> dict[str, Any]:
+    """Keyword arguments of graphprune.api.prune for the options added by add_calibration_arguments."""
+    kwargs: dict[str, Any] = {"calib": args.calib, "calib_samples": args.calib_samples}
+    if args.criterion == "blend":
+        from graphprune.criteria.blend import DEFAULT_POOL, BlendConfig
+
+        pool = (
+            tuple(n.strip() for n in args.blend_pool.split(",") if n.strip())
+            if args.blend_pool
+            else DEFAULT_POOL
+        )
+        kwargs["criterion_options"] = {
+            "config": BlendConfig(
+                pool=pool,
+                similarity=args.blend_similarity,
+                normalize=args.blend_normalize,
+                population=args.blend_population,
+                generations=args.blend_generations,
+                workers=args.blend_workers,
+                report_dir=args.blend_report,
+            )
+        }
+    return kwargs

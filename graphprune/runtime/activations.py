@@ -1,0 +1,459 @@
+"""Per-channel activation statistics from calibration data, streamed through onnxruntime.
+
+Which tensors judge a group: for every producer of the group's channels (a Conv, ConvTranspose, Gemm or
+MatMul whose output weights follow them, depthwise convs included) the feature map the next layer
+reads: the producer's output followed through BatchNormalization / InstanceNormalization, unary
+activations and channel-preserving Add / Sum / Mul (a residual sum, an SE scaling) for as long as each
+tensor has that op as its only consumer and the channels stay the same classes.  So a plain conv is
+judged after its BN and ReLU, and a residual stream by the maps after each sum and its ReLU (where
+APoZ and HRank are defined), and the fetched maps are the ones onnxruntime materialises anyway.
+
+Capture happens in one session run per batch.  The per-image, per-channel means the statistics need
+(of a, |a|, a^2 and of a == 0) are added to a copy of the graph as GlobalAveragePool nodes, so
+onnxruntime computes them with its own threads right after the maps are produced and only [N, C]
+arrays come back; full maps come back only while HRank still needs images.  The arrays are folded in
+batch by batch (sums, Chan's parallel mean/M2 merge, fixed-bin histograms, rank sums), so memory is
+bounded by one batch whatever the number of samples.  Every image weighs the same (calibration images
+share one size).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import defaultdict
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+from onnxruntime import InferenceSession, NodeArg
+from tqdm import tqdm
+
+from graphprune.analysis.atoms import view_axes
+from graphprune.analysis.context import Role
+from graphprune.analysis.graph import DependencyGraph, Group
+from graphprune.errors import CalibrationError
+from graphprune.runtime.session import make_session
+
+if TYPE_CHECKING:
+    from graphprune.data.dataset import ArrayDataset
+
+log = logging.getLogger(__name__)
+
+STATISTICS = ("mean_abs", "apoz", "variance", "entropy", "hrank")
+# The per-image channel means (computed in the graph) each statistic is folded from.
+REDUCTIONS = {"mean_abs": ("abs",), "apoz": ("zeros",), "variance": ("mean", "square"), "entropy": ("mean",)}
+# Ops whose output is never negative, so mean |a| is the mean of a (Clip counts when its min is >= 0).
+NONNEGATIVE_OPS = frozenset({"Relu", "Sigmoid", "HardSigmoid", "Softplus", "Abs"})
+# Ops a producer's output is followed through to reach the feature map the next layer reads.
+CHANNEL_TAIL_OPS = frozenset(
+    "BatchNormalization InstanceNormalization Relu LeakyRelu PRelu Clip Sigmoid HardSigmoid HardSwish Tanh "
+    "Elu Selu Celu Gelu Softplus Mish Swish Identity Dropout Add Sum Mul".split()
+)
+PRODUCER_KINDS = frozenset({"conv_out", "linear_out"})
+# Entropy histograms span the first batch's range widened by this many spans on each side; values
+# beyond land in the end bins, so a histogram has (1 + 2 * HISTOGRAM_MARGIN) * bins bins at most.
+HISTOGRAM_MARGIN = 2
+_ORT_DTYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(double)": np.float64}
+
+
+@dataclass
+class ChannelStats:
+    """Per-channel statistics of one tensor, folded in batch by batch (`update`).
+
+    mean_abs: mean |a| over every value of the channel.  apoz: fraction of values exactly zero (Average
+    Percentage of Zeros).  variance: population variance (Chan's parallel merge of per-image means and
+    variances).  entropy: the Shannon entropy (bits) of the channel's per-image mean, histogrammed in
+    `bins` bins of the width the first batch gives ((max - min) / bins over all its channels, anchored
+    at its minimum).  hrank: the matrix rank of each image's feature map (H x rest), averaged over at
+    most `rank_images` images (HRank).  Only the `statistics` asked for are computed.
+    """
+
+    tensor: str
+    axis: int
+    channels: int
+    statistics: frozenset[str]
+    bins: int = 32
+    rank_images: int | None = 128
+    images: int = 0
+    sum_abs: np.ndarray = field(init=False)
+    zeros: np.ndarray = field(init=False)
+    mean: np.ndarray = field(init=False)
+    m2: np.ndarray = field(init=False)
+    histogram: np.ndarray | None = field(init=False, default=None)
+    histogram_low: float = field(init=False, default=0.0)
+    histogram_width: float = field(init=False, default=1.0)
+    rank_sum: np.ndarray = field(init=False)
+    ranked: int = field(init=False, default=0)
+
+    def __post_init__(self) -> None:
+        zeros = np.zeros(self.channels)
+        self.sum_abs, self.zeros, self.mean, self.m2, self.rank_sum = (zeros.copy() for _ in range(5))
+
+    @property
+    def wants_maps(self) -> bool:
+        """Whether the next batch's full feature maps are still needed (HRank)."""
+        return "hrank" in self.statistics and (self.rank_images is None or self.ranked < self.rank_images)
+
+    def update(self, means: dict[str, np.ndarray], maps: np.ndarray | None = None) -> None:
+        """Fold one batch in: `means` holds [N, C] per-image channel means of a ("mean"), |a| ("abs"),
+        a^2 ("square") and of a == 0 ("zeros"), as the statistics need; `maps` is the tensor itself
+        (batch first) while HRank still wants it."""
+        values = {kind: array.astype(np.float64) for kind, array in means.items()}
+        images = next(iter(values.values())).shape[0] if values else len(maps)
+        if "mean_abs" in self.statistics:
+            self.sum_abs += values["abs"].sum(axis=0)
+        if "apoz" in self.statistics:
+            self.zeros += values["zeros"].sum(axis=0)
+        if "variance" in self.statistics:
+            self._merge_moments(values["mean"], np.maximum(values["square"] - values["mean"] ** 2, 0.0))
+        if "entropy" in self.statistics:
+            self._histogram(values["mean"])
+        if maps is not None and self.wants_maps:
+            self._ranks(np.moveaxis(maps, self.axis, 1))
+        self.images += images
+
+    def _merge_moments(self, means: np.ndarray, variances: np.ndarray) -> None:
+        """Chan's merge with the per-image moments (every image weighs the same): M2 is kept per value."""
+        n_batch = len(means)
+        batch_mean = means.mean(axis=0)
+        batch_m2 = variances.sum(axis=0) + ((means - batch_mean) ** 2).sum(axis=0)
+        total = self.images + n_batch
+        delta = batch_mean - self.mean
+        self.mean += delta * (n_batch / total)
+        self.m2 += batch_m2 + delta**2 * (self.images * n_batch / total)
+
+    def _histogram(self, per_image: np.ndarray) -> None:
+        bins = self.bins * (1 + 2 * HISTOGRAM_MARGIN)
+        if self.histogram is None:
+            low, high = float(per_image.min()), float(per_image.max())
+            self.histogram_width = (high - low) / self.bins if high > low else 1.0
+            self.histogram_low = low - HISTOGRAM_MARGIN * self.bins * self.histogram_width
+            self.histogram = np.zeros((self.channels, bins), dtype=np.int64)
+        index = np.floor((per_image - self.histogram_low) / self.histogram_width)
+        index = np.clip(index, 0, bins - 1).astype(np.int64)
+        flat = (np.arange(self.channels)[None, :] * bins + index).ravel()
+        self.histogram += np.bincount(flat, minlength=self.channels * bins).reshape(self.channels, bins)
+
+    def _ranks(self, x: np.ndarray) -> None:
+        take = x.shape[0] if self.rank_images is None else min(x.shape[0], self.rank_images - self.ranked)
+        rows = x.shape[2] if x.ndim >= 4 else 1
+        maps = x[:take].reshape(take, self.channels, rows, -1).astype(np.float32)
+        self.rank_sum += np.linalg.matrix_rank(maps).sum(axis=0)
+        self.ranked += take
+
+    # results -----------------------------------------------------------------------------------
+    def value(self, statistic: str) -> np.ndarray:
+        """One statistic per channel position (float64)."""
+        if statistic not in self.statistics:
+            raise CalibrationError(
+                f"statistic {statistic!r} of tensor {self.tensor} was not collected; collect it with "
+                f"statistics including {statistic!r}."
+            )
+        if statistic == "mean_abs":
+            return self.sum_abs / max(self.images, 1)
+        if statistic == "apoz":
+            return self.zeros / max(self.images, 1)
+        if statistic == "variance":
+            return self.m2 / max(self.images, 1)
+        if statistic == "entropy":
+            p = self.histogram / max(self.images, 1)
+            with np.errstate(divide="ignore", invalid="ignore"):
+                return -np.where(p > 0, p * np.log2(p), 0.0).sum(axis=1)
+        return self.rank_sum / max(self.ranked, 1)
+
+
+@dataclass
+class ActivationStats:
+    """Statistics of every judged tensor, and which tensors judge which group."""
+
+    tensors: dict[str, ChannelStats]
+    groups: dict[int, list[str]]
+    samples: int
+    statistics: frozenset[str]
+
+    def group_tensors(self, group: Group) -> list[str]:
+        return self.groups.get(group.index, [])
+
+
+def channel_axis(dep: DependencyGraph, tensor: str) -> int | None:
+    """The one axis along which `tensor` carries channels, or None."""
+    view = dep.views.get(tensor)
+    axes = view_axes(view) if view is not None else ()
+    return axes[0] if len(axes) == 1 else None
+
+
+def activation_tensors(dep: DependencyGraph) -> dict[int, list[str]]:
+    """Per prunable group, the feature maps its channels are judged by (see the module docstring)."""
+    consumers: dict[str, list] = defaultdict(list)
+    for node in dep.model.graph.node:
+        for name in node.input:
+            consumers[name].append(node)
+    nodes = {node.name: node for node in dep.model.graph.node}
+    outputs = {value.name for value in dep.model.graph.output}
+
+    def same_channels(a: str, b: str) -> bool:
+        return b in dep.views and np.array_equal(dep.roots[dep.views[a]], dep.roots[dep.views[b]])
+
+    def tail(tensor: str) -> str:
+        while tensor not in outputs and len(consumers[tensor]) == 1:
+            (node,) = consumers[tensor]
+            if node.op_type not in CHANNEL_TAIL_OPS or not same_channels(tensor, node.output[0]):
+                break
+            tensor = node.output[0]
+        return tensor
+
+    result: dict[int, list[str]] = {}
+    for group in dep.prunable_groups:
+        tensors: list[str] = []
+        for member in group.members:
+            if member.kind not in PRODUCER_KINDS or member.role is not Role.PRODUCER:
+                continue
+            tensor = tail(nodes[member.node].output[0])
+            if tensor not in tensors and channel_axis(dep, tensor) is not None:
+                tensors.append(tensor)
+        if tensors:
+            result[group.index] = tensors
+    return result
+
+
+def position_atoms(dep: DependencyGraph, tensor: str) -> np.ndarray:
+    """The atom of each channel position of a judged tensor."""
+    return dep.views[tensor].ravel()
+
+
+def take_samples(data: ArrayDataset, samples: int | None, seed: int = 0) -> ArrayDataset:
+    """A seeded random subset of `samples` images (kept in order), or the whole set."""
+    if samples is not None and samples < 1:
+        raise CalibrationError(f"the calibration sample count must be at least 1, got {samples}.")
+    if samples is None or samples >= len(data):
+        return data
+    return data.subset(np.sort(np.random.default_rng(seed).choice(len(data), size=samples, replace=False)))
+
+
+def load_calibration(source: ArrayDataset | str, samples: int | None = None, seed: int = 0) -> ArrayDataset:
+    """Calibration images from a dataset spec (see graphprune.data.load_dataset) or an ArrayDataset."""
+    if isinstance(source, str):
+        from graphprune.data import load_dataset
+
+        return load_dataset(source, "train", limit=samples, seed=seed)
+    return take_samples(source, samples, seed)
+
+
+def nonnegative(dep: DependencyGraph, tensor: str) -> bool:
+    """Whether the op producing `tensor` never outputs a negative value."""
+    node = next((n for n in dep.model.graph.node if tensor in n.output), None)
+    if node is None:
+        return False
+    if node.op_type == "Clip" and len(node.input) > 1 and node.input[1] in dep.constants:
+        return float(np.min(dep.constants[node.input[1]])) >= 0.0
+    return node.op_type in NONNEGATIVE_OPS
+
+
+def summary_model(
+    dep: DependencyGraph, tensors: list[str], kinds: frozenset[str]
+) -> tuple[onnx.ModelProto, dict[str, dict[str, str]]]:
+    """A copy of the analysed model that also computes, per judged tensor, the per-image channel means
+    of `kinds` (mean: a, abs: |a|, square: a^2, zeros: a == 0) with GlobalAveragePool (the channel
+    axis moved to 1 first, a rank-2 tensor given a unit spatial axis); returns the model and, per
+    tensor, the output name of each kind."""
+    opset = next((o.version for o in dep.model.opset_import if o.domain in ("", "ai.onnx")), 13)
+    model = onnx.ModelProto()
+    model.CopyFrom(dep.model)
+    nodes: list[onnx.NodeProto] = []
+    zero, unit_axis = "graphprune_stats_zero", "graphprune_stats_unit"
+    model.graph.initializer.extend(
+        [
+            numpy_helper.from_array(np.array(0.0, dtype=np.float32), zero),
+            numpy_helper.from_array(np.array([0, 0, 1], dtype=np.int64), unit_axis),
+        ]
+    )
+    outputs: dict[str, dict[str, str]] = {}
+    for index, tensor in enumerate(tensors):
+        p = f"graphprune_stats_{index}"
+        axis, rank = channel_axis(dep, tensor), len(dep.shapes[tensor])
+        x = tensor
+        if axis != 1:
+            nodes.append(
+                helper.make_node(
+                    "Transpose", [x], [f"{p}_t"], perm=[0, axis, *(a for a in range(1, rank) if a != axis)]
+                )
+            )
+            x = f"{p}_t"
+        if rank == 2:
+            nodes.append(helper.make_node("Reshape", [x, unit_axis], [f"{p}_u"]))
+            x = f"{p}_u"
+        names = {}
+        if kinds & {"mean", "square"} or ("abs" in kinds and nonnegative(dep, tensor)):
+            nodes.append(helper.make_node("GlobalAveragePool", [x], [f"{p}_mean"]))
+            names["mean"] = f"{p}_mean"
+        if "abs" in kinds:
+            if nonnegative(dep, tensor):
+                names["abs"] = names["mean"]
+            else:
+                nodes += [
+                    helper.make_node("Abs", [x], [f"{p}_a"]),
+                    helper.make_node("GlobalAveragePool", [f"{p}_a"], [f"{p}_abs"]),
+                ]
+                names["abs"] = f"{p}_abs"
+        if "square" in kinds:
+            nodes += [
+                helper.make_node("Mul", [x, x], [f"{p}_sq"]),
+                helper.make_node("GlobalAveragePool", [f"{p}_sq"], [f"{p}_square"]),
+            ]
+            names["square"] = f"{p}_square"
+        if "zeros" in kinds:
+            typed_zero = zero
+            if opset >= 15:  # CastLike gives the zero the tensor's own element type
+                nodes.append(helper.make_node("CastLike", [zero, x], [f"{p}_zero"]))
+                typed_zero = f"{p}_zero"
+            nodes += [
+                helper.make_node("Equal", [x, typed_zero], [f"{p}_eq"]),
+                helper.make_node("Cast", [f"{p}_eq"], [f"{p}_eqf"], to=TensorProto.FLOAT),
+                helper.make_node("GlobalAveragePool", [f"{p}_eqf"], [f"{p}_zeros"]),
+            ]
+            names["zeros"] = f"{p}_zeros"
+        outputs[tensor] = names
+    model.graph.node.extend(nodes)
+    return model, outputs
+
+
+def collect_activations(
+    dep: DependencyGraph,
+    data: ArrayDataset | Iterable[np.ndarray | tuple[np.ndarray, ...]],
+    *,
+    statistics: Iterable[str] = STATISTICS,
+    samples: int | None = None,
+    batch_size: int = 64,
+    bins: int = 32,
+    rank_images: int | None = 128,
+    provider: str = "cpu",
+    threads: int | None = None,
+    progress: bool = True,
+) -> ActivationStats:
+    """Stream calibration data through the model once and return the statistics of every judged tensor.
+
+    data: an ArrayDataset, or any iterable of image batches (arrays, or tuples whose first item is the
+    images).  samples: stop after this many images.  rank_images: images HRank looks at (None: all).
+    Raises CalibrationError when the data does not fit the model input (rank, channels, spatial size,
+    dtype) or holds no image.
+    """
+    wanted = frozenset(statistics)
+    unknown = wanted - set(STATISTICS)
+    if unknown:
+        raise CalibrationError(
+            f"unknown activation statistic(s) {sorted(unknown)}; choose from {', '.join(STATISTICS)}."
+        )
+    groups = activation_tensors(dep)
+    names = list(dict.fromkeys(t for tensors in groups.values() for t in tensors))
+    stats = {
+        name: ChannelStats(
+            name,
+            channel_axis(dep, name),
+            dep.shapes[name][channel_axis(dep, name)],
+            wanted,
+            bins,
+            rank_images,
+        )
+        for name in names
+    }
+    if not names:
+        log.warning("no prunable group has a judged feature map; activation statistics are empty")
+        return ActivationStats(stats, groups, 0, wanted)
+    kinds = frozenset(kind for statistic in wanted for kind in REDUCTIONS.get(statistic, ()))
+    model, outputs = summary_model(dep, names, kinds)
+    reduced = list(dict.fromkeys(name for per_tensor in outputs.values() for name in per_tensor.values()))
+    lean = make_session(model, provider=provider, threads=threads, extra_outputs=reduced)
+    full = (
+        make_session(model, provider=provider, threads=threads, extra_outputs=reduced + names)
+        if "hrank" in wanted
+        else None
+    )
+    model_input = _single_input(lean)
+    static_batch = model_input.shape[0] if isinstance(model_input.shape[0], int) else None
+    total = samples if samples is not None else (len(data) if hasattr(data, "__len__") else None)
+    seen = 0
+    with tqdm(total=total, unit="img", desc="calibration", disable=None if progress else True) as bar:
+        for batch in _image_batches(data, static_batch or batch_size):
+            if samples is not None:
+                batch = batch[: samples - seen]
+            x = check_batch(batch, model_input)
+            maps = full is not None and stats[names[0]].wants_maps
+            fetch = reduced + names if maps else reduced
+            try:
+                values = dict(
+                    zip(fetch, (full if maps else lean).run(fetch, {model_input.name: x}), strict=True)
+                )
+            except Exception as exc:  # noqa: BLE001 - onnxruntime raises untyped errors
+                raise CalibrationError(
+                    f"onnxruntime could not run the model on a calibration batch of shape {x.shape} ({exc})."
+                ) from exc
+            for name in names:
+                means = {kind: values[out].reshape(len(x), -1) for kind, out in outputs[name].items()}
+                stats[name].update(means, values.get(name))
+            seen += len(x)
+            bar.update(len(x))
+            if samples is not None and seen >= samples:
+                break
+    if not seen:
+        raise CalibrationError("the calibration data holds no image; pass a non-empty dataset.")
+    log.info("calibration: %d images, %d tensors, statistics %s", seen, len(names), sorted(wanted))
+    return ActivationStats(stats, groups, seen, wanted)
+
+
+def _single_input(session: InferenceSession) -> NodeArg:
+    inputs = session.get_inputs()
+    if len(inputs) != 1:
+        raise CalibrationError(
+            f"calibration feeds one image tensor, but the model has {len(inputs)} inputs "
+            f"({', '.join(i.name for i in inputs)})."
+        )
+    return inputs[0]
+
+
+def _image_batches(
+    data: ArrayDataset | Iterable[np.ndarray | tuple[np.ndarray, ...]], batch_size: int
+) -> Iterator[np.ndarray]:
+    if hasattr(data, "batches"):
+        for images, _ in data.batches(batch_size):
+            yield images
+        return
+    for item in data:
+        yield item[0] if isinstance(item, tuple | list) else item
+
+
+def check_batch(batch: np.ndarray, model_input: NodeArg) -> np.ndarray:
+    """The batch as the model input takes it, or a CalibrationError saying what does not fit."""
+    x = np.asarray(batch)
+    name, shape = model_input.name, model_input.shape
+    if not (np.issubdtype(x.dtype, np.floating) or np.issubdtype(x.dtype, np.integer)):
+        raise CalibrationError(
+            f"calibration images have dtype {x.dtype}; model input {name!r} takes {model_input.type}, "
+            "so pass numeric images."
+        )
+    if x.ndim != len(shape):
+        raise CalibrationError(
+            f"calibration batch has shape {x.shape} but model input {name!r} has rank {len(shape)} "
+            f"({shape}); pass batches shaped like the model input."
+        )
+    if not len(x):
+        raise CalibrationError("a calibration batch is empty; pass batches holding at least one image.")
+    for axis, want in enumerate(shape[1:], start=1):
+        if isinstance(want, int) and want != x.shape[axis]:
+            if axis == 1:
+                raise CalibrationError(
+                    f"calibration images have {x.shape[1]} channels but model input {name!r} expects {want}; "
+                    "pass images with the model's channel count."
+                )
+            raise CalibrationError(
+                f"calibration batch has shape {x.shape} but model input {name!r} expects {shape}; "
+                "resize the images to the model's input size."
+            )
+    dtype = _ORT_DTYPES.get(model_input.type)
+    if dtype is None:
+        raise CalibrationError(
+            f"model input {name!r} has element type {model_input.type}; calibration needs a float input."
+        )
+    return np.ascontiguousarray(x, dtype=dtype)
