@@ -39,12 +39,19 @@ def with_batch_one(model: onnx.ModelProto, *, weights_as_inputs: bool = False) -
     if weights_as_inputs:
         big = [init for init in graph.initializer if _elements(init) > 64]
         small = [init for init in graph.initializer if _elements(init) <= 64]
-        fixed.CopyFrom(onnx.helper.make_model(
-            onnx.helper.make_graph(
-                list(graph.node), graph.name, list(graph.input), list(graph.output), small,
-            ),
-            opset_imports=list(model.opset_import), ir_version=model.ir_version,
-        ))
+        fixed.CopyFrom(
+            onnx.helper.make_model(
+                onnx.helper.make_graph(
+                    list(graph.node),
+                    graph.name,
+                    list(graph.input),
+                    list(graph.output),
+                    small,
+                ),
+                opset_imports=list(model.opset_import),
+                ir_version=model.ir_version,
+            )
+        )
         fixed.graph.input.extend(
             onnx.helper.make_tensor_value_info(init.name, init.data_type, list(init.dims)) for init in big
         )
