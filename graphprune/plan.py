@@ -40,8 +40,9 @@ class PruningPlan:
             if hits.size:
                 remove[block.node] = hits.tolist()
         summary = []
+        removed_classes = np.unique(dep.roots[removed])
         for group in dep.groups:
-            gone = int(np.isin(group.classes, dep.roots[removed]).sum())
+            gone = int(np.isin(group.classes, removed_classes).sum())
             if gone:
                 summary.append({"group": group.name, "channels": group.size, "removed": gone})
         return cls(remove=remove, summary=summary, **info)
