@@ -44,27 +44,9 @@ from graphprune.planning import PlanOptions
 from graphprune.runtime.bench import bench
 from graphprune.surgery.verify import verify_pruning
 from graphprune.torch_bridge.export import export
-from graphprune.zoo import build
+from graphprune.zoo import TORCHVISION_SUITE, build
 
-MODELS = (
-    "resnet18",
-    "resnet50",
-    "resnext50_32x4d",
-    "wide_resnet50_2",
-    "mobilenet_v2",
-    "mobilenet_v3_small",
-    "mobilenet_v3_large",
-    "efficientnet_b0",
-    "densenet121",
-    "regnet_x_400mf",
-    "regnet_y_400mf",
-    "shufflenet_v2_x0_5",
-    "googlenet",
-    "squeezenet1_1",
-    "mnasnet0_5",
-    "vgg11_bn",
-    "convnext_tiny",
-)
+MODELS = TORCHVISION_SUITE
 NUM_CLASSES = 1000
 INPUT_SHAPE = (1, 3, 224, 224)
 # Speed-ups closer than this (relative) are within the run-to-run noise of a 2-core machine.
@@ -134,7 +116,7 @@ def blocked_reasons(dep: DependencyGraph) -> dict[str, list[str]]:
 
 
 def run_ours(name: str, original: onnx.ModelProto, work: Path, args: argparse.Namespace) -> dict[str, object]:
-    """graphprune: analyse+prune without verification (best of N), then verification alone, cost and latency."""
+    """graphprune: analyse+prune without verification (best of N), then verification alone, and cost."""
     options = PlanOptions(ratio=args.ratio)
     prune_s, result = best_of(
         args.repeats, lambda: api.prune(original, options, criterion="l1", verify=False)
@@ -162,7 +144,7 @@ def run_ours(name: str, original: onnx.ModelProto, work: Path, args: argparse.Na
 def run_torch_pruning(
     name: str, module: nn.Module, example: torch.Tensor, work: Path, args: argparse.Namespace
 ) -> dict[str, object]:
-    """Torch-Pruning: DepGraph build + one prune step on fresh copies (best of N), then export and latency."""
+    """Torch-Pruning: DepGraph build + one prune step on fresh copies (best of N), then export and cost."""
     import torch_pruning as tp
 
     def build_and_prune() -> nn.Module:

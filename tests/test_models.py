@@ -38,29 +38,10 @@ if TYPE_CHECKING:
 pytest.importorskip("torch")
 pytest.importorskip("torchvision")
 
+from graphprune.zoo import TORCHVISION_SUITE  # noqa: E402 - needs torch, checked just above
+
 ZOO = ["resnet20", "resnet56", "vgg11_bn", "mobilenetv2", "densenet_bc40"]
-TORCHVISION = [
-    f"torchvision:{arch}"
-    for arch in (
-        "resnet18",
-        "resnet50",
-        "resnext50_32x4d",
-        "wide_resnet50_2",
-        "mobilenet_v2",
-        "mobilenet_v3_small",
-        "mobilenet_v3_large",
-        "efficientnet_b0",
-        "densenet121",
-        "regnet_x_400mf",
-        "regnet_y_400mf",
-        "shufflenet_v2_x0_5",
-        "googlenet",
-        "squeezenet1_1",
-        "mnasnet0_5",
-        "vgg11_bn",
-        "convnext_tiny",
-    )
-]
+TORCHVISION = [f"torchvision:{arch}" for arch in TORCHVISION_SUITE]
 MODELS = ZOO + TORCHVISION
 # Export + prune + check above ~20 s on one core (torchvision VGG needs 224x224 input and has a
 # 25088x4096 classifier): their second ratio runs only with -m slow.

@@ -21,7 +21,7 @@ from graphprune.zoo.mobilenetv2 import MobileNetV2
 from graphprune.zoo.resnet import resnet
 from graphprune.zoo.vgg import vgg_bn
 
-__all__ = ["ZOO_NAMES", "build", "default_input_shape"]
+__all__ = ["TORCHVISION_SUITE", "ZOO_NAMES", "build", "default_input_shape"]
 
 _ZOO: dict[str, Callable[..., nn.Module]] = {
     "resnet20": partial(resnet, 20),
@@ -34,6 +34,27 @@ _ZOO: dict[str, Callable[..., nn.Module]] = {
     "densenet_bc40": partial(DenseNetBC, 40, 12, 0.5),
 }
 ZOO_NAMES: tuple[str, ...] = tuple(_ZOO)
+# The torchvision classifiers graphprune is tested and benchmarked on (Torch-Pruning's usual suite plus
+# the two it cannot handle, shufflenet_v2 and convnext).
+TORCHVISION_SUITE: tuple[str, ...] = (
+    "resnet18",
+    "resnet50",
+    "resnext50_32x4d",
+    "wide_resnet50_2",
+    "mobilenet_v2",
+    "mobilenet_v3_small",
+    "mobilenet_v3_large",
+    "efficientnet_b0",
+    "densenet121",
+    "regnet_x_400mf",
+    "regnet_y_400mf",
+    "shufflenet_v2_x0_5",
+    "googlenet",
+    "squeezenet1_1",
+    "mnasnet0_5",
+    "vgg11_bn",
+    "convnext_tiny",
+)
 TORCHVISION_PREFIX = "torchvision:"
 
 
