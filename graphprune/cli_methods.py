@@ -33,6 +33,7 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1 ...")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--workdir", help="keep intermediate models here (default: a temporary folder)")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
 
 
 def _start(args: argparse.Namespace) -> Start:
@@ -44,8 +45,10 @@ def _start(args: argparse.Namespace) -> Start:
 
 
 def _train(args: argparse.Namespace) -> TrainConfig:
+    from graphprune.cli_train import set_threads
     from graphprune.torch_bridge.train import TrainConfig
 
+    set_threads(args)
     return TrainConfig(
         batch_size=args.batch_size,
         lr=args.lr,

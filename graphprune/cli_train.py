@@ -150,7 +150,7 @@ def _epoch_printer() -> Callback:
     return EpochPrinter()
 
 
-def _set_threads(args: argparse.Namespace) -> None:
+def set_threads(args: argparse.Namespace) -> None:
     import torch
 
     if args.threads is not None:
@@ -164,7 +164,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     from graphprune.zoo import build
 
     _check_output(args)
-    _set_threads(args)
+    set_threads(args)
     train, test = _datasets(args)
     torch.manual_seed(args.seed)
     module = build(args.model, in_channels=train.sample_shape[0], num_classes=train.num_classes)
@@ -183,7 +183,7 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     from graphprune.zoo import build
 
     _check_output(args, args.model)
-    _set_threads(args)
+    set_threads(args)
     main = dist_info().is_main
     loaded = load_model(args.model)
     train, test = _datasets(args)
