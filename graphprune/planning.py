@@ -98,10 +98,11 @@ class Planner:
         return max(0, min(limit, group.prunable.size))
 
     def rounded(self, group: Group, count: int) -> int:
-        """Shrink a removal so the kept count is a multiple of --round-to (never below one multiple)."""
+        """Shrink a removal so the kept count is a multiple of --round-to (a group no larger than one
+        multiple stays whole)."""
         step = self.options.round_to
         kept = group.size - count
-        if step > 1 and kept % step and group.size > step:
+        if step > 1 and kept % step:
             kept = min(group.size, -(-kept // step) * step)
         return group.size - kept
 
@@ -220,21 +221,34 @@ class Planner:
             raise PlanError("a MACs target needs the model's cost report.")
         target = self.options.target_macs * cost.macs
         low, high = 0.0, 0.99
-        best = self.removal(counts_for(low))
+        best = counts_for(low)
         for _ in range(14):
             middle = (low + high) / 2
-            removed = self.removal(counts_for(middle))
-            if predicted_macs(self.dep, cost, removed) <= target:
-                best, high = removed, middle
+            counts = counts_for(middle)
+            if predicted_macs(self.dep, cost, self.removal(counts)) <= target:
+                best, high = counts, middle
             else:
                 low = middle
-        if predicted_macs(self.dep, cost, best) > target:
-            reached = predicted_macs(self.dep, cost, best) / cost.macs
+        removed = self.removal(best)
+        if predicted_macs(self.dep, cost, removed) > target:
+            reached = predicted_macs(self.dep, cost, removed) / cost.macs
             raise PlanError(
                 f"cannot reach {self.options.target_macs:.0%} of the MACs within the limits "
                 f"(the closest plan keeps {reached:.1%}); raise --max-ratio or lower --min-channels."
             )
-        return best
+        return self._give_back(best, cost, target) if self.options.round_to > 1 else removed
+
+    def _give_back(self, counts: dict[int, int], cost: CostReport, target: float) -> np.ndarray:
+        """With --round-to, one shared ratio jumps between multiples and can overshoot the target by a
+        lot; hand back one multiple per group, largest removal first, while the target still holds."""
+        counts = dict(counts)
+        step = self.options.round_to
+        for index in sorted(counts, key=lambda i: -counts[i]):
+            if counts[index] >= step:
+                trial = {**counts, index: counts[index] - step}
+                if predicted_macs(self.dep, cost, self.removal(trial)) <= target:
+                    counts = trial
+        return self.removal(counts)
 
 
 def kept_fraction(dep: DependencyGraph, tensor: str, keep: np.ndarray) -> float:

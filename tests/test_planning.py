@@ -82,3 +82,17 @@ def test_a_layer_is_never_emptied() -> None:
     result = prune(model, PlanOptions(ratio=0.99 - 1e-9, max_ratio=0.99))
     assert all(dim >= 1 for init in result.model.graph.initializer for dim in init.dims)
     assert np.all([init_shape(result.model, f"conv{3 * i - 2}.w")[0] >= 1 for i in (1, 2)])
+
+
+def test_round_to_with_a_macs_target_stays_close_to_the_target() -> None:
+    """A shared ratio jumps between multiples of 8; handing back multiples keeps the plan near the target."""
+    model = chain([16, 24, 32])
+    result = prune(model, PlanOptions(target_macs=0.5, round_to=8))
+    assert result.after.macs <= 0.5 * result.before.macs
+    assert result.after.macs > 0.4 * result.before.macs
+    assert all(init_shape(result.model, f"conv{3 * i - 2}.w")[0] % 8 == 0 for i in (1, 2, 3))
+
+
+def test_a_group_no_larger_than_round_to_stays_whole() -> None:
+    result = prune(chain([16, 32]), PlanOptions(ratio=0.5, round_to=16))
+    assert init_shape(result.model, "conv1.w")[0] == 16 and init_shape(result.model, "conv4.w")[0] == 16
