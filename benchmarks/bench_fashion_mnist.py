@@ -57,8 +57,9 @@ from graphprune.demo import REFERENCE, conv_channels
 from graphprune.planning import PlanOptions
 from graphprune.report.plots import plot_accuracy_vs_macs
 from graphprune.runtime.bench import bench
+from graphprune.runtime.evaluate import evaluate_onnx
 from graphprune.torch_bridge.foldback import apply_to_module, verify_foldback
-from graphprune.torch_bridge.train import TrainConfig, evaluate_onnx, export_trained, fit
+from graphprune.torch_bridge.train import TrainConfig, export_trained, fit
 from graphprune.zoo import build
 
 log = logging.getLogger("bench_fashion_mnist")

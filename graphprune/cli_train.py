@@ -121,7 +121,8 @@ def _train_and_export(
 ) -> float | None:
     """Fit with per-epoch lines, then (rank 0) export to OUT and return its test accuracy via ORT."""
     from graphprune.cli import stage
-    from graphprune.torch_bridge.train import dist_info, evaluate_onnx, export_trained, fit
+    from graphprune.runtime.evaluate import evaluate_onnx
+    from graphprune.torch_bridge.train import dist_info, export_trained, fit
 
     fit(module, train, test, _config(args), callbacks=[_epoch_printer()])
     if not dist_info().is_main:
@@ -178,8 +179,9 @@ def cmd_train(args: argparse.Namespace) -> int:
 def cmd_finetune(args: argparse.Namespace) -> int:
     from graphprune.cli import console, out, stage
     from graphprune.model_io import load_model
+    from graphprune.runtime.evaluate import evaluate_onnx
     from graphprune.torch_bridge.foldback import apply_to_module, onnx_to_module, verify_foldback
-    from graphprune.torch_bridge.train import dist_info, evaluate_onnx
+    from graphprune.torch_bridge.train import dist_info
     from graphprune.zoo import build
 
     _check_output(args, args.model)
@@ -206,7 +208,7 @@ def cmd_finetune(args: argparse.Namespace) -> int:
 def cmd_eval(args: argparse.Namespace) -> int:
     from graphprune.cli import out, stage
     from graphprune.data import load_dataset
-    from graphprune.torch_bridge.train import evaluate_onnx
+    from graphprune.runtime.evaluate import evaluate_onnx
 
     data = load_dataset(args.data, args.split, limit=args.limit)
     with stage("evaluate"):

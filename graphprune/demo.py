@@ -54,8 +54,9 @@ def run_demo(config: DemoConfig) -> DemoResult:
     import torch
 
     from graphprune.data import load_dataset
+    from graphprune.runtime.evaluate import evaluate_onnx
     from graphprune.torch_bridge.foldback import apply_to_module, verify_foldback
-    from graphprune.torch_bridge.train import TrainConfig, evaluate_onnx, export_trained, fit
+    from graphprune.torch_bridge.train import TrainConfig, export_trained, fit
     from graphprune.zoo import build
 
     out = config.out_dir

@@ -11,6 +11,7 @@ from torch import nn
 
 from graphprune.data import ArrayDataset, load_dataset
 from graphprune.errors import GraphPruneError
+from graphprune.runtime.evaluate import evaluate_onnx
 from graphprune.torch_bridge.export import export
 from graphprune.torch_bridge.foldback import onnx_to_module
 from graphprune.torch_bridge.train import (
@@ -19,7 +20,6 @@ from graphprune.torch_bridge.train import (
     TrainState,
     checkpoint_path,
     evaluate,
-    evaluate_onnx,
     fit,
 )
 

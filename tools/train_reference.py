@@ -20,7 +20,8 @@ from pathlib import Path
 import torch
 
 from graphprune.data import load_dataset
-from graphprune.torch_bridge.train import TrainConfig, evaluate_onnx, export_trained, fit
+from graphprune.runtime.evaluate import evaluate_onnx
+from graphprune.torch_bridge.train import TrainConfig, export_trained, fit
 from graphprune.util import atomic_write
 from graphprune.zoo import build
 

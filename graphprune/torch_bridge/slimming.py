@@ -51,11 +51,11 @@ from graphprune.api import PruneResult, model_cost, prune
 from graphprune.data import ArrayDataset, load_dataset
 from graphprune.errors import GraphPruneError, PlanError
 from graphprune.planning import PlanOptions
+from graphprune.runtime.evaluate import evaluate_onnx
 from graphprune.torch_bridge.train import (
     Callback,
     TrainConfig,
     TrainState,
-    evaluate_onnx,
     export_trained,
     fit,
 )

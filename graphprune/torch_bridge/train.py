@@ -53,6 +53,7 @@ from tqdm import tqdm
 from graphprune.data import ArrayDataset, torch_loader
 from graphprune.data.loader import CROP_PADDING, PadCropFlip
 from graphprune.errors import DataError, GraphPruneError
+from graphprune.runtime.evaluate import EVAL_BATCH
 from graphprune.util import atomic_write
 
 logger = logging.getLogger(__name__)
@@ -63,7 +64,6 @@ CHECKPOINT_NAME = "last.pt"
 CHECKPOINT_VERSION = 1
 # Settings a resumed run must share with the run that wrote the checkpoint (they fix the schedule).
 RESUME_KEYS = ("epochs", "batch_size", "lr", "schedule", "seed")
-EVAL_BATCH = 256
 # Regularizer returns an extra loss term (or None for "nothing this batch").
 Regularizer = Callable[[nn.Module], torch.Tensor | None]
 ParamGroups = Callable[[nn.Module], Iterable[dict[str, Any]]]
@@ -557,41 +557,6 @@ def evaluate(
         for images, labels in ds.batches(batch_size):
             logits = module(torch.from_numpy(images).to(device))
             correct += int((logits.argmax(1).cpu().numpy() == labels).sum())
-    return correct / len(ds)
-
-
-def evaluate_onnx(
-    model: onnx.ModelProto | str | os.PathLike[str],
-    ds: ArrayDataset,
-    batch_size: int = EVAL_BATCH,
-    *,
-    provider: str = "cpu",
-    threads: int | None = None,
-) -> float:
-    """Top-1 accuracy of an ONNX classifier on `ds`, run through onnxruntime.
-
-    A model with a fixed batch dimension is fed batches of exactly that size (the tail padded).
-    """
-    from graphprune.runtime.session import make_session
-
-    if len(ds) == 0:
-        raise DataError(f"Dataset '{ds.name}' is empty; evaluate on a dataset with samples.")
-    session = make_session(model, provider=provider, threads=threads)
-    graph_input = session.get_inputs()[0]
-    fixed = graph_input.shape[0] if isinstance(graph_input.shape[0], int) else None
-    expected = tuple(graph_input.shape[1:])
-    if all(isinstance(d, int) for d in expected) and expected != ds.sample_shape:
-        raise DataError(
-            f"The model expects inputs {expected} but dataset '{ds.name}' has images {ds.sample_shape}; "
-            "evaluate on matching data."
-        )
-    correct = 0
-    for images, labels in ds.batches(fixed or batch_size):
-        count = len(images)
-        if fixed is not None and count < fixed:
-            images = np.concatenate([images, np.zeros((fixed - count, *images.shape[1:]), np.float32)])
-        logits = session.run(None, {graph_input.name: images})[0]
-        correct += int((np.asarray(logits)[:count].argmax(1) == labels).sum())
     return correct / len(ds)
 
 
