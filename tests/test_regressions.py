@@ -140,8 +140,9 @@ CASES: dict[str, Callable[[], tuple[nn.Module, int]]] = {
     ),
 }
 
-# Cases that may be pruned exactly or left whole (then by the named op): a reversal is a Slice of step -1.
-EITHER = {"flip_channels": "Slice"}
+# Cases that may be pruned exactly or left whole (then by the named op); none at the moment (a reversal,
+# a Slice of step -1, is now pruned exactly).
+EITHER: dict[str, str] = {}
 # Cases whose stem channels must be left whole, with the op type that blocks them.
 LEFT_WHOLE = {
     "strided_channels": "Slice",

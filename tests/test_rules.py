@@ -383,12 +383,14 @@ def test_strided_channel_slice_blocks() -> None:
 
 
 def test_reversed_channel_slice_is_exact() -> None:
-    """x[:, ::-1] as ONNX writes it; pruning it or leaving it whole are both fine, a wrong model is not."""
-    net = Net()
-    bounds = [net.const(v, dtype=np.int64) for v in ([-1], [-(2**62)], [1], [-1])]
-    model = net.build(net.head(net.op("Slice", [net.stem(), *bounds])))
-    for ratio in RATIOS:
-        prune_checked(model, ratio)
+    """x[:, ::-1] as ONNX writes it, and a reversed sub-range: both prune exactly."""
+    for bounds in ([-1], [-(2**62)]), ([6], [1]):
+        net = Net()
+        constants = [net.const(v, dtype=np.int64) for v in (*bounds, [1], [-1])]
+        model = net.build(net.head(net.op("Slice", [net.stem(), *constants])))
+        for ratio in RATIOS:
+            prune_checked(model, ratio)
+        assert init_shape(pruned(model), "conv1.w")[0] < 8
 
 
 @pytest.mark.parametrize("indices", [[7, 6, 5, 4, 3, 2, 1, 0], [0, 0, 3, 5, 7, 1], [-1, -2, 0, 3]], ids=str)

@@ -279,7 +279,8 @@ def split(ctx: RuleContext, node: onnx.NodeProto) -> None:
 
 @rule("Slice")
 def slice_(ctx: RuleContext, node: onnx.NodeProto) -> None:
-    """A unit-step slice of the channel axis keeps a range of channels; a strided one keeps them whole."""
+    """A unit-step slice of the channel axis keeps a range of channels, a step of -1 reverses one; any
+    other stride keeps them whole."""
     x = node.input[0]
     view = ctx.view(x)
     if view is None:
@@ -301,7 +302,7 @@ def slice_(ctx: RuleContext, node: onnx.NodeProto) -> None:
         if atoms is None:
             return
         index = np.arange(atoms.size)[slice(start, end, step)]
-        if step != 1:
+        if step not in (1, -1):
             ctx.block(atoms, node, f"strided slice (step {step}) of the channel axis")
         else:
             ctx.keep_one.append(atoms[index])
@@ -310,8 +311,9 @@ def slice_(ctx: RuleContext, node: onnx.NodeProto) -> None:
                 "slice",
                 input=x,
                 axis=axis,
-                first=int(index[0]) if index.size else 0,
+                low=int(index.min()) if index.size else 0,
                 count=int(index.size),
+                step=step,
                 starts=starts,
                 ends=ends,
                 axes=axes,

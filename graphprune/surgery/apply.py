@@ -222,8 +222,12 @@ def _slice(dep: DependencyGraph, node: gs.Node, rewrite: Rewrite, keep: np.ndarr
     """New bounds on the channel axis; every bound input becomes a constant (channel bounds are static)."""
     data = rewrite.data
     line = axis_keep(dep.views[data["input"]], keep, data["axis"], data["input"])
-    start = int(line[: data["first"]].sum())
-    stop = start + int(line[data["first"] : data["first"] + data["count"]].sum())
+    low = int(line[: data["low"]].sum())
+    high = low + int(line[data["low"] : data["low"] + data["count"]].sum())
+    if data["step"] == 1:
+        start, stop = low, high
+    else:  # reversed: from the last kept position down to just before `low` (INT64_MIN: past the front)
+        start, stop = high - 1, low - 1 if low > 0 else np.iinfo(np.int64).min
     starts, ends = list(data["starts"]), list(data["ends"])
     position = data["axes"].index(data["axis"])
     starts[position], ends[position] = start, stop
