@@ -140,9 +140,6 @@ CASES: dict[str, Callable[[], tuple[nn.Module, int]]] = {
     ),
 }
 
-# Cases that may be pruned exactly or left whole (then by the named op); none at the moment (a reversal,
-# a Slice of step -1, is now pruned exactly).
-EITHER: dict[str, str] = {}
 # Cases whose stem channels must be left whole, with the op type that blocks them.
 LEFT_WHOLE = {
     "strided_channels": "Slice",
@@ -188,8 +185,6 @@ def test_prunes_exactly_or_leaves_whole(name: str, tmp_path: Path) -> None:
     if name in LEFT_WHOLE:
         assert LEFT_WHOLE[name] in blocked_ops(dep)
         assert all(stem_kept(r) == 8 for r in results)
-    elif name in EITHER:
-        assert stem_kept(results[1]) < 8 or EITHER[name] in blocked_ops(dep)
     else:
         assert stem_kept(results[1]) < 8
     assert_catches_wrong_plan(path, results[1])
