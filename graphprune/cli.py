@@ -114,6 +114,15 @@ def cmd_prune(args: argparse.Namespace) -> int:
         rows = _with_latency(rows, [args.model, str(output)], args.threads)
     out.print(render(comparison_table(rows)), end="")
     out.print(f"wrote {output}, plan {plan_path}")
+    if args.plot:
+        from graphprune.report.plots import plot_channels
+        from graphprune.report.summary import conv_channels
+
+        kept = result.after.macs / result.before.macs
+        title = f"{output.stem}: channels per conv (MACs kept {kept:.0%})"
+        out.print(
+            f"wrote {plot_channels(conv_channels(result.dep.model), conv_channels(result.model), args.plot, title)}"
+        )
     return 0
 
 
@@ -263,6 +272,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-verify", action="store_true", help="skip verification (not recommended)")
     p.add_argument("--tolerance", type=float, default=1e-4, help="relative tolerance of verification")
     p.add_argument("--bench", action="store_true", help="also measure ORT CPU latency before/after")
+    p.add_argument("--plot", metavar="PNG", help="also draw output channels per conv, before and after")
     p.add_argument("--threads", type=int, default=None)
     p.set_defaults(func=cmd_prune)
     prune_parser = p

@@ -14,6 +14,7 @@ import onnx
 from graphprune.api import PruneResult, model_cost, prune
 from graphprune.planning import PlanOptions
 from graphprune.report.plots import plot_accuracy_vs_macs, plot_channels
+from graphprune.report.summary import conv_channels
 from graphprune.runtime.bench import bench
 
 log = logging.getLogger(__name__)
@@ -39,14 +40,6 @@ class DemoResult:
     rows: dict[str, dict[str, float]]
     prune: PruneResult
     files: list[Path] = field(default_factory=list)
-
-
-def conv_channels(model: onnx.ModelProto) -> dict[str, int]:
-    """Output channels of every Conv, by node name (names survive pruning)."""
-    dims = {init.name: list(init.dims) for init in model.graph.initializer}
-    return {
-        n.name: dims[n.input[1]][0] for n in model.graph.node if n.op_type == "Conv" and n.input[1] in dims
-    }
 
 
 def run_demo(config: DemoConfig) -> DemoResult:

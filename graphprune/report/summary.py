@@ -5,6 +5,8 @@ from __future__ import annotations
 from collections import Counter
 from typing import Any
 
+import onnx
+
 from graphprune.analysis.graph import DependencyGraph
 from graphprune.report.tables import fmt_count
 from graphprune.runtime.cost import CostReport, count_cost
@@ -64,4 +66,12 @@ def cost_rows(before: CostReport, after: CostReport) -> dict[str, dict[str, floa
     return {
         "before": {"macs": before.macs, "params": before.params},
         "after": {"macs": after.macs, "params": after.params},
+    }
+
+
+def conv_channels(model: onnx.ModelProto) -> dict[str, int]:
+    """Output channels of every Conv, by node name (names survive pruning)."""
+    dims = {init.name: list(init.dims) for init in model.graph.initializer}
+    return {
+        n.name: dims[n.input[1]][0] for n in model.graph.node if n.op_type == "Conv" and n.input[1] in dims
     }

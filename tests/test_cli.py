@@ -1,0 +1,34 @@
+"""CLI on the shipped reference model: plots, and commands that must not need torch."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+from graphprune.demo import REFERENCE
+
+
+def run(*args: object) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "graphprune.cli", *map(str, args)], capture_output=True, text=True
+    )
+
+
+def test_prune_draws_channels_per_layer(tmp_path: Path) -> None:
+    out, png = tmp_path / "half.onnx", tmp_path / "channels.png"
+    done = run("prune", REFERENCE, "-o", out, "--target-macs", "0.5", "--plot", png)
+    assert done.returncode == 0, done.stderr
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and out.exists()
+
+
+def test_eval_and_analyze_do_not_import_torch() -> None:
+    probe = (
+        "import sys; from graphprune.cli import main; "
+        f"main(['analyze', {str(REFERENCE)!r}]); "
+        f"main(['eval', {str(REFERENCE)!r}, '--data', 'synthetic:64', '--split', 'test']); "
+        "print('torch' in sys.modules)"
+    )
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip().splitlines()[-1] == "False"
