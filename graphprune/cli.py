@@ -131,7 +131,7 @@ def _with_latency(rows: dict, paths: list[str], threads: int | None) -> dict:
 
     for metrics, path in zip(rows.values(), paths, strict=True):
         metrics["latency_ms"] = bench(
-            path, batch=1, threads=threads, provider="cpu", warmup=5, runs=30
+            path, batch=1, threads=threads, provider="cpu", warmup=20, runs=200
         ).median_ms
     return rows
 
