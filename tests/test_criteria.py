@@ -133,3 +133,18 @@ def test_spearman() -> None:
     assert spearman(a, np.array([1.0, 2.0, 4.0, 3.0])) == pytest.approx(0.4)  # 1 - 6*6/(4*15)
     matrix = spearman_matrix(np.vstack([a, np.ones(4)]))
     assert np.isnan(matrix[0, 1]) and np.isnan(matrix[1, 1]) and matrix[0, 0] == pytest.approx(1.0)
+
+
+def test_hrank_alone_stops_after_its_images() -> None:
+    """HRank is the only statistic: once its images are seen nothing is fetched (this used to crash)."""
+    import onnx
+
+    from graphprune.demo import REFERENCE
+    from graphprune.runtime.activations import collect_activations
+
+    dep = analyze(onnx.load(str(REFERENCE)))
+    stats = collect_activations(
+        dep, load_dataset("synthetic:96", "train"), statistics={"hrank"}, rank_images=32, progress=False
+    )
+    assert 32 <= stats.samples < 96
+    assert stats.tensors

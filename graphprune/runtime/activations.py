@@ -382,6 +382,8 @@ def collect_activations(
             x = check_batch(batch, model_input)
             maps = full is not None and stats[names[0]].wants_maps
             fetch = reduced + names if maps else reduced
+            if not fetch:  # only HRank was asked for and it has seen its images: nothing left to learn
+                break
             try:
                 values = dict(
                     zip(fetch, (full if maps else lean).run(fetch, {model_input.name: x}), strict=True)
