@@ -33,7 +33,6 @@ import logging
 import statistics
 import tempfile
 import time
-import warnings
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -45,6 +44,7 @@ import torch
 from common import RESULTS, Failure, machine, machine_line, markdown_table, write_json, write_text
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
+from peer import MODEL, TP_MAX_RATIO, TP_STEPS, prune_to_macs, reference_module, tp
 from torch import nn
 from tqdm import tqdm
 
@@ -63,7 +63,6 @@ from graphprune.zoo import build
 
 log = logging.getLogger("bench_criteria")
 
-MODEL = "resnet20"
 # act_var is not in the brief's list but is in the blend's default pool, so the claim needs it.
 GRAPHPRUNE_CRITERIA = (
     "l1",
@@ -80,26 +79,17 @@ GRAPHPRUNE_CRITERIA = (
     "blend",
 )
 TP_CRITERIA: dict[str, Callable[[], object]] = {
-    "Magnitude p=1": lambda: _tp().importance.MagnitudeImportance(p=1),
-    "Magnitude p=2": lambda: _tp().importance.MagnitudeImportance(p=2),
-    "BNScale": lambda: _tp().importance.BNScaleImportance(),
-    "Taylor": lambda: _tp().importance.TaylorImportance(),
-    "Random": lambda: _tp().importance.RandomImportance(),
+    "Magnitude p=1": lambda: tp().importance.MagnitudeImportance(p=1),
+    "Magnitude p=2": lambda: tp().importance.MagnitudeImportance(p=2),
+    "BNScale": lambda: tp().importance.BNScaleImportance(),
+    "Taylor": lambda: tp().importance.TaylorImportance(),
+    "Random": lambda: tp().importance.RandomImportance(),
 }
-# Torch-Pruning's schedule: per-layer ratio grows by TP_MAX_RATIO / TP_STEPS per step (0.5%).
-TP_MAX_RATIO = 0.9
-TP_STEPS = 180
 METRICS = {
     "acc_raw": "no FT, as pruned",
     "acc_recal": "no FT, BN recalibrated",
     "acc_ft": "after FT (seed 0)",
 }
-
-
-def _tp():  # noqa: ANN202 - the peer is imported only when it runs
-    import torch_pruning as tp
-
-    return tp
 
 
 @dataclass(frozen=True)
@@ -204,13 +194,9 @@ def finetune(row: Row, module: nn.Module, ctx: Context) -> None:
     row.acc_ft = evaluate_onnx(tuned, ctx.test, threads=ctx.budget.threads)
 
 
-def baseline_module() -> nn.Module:
-    return apply_to_module(build(MODEL), REFERENCE).eval()
-
-
 def run_baseline(row: Row, ctx: Context) -> None:
     evaluate(row, onnx.load(str(REFERENCE)), ctx)
-    finetune(row, baseline_module(), ctx)
+    finetune(row, reference_module(), ctx)
 
 
 def blend_summary(report: dict[str, object]) -> dict[str, object]:
@@ -243,11 +229,6 @@ def run_graphprune(row: Row, ctx: Context) -> None:
         finetune(row, apply_to_module(build(MODEL), result.model), ctx)
 
 
-def classifier(module: nn.Module) -> nn.Module:
-    """The last Linear layer: its 10 outputs are the logits, which neither tool may narrow."""
-    return [m for m in module.modules() if isinstance(m, nn.Linear)][-1]
-
-
 def taylor_gradients(module: nn.Module, batch: ArrayDataset) -> None:
     """Fresh gradients of the cross-entropy on one batch (eval-mode BN), for TaylorImportance."""
     module.eval()
@@ -257,39 +238,24 @@ def taylor_gradients(module: nn.Module, batch: ArrayDataset) -> None:
 
 
 def tp_prune(row: Row, module: nn.Module, ctx: Context) -> onnx.ModelProto:
-    """Step Torch-Pruning until its MACs count, then graphprune's cost of the export, meet the target."""
-    tp = _tp()
-    example = torch.zeros(1, *ctx.train.sample_shape)
+    """Torch-Pruning at matched MACs (see peer.prune_to_macs); Taylor gets fresh gradients each step."""
     torch.manual_seed(row.seed)  # RandomImportance draws from torch's generator
     batch = take_samples(ctx.train, ctx.budget.batch_size, row.seed)
-    probe = ctx.work / "tp_probe.onnx"
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        base_ops, _ = tp.utils.count_ops_and_params(module, example)
-        pruner = tp.pruner.MetaPruner(
-            module,
-            example,
-            importance=TP_CRITERIA[row.criterion](),
-            pruning_ratio=TP_MAX_RATIO,
-            iterative_steps=TP_STEPS,
-            ignored_layers=[classifier(module)],
-        )
-        for step in range(1, TP_STEPS + 1):
-            if row.criterion == "Taylor":
-                taylor_gradients(module, batch)
-            pruner.step()
-            ops, _ = tp.utils.count_ops_and_params(module, example)
-            if ops > row.target * base_ops:
-                continue
-            model = export_trained(module, probe, ctx.train.sample_shape)
-            if model_cost(model).macs <= row.target * ctx.base_macs:
-                row.details.update(tp_steps=step, tp_ratio=round(TP_MAX_RATIO * step / TP_STEPS, 4))
-                return model
-    raise RuntimeError(f"Torch-Pruning did not reach {row.target} of the MACs within ratio {TP_MAX_RATIO}.")
+    result = prune_to_macs(
+        module,
+        TP_CRITERIA[row.criterion](),
+        row.target,
+        ctx.base_macs,
+        ctx.train.sample_shape,
+        ctx.work / "tp_probe.onnx",
+        before_step=(lambda: taylor_gradients(module, batch)) if row.criterion == "Taylor" else None,
+    )
+    row.details.update(tp_steps=result.steps, tp_ratio=result.ratio)
+    return result.model
 
 
 def run_torch_pruning(row: Row, ctx: Context) -> None:
-    module = baseline_module()
+    module = reference_module()
     start = time.perf_counter()
     model = tp_prune(row, module, ctx)
     row.prune_s = round(time.perf_counter() - start, 2)

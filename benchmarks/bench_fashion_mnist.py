@@ -30,7 +30,6 @@ import json
 import logging
 import tempfile
 import time
-import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
@@ -48,14 +47,16 @@ from common import (
     write_json,
     write_text,
 )
+from peer import MODEL, TP_MAX_RATIO, TP_STEPS, prune_to_macs, reference_module, tp
 from torch import nn
 from tqdm import tqdm
 
 from graphprune.api import model_cost, prune
 from graphprune.data import ArrayDataset, load_dataset
-from graphprune.demo import REFERENCE, conv_channels
+from graphprune.demo import REFERENCE
 from graphprune.planning import PlanOptions
 from graphprune.report.plots import plot_accuracy_vs_macs
+from graphprune.report.summary import conv_channels
 from graphprune.runtime.bench import bench
 from graphprune.runtime.evaluate import evaluate_onnx
 from graphprune.torch_bridge.foldback import apply_to_module, verify_foldback
@@ -64,23 +65,13 @@ from graphprune.zoo import build
 
 log = logging.getLogger("bench_fashion_mnist")
 
-MODEL = "resnet20"
 # graphprune criterion -> (Torch-Pruning importance label, factory)
 CRITERIA: dict[str, tuple[str, Callable[[], object]]] = {
-    "l1": ("GroupMagnitude p=1", lambda: _tp().importance.GroupMagnitudeImportance(p=1)),
-    "bn": ("BNScale", lambda: _tp().importance.BNScaleImportance()),
-    "random": ("Random", lambda: _tp().importance.RandomImportance()),
+    "l1": ("GroupMagnitude p=1", lambda: tp().importance.GroupMagnitudeImportance(p=1)),
+    "bn": ("BNScale", lambda: tp().importance.BNScaleImportance()),
+    "random": ("Random", lambda: tp().importance.RandomImportance()),
 }
-# Torch-Pruning's schedule: per-layer ratio grows by TP_MAX_RATIO / TP_STEPS per step (0.5%).
-TP_MAX_RATIO = 0.9
-TP_STEPS = 180
 STAGES = {"main", "recipes", "seeds", "render"}
-
-
-def _tp():  # noqa: ANN202 - the peer is imported only when it runs
-    import torch_pruning as tp
-
-    return tp
 
 
 @dataclass(frozen=True)
@@ -174,16 +165,11 @@ def finetune(row: Row, module: nn.Module, pruned: Path, ctx: Context, name: str)
     measure(row, tuned, ctx)
 
 
-def baseline_module() -> nn.Module:
-    """The zoo ResNet-20 carrying the shipped weights, in eval mode."""
-    return apply_to_module(build(MODEL), REFERENCE).eval()
-
-
 def run_baseline(ctx: Context) -> Row:
     """The shipped model as is ("before"), and after the same fine-tune as everyone (a control)."""
     row = Row("baseline", "-", None)
     start = time.perf_counter()
-    finetune(row, baseline_module(), REFERENCE, ctx, "baseline")
+    finetune(row, reference_module(), REFERENCE, ctx, "baseline")
     row.wall_s = round(time.perf_counter() - start, 1)
     row.path = str(REFERENCE)
     return row
@@ -212,49 +198,22 @@ def run_graphprune(criterion: str, target: float, ctx: Context, seed: int) -> Ro
     return row
 
 
-def classifier(module: nn.Module) -> nn.Module:
-    """The last Linear layer: its 10 outputs are the logits, which neither tool may narrow."""
-    return [m for m in module.modules() if isinstance(m, nn.Linear)][-1]
-
-
 def tp_prune(
     module: nn.Module, criterion: str, target: float, ctx: Context, probe: Path, seed: int
 ) -> dict[str, object]:
-    """Step Torch-Pruning until its MACs count, then graphprune's cost of the export, meet the target."""
-    tp = _tp()
-    example = torch.zeros(1, *ctx.train.sample_shape)
+    """Torch-Pruning at matched MACs (see peer.prune_to_macs); returns the step details for the row."""
     torch.manual_seed(seed)  # RandomImportance draws from torch's generator
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        base_ops, _ = tp.utils.count_ops_and_params(module, example)
-        pruner = tp.pruner.MetaPruner(
-            module,
-            example,
-            importance=CRITERIA[criterion][1](),
-            pruning_ratio=TP_MAX_RATIO,
-            iterative_steps=TP_STEPS,
-            ignored_layers=[classifier(module)],
-        )
-        for step in range(1, TP_STEPS + 1):
-            pruner.step()
-            ops, _ = tp.utils.count_ops_and_params(module, example)
-            if ops > target * base_ops:
-                continue
-            macs = model_cost(export_trained(module, probe, ctx.train.sample_shape)).macs
-            if macs <= target * ctx.base_macs:
-                return {
-                    "tp_steps": step,
-                    "tp_ratio": round(TP_MAX_RATIO * step / TP_STEPS, 4),
-                    "own_macs_kept": round(ops / base_ops, 4),
-                }
-    raise RuntimeError(f"Torch-Pruning did not reach {target} of the MACs within ratio {TP_MAX_RATIO}.")
+    result = prune_to_macs(
+        module, CRITERIA[criterion][1](), target, ctx.base_macs, ctx.train.sample_shape, probe
+    )
+    return {"tp_steps": result.steps, "tp_ratio": result.ratio, "own_macs_kept": result.own_macs_kept}
 
 
 def run_torch_pruning(criterion: str, target: float, ctx: Context, seed: int) -> Row:
     """`seed` seeds torch's generator before pruning (RandomImportance's draws)."""
     row = Row("torch-pruning", CRITERIA[criterion][0], target, details={"prune_seed": seed})
     start = time.perf_counter()
-    module = baseline_module()
+    module = reference_module()
     name = row_name("torch-pruning", criterion, target, seed)
     pruned = ctx.work / f"{name}.onnx"
     with timed(row, "prune_s"):
