@@ -18,11 +18,6 @@ from graphprune.analysis.graph import DependencyGraph
 from graphprune.errors import PlanError, VerificationError
 
 
-def removed_atoms(dep: DependencyGraph, removed_classes: np.ndarray) -> np.ndarray:
-    """Boolean mask over atoms: True where the atom's class is removed."""
-    return np.isin(dep.roots, removed_classes)
-
-
 def check_removal(dep: DependencyGraph, removed: np.ndarray) -> None:
     """Refuse a removal that breaks a structural rule (blocked channel, empty layer, uneven groups)."""
     blocked = dep.table.blocked_roots()
