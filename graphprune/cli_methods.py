@@ -2,6 +2,7 @@
 
 `register(subparsers)` adds both to the main parser; torch is imported only when one of them runs.
 Each prints a before/after table (accuracy, MACs, params) of every stage and writes -o OUT.onnx.
+Both run under torchrun too (DDP training; rank 0 alone exports, evaluates, writes and prints).
 """
 
 from __future__ import annotations
@@ -29,6 +30,12 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--lr", type=float, default=0.1, help="learning rate of (sparsity / baseline) training")
     p.add_argument("--finetune-lr", type=float, default=0.01, help="learning rate of fine-tuning")
+    p.add_argument(
+        "--schedule",
+        default="cosine",
+        choices=("cosine", "one-cycle", "constant"),
+        help="schedule of every phase",
+    )
     p.add_argument("--weight-decay", type=float, default=5e-4)
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1 ...")
     p.add_argument("--seed", type=int, default=0)
@@ -52,6 +59,7 @@ def _train(args: argparse.Namespace) -> TrainConfig:
     return TrainConfig(
         batch_size=args.batch_size,
         lr=args.lr,
+        schedule=args.schedule,
         weight_decay=args.weight_decay,
         seed=args.seed,
         device=args.device,
@@ -59,9 +67,13 @@ def _train(args: argparse.Namespace) -> TrainConfig:
 
 
 def _report(result: RecipeResult, title: str) -> None:
+    """Print the stages table and the output path (rank 0 only under torchrun)."""
     from graphprune.cli import out
     from graphprune.report.tables import comparison_table, render
+    from graphprune.torch_bridge.train import dist_info
 
+    if not dist_info().is_main:
+        return
     out.print(render(comparison_table(result.rows(), title=title)), end="")
     out.print(f"wrote {result.output}")
 

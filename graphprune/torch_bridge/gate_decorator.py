@@ -26,6 +26,12 @@ as in the reference code; every group keeps `min_keep`, 10% by default). After `
 folded, exported, pruned by a PruningPlan through the exact ONNX path (verified), folded back. A Tock
 then fine-tunes on the full data with L1 on the gates. Once the target is met, the gates are folded
 away for good and the model is fine-tuned without the penalty.
+
+Under torchrun every rank trains (DDP, see `train.fit`); rank 0 alone analyses, scores, chooses the
+masks, prunes, evaluates and writes files. It hands each Tick's masks (and its counts) to the other
+ranks, which stop at the same Tick, and every rank folds rank 0's pruned graph back onto its module
+(`slimming.prune_stage`), so all ranks train identical modules. Taylor scores are read from gradients
+already averaged by DDP, so they agree across ranks anyway; taking rank 0's masks does not rely on it.
 """
 
 from __future__ import annotations
@@ -36,6 +42,7 @@ import math
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
+from functools import partial
 from pathlib import Path
 from typing import Literal
 
@@ -44,7 +51,7 @@ import torch
 from torch import nn
 
 from graphprune.analysis.graph import DependencyGraph
-from graphprune.api import analyze_model, model_cost, prune
+from graphprune.api import PruneResult, analyze_model, model_cost, prune
 from graphprune.data import ArrayDataset
 from graphprune.errors import GraphPruneError, UnsupportedModelError
 from graphprune.plan import PruningPlan
@@ -64,8 +71,11 @@ from graphprune.torch_bridge.train import (
     Regularizer,
     TrainConfig,
     TrainState,
+    dist_info,
     export_trained,
     fit,
+    init_distributed,
+    run_on_main,
 )
 
 log = logging.getLogger(__name__)
@@ -446,14 +456,28 @@ class _Run:
     def train_config(self, **changes: object) -> TrainConfig:
         return replace(self.config.train, checkpoint_dir=None, resume=False, **changes)
 
-    def ticks(self, round_index: int) -> tuple[GateMap, dict[str, GatedBN], bool, bool]:
-        """Gate the module and run up to `ticks` Ticks; return the map, the gates, whether the target
-        was reached and whether nothing was left to mask."""
+    def gate_map(self, layers: dict[str, GatedBN]) -> GateMap:
+        """Export the module (gates folded) and map its analysis groups onto the gates (rank 0)."""
+        proto = export_trained(folded_copy(self.module), self.work / "round.onnx", self.val.sample_shape)
+        return GateMap.build(analyze_model(proto), layers, self.widths, self.config.min_keep)
+
+    def choose_masks(
+        self, gate_map: GateMap, layers: dict[str, GatedBN], scorer: TaylorScores
+    ) -> tuple[dict[str, np.ndarray], int, float]:
+        """Mask the lowest-scoring channels (rank 0); return every gate's mask, how many positions were
+        masked and the share of the start MACs left."""
+        scores = gate_map.class_scores(scorer.scores(), layers, self.config.flops_eta)
+        spent = gate_map.mask_lowest(layers, scores, self.budget)
+        masks = {name: layer.mask.numpy() for name, layer in layers.items()}
+        return masks, spent, gate_map.predicted_macs(layers) / self.start_macs
+
+    def ticks(self, round_index: int) -> tuple[GateMap | None, dict[str, GatedBN], bool, bool]:
+        """Gate the module and run up to `ticks` Ticks; return the map (rank 0's, None on the others),
+        the gates, whether the target was reached and whether nothing was left to mask."""
         config = self.config
         self.module.cpu()
         layers = add_gates(self.module)
-        proto = export_trained(folded_copy(self.module), self.work / "round.onnx", self.val.sample_shape)
-        gate_map = GateMap.build(analyze_model(proto), layers, self.widths, config.min_keep)
+        gate_map = self.gate_map(layers) if dist_info().is_main else None
         tick_config = self.train_config(
             epochs=1, lr=config.tick_lr, schedule="constant", augment=False, weight_decay=0.0
         )
@@ -464,10 +488,11 @@ class _Run:
             with tick_trainable(self.module):
                 fit(self.module, subset, None, tick_config, callbacks=[scorer], param_groups=_param_groups)
             self.module.cpu()
-            scores = gate_map.class_scores(scorer.scores(), layers, config.flops_eta)
-            spent = gate_map.mask_lowest(layers, scores, self.budget)
+            masks, spent, kept = run_on_main(partial(self.choose_masks, gate_map, layers, scorer))
+            with torch.no_grad():  # rank 0's masks on every rank
+                for name, mask in masks.items():
+                    layers[name].mask.copy_(torch.from_numpy(mask))
             self.masked.append(spent)
-            kept = gate_map.predicted_macs(layers) / self.start_macs
             log.info(
                 "round %d tick %d: %d channels masked, %.1f%% of the MACs left",
                 round_index,
@@ -480,19 +505,22 @@ class _Run:
                 break
         return gate_map, layers, reached, stalled
 
-    def prune(self, gate_map: GateMap, layers: dict[str, GatedBN], round_index: int) -> Stage | None:
-        """Fold the gates and remove the masked channels through the ONNX path; fold the result back."""
-        removed = gate_map.removed(layers)
+    def prune(self, gate_map: GateMap | None, layers: dict[str, GatedBN], round_index: int) -> Stage | None:
+        """Fold the gates and remove the masked channels through the ONNX path (rank 0, which holds the
+        map); every rank folds the result back."""
+        removed = run_on_main(lambda: gate_map.removed(layers))
         fold_gates(self.module)
         if not removed.any():
             return None
-        plan = PruningPlan.from_removed(gate_map.dep, removed, criterion="gate-decorator")
-        source = self.work / f"masked{round_index}.onnx"
-        export_trained(self.module, source, self.val.sample_shape)
+
+        def pruning() -> PruneResult:
+            plan = PruningPlan.from_removed(gate_map.dep, removed, criterion="gate-decorator")
+            source = self.work / f"masked{round_index}.onnx"
+            export_trained(self.module, source, self.val.sample_shape)
+            return prune(source, plan=plan)
+
         pruned = self.work / f"pruned{round_index}.onnx"
-        return prune_stage(
-            self.module, prune(source, plan=plan), f"round {round_index} pruned", pruned, self.val
-        )
+        return prune_stage(self.module, pruning, f"round {round_index} pruned", pruned, self.val)
 
     def tock(self) -> None:
         """Fine-tune on the full data with L1 on fresh gates, then fold them."""
@@ -514,8 +542,10 @@ def run_gate_decorator(
     config: GateDecoratorConfig, *, module: nn.Module | None = None
 ) -> GateDecoratorResult:
     """Tick-Tock until the MACs target is met, then the final fine-tune; write `config.output`.
-    `module` replaces the start model (a trained user module: no baseline training then)."""
+    `module` replaces the start model (a trained user module: no baseline training then). Under
+    torchrun, rank 0 alone scores, prunes, measures and writes (see the module docstring)."""
     config.validate(module is not None)
+    init_distributed(config.train.device)
     train, val = config.start.datasets()
     if module is None:
         module = config.start.module(train)

@@ -29,6 +29,12 @@ every fine-tune but the last keeps the sparsity penalty so the next pass again f
 
 This module also holds what both training-time recipes share (starting module, datasets, measured
 stages, the before/after rows).
+
+Under torchrun (``torchrun --nproc_per_node=N -m graphprune.cli slim ...``) every rank trains (DDP, see
+`train.fit`), but only rank 0 exports, prunes, evaluates in onnxruntime and writes files (intermediate
+models, the output); the others wait for it. After each prune, every rank folds rank 0's pruned graph
+back onto its own module, so all ranks go on from identical modules (widths and weights). Every rank
+returns the same result.
 """
 
 from __future__ import annotations
@@ -38,9 +44,10 @@ import logging
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
+from functools import partial
 from pathlib import Path
 
 import onnx
@@ -56,8 +63,11 @@ from graphprune.torch_bridge.train import (
     Callback,
     TrainConfig,
     TrainState,
+    dist_info,
     export_trained,
     fit,
+    init_distributed,
+    run_on_main,
 )
 from graphprune.util import atomic_write
 
@@ -113,6 +123,10 @@ class Start:
         zoo name, else by whether the graph (the ONNX file, or the module exported) adds or concatenates."""
         if self.model is not None and ":" not in self.model:
             return "vgg" not in self.model.lower()
+        return run_on_main(partial(self._graph_joins, module, sample_shape))
+
+    def _graph_joins(self, module: nn.Module, sample_shape: tuple[int, ...]) -> bool:
+        """Whether the ONNX file, or the module exported, has an Add, Sum or Concat."""
         if self.onnx is not None:
             from graphprune.model_io import load_model
 
@@ -146,19 +160,33 @@ def measure(label: str, path: Path, val: ArrayDataset) -> Stage:
 
 
 def export_stage(module: nn.Module, label: str, path: Path, val: ArrayDataset) -> Stage:
-    """Export the module with BN kept (on the CPU) and measure it."""
-    export_trained(module, path, val.sample_shape)
-    return measure(label, path, val)
+    """Export the module with BN kept (on the CPU) and measure it, on rank 0; every rank gets the Stage."""
+
+    def on_main() -> Stage:
+        export_trained(module, path, val.sample_shape)
+        return measure(label, path, val)
+
+    return run_on_main(on_main)
 
 
-def prune_stage(module: nn.Module, result: PruneResult, label: str, path: Path, val: ArrayDataset) -> Stage:
-    """Save a pruned graph, fold it back onto `module` (in place, checked equal to the graph) and
-    measure it before any training."""
+def prune_stage(
+    module: nn.Module, pruning: Callable[[], PruneResult], label: str, path: Path, val: ArrayDataset
+) -> Stage:
+    """On rank 0: prune (`pruning`), save the graph, fold it back onto `module` (in place, checked equal
+    to the graph) and measure it before any training. Every other rank folds the same graph back onto
+    its own module, so all ranks go on from identical modules; every rank gets the Stage."""
     from graphprune.torch_bridge.foldback import apply_to_module, verify_foldback
 
-    result.save(path, path.with_suffix(".plan.json"))
-    verify_foldback(apply_to_module(module.cpu(), result.model), result.model)
-    return measure(label, path, val)
+    def on_main() -> tuple[Stage, onnx.ModelProto]:
+        result = pruning()
+        result.save(path, path.with_suffix(".plan.json"))
+        verify_foldback(apply_to_module(module.cpu(), result.model), result.model)
+        return measure(label, path, val), result.model
+
+    stage, pruned = run_on_main(on_main)
+    if not dist_info().is_main:
+        apply_to_module(module.cpu(), pruned)
+    return stage
 
 
 @contextmanager
@@ -177,10 +205,14 @@ def workspace(workdir: str | os.PathLike[str] | None) -> Iterator[Path]:
 
 
 def publish(stage: Stage, output: str | os.PathLike[str]) -> Path:
-    """Copy the final model to `output` atomically."""
-    with atomic_write(output) as tmp:
-        shutil.copyfile(stage.path, tmp)
-    return Path(output)
+    """Copy the final model to `output` atomically, on rank 0; the other ranks wait until it is written."""
+
+    def on_main() -> Path:
+        with atomic_write(output) as tmp:
+            shutil.copyfile(stage.path, tmp)
+        return Path(output)
+
+    return run_on_main(on_main)
 
 
 @dataclass
@@ -305,8 +337,10 @@ class SlimmingResult(RecipeResult):
 
 def run_slimming(config: SlimmingConfig, *, module: nn.Module | None = None) -> SlimmingResult:
     """Sparsity-train, prune by the global |gamma| threshold, fold back and fine-tune (`passes` times);
-    write the final model to `config.output`. `module` replaces the start model (e.g. the user's own)."""
+    write the final model to `config.output`. `module` replaces the start model (e.g. the user's own).
+    Under torchrun, rank 0 alone exports, prunes, measures and writes (see the module docstring)."""
     config.validate(module is not None)
+    init_distributed(config.train.device)
     train, val = config.start.datasets()
     module = module if module is not None else config.start.module(train)
     lam = config.lambda_for(module, train.sample_shape)
@@ -315,7 +349,7 @@ def run_slimming(config: SlimmingConfig, *, module: nn.Module | None = None) -> 
     stages: list[Stage] = []
     with workspace(config.workdir) as work:
         if config.start.onnx is not None:
-            stages.append(measure("input", Path(config.start.onnx), val))
+            stages.append(run_on_main(partial(measure, "input", Path(config.start.onnx), val)))
         if config.epochs_sparse:
             log.info("sparsity training: %d epochs, lambda %g", config.epochs_sparse, lam)
             fit(module, train, val, sparse, callbacks=[BNSparsity(lam)])
@@ -323,10 +357,14 @@ def run_slimming(config: SlimmingConfig, *, module: nn.Module | None = None) -> 
         current = export_stage(module, label, work / "sparse.onnx", val)
         stages.append(current)
         for index in range(1, config.passes + 1):
-            result = slim_prune(
-                current.path, config.ratio, min_channels=config.min_channels, max_ratio=config.max_ratio
+            pruning = partial(
+                slim_prune,
+                current.path,
+                config.ratio,
+                min_channels=config.min_channels,
+                max_ratio=config.max_ratio,
             )
-            current = prune_stage(module, result, f"pass {index} pruned", work / f"pruned{index}.onnx", val)
+            current = prune_stage(module, pruning, f"pass {index} pruned", work / f"pruned{index}.onnx", val)
             stages.append(current)
             if config.epochs_finetune:
                 callbacks = [] if index == config.passes else [BNSparsity(lam)]

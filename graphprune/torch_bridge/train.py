@@ -25,7 +25,11 @@ Distributed data parallel: when started by ``torchrun`` (RANK and WORLD_SIZE set
 process group (gloo on CPU, nccl on CUDA), wraps the module in DistributedDataParallel and shards the
 data with a seeded DistributedSampler. ``batch_size`` is per process, so the global batch is
 ``batch_size * world_size``; BN statistics are per process (standard DDP). Only rank 0 writes
-checkpoints, logs and shows the bar; the returned History holds global (all-reduced) numbers.
+checkpoints, logs and shows the bar; the returned History holds global (all-reduced) numbers. The
+process group is joined once (`init_distributed`, or the first `fit`) and kept until the process
+exits, so a recipe may call `fit` many times and use the group in between: `run_on_main` runs work
+(export, evaluation, writing files, pruning decisions) on rank 0 alone and hands its result to every
+rank, which waits for it.
 """
 
 from __future__ import annotations
@@ -40,7 +44,7 @@ from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 import numpy as np
 import onnx
@@ -67,6 +71,7 @@ RESUME_KEYS = ("epochs", "batch_size", "lr", "schedule", "seed")
 # Regularizer returns an extra loss term (or None for "nothing this batch").
 Regularizer = Callable[[nn.Module], torch.Tensor | None]
 ParamGroups = Callable[[nn.Module], Iterable[dict[str, Any]]]
+T = TypeVar("T")
 
 
 @dataclass
@@ -215,6 +220,8 @@ def _init_distributed(info: DistInfo, device: torch.device) -> None:
     if not info.enabled or dist.is_initialized():
         return
     backend = "nccl" if device.type == "cuda" else "gloo"
+    if device.type == "cuda":
+        torch.cuda.set_device(device)  # nccl collectives (broadcast_object_list too) use the current GPU
     dist.init_process_group(backend=backend, init_method="env://")
     atexit.register(_destroy_process_group)
     logger.info("Joined process group: rank %d of %d (%s).", info.rank, info.world_size, backend)
@@ -223,6 +230,24 @@ def _init_distributed(info: DistInfo, device: torch.device) -> None:
 def _destroy_process_group() -> None:
     if dist.is_initialized():
         dist.destroy_process_group()
+
+
+def init_distributed(device: str = "auto") -> DistInfo:
+    """Join torchrun's process group now, as `fit` would (nothing to do outside torchrun or once joined)."""
+    info = dist_info()
+    _init_distributed(info, resolve_device(device, info))
+    return info
+
+
+def run_on_main(work: Callable[[], T]) -> T:
+    """`work()` run by rank 0 alone, its result handed (pickled) to every rank, which waits for it.
+    Outside torchrun it is just `work()`; under torchrun the group must be joined (`init_distributed`)."""
+    info = dist_info()
+    if not info.enabled:
+        return work()
+    payload = [work() if info.is_main else None]
+    dist.broadcast_object_list(payload, src=0)
+    return payload[0]
 
 
 def resolve_device(name: str = "auto", info: DistInfo | None = None) -> torch.device:
