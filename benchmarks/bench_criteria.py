@@ -1,5 +1,6 @@
 """Every graphprune criterion, the blend (Blending Pruning Criteria, METHODS.md section 3) and
-Torch-Pruning 1.6.1's criteria on the shipped Fashion-MNIST ResNet-20, at matched MACs.
+Torch-Pruning 1.6.1's criteria on a trained Fashion-MNIST model (default: the shipped ResNet-20;
+`--model vgg11_bn --baseline FILE.onnx` for a VGG-BN), at matched MACs.
 
 For each MACs target (0.5 and 0.3 of the baseline, `PlanOptions(target_macs=F)`) and seed (0, 1, 2):
 
@@ -11,7 +12,7 @@ For each MACs target (0.5 and 0.3 of the baseline, `PlanOptions(target_macs=F)`)
   images: 1,000 held out to judge candidate blends (BN recalibrated on 256 of the other 1,024, no
   fine-tuning), a small search (population 8, 4 generations, 2 worker processes);
 - **Torch-Pruning**: `tp.pruner.MetaPruner` on the zoo module carrying the same weights
-  (`apply_to_module(build("resnet20"), onnx)`), importances MagnitudeImportance p=1 and p=2,
+  (`apply_to_module(build(MODEL), onnx)`), importances MagnitudeImportance p=1 and p=2,
   BNScaleImportance, TaylorImportance (one batch of 128 seeded training images, gradients recomputed
   before every step) and RandomImportance (torch seeded), classifier ignored, stepped until
   graphprune's cost of its export meets the target.
@@ -21,7 +22,8 @@ with BN statistics recalibrated on 256 training images (the blend's fitness prot
 every model). The seed-0 model of every criterion is then fine-tuned once (1 epoch on a seeded
 5,000-image training subset, SGD lr 0.01 cosine, torch threads 1), exported and evaluated again.
 
-Writes results/criteria.json (rewritten after every row), criteria.md and criteria.png.
+Writes results/criteria[_MODEL].json (rewritten after every row), .md and .png; `--device cuda` runs the
+fine-tunes on a GPU (onnxruntime stays on the CPU), `--threads N` sizes torch and onnxruntime.
 """
 
 from __future__ import annotations
@@ -44,7 +46,16 @@ import torch
 from common import RESULTS, Failure, machine, machine_line, markdown_table, write_json, write_text
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
-from peer import MODEL, TP_MAX_RATIO, TP_STEPS, prune_to_macs, reference_module, tp
+from peer import (
+    TP_MAX_RATIO,
+    TP_STEPS,
+    Reference,
+    add_reference_args,
+    prune_to_macs,
+    reference_from,
+    reference_text,
+    tp,
+)
 from torch import nn
 from tqdm import tqdm
 
@@ -52,7 +63,6 @@ from graphprune.api import model_cost, prune
 from graphprune.criteria.blend import DEFAULT_POOL, BlendConfig
 from graphprune.criteria.blend.fitness import recalibrate_batchnorm
 from graphprune.data import ArrayDataset, load_dataset
-from graphprune.demo import REFERENCE
 from graphprune.planning import PlanOptions
 from graphprune.runtime.activations import take_samples
 from graphprune.runtime.evaluate import evaluate_onnx
@@ -111,6 +121,7 @@ class Budget:
     batch_size: int = 128
     test_samples: int | None = None
     threads: int = 1
+    device: str = "cpu"
     minutes: float = 40.0
 
     def train_config(self) -> TrainConfig:
@@ -120,7 +131,7 @@ class Budget:
             lr=self.lr,
             schedule="cosine",
             seed=self.finetune_seed,
-            device="cpu",
+            device=self.device,
             progress=False,
         )
 
@@ -159,6 +170,7 @@ class Row:
 
 @dataclass
 class Context:
+    reference: Reference
     budget: Budget
     train: ArrayDataset
     finetune: ArrayDataset
@@ -195,8 +207,8 @@ def finetune(row: Row, module: nn.Module, ctx: Context) -> None:
 
 
 def run_baseline(row: Row, ctx: Context) -> None:
-    evaluate(row, onnx.load(str(REFERENCE)), ctx)
-    finetune(row, reference_module(), ctx)
+    evaluate(row, onnx.load(str(ctx.reference.onnx)), ctx)
+    finetune(row, ctx.reference.module(), ctx)
 
 
 def blend_summary(report: dict[str, object]) -> dict[str, object]:
@@ -212,7 +224,7 @@ def run_graphprune(row: Row, ctx: Context) -> None:
     blend = row.criterion == "blend"
     start = time.perf_counter()
     result = prune(
-        REFERENCE,
+        ctx.reference.onnx,
         PlanOptions(target_macs=row.target),
         criterion=row.criterion,
         seed=row.seed,
@@ -226,7 +238,7 @@ def run_graphprune(row: Row, ctx: Context) -> None:
         row.details["blend"] = blend_summary(result.criterion_report)
     evaluate(row, result.model, ctx)
     if row.seed == budget.finetune_seed:
-        finetune(row, apply_to_module(build(MODEL), result.model), ctx)
+        finetune(row, apply_to_module(build(ctx.reference.model), result.model), ctx)
 
 
 def taylor_gradients(module: nn.Module, batch: ArrayDataset) -> None:
@@ -255,7 +267,7 @@ def tp_prune(row: Row, module: nn.Module, ctx: Context) -> onnx.ModelProto:
 
 
 def run_torch_pruning(row: Row, ctx: Context) -> None:
-    module = reference_module()
+    module = ctx.reference.module()
     start = time.perf_counter()
     model = tp_prune(row, module, ctx)
     row.prune_s = round(time.perf_counter() - start, 2)
@@ -385,16 +397,17 @@ def render(payload: dict[str, object]) -> str:
     rows: list[dict[str, object]] = payload["rows"]  # type: ignore[assignment]
     table = cells(rows)
     base = next((r for r in rows if r["tool"] == "baseline" and r["failure"] is None), None)
+    title, description = reference_text(payload)
     lines = [
-        "# Criteria on the Fashion-MNIST ResNet-20: graphprune's criteria, the blend, Torch-Pruning's\n",
+        f"# Criteria on the Fashion-MNIST {title}: graphprune's criteria, the blend, Torch-Pruning's\n",
         machine_line(payload["machine"]),  # type: ignore[arg-type]
-        f"Total wall time {payload.get('wall_s', '-')} s (one process, 1 torch / onnxruntime thread; the "
-        f"blend's search in {budget['workers']} worker processes of 1 thread; other jobs may have shared "
-        "the 2 cores).\n",
+        f"Total wall time {payload.get('wall_s', '-')} s (one process, {budget['threads']} torch / onnxruntime "
+        f"thread(s); the blend's search in {budget['workers']} worker processes of 1 thread; other jobs may "
+        f"have shared the machine; fine-tunes on {budget.get('device', 'cpu')}).\n",
         "## Protocol\n",
-        "- **Model**: the shipped `graphprune/zoo/weights/resnet20_fmnist.onnx` "
+        f"- **Model**: {description} "
         + (f"({pct(base['acc_raw'])}% on the test set)" if base else "")
-        + "; Torch-Pruning gets the same weights on the zoo module (`apply_to_module(build('resnet20'), onnx)`).",
+        + "; Torch-Pruning gets the same weights on the zoo module (`apply_to_module(build(MODEL), onnx)`).",
         f"- **Targets**: MACs kept <= {', '.join(map(str, budget['targets']))} "  # type: ignore[arg-type]
         "(`PlanOptions(target_macs=F)`: local ratio per group, bisected on the ratio), counted by "
         "`graphprune.runtime.cost` on the ONNX for both tools.",
@@ -571,7 +584,8 @@ def plot(payload: dict[str, object], path: Path) -> None:
         ax.set_ylabel("test accuracy (%)")
         ax.grid(alpha=0.3)
     axes[-1].legend(fontsize=7, ncol=2)
-    fig.suptitle("Fashion-MNIST ResNet-20: criteria at matched MACs (mean ± sd over seeds; FT: seed 0)")
+    title, _ = reference_text(payload)
+    fig.suptitle(f"Fashion-MNIST {title}: criteria at matched MACs (mean ± sd over seeds; FT: seed 0)")
     with atomic_write(path) as tmp:
         fig.savefig(tmp, format="png")
 
@@ -579,9 +593,10 @@ def plot(payload: dict[str, object], path: Path) -> None:
 def save(payload: dict[str, object], out: Path) -> None:
     out.mkdir(parents=True, exist_ok=True)
     payload["claim"] = claim(cells(payload["rows"]))  # type: ignore[arg-type]
-    write_json(out / "criteria.json", payload)
-    write_text(out / "criteria.md", render(payload))
-    plot(payload, out / "criteria.png")
+    stem = f"criteria{payload.get('suffix', '')}"
+    write_json(out / f"{stem}.json", payload)
+    write_text(out / f"{stem}.md", render(payload))
+    plot(payload, out / f"{stem}.png")
 
 
 def main() -> None:
@@ -596,8 +611,12 @@ def main() -> None:
     parser.add_argument("--population", type=int, default=Budget.population)
     parser.add_argument("--generations", type=int, default=Budget.generations)
     parser.add_argument("--minutes", type=float, default=Budget.minutes, help="start no row after this")
+    parser.add_argument("--workers", type=int, default=Budget.workers, help="blend search processes")
+    parser.add_argument("--threads", type=int, default=Budget.threads, help="torch and onnxruntime threads")
     parser.add_argument("--out", type=Path, default=RESULTS)
+    add_reference_args(parser)
     args = parser.parse_args()
+    reference = reference_from(args)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     budget = Budget(
         seeds=tuple(args.seeds),
@@ -606,6 +625,9 @@ def main() -> None:
         finetune_samples=args.finetune_samples,
         population=args.population,
         generations=args.generations,
+        workers=args.workers,
+        threads=args.threads,
+        device=args.device,
         minutes=args.minutes,
     )
     torch.set_num_threads(budget.threads)
@@ -614,15 +636,21 @@ def main() -> None:
     test = load_dataset("fashion-mnist", "test", limit=budget.test_samples, seed=0)
     finetune_set = take_samples(train, budget.finetune_samples, budget.finetune_seed)
     recal = take_samples(train, budget.recal_samples, seed=12345).images
-    payload: dict[str, object] = {"machine": machine(), "budget": asdict(budget), "rows": [], "skipped": []}
+    payload: dict[str, object] = {
+        "machine": machine(),
+        "reference": reference.describe(),
+        "suffix": reference.suffix,
+        "budget": asdict(budget),
+        "rows": [],
+        "skipped": [],
+    }
     start = time.perf_counter()
     todo = [
         (row, job) for row, job in jobs(budget) if not args.criteria or row.criterion in args.criteria + ["-"]
     ]
     with tempfile.TemporaryDirectory() as tmp:
-        ctx = Context(
-            budget, train, finetune_set, test, recal, model_cost(onnx.load(str(REFERENCE))).macs, Path(tmp)
-        )
+        base_macs = model_cost(onnx.load(str(reference.onnx))).macs
+        ctx = Context(reference, budget, train, finetune_set, test, recal, base_macs, Path(tmp))
         rows: list[Row] = []
         for row, job in tqdm(todo, desc="rows", disable=None):
             if time.perf_counter() - start > 60 * budget.minutes:
@@ -638,7 +666,7 @@ def main() -> None:
             payload["rows"] = [asdict(r) for r in rows]
             payload["wall_s"] = round(time.perf_counter() - start, 1)
             save(payload, args.out)
-    log.info("wrote %s", args.out / "criteria.md")
+    log.info("wrote %s", args.out / f"criteria{reference.suffix}.md")
 
 
 if __name__ == "__main__":

@@ -1,12 +1,13 @@
-"""graphprune vs Torch-Pruning 1.6.1 on the shipped Fashion-MNIST ResNet-20, at matched MACs, with
-one fine-tune budget for everyone.
+"""graphprune vs Torch-Pruning 1.6.1 on a trained Fashion-MNIST model at matched MACs, with one
+fine-tune budget for everyone: the shipped ResNet-20 by default, or `--model vgg11_bn --baseline
+FILE.onnx` (trained by tools/train_reference.py; `--device cuda` fine-tunes on a GPU).
 
-Both tools start from the same weights (graphprune/zoo/weights/resnet20_fmnist.onnx; Torch-Pruning
-gets them on the zoo module via `apply_to_module`). For each MACs target (0.5 and 0.3 of the
+Both tools start from the same weights (the baseline ONNX; Torch-Pruning gets them on the zoo module
+via `apply_to_module`). For each MACs target (0.5 and 0.3 of the
 baseline) and each criterion pair:
 
 - **graphprune**: `prune(baseline.onnx, PlanOptions(target_macs=F), criterion=l1|bn|random)`, verified
-  against the masked reference, folded back onto the zoo ResNet-20 by parameter name (`verify_foldback`
+  against the masked reference, folded back onto the zoo module by parameter name (`verify_foldback`
   checks the fold-back is exact);
 - **Torch-Pruning**: `tp.pruner.MetaPruner` on the zoo module with `GroupMagnitudeImportance(p=1)`,
   `BNScaleImportance` or `RandomImportance`, classifier ignored, local pruning, stepped in small
@@ -19,7 +20,7 @@ baseline) and each criterion pair:
 The optional `recipes` stage runs the training-time recipes (Gate Decorator, Network Slimming) from the
 same shipped model on a reduced budget and adds them to the same results file.
 
-Writes results/fashion_mnist.json, .md and .png; the JSON is rewritten after every row, so a run
+Writes results/fashion_mnist[_MODEL].json, .md and .png; the JSON is rewritten after every row, so a run
 that is cut short keeps what it finished.
 """
 
@@ -47,13 +48,21 @@ from common import (
     write_json,
     write_text,
 )
-from peer import MODEL, TP_MAX_RATIO, TP_STEPS, prune_to_macs, reference_module, tp
+from peer import (
+    TP_MAX_RATIO,
+    TP_STEPS,
+    Reference,
+    add_reference_args,
+    prune_to_macs,
+    reference_from,
+    reference_text,
+    tp,
+)
 from torch import nn
 from tqdm import tqdm
 
 from graphprune.api import model_cost, prune
 from graphprune.data import ArrayDataset, load_dataset
-from graphprune.demo import REFERENCE
 from graphprune.planning import PlanOptions
 from graphprune.report.plots import plot_accuracy_vs_macs
 from graphprune.report.summary import conv_channels
@@ -86,6 +95,7 @@ class Budget:
     augment: bool = True
     seed: int = 0
     threads: int = 1
+    device: str = "cpu"
 
     def train_config(self) -> TrainConfig:
         return TrainConfig(
@@ -95,7 +105,7 @@ class Budget:
             schedule="cosine",
             augment=self.augment,
             seed=self.seed,
-            device="cpu",
+            device=self.device,
         )
 
 
@@ -126,6 +136,7 @@ class Row:
 class Context:
     """Data, baseline and work folder shared by every row."""
 
+    reference: Reference
     budget: Budget
     train: ArrayDataset
     test: ArrayDataset
@@ -169,9 +180,9 @@ def run_baseline(ctx: Context) -> Row:
     """The shipped model as is ("before"), and after the same fine-tune as everyone (a control)."""
     row = Row("baseline", "-", None)
     start = time.perf_counter()
-    finetune(row, reference_module(), REFERENCE, ctx, "baseline")
+    finetune(row, ctx.reference.module(), ctx.reference.onnx, ctx, "baseline")
     row.wall_s = round(time.perf_counter() - start, 1)
-    row.path = str(REFERENCE)
+    row.path = str(ctx.reference.onnx)
     return row
 
 
@@ -185,13 +196,13 @@ def run_graphprune(criterion: str, target: float, ctx: Context, seed: int) -> Ro
     start = time.perf_counter()
     with timed(row, "prune_s"):
         result = prune(
-            REFERENCE, PlanOptions(target_macs=target), criterion=criterion, seed=seed, verify=True
+            ctx.reference.onnx, PlanOptions(target_macs=target), criterion=criterion, seed=seed, verify=True
         )
     name = row_name("graphprune", criterion, target, seed)
     pruned = ctx.work / f"{name}.onnx"
     result.save(pruned)
     row.details["verify_max_rel_error"] = result.verification.max_rel_error
-    module = apply_to_module(build(MODEL), result.model)
+    module = apply_to_module(build(ctx.reference.model), result.model)
     row.details["foldback_max_error"] = verify_foldback(module, result.model)
     finetune(row, module, pruned, ctx, name)
     row.wall_s = round(time.perf_counter() - start, 1)
@@ -213,7 +224,7 @@ def run_torch_pruning(criterion: str, target: float, ctx: Context, seed: int) ->
     """`seed` seeds torch's generator before pruning (RandomImportance's draws)."""
     row = Row("torch-pruning", CRITERIA[criterion][0], target, details={"prune_seed": seed})
     start = time.perf_counter()
-    module = reference_module()
+    module = ctx.reference.module()
     name = row_name("torch-pruning", criterion, target, seed)
     pruned = ctx.work / f"{name}.onnx"
     with timed(row, "prune_s"):
@@ -254,17 +265,24 @@ def bench_rows(rows: list[Row], args: argparse.Namespace) -> None:
 # Training-time recipes, reduced budget ----------------------------------------------------------
 
 
-def run_recipes(args: argparse.Namespace, budget: Budget, work: Path) -> list[dict[str, object]]:
-    """Gate Decorator (MACs target 0.3) and Network Slimming (70% of BN channels) from the shipped
-    model on a reduced budget; each as the `graphprune` command line it is equivalent to."""
+def run_recipes(
+    args: argparse.Namespace, reference: Reference, budget: Budget, work: Path
+) -> list[dict[str, object]]:
+    """Gate Decorator (MACs target 0.3) and Network Slimming (70% of BN channels) from the baseline
+    on a reduced budget; each as the `graphprune` command line it is equivalent to."""
     from graphprune.torch_bridge.gate_decorator import GateDecoratorConfig, run_gate_decorator
     from graphprune.torch_bridge.slimming import SlimmingConfig, Start, run_slimming
 
     start = Start(
-        onnx=str(REFERENCE), train_limit=budget.train_samples, val_limit=budget.test_samples, seed=budget.seed
+        onnx=str(reference.onnx),
+        train_limit=budget.train_samples,
+        val_limit=budget.test_samples,
+        seed=budget.seed,
     )
-    train = TrainConfig(batch_size=budget.batch_size, lr=args.recipe_lr, seed=budget.seed, device="cpu")
-    shared = f"--onnx {REFERENCE.relative_to(REFERENCE.parents[3])} --train-limit {budget.train_samples} --lr {args.recipe_lr}"
+    train = TrainConfig(
+        batch_size=budget.batch_size, lr=args.recipe_lr, seed=budget.seed, device=budget.device
+    )
+    shared = f"--onnx {reference.onnx.name} --train-limit {budget.train_samples} --lr {args.recipe_lr}"
     if budget.test_samples is not None:
         shared += f" --val-limit {budget.test_samples}"
     recipes = {
@@ -348,15 +366,15 @@ def render(payload: dict[str, object]) -> str:
     base_acc = base["accuracy_before"] if base else None
     base_latency = base["latency_ms"] if base else {}
     test = budget["test_samples"] or "10,000 (full test set)"
+    title, description = reference_text(payload)
     lines = [
-        "# Fashion-MNIST ResNet-20: graphprune vs Torch-Pruning 1.6.1 at matched MACs\n",
+        f"# Fashion-MNIST {title}: graphprune vs Torch-Pruning 1.6.1 at matched MACs\n",
         machine_line(payload["machine"]),  # type: ignore[arg-type]
         f"Wall time: main table {payload.get('wall_s', '-')} s (latency included), recipes "
         f"{sum(r['wall_s'] for r in payload.get('recipes', [])):.1f} s, extra seeds {payload.get('seeds_wall_s', '-')} s.\n",
         "## Protocol\n",
-        "- **Baseline, same for everyone**: the shipped `graphprune/zoo/weights/resnet20_fmnist.onnx` "
-        "(CIFAR-style ResNet-20, 1x28x28 input, BatchNorm kept, 4 epochs one-cycle on the full training set). "
-        "Torch-Pruning gets the same weights on the zoo module (`apply_to_module(build('resnet20'), onnx)`).",
+        f"- **Baseline, same for everyone**: {description}. "
+        "Torch-Pruning gets the same weights on the zoo module (`apply_to_module(build(MODEL), onnx)`).",
         "- **Targets**: MACs kept <= 0.5 and <= 0.3 of the baseline, both counted by `graphprune.runtime.cost` "
         "on the exported ONNX (Conv/Gemm MACs plus BatchNorm and elementwise work).",
         "- **graphprune**: `prune(baseline.onnx, PlanOptions(target_macs=F), criterion=l1|bn|random, seed=0)` "
@@ -371,7 +389,8 @@ def render(payload: dict[str, object]) -> str:
         f"{budget['train_samples']:,}-image subset of the training set, SGD Nesterov momentum 0.9, weight decay "
         f"5e-4, lr {budget['lr']} cosine to 0 (per step), batch {budget['batch_size']}, augmentation "
         f"{'on (pad-2 random crop + horizontal flip)' if budget['augment'] else 'off'}, "
-        f"torch threads {budget['threads']}, CPU. The baseline row gets the same fine-tune as a control.",
+        f"torch threads {budget['threads']}, {budget.get('device', 'cpu')}. The baseline row gets the same "
+        "fine-tune as a control.",
         f"- **Accuracy**: top-1 on {test} images through onnxruntime (1 thread), on the pruned export "
         "(before fine-tune) and on the fine-tuned export (after).",
         f"- **Latency**: onnxruntime CPU, 1 thread, median of {payload['bench']['runs']} runs at batch 1 and "  # type: ignore[index]
@@ -506,7 +525,7 @@ def render_recipes(recipes: object) -> list[str]:
         return []
     lines = [
         "## Training-time recipes, reduced protocol (not the papers' protocols)\n",
-        "Both start from the shipped ResNet-20 ONNX and use the main table's seeded training subset, batch, "
+        "Both start from the baseline ONNX and use the main table's seeded training subset, batch, "
         "torch threads and test set (accuracy through onnxruntime); the sparsity / Tick learning rate and the "
         "fine-tune learning rate are 0.01. One epoch per training phase instead of the papers' tens: these rows "
         "show what the commands do on this budget, not what the methods can reach. They are not equal-budget "
@@ -546,21 +565,30 @@ def plot(payload: dict[str, object], path: Path) -> None:
         label = "" if r["target"] is None else f"{r['macs_kept']:.2f}"
         points.append({"series": series, "label": label, "macs": r["macs"], "accuracy": r["accuracy_after"]})
     if points:
-        plot_accuracy_vs_macs(points, path, title="Fashion-MNIST ResNet-20: accuracy after 1-epoch fine-tune")
+        title, _ = reference_text(payload)
+        epochs = payload["budget"]["epochs"]  # type: ignore[index]
+        plot_accuracy_vs_macs(
+            points, path, title=f"Fashion-MNIST {title}: accuracy after {epochs}-epoch fine-tune"
+        )
+
+
+def results_stem(reference: Reference) -> str:
+    return f"fashion_mnist{reference.suffix}"
 
 
 def save(payload: dict[str, object], out: Path) -> None:
     out.mkdir(parents=True, exist_ok=True)
-    write_json(out / "fashion_mnist.json", payload)
-    write_text(out / "fashion_mnist.md", render(payload))
-    plot(payload, out / "fashion_mnist.png")
+    stem = f"fashion_mnist{payload.get('suffix', '')}"
+    write_json(out / f"{stem}.json", payload)
+    write_text(out / f"{stem}.md", render(payload))
+    plot(payload, out / f"{stem}.png")
 
 
-def make_context(budget: Budget, work: Path) -> Context:
+def make_context(reference: Reference, budget: Budget, work: Path) -> Context:
     train = load_dataset("fashion-mnist", "train", limit=budget.train_samples, seed=budget.seed)
     test = load_dataset("fashion-mnist", "test", limit=budget.test_samples, seed=budget.seed)
-    base = model_cost(onnx.load(str(REFERENCE)))
-    return Context(budget, train, test, work, base.macs, base.params)
+    base = model_cost(onnx.load(str(reference.onnx)))
+    return Context(reference, budget, train, test, work, base.macs, base.params)
 
 
 Job = tuple[Row, Callable[[], Row]]
@@ -631,9 +659,20 @@ def main() -> None:
     parser.add_argument("--priority", action="store_true", help="raise scheduler priority while timing")
     parser.add_argument("--out", type=Path, default=RESULTS, help="results folder")
     parser.add_argument("--keep", type=Path, help="keep the ONNX models in this folder")
+    parser.add_argument("--lr", type=float, default=Budget.lr, help="fine-tune learning rate")
+    parser.add_argument("--threads", type=int, default=Budget.threads, help="torch and onnxruntime threads")
+    add_reference_args(parser)
     args = parser.parse_args()
+    reference = reference_from(args)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    budget = Budget(train_samples=args.train_samples, test_samples=args.test_samples, epochs=args.epochs)
+    budget = Budget(
+        train_samples=args.train_samples,
+        test_samples=args.test_samples,
+        epochs=args.epochs,
+        lr=args.lr,
+        threads=args.threads,
+        device=args.device,
+    )
     torch.set_num_threads(budget.threads)
     torch.set_num_interop_threads(budget.threads)
     stages = set(args.stages.split(","))
@@ -641,13 +680,15 @@ def main() -> None:
         parser.error(
             f"unknown stage(s) {', '.join(sorted(stages - STAGES))}; use {', '.join(sorted(STAGES))}"
         )
-    path = args.out / "fashion_mnist.json"
+    path = args.out / f"{results_stem(reference)}.json"
     payload: dict[str, object] = (
         json.loads(path.read_text()) if "main" not in stages and path.is_file() else {}
     )
     if "main" in stages or not payload:
         payload.update(
             machine=machine(),
+            reference=reference.describe(),
+            suffix=reference.suffix,
             budget=asdict(budget),
             bench={"runs": args.runs, "rounds": args.rounds, "priority": args.priority},
             rows=[],
@@ -657,18 +698,18 @@ def main() -> None:
         work = args.keep or Path(tmp)
         work.mkdir(parents=True, exist_ok=True)
         if stages & {"main", "seeds"}:
-            ctx = make_context(budget, work)
+            ctx = make_context(reference, budget, work)
         if "main" in stages:
             run_main(args, ctx, payload)
             payload["wall_s"] = round(time.perf_counter() - start, 1)
         if "recipes" in stages:
-            payload["recipes"] = run_recipes(args, budget, work)
+            payload["recipes"] = run_recipes(args, reference, budget, work)
         if "seeds" in stages:
             begin = time.perf_counter()
             run_seeds(args, ctx, payload)
             payload["seeds_wall_s"] = round(time.perf_counter() - begin, 1)
         save(payload, args.out)
-    log.info("wrote %s", args.out / "fashion_mnist.md")
+    log.info("wrote %s", args.out / f"{results_stem(reference)}.md")
 
 
 if __name__ == "__main__":

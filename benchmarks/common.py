@@ -13,6 +13,7 @@ import json
 import logging
 import os
 import platform
+import sys
 import time
 import traceback
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -32,7 +33,8 @@ _PACKAGES = ("graphprune", "onnx", "onnxruntime", "torch", "torchvision", "torch
 
 
 def machine() -> dict[str, object]:
-    """What the numbers were measured on: CPU model, cores, package versions, date."""
+    """What the numbers were measured on: CPU model, cores, GPU (when torch is loaded and sees one),
+    package versions, date."""
     cpu = "unknown"
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -47,9 +49,12 @@ def machine() -> dict[str, object]:
             versions[package] = importlib.metadata.version(package)
         except importlib.metadata.PackageNotFoundError:
             versions[package] = None
+    torch = sys.modules.get("torch")
+    gpu = torch.cuda.get_device_name() if torch is not None and torch.cuda.is_available() else None
     return {
         "cpu": cpu,
         "cores": os.cpu_count(),
+        "gpu": gpu,
         "python": platform.python_version(),
         "platform": platform.platform(),
         "versions": versions,
@@ -62,7 +67,8 @@ def machine_line(info: Mapping[str, object]) -> str:
     versions = info["versions"]
     assert isinstance(versions, dict)
     names = ", ".join(f"{k} {v}" for k, v in versions.items() if v is not None)
-    return f"Machine: {info['cpu']}, {info['cores']} cores, Python {info['python']}; {names}; {info['date']}."
+    gpu = f", GPU {info['gpu']}" if info.get("gpu") else ""
+    return f"Machine: {info['cpu']}, {info['cores']} cores{gpu}, Python {info['python']}; {names}; {info['date']}."
 
 
 @contextlib.contextmanager

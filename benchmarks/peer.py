@@ -1,11 +1,14 @@
-"""Torch-Pruning on the shipped Fashion-MNIST ResNet-20, shared by the Fashion-MNIST benchmarks.
+"""The baseline both tools start from, and Torch-Pruning at matched MACs, shared by the Fashion-MNIST benchmarks.
 
-Torch-Pruning is stepped (0.5% of per-layer ratio a step) until its own MACs count, then graphprune's
+The default baseline is the shipped ResNet-20; `--model vgg11_bn --baseline FILE.onnx` (trained with
+tools/train_reference.py) runs the same benchmark on another zoo model. Torch-Pruning is stepped (0.5% of per-layer ratio a step) until its own MACs count, then graphprune's
 count of the exported model, meet the target, so both tools are compared at matched MACs.
 """
 
 from __future__ import annotations
 
+import argparse
+import json
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -21,7 +24,7 @@ from graphprune.torch_bridge.foldback import apply_to_module
 from graphprune.torch_bridge.train import export_trained
 from graphprune.zoo import build
 
-MODEL = "resnet20"
+DEFAULT_MODEL = "resnet20"
 # Torch-Pruning's schedule: per-layer ratio grows by TP_MAX_RATIO / TP_STEPS per step (0.5%).
 TP_MAX_RATIO = 0.9
 TP_STEPS = 180
@@ -33,9 +36,69 @@ def tp():  # noqa: ANN201 - the peer is imported only when it runs
     return torch_pruning
 
 
-def reference_module() -> nn.Module:
-    """The zoo ResNet-20 carrying the shipped weights, in eval mode."""
-    return apply_to_module(build(MODEL), REFERENCE).eval()
+@dataclass(frozen=True)
+class Reference:
+    """The trained baseline: a zoo model name and the ONNX file holding its weights."""
+
+    model: str = DEFAULT_MODEL
+    onnx: Path = REFERENCE
+
+    @property
+    def shipped(self) -> bool:
+        return self.model == DEFAULT_MODEL and self.onnx == REFERENCE
+
+    @property
+    def suffix(self) -> str:
+        """Results-file suffix: none for the shipped model (the historical names), else `_MODEL`."""
+        return "" if self.shipped else f"_{self.model}"
+
+    @property
+    def title(self) -> str:
+        return "ResNet-20" if self.shipped else self.model
+
+    def module(self) -> nn.Module:
+        """The zoo module carrying the baseline's weights, in eval mode."""
+        return apply_to_module(build(self.model), self.onnx).eval()
+
+    def describe(self) -> dict[str, object]:
+        """Model, file and (when tools/train_reference.py wrote one beside it) the training record."""
+        record = self.onnx.with_suffix(".json")
+        training = json.loads(record.read_text()) if record.is_file() else None
+        return {"model": self.model, "onnx": self.onnx.name, "training": training}
+
+
+def reference_text(payload: dict[str, object]) -> tuple[str, str]:
+    """(title, one-sentence description) of the baseline a results payload was measured on."""
+    ref: dict[str, object] = payload.get("reference") or Reference().describe()  # type: ignore[assignment]
+    if ref["model"] == DEFAULT_MODEL and ref["onnx"] == REFERENCE.name:
+        return "ResNet-20", (
+            "the shipped `graphprune/zoo/weights/resnet20_fmnist.onnx` (CIFAR-style ResNet-20, 1x28x28 input, "
+            "BatchNorm kept, 4 epochs one-cycle on the full training set)"
+        )
+    training: dict[str, object] | None = ref.get("training")  # type: ignore[assignment]
+    how = (
+        f"{training['epochs']} epochs ({training['recipe']}, seed {training['seed']}) on "
+        f"{training['train_samples']:,} training images, on {training.get('device', 'cpu')}"
+        if training
+        else "training record not found"
+    )
+    return str(ref["model"]), (
+        f"zoo `{ref['model']}` (1x28x28 input, BatchNorm kept) trained by `tools/train_reference.py --model "
+        f"{ref['model']}`: {how}"
+    )
+
+
+def add_reference_args(parser: argparse.ArgumentParser) -> None:
+    """--model / --baseline (the starting point) and --device (where fine-tunes run)."""
+    parser.add_argument("--model", default=DEFAULT_MODEL, help="zoo model the baseline weights fit")
+    parser.add_argument("--baseline", type=Path, help="baseline ONNX (default: the shipped ResNet-20)")
+    parser.add_argument("--device", default="cpu", help="fine-tune device: cpu, cuda or auto")
+
+
+def reference_from(args: argparse.Namespace) -> Reference:
+    if args.baseline is None and args.model != DEFAULT_MODEL:
+        raise SystemExit(f"--model {args.model} needs --baseline FILE.onnx (tools/train_reference.py).")
+    return Reference(args.model, args.baseline or REFERENCE)
 
 
 def classifier(module: nn.Module) -> nn.Module:
