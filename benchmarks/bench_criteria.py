@@ -95,6 +95,22 @@ TP_CRITERIA: dict[str, Callable[[], object]] = {
     "Taylor": lambda: tp().importance.TaylorImportance(),
     "Random": lambda: tp().importance.RandomImportance(),
 }
+# Budget fields that size the measurements: a resumed run must keep them.
+SIZING = (
+    "seeds",
+    "targets",
+    "calib_samples",
+    "holdout",
+    "recal_samples",
+    "population",
+    "generations",
+    "finetune_samples",
+    "finetune_seed",
+    "epochs",
+    "lr",
+    "batch_size",
+    "test_samples",
+)
 METRICS = {
     "acc_raw": "no FT, as pruned",
     "acc_recal": "no FT, BN recalibrated",
@@ -201,6 +217,7 @@ def finetune(row: Row, module: nn.Module, ctx: Context) -> None:
     start = time.perf_counter()
     history = fit(module, ctx.finetune, None, ctx.budget.train_config())
     row.finetune_s = round(time.perf_counter() - start, 1)
+    row.details["finetune_device"] = ctx.budget.device
     row.details["train_loss"] = round(history.epochs[-1].train_loss, 4)
     tuned = export_trained(module, ctx.work / "finetuned.onnx", ctx.finetune.sample_shape)
     row.acc_ft = evaluate_onnx(tuned, ctx.test, threads=ctx.budget.threads)
@@ -400,10 +417,7 @@ def render(payload: dict[str, object]) -> str:
     title, description = reference_text(payload)
     lines = [
         f"# Criteria on the Fashion-MNIST {title}: graphprune's criteria, the blend, Torch-Pruning's\n",
-        machine_line(payload["machine"]),  # type: ignore[arg-type]
-        f"Total wall time {payload.get('wall_s', '-')} s (one process, {budget['threads']} torch / onnxruntime "
-        f"thread(s); the blend's search in {budget['workers']} worker processes of 1 thread; other jobs may "
-        f"have shared the machine; fine-tunes on {budget.get('device', 'cpu')}).\n",
+        *render_runs(payload),
         "## Protocol\n",
         f"- **Model**: {description} "
         + (f"({pct(base['acc_raw'])}% on the test set)" if base else "")
@@ -482,6 +496,25 @@ def render(payload: dict[str, object]) -> str:
             + "; ".join(skipped)
         )  # type: ignore[arg-type]
     return "\n".join(lines) + "\n"
+
+
+def render_runs(payload: dict[str, object]) -> list[str]:
+    """Where and how the rows were measured: one line per run (a resumed run adds one)."""
+    budget: dict[str, object] = payload["budget"]  # type: ignore[assignment]
+    runs = payload.get("runs") or [
+        {"machine": payload["machine"], "device": budget.get("device", "cpu"), "threads": budget["threads"]}
+    ]
+    lines = []
+    for index, run in enumerate(runs):  # type: ignore[union-attr]
+        lines.append(
+            f"{'Resumed' if index else 'Run'} on: " + machine_line(run["machine"]).removeprefix("Machine: ")
+        )
+        lines.append(
+            f"  ({run.get('rows', 'all')} rows; {run['threads']} torch / onnxruntime thread(s), the blend's search "
+            f"in {budget['workers']} worker processes of 1 thread, fine-tunes on {run['device']}; wall time "
+            f"{run.get('wall_s', payload.get('wall_s', '-'))} s; other jobs may have shared the machine.)\n"
+        )
+    return lines
 
 
 def render_claim(payload: dict[str, object], table: list[Cell]) -> list[str]:
@@ -599,6 +632,50 @@ def save(payload: dict[str, object], out: Path) -> None:
     plot(payload, out / f"{stem}.png")
 
 
+def new_payload(budget: Budget, reference: Reference) -> dict[str, object]:
+    return {
+        "machine": machine(),
+        "reference": reference.describe(),
+        "suffix": reference.suffix,
+        "budget": asdict(budget),
+        "runs": [{"machine": machine(), "device": budget.device, "threads": budget.threads, "rows": 0}],
+        "rows": [],
+        "skipped": [],
+    }
+
+
+def resumed(path: Path, budget: Budget, reference: Reference) -> dict[str, object]:
+    """An earlier run's results, to be completed: same baseline and sizing (the machine, device,
+    threads, workers and time budget may differ; each run is recorded in "runs")."""
+    if not path.is_file():
+        raise SystemExit(f"--resume: no earlier results at {path}")
+    payload = json.loads(path.read_text())
+    old, new = payload["budget"], json.loads(json.dumps(asdict(budget)))
+    changed = [key for key in SIZING if old.get(key) != new[key]]
+    if changed or payload["reference"]["model"] != reference.model:
+        raise SystemExit(f"--resume: the earlier run differs in {changed or ['model']}; use its settings.")
+    payload.setdefault(
+        "runs",
+        [
+            {
+                "machine": payload["machine"],
+                "device": old["device"],
+                "threads": old["threads"],
+                "wall_s": payload.get("wall_s"),
+                "rows": len(payload["rows"]),
+            }
+        ],
+    )
+    for row in payload["rows"]:
+        if row["acc_ft"] is not None:
+            row["details"].setdefault("finetune_device", old["device"])
+    payload["runs"].append(
+        {"machine": machine(), "device": budget.device, "threads": budget.threads, "rows": 0}
+    )
+    payload["skipped"] = []
+    return payload
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -614,6 +691,7 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=Budget.workers, help="blend search processes")
     parser.add_argument("--threads", type=int, default=Budget.threads, help="torch and onnxruntime threads")
     parser.add_argument("--out", type=Path, default=RESULTS)
+    parser.add_argument("--resume", action="store_true", help="complete the results file of a run cut short")
     add_reference_args(parser)
     args = parser.parse_args()
     reference = reference_from(args)
@@ -636,22 +714,25 @@ def main() -> None:
     test = load_dataset("fashion-mnist", "test", limit=budget.test_samples, seed=0)
     finetune_set = take_samples(train, budget.finetune_samples, budget.finetune_seed)
     recal = take_samples(train, budget.recal_samples, seed=12345).images
-    payload: dict[str, object] = {
-        "machine": machine(),
-        "reference": reference.describe(),
-        "suffix": reference.suffix,
-        "budget": asdict(budget),
-        "rows": [],
-        "skipped": [],
-    }
+    path = args.out / f"criteria{reference.suffix}.json"
+    payload = resumed(path, budget, reference) if args.resume else new_payload(budget, reference)
+    run: dict[str, object] = payload["runs"][-1]  # type: ignore[index]
+    done = {(r["tool"], r["criterion"], r["target"], r["seed"]) for r in payload["rows"] if not r["failure"]}  # type: ignore[union-attr]
     start = time.perf_counter()
     todo = [
-        (row, job) for row, job in jobs(budget) if not args.criteria or row.criterion in args.criteria + ["-"]
+        (row, job)
+        for row, job in jobs(budget)
+        if (not args.criteria or row.criterion in args.criteria + ["-"])
+        and (row.tool, row.criterion, row.target, row.seed) not in done
     ]
     with tempfile.TemporaryDirectory() as tmp:
         base_macs = model_cost(onnx.load(str(reference.onnx))).macs
         ctx = Context(reference, budget, train, finetune_set, test, recal, base_macs, Path(tmp))
-        rows: list[Row] = []
+        ctx.evaluated.update(
+            (r["model_sha"], (r["acc_raw"], r["acc_recal"]))
+            for r in payload["rows"]  # type: ignore[union-attr]
+            if r["model_sha"] and r["acc_raw"] is not None
+        )
         for row, job in tqdm(todo, desc="rows", disable=None):
             if time.perf_counter() - start > 60 * budget.minutes:
                 payload["skipped"].append(f"{row.tool} {row.criterion} {row.target} seed {row.seed}")  # type: ignore[union-attr]
@@ -661,10 +742,15 @@ def main() -> None:
             except Exception as exc:  # noqa: BLE001 - a criterion failing is a result to report
                 log.exception("%s %s %s seed %d failed", row.tool, row.criterion, row.target, row.seed)
                 row.failure = asdict(Failure.from_exception(f"{row.tool} {row.criterion}", exc))
-            rows.append(row)
             log.info("row: %s", json.dumps({k: v for k, v in asdict(row).items() if k != "details"}))
-            payload["rows"] = [asdict(r) for r in rows]
-            payload["wall_s"] = round(time.perf_counter() - start, 1)
+            payload["rows"] = [
+                r
+                for r in payload["rows"]  # type: ignore[union-attr]
+                if (r["tool"], r["criterion"], r["target"], r["seed"])
+                != (row.tool, row.criterion, row.target, row.seed)
+            ] + [asdict(row)]
+            run["rows"] = int(run["rows"]) + 1  # type: ignore[call-overload]
+            run["wall_s"] = round(time.perf_counter() - start, 1)
             save(payload, args.out)
     log.info("wrote %s", args.out / f"criteria{reference.suffix}.md")
 
