@@ -35,7 +35,7 @@ from common import RESULTS, machine, machine_line, markdown_table, write_json, w
 from peer import Reference
 
 from graphprune.api import model_cost
-from graphprune.data import load_dataset
+from graphprune.data import ArrayDataset, load_dataset
 from graphprune.report.plots import plot_accuracy_vs_macs
 from graphprune.report.summary import conv_channels
 from graphprune.runtime.evaluate import evaluate_onnx
@@ -159,31 +159,27 @@ def run_recipe(claim: Claim, reference: Reference, protocol: Protocol, work: Pat
     return run_gate_decorator(config, module=reference.module().train())
 
 
-def test_claim(claim: Claim, reference: Reference, protocol: Protocol, work: Path) -> dict[str, object]:
-    """Evaluate the baseline, run the recipe, and judge the claim; everything the results need."""
+def model_facts(model: onnx.ModelProto, test: ArrayDataset) -> dict[str, object]:
+    """Test accuracy (onnxruntime), cost, BN channel count and conv widths of one model."""
+    cost = model_cost(model)
+    return {
+        "accuracy": evaluate_onnx(model, test),
+        "macs": cost.macs,
+        "params": cost.params,
+        "bn_channels": bn_channels(model),
+        "channels": conv_channels(model),
+    }
+
+
+def judge_claim(claim: Claim, reference: Reference, protocol: Protocol, work: Path) -> dict[str, object]:
+    """Measure the baseline, run the recipe, and judge the claim; everything the results need."""
     start = time.perf_counter()
     test = load_dataset("fashion-mnist", "test")
-    base_model = onnx.load(str(reference.onnx))
-    base_cost = model_cost(base_model)
-    baseline = {
-        "accuracy": evaluate_onnx(base_model, test),
-        "macs": base_cost.macs,
-        "params": base_cost.params,
-        "bn_channels": bn_channels(base_model),
-        "channels": conv_channels(base_model),
-    }
+    baseline = model_facts(onnx.load(str(reference.onnx)), test)
     result = run_recipe(claim, reference, protocol, work)
-    final = onnx.load(str(result.output))
-    final_cost = model_cost(final)
-    outcome = {
-        "accuracy": evaluate_onnx(final, test),
-        "macs": final_cost.macs,
-        "params": final_cost.params,
-        "bn_channels": bn_channels(final),
-        "channels": conv_channels(final),
-    }
-    channels_removed = 1 - outcome["bn_channels"] / baseline["bn_channels"]
-    macs_removed = 1 - final_cost.macs / base_cost.macs
+    outcome = model_facts(onnx.load(str(result.output)), test)
+    channels_removed = 1 - outcome["bn_channels"] / baseline["bn_channels"]  # type: ignore[operator]
+    macs_removed = 1 - outcome["macs"] / baseline["macs"]  # type: ignore[operator]
     cut = channels_removed if claim.name == "slimming" else macs_removed
     drop = baseline["accuracy"] - outcome["accuracy"]
     return {
@@ -373,7 +369,7 @@ def main() -> None:
             train_limit=args.train_limit,
         )
         args.work.mkdir(parents=True, exist_ok=True)
-        record = test_claim(CLAIMS[args.claim], Reference(model, args.baseline), protocol, args.work)
+        record = judge_claim(CLAIMS[args.claim], Reference(model, args.baseline), protocol, args.work)
         tag = f"_{args.tag}" if args.tag else ""
         write_json(args.out / f"{STEM}_{args.claim.replace('-', '_')}{tag}.json", record)
         log.info("%s: %s", args.claim, "holds" if record["holds"] else "does not hold")
