@@ -346,7 +346,7 @@ def render(payload: dict[str, object]) -> str:
                 t["name"],
                 ", ".join(t["statistics"]) or "-",
                 f"{t['images_per_s']:.0f}",
-                f"{100 * ratio:.0f}%",
+                f"{100 * ratio:.1f}%",
                 goal,
                 " / ".join(f"{s:.2f}" for s in t["seconds"]),
             ]
