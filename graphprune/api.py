@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -12,7 +13,9 @@ import onnx
 
 from graphprune.analysis.graph import DependencyGraph, analyze
 from graphprune.criteria import Criterion, ScoringInputs, get_criterion
+from graphprune.criteria.base import GateGradientSums
 from graphprune.data.dataset import ArrayDataset
+from graphprune.errors import GraphPruneError
 from graphprune.model_io import LoadedModel, as_loaded, save_model
 from graphprune.plan import PruningPlan
 from graphprune.planning import Planner, PlanOptions
@@ -47,6 +50,23 @@ class RemovalPlanner:
 
     def __call__(self, dep: DependencyGraph, scores: dict[int, np.ndarray]) -> np.ndarray:
         return Planner(dep, scores, self.options).plan(self.cost)
+
+
+def torch_gate_gradients(
+    model: onnx.ModelProto,
+    gate_shapes: list[tuple[int, ...]],
+    batches: Iterable[tuple[np.ndarray, np.ndarray]],
+    mode: str,
+) -> GateGradientSums:
+    """The Taylor criterion's gate gradients (criteria.base.GateGradients) from
+    graphprune.torch_bridge.taylor, imported on first use so that scoring without Taylor needs no torch."""
+    try:
+        from graphprune.torch_bridge.taylor import gate_gradients
+    except ImportError as exc:
+        raise GraphPruneError(
+            f"criterion 'taylor' needs torch and onnx2torch ({exc}); install graphprune[torch]."
+        ) from exc
+    return gate_gradients(model, gate_shapes, batches, mode)
 
 
 def score_channels(
@@ -88,7 +108,14 @@ def _score(
     needed = scorer.required_statistics()
     if needed and data is not None and (activations is None or not needed <= activations.statistics):
         activations = collect_activations(dep, data, statistics=needed)
-    inputs = ScoringInputs(dep, seed=seed, activations=activations, calibration=data, planner=planner)
+    inputs = ScoringInputs(
+        dep,
+        seed=seed,
+        activations=activations,
+        calibration=data,
+        planner=planner,
+        gate_gradients=torch_gate_gradients,
+    )
     scorer.prepare(inputs)
     scores = {}
     for group in dep.prunable_groups:

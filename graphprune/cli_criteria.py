@@ -52,7 +52,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def cmd_criteria(args: argparse.Namespace) -> int:
-    from graphprune.api import analyze_model
+    from graphprune.api import analyze_model, torch_gate_gradients
     from graphprune.cli import out, stage
     from graphprune.criteria.blend.clustering import cluster_layers, mean_similarity
     from graphprune.criteria.blend.pool import pool_inputs, score_pool
@@ -63,7 +63,7 @@ def cmd_criteria(args: argparse.Namespace) -> int:
     with stage("analysis"):
         dep = analyze_model(args.model)
     data = load_calibration(args.calib, args.samples, args.seed)
-    inputs = pool_inputs(dep, data, names, seed=args.seed)
+    inputs = pool_inputs(dep, data, names, seed=args.seed, gate_gradients=torch_gate_gradients)
     with stage("criteria"):
         pool = score_pool(inputs, names, args.aggregate)
     layers = cluster_layers(pool, dep.prunable_groups, args.similarity)

@@ -1,13 +1,18 @@
-"""Criteria: each scores the channels of a group (higher = more important).  A small registry of classes."""
+"""Criteria: each scores the channels of a group (higher = more important).  A small registry of classes.
+
+Criteria never import torch: what needs it (the Taylor criterion's gate gradients) comes in through
+ScoringInputs as a `GateGradients` function, which graphprune.api supplies from graphprune.torch_bridge.
+"""
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
+import onnx
 
 from graphprune.analysis.context import ParamMember
 from graphprune.analysis.graph import DependencyGraph, Group
@@ -24,17 +29,35 @@ AGGREGATIONS = ("sum", "mean", "max")
 RemovalPlanner = Callable[[DependencyGraph, dict[int, np.ndarray]], np.ndarray]
 
 
+@dataclass(frozen=True)
+class GateGradientSums:
+    """Per gate, one value per channel: dL/dgate of the summed loss, summed over batches (mode "sum") or
+    its absolute value summed over batches (mode "batch"); and the number of samples seen."""
+
+    sums: list[np.ndarray]
+    samples: int
+
+
+# (gated model, gate shapes, labelled batches, mode) -> GateGradientSums.  The gated model takes the gates
+# as extra graph inputs after the image input; graphprune.torch_bridge.taylor.gate_gradients computes it.
+GateGradients = Callable[
+    [onnx.ModelProto, list[tuple[int, ...]], Iterable[tuple[np.ndarray, np.ndarray]], str], GateGradientSums
+]
+
+
 @dataclass
 class ScoringInputs:
     """What criteria may read: the analysed graph (initialisers included) and a seed; activation
-    statistics and the calibration samples when the criterion asked for them; and, for criteria that
-    judge a whole plan (blend), the planner that turns scores into a removal."""
+    statistics and the calibration samples when the criterion asked for them; for criteria that judge a
+    whole plan (blend), the planner that turns scores into a removal; and, for Taylor, the function
+    that backpropagates through the gated model."""
 
     dep: DependencyGraph
     seed: int = 0
     activations: ActivationStats | None = None
     calibration: ArrayDataset | None = None
     planner: RemovalPlanner | None = None
+    gate_gradients: GateGradients | None = None
 
 
 class Criterion(ABC):

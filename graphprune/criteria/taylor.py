@@ -8,13 +8,14 @@ to PyTorch through the torch bridge's fold-back (onnx2torch), and one backward p
 of the cross-entropy loss accumulates the gate gradients.  mode "sum" takes |sum over batches| (the
 estimate above); mode "batch" sums |per-batch gradient| (Gate Decorator's released code).
 
-torch is imported only when a Taylor score is computed.
+This module is torch-free: it gates the graph, turns gradients into scores and reads the gradients from
+`ScoringInputs.gate_gradients` (criteria.base.GateGradients); graphprune.api supplies the PyTorch
+implementation, graphprune.torch_bridge.taylor.gate_gradients (fold-back, loss, backward, accumulation).
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable
 from dataclasses import dataclass
 
 import numpy as np
@@ -23,7 +24,7 @@ from onnx import TensorProto, helper
 
 from graphprune.analysis.graph import DependencyGraph, Group
 from graphprune.criteria.activation import tensor_scores
-from graphprune.criteria.base import Criterion, ScoringInputs
+from graphprune.criteria.base import Criterion, GateGradientSums, ScoringInputs
 from graphprune.errors import CalibrationError, GraphPruneError
 from graphprune.runtime.activations import activation_tensors, channel_axis
 
@@ -74,51 +75,11 @@ def gated_model(dep: DependencyGraph, tensors: list[str]) -> tuple[onnx.ModelPro
     return model, gates
 
 
-def taylor_from_module(
-    module: object,
-    gate_shapes: list[tuple[int, ...]],
-    batches: Iterable[tuple[np.ndarray, np.ndarray]],
-    mode: str = "sum",
-) -> list[np.ndarray]:
-    """Per-gate, per-channel Taylor scores of a torch module called as module(images, *gates) -> logits,
-    over labelled batches, with the summed cross-entropy loss (scores are per sample: divided by the
-    sample count)."""
-    import torch
-
-    module.eval()
-    gates = [torch.ones(shape, requires_grad=True) for shape in gate_shapes]
-    totals = [np.zeros(int(np.prod(shape))) for shape in gate_shapes]
-    samples = 0
-    for images, labels in batches:
-        try:
-            logits = module(torch.from_numpy(np.ascontiguousarray(images, dtype=np.float32)), *gates)
-        except RuntimeError as exc:
-            raise CalibrationError(
-                f"the model could not run on a calibration batch of shape {images.shape} ({exc}); pass images "
-                "shaped like the model input."
-            ) from exc
-        logits = logits[0] if isinstance(logits, tuple | list) else logits
-        _check_logits(tuple(logits.shape), labels)
-        loss = torch.nn.functional.cross_entropy(
-            logits, torch.from_numpy(labels.astype(np.int64)), reduction="sum"
-        )
-        grads = torch.autograd.grad(loss, gates, allow_unused=True)
-        for total, grad in zip(totals, grads, strict=True):
-            if grad is not None:
-                values = grad.detach().double().numpy().ravel()
-                total += np.abs(values) if mode == "batch" else values
-        samples += len(labels)
-    if not samples:
+def taylor_scores(gradients: GateGradientSums) -> list[np.ndarray]:
+    """Per-gate, per-channel Taylor scores: the accumulated gate gradients' magnitude per sample."""
+    if not gradients.samples:
         raise CalibrationError("the calibration data holds no image; pass a non-empty dataset.")
-    return [np.abs(total) / samples for total in totals]
-
-
-def _check_logits(shape: tuple[int, ...], labels: np.ndarray) -> None:
-    if len(shape) != 2 or shape[0] != len(labels) or int(labels.max()) >= shape[1]:
-        raise CalibrationError(
-            f"criterion 'taylor' needs a classifier: the model's first output has shape {shape} for "
-            f"{len(labels)} labels up to {int(labels.max())}; use a model whose output is [N, classes]."
-        )
+    return [np.abs(total) / gradients.samples for total in gradients.sums]
 
 
 class Taylor(Criterion):
@@ -141,19 +102,17 @@ class Taylor(Criterion):
             raise CalibrationError(
                 "criterion 'taylor' needs labelled calibration data; give --calib DATA (calib= in Python)."
             )
-        try:
-            from graphprune.torch_bridge.foldback import onnx_to_module
-        except ImportError as exc:
+        if inputs.gate_gradients is None:
             raise GraphPruneError(
-                f"criterion 'taylor' needs torch and onnx2torch ({exc}); install graphprune[torch]."
-            ) from exc
+                "criterion 'taylor' needs ScoringInputs.gate_gradients; score it through graphprune.api."
+            )
         self.tensors = activation_tensors(inputs.dep)
         names = list(dict.fromkeys(t for tensors in self.tensors.values() for t in tensors))
         model, gates = gated_model(inputs.dep, names)
-        module = onnx_to_module(model)
-        values = taylor_from_module(
-            module, [gate.shape for gate in gates], inputs.calibration.batches(self.batch_size), self.mode
+        gradients = inputs.gate_gradients(
+            model, [gate.shape for gate in gates], inputs.calibration.batches(self.batch_size), self.mode
         )
+        values = taylor_scores(gradients)
         self.scores = {gate.tensor: value for gate, value in zip(gates, values, strict=True)}
         log.info("taylor: scored %d tensors on %d samples", len(gates), len(inputs.calibration))
 

@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from graphprune.analysis.graph import DependencyGraph
-from graphprune.criteria.base import ScoringInputs, get_criterion
+from graphprune.criteria.base import GateGradients, ScoringInputs, get_criterion
 from graphprune.data.dataset import ArrayDataset
 from graphprune.errors import CalibrationError, PlanError
 from graphprune.runtime.activations import collect_activations
@@ -81,8 +81,12 @@ def pool_inputs(
     *,
     seed: int = 0,
     progress: bool = True,
+    gate_gradients: GateGradients | None = None,
 ) -> ScoringInputs:
-    """Scoring inputs for a pool: the activation statistics its criteria read, collected from `data`."""
+    """Scoring inputs for a pool: the activation statistics its criteria read, collected from `data`, and
+    `gate_gradients` for taylor (graphprune.api.torch_gate_gradients)."""
     needed = pool_statistics(names)
     activations = collect_activations(dep, data, statistics=needed, progress=progress) if needed else None
-    return ScoringInputs(dep, seed=seed, activations=activations, calibration=data)
+    return ScoringInputs(
+        dep, seed=seed, activations=activations, calibration=data, gate_gradients=gate_gradients
+    )
