@@ -449,7 +449,7 @@ def render(payload: dict[str, object]) -> str:
         "protocol). Mean ± sample standard deviation (min-max) over the seeds.",
         f"- **Fine-tune, seed 0 only**: {budget['epochs']} epoch on a seeded {budget['finetune_samples']:,}-image "
         f"training subset, SGD Nesterov momentum 0.9, weight decay 5e-4, lr {budget['lr']} cosine to 0, batch "
-        f"{budget['batch_size']}, pad-crop + flip augmentation, torch threads {budget['threads']}; exported and "
+        f"{budget['batch_size']}, pad-crop + flip augmentation, torch threads and device of the run that measured the row (above); exported and "
         "evaluated through onnxruntime. One run per criterion: no spread.\n",
     ]
     if base:
@@ -511,8 +511,14 @@ def render_runs(payload: dict[str, object]) -> list[str]:
         )
         lines.append(
             f"  ({run.get('rows', 'all')} rows; {run['threads']} torch / onnxruntime thread(s), the blend's search "
-            f"in {budget['workers']} worker processes of 1 thread, fine-tunes on {run['device']}; wall time "
+            f"in {run.get('workers', budget['workers'])} worker processes of 1 thread, fine-tunes on {run['device']}; "
+            "wall time "
             f"{run.get('wall_s', payload.get('wall_s', '-'))} s; other jobs may have shared the machine.)\n"
+        )
+    if len(runs) > 1:  # type: ignore[arg-type]
+        lines.append(
+            "Another machine's torch exporter can write different bytes for the same pruned model, so across "
+            "runs the *models* column may count one model twice; the accuracies show when it does.\n"
         )
     return lines
 
@@ -632,13 +638,24 @@ def save(payload: dict[str, object], out: Path) -> None:
     plot(payload, out / f"{stem}.png")
 
 
+def run_record(budget: Budget) -> dict[str, object]:
+    """Where one run measures and with what; `rows` and `wall_s` grow as it goes."""
+    return {
+        "machine": machine(),
+        "device": budget.device,
+        "threads": budget.threads,
+        "workers": budget.workers,
+        "rows": 0,
+    }
+
+
 def new_payload(budget: Budget, reference: Reference) -> dict[str, object]:
     return {
         "machine": machine(),
         "reference": reference.describe(),
         "suffix": reference.suffix,
         "budget": asdict(budget),
-        "runs": [{"machine": machine(), "device": budget.device, "threads": budget.threads, "rows": 0}],
+        "runs": [run_record(budget)],
         "rows": [],
         "skipped": [],
     }
@@ -661,6 +678,7 @@ def resumed(path: Path, budget: Budget, reference: Reference) -> dict[str, objec
                 "machine": payload["machine"],
                 "device": old["device"],
                 "threads": old["threads"],
+                "workers": old["workers"],
                 "wall_s": payload.get("wall_s"),
                 "rows": len(payload["rows"]),
             }
@@ -669,9 +687,7 @@ def resumed(path: Path, budget: Budget, reference: Reference) -> dict[str, objec
     for row in payload["rows"]:
         if row["acc_ft"] is not None:
             row["details"].setdefault("finetune_device", old["device"])
-    payload["runs"].append(
-        {"machine": machine(), "device": budget.device, "threads": budget.threads, "rows": 0}
-    )
+    payload["runs"].append(run_record(budget))
     payload["skipped"] = []
     return payload
 
