@@ -8,7 +8,8 @@ tensor has that op as its only consumer and the channels stay the same classes. 
 judged after its BN and ReLU, and a residual stream by the maps after each sum and its ReLU (where
 APoZ and HRank are defined), and the fetched maps are the ones onnxruntime materialises anyway.
 
-Capture happens in one session run per batch.  The per-image, per-channel means the statistics need
+Capture happens in one session run per batch, in a worker thread, so onnxruntime computes the next
+batch while the last one is folded.  The per-image, per-channel means the statistics need
 (of a, |a|, a^2 and of a == 0) are added to a copy of the graph as GlobalAveragePool nodes reading the
 map, Mul(a, a), and Abs(a) / Equal(a, 0) where needed, concatenated into one [N, columns] output, so
 onnxruntime computes them with its own threads right after each map is produced and only that array
@@ -17,8 +18,8 @@ ReLU, say) pools a once for both mean a and mean |a|, and, in float32, gets its 
 0-or-constant mark per value (`NONZERO_MARK`) that a 1x1 Conv computes, so onnxruntime keeps the map
 in its fast blocked layout instead of converting it back for Equal.  The arrays are folded in batch by
 batch, every tensor's channels side by side (sums, Chan's parallel mean/M2 merge, fixed-bin
-histograms; rank sums per tensor), so memory is bounded by one batch whatever the number of samples.
-Every image weighs the same (calibration images share one size).
+histograms; rank sums per tensor), so memory is bounded by two batches (one folded, one computed)
+whatever the number of samples.  Every image weighs the same (calibration images share one size).
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from __future__ import annotations
 import logging
 from collections import defaultdict
 from collections.abc import Iterable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -102,11 +104,6 @@ class ChannelStats:
 
     def __post_init__(self) -> None:
         self.rank_sum = np.zeros(self.channels)
-
-    @property
-    def wants_maps(self) -> bool:
-        """Whether the next batch's full feature maps are still needed (HRank)."""
-        return "hrank" in self.statistics and (self.rank_images is None or self.ranked < self.rank_images)
 
     def add_ranks(self, maps: np.ndarray) -> None:
         """Fold in the ranks of a batch of this tensor's maps (batch first), up to `rank_images` images."""
@@ -493,35 +490,53 @@ def collect_activations(
     model_input = _single_input(lean)
     static_batch = model_input.shape[0] if isinstance(model_input.shape[0], int) else None
     total = samples if samples is not None else (len(data) if hasattr(data, "__len__") else None)
-    seen = 0
-    with tqdm(total=total, unit="img", desc="calibration", disable=None if progress else True) as bar:
+    seen = sent_for_ranks = 0
+
+    def fold(x: np.ndarray, fetch: list[str], outputs: list[np.ndarray]) -> None:
+        values = dict(zip(fetch, outputs, strict=True))
+        streaming.update(values[STATS_OUTPUT].reshape(len(x), -1) if kinds else np.empty((len(x), 0)))
+        for name in names if len(fetch) > len(reduced) else ():
+            stats[name].add_ranks(values[name])
+
+    # onnxruntime runs batch k+1 in a worker thread (it releases the GIL) while batch k is folded here.
+    with (
+        tqdm(total=total, unit="img", desc="calibration", disable=None if progress else True) as bar,
+        ThreadPoolExecutor(max_workers=1) as runner,
+    ):
+        pending: tuple[np.ndarray, list[str], Future[list[np.ndarray]]] | None = None
         for batch in _image_batches(data, static_batch or batch_size):
             if samples is not None:
                 batch = batch[: samples - seen]
             x = check_batch(batch, model_input)
-            maps = full is not None and stats[names[0]].wants_maps
+            maps = full is not None and (rank_images is None or sent_for_ranks < rank_images)
+            sent_for_ranks += len(x) if maps else 0
             fetch = reduced + names if maps else reduced
             if not fetch:  # only HRank was asked for and it has seen its images: nothing left to learn
                 break
-            try:
-                values = dict(
-                    zip(fetch, (full if maps else lean).run(fetch, {model_input.name: x}), strict=True)
-                )
-            except Exception as exc:  # noqa: BLE001 - onnxruntime raises untyped errors
-                raise CalibrationError(
-                    f"onnxruntime could not run the model on a calibration batch of shape {x.shape} ({exc})."
-                ) from exc
-            streaming.update(values[STATS_OUTPUT].reshape(len(x), -1) if kinds else np.empty((len(x), 0)))
-            for name in names if maps else ():
-                stats[name].add_ranks(values[name])
+            running = (x, fetch, runner.submit((full if maps else lean).run, fetch, {model_input.name: x}))
+            if pending is not None:
+                fold(pending[0], pending[1], _outputs(pending[2], pending[0]))
+            pending = running
             seen += len(x)
             bar.update(len(x))
             if samples is not None and seen >= samples:
                 break
+        if pending is not None:
+            fold(pending[0], pending[1], _outputs(pending[2], pending[0]))
     if not seen:
         raise CalibrationError("the calibration data holds no image; pass a non-empty dataset.")
     log.info("calibration: %d images, %d tensors, statistics %s", seen, len(names), sorted(wanted))
     return ActivationStats(stats, groups, seen, wanted)
+
+
+def _outputs(run: Future[list[np.ndarray]], x: np.ndarray) -> list[np.ndarray]:
+    """The outputs of a session run started in the worker thread, its failure as a CalibrationError."""
+    try:
+        return run.result()
+    except Exception as exc:  # noqa: BLE001 - onnxruntime raises untyped errors
+        raise CalibrationError(
+            f"onnxruntime could not run the model on a calibration batch of shape {x.shape} ({exc})."
+        ) from exc
 
 
 def _single_input(session: InferenceSession) -> NodeArg:
