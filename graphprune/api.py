@@ -80,15 +80,26 @@ def score_channels(
     activations: ActivationStats | None = None,
     criterion_options: dict[str, object] | None = None,
     planner: RemovalPlanner | None = None,
+    threads: int | None = None,
 ) -> dict[int, np.ndarray]:
     """Per-group channel scores from a registered criterion (groups it has no opinion on are absent).
 
     calib: calibration images (an ArrayDataset or a dataset spec such as "fashion-mnist"), of which
     `calib_samples` are drawn (seeded); activation statistics are collected from them when the
     criterion reads activations and `activations` does not already hold them.  criterion_options go to
-    the criterion's constructor (e.g. {"config": BlendConfig(...)} for "blend")."""
+    the criterion's constructor (e.g. {"config": BlendConfig(...)} for "blend").  threads: onnxruntime
+    intra-op threads of calibration (default: onnxruntime's own choice)."""
     return _score(
-        dep, criterion, aggregate, seed, calib, calib_samples, activations, criterion_options, planner
+        dep,
+        criterion,
+        aggregate,
+        seed,
+        calib,
+        calib_samples,
+        activations,
+        criterion_options,
+        planner,
+        threads=threads,
     )[0]
 
 
@@ -102,12 +113,14 @@ def _score(
     activations: ActivationStats | None,
     criterion_options: dict[str, object] | None,
     planner: RemovalPlanner | None,
+    *,
+    threads: int | None = None,
 ) -> tuple[dict[int, np.ndarray], Criterion]:
     scorer = get_criterion(criterion, aggregate=aggregate, **(criterion_options or {}))
     data = load_calibration(calib, calib_samples, seed) if calib is not None else None
     needed = scorer.required_statistics()
     if needed and data is not None and (activations is None or not needed <= activations.statistics):
-        activations = collect_activations(dep, data, statistics=needed)
+        activations = collect_activations(dep, data, statistics=needed, threads=threads)
     inputs = ScoringInputs(
         dep,
         seed=seed,
@@ -173,11 +186,22 @@ def _plan(
     calib: ArrayDataset | str | None,
     calib_samples: int | None,
     criterion_options: dict[str, object] | None,
+    *,
+    threads: int | None = None,
 ) -> tuple[np.ndarray, dict[str, object] | None]:
     options.validate()  # before scoring: a blend's search is long
     planner = RemovalPlanner(options, cost)
     scores, scorer = _score(
-        dep, criterion, aggregate, seed, calib, calib_samples, None, criterion_options, planner
+        dep,
+        criterion,
+        aggregate,
+        seed,
+        calib,
+        calib_samples,
+        None,
+        criterion_options,
+        planner,
+        threads=threads,
     )
     if not scores:
         log.warning("criterion %s has no opinion on any group: nothing will be removed", criterion)
@@ -197,13 +221,15 @@ def prune(
     calib: ArrayDataset | str | None = None,
     calib_samples: int | None = None,
     criterion_options: dict[str, object] | None = None,
+    threads: int | None = None,
 ) -> PruneResult:
     """Prune a model by options (ratio, global ranking, MACs target) or by replaying a saved plan,
     and prove the result equal to the masked reference unless `verify` is False.
 
     Criteria that read activations, gradients or a held-out split (mean_act, apoz, hrank, entropy,
     act_var, taylor, blend) take their calibration data from `calib` (see score_channels); the
-    criterion's own report (the blend search's) comes back as `criterion_report`."""
+    criterion's own report (the blend search's) comes back as `criterion_report`.  threads: onnxruntime
+    intra-op threads of calibration and verification (default: onnxruntime's own choice)."""
     loaded = as_loaded(model)
     dep = analyze(loaded.proto)
     before = count_cost(dep.model, dep.shapes)
@@ -214,11 +240,20 @@ def prune(
     else:
         options = options or PlanOptions(ratio=0.5)
         removed, criterion_report = _plan(
-            dep, options, criterion, aggregate, seed, before, calib, calib_samples, criterion_options
+            dep,
+            options,
+            criterion,
+            aggregate,
+            seed,
+            before,
+            calib,
+            calib_samples,
+            criterion_options,
+            threads=threads,
         )
         settings = {k: v for k, v in vars(options).items() if v not in (None, [], False)}
     pruned = apply_removal(dep, removed)
-    report = verify_pruning(dep, removed, pruned, tolerance=tolerance) if verify else None
+    report = verify_pruning(dep, removed, pruned, tolerance=tolerance, threads=threads) if verify else None
     after = model_cost(pruned)
     sha = sha256_file(loaded.path) if loaded.path is not None else None
     new_plan = PruningPlan.from_removed(

@@ -95,6 +95,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
             seed=args.seed,
             verify=not args.no_verify,
             tolerance=args.tolerance,
+            threads=args.threads,
             **calibration_kwargs(args),
         )
     if result.verification is not None:
@@ -273,7 +274,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tolerance", type=float, default=1e-4, help="relative tolerance of verification")
     p.add_argument("--bench", action="store_true", help="also measure ORT CPU latency before/after")
     p.add_argument("--plot", metavar="PNG", help="also draw output channels per conv, before and after")
-    p.add_argument("--threads", type=int, default=None)
+    p.add_argument(
+        "--threads", type=int, default=None, help="onnxruntime threads of calibration, verification, --bench"
+    )
     p.set_defaults(func=cmd_prune)
     prune_parser = p
 
@@ -333,6 +336,10 @@ def main(argv: list[str] | None = None) -> int:
         level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(message)s"
     )
     handler: Callable[[argparse.Namespace], int] = args.func
+    threads = getattr(args, "threads", None)
+    if threads is not None and threads < 1:
+        console.print(f"graphprune: error: --threads must be at least 1, got {threads}.", markup=False)
+        return 2
     try:
         return handler(args)
     except GraphPruneError as exc:

@@ -32,3 +32,17 @@ def test_eval_and_analyze_do_not_import_torch() -> None:
     done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip().splitlines()[-1] == "False"
+
+
+def test_prune_threads_reach_calibration_and_verification(tmp_path: Path) -> None:
+    out = tmp_path / "act.onnx"
+    done = run(
+        "prune", REFERENCE, "-o", out, "--ratio", "0.3", "--criterion", "mean_act", "--calib", "synthetic:32",
+        "--threads", "1",
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert "ok" in done.stderr and out.exists()
+    refused = run("prune", REFERENCE, "-o", tmp_path / "x.onnx", "--ratio", "0.3", "--threads", "0")
+    message = (refused.stdout + refused.stderr).strip().splitlines()
+    assert refused.returncode == 2 and message == ["graphprune: error: --threads must be at least 1, got 0."]
+    assert not (tmp_path / "x.onnx").exists()

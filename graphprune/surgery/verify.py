@@ -53,16 +53,18 @@ def verify_pruning(
     seeds: int = 2,
     batch: int = 2,
     tolerance: float = 1e-4,
+    threads: int | None = None,
 ) -> VerificationReport:
     """Compare `pruned` with the masked reference of `dep` under `removed`; raise VerificationError on a
-    mismatch (a changed output shape or an error above `tolerance`)."""
+    mismatch (a changed output shape or an error above `tolerance`).  threads: onnxruntime intra-op
+    threads of both sessions (default: onnxruntime's own choice)."""
     keep = ~removed
     reference = masked_reference(dep, removed)
     produced = {out for node in pruned.graph.node for out in node.output}
     outputs = [o.name for o in reference.graph.output]
     inner = [name for name in dep.views if name in produced and name not in outputs]
-    ref_session = make_session(reference, extra_outputs=inner)
-    cand_session = make_session(pruned, extra_outputs=inner)
+    ref_session = make_session(reference, extra_outputs=inner, threads=threads)
+    cand_session = make_session(pruned, extra_outputs=inner, threads=threads)
     names = outputs + inner
     worst, worst_name = 0.0, ""
     for seed in range(seeds):
