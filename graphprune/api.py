@@ -89,53 +89,49 @@ def score_channels(
     criterion reads activations and `activations` does not already hold them.  criterion_options go to
     the criterion's constructor (e.g. {"config": BlendConfig(...)} for "blend").  threads: onnxruntime
     intra-op threads of calibration (default: onnxruntime's own choice)."""
-    return _score(
-        dep,
-        criterion,
-        aggregate,
-        seed,
-        calib,
-        calib_samples,
-        activations,
-        criterion_options,
-        planner,
-        threads=threads,
-    )[0]
+    scoring = Scoring(criterion, aggregate, seed, calib, calib_samples, criterion_options, threads)
+    return scoring.run(dep, activations, planner)[0]
 
 
-def _score(
-    dep: DependencyGraph,
-    criterion: str,
-    aggregate: str,
-    seed: int,
-    calib: ArrayDataset | str | None,
-    calib_samples: int | None,
-    activations: ActivationStats | None,
-    criterion_options: dict[str, object] | None,
-    planner: RemovalPlanner | None,
-    *,
-    threads: int | None = None,
-) -> tuple[dict[int, np.ndarray], Criterion]:
-    scorer = get_criterion(criterion, aggregate=aggregate, **(criterion_options or {}))
-    data = load_calibration(calib, calib_samples, seed) if calib is not None else None
-    needed = scorer.required_statistics()
-    if needed and data is not None and (activations is None or not needed <= activations.statistics):
-        activations = collect_activations(dep, data, statistics=needed, threads=threads)
-    inputs = ScoringInputs(
-        dep,
-        seed=seed,
-        activations=activations,
-        calibration=data,
-        planner=planner,
-        gate_gradients=torch_gate_gradients,
-    )
-    scorer.prepare(inputs)
-    scores = {}
-    for group in dep.prunable_groups:
-        values = scorer.score_group(inputs, group)
-        if values is not None:
-            scores[group.index] = values
-    return scores, scorer
+@dataclass(frozen=True)
+class Scoring:
+    """How channels are scored: the criterion and its settings, the calibration data, the threads."""
+
+    criterion: str = "l1"
+    aggregate: str = "sum"
+    seed: int = 0
+    calib: ArrayDataset | str | None = None
+    calib_samples: int | None = None
+    criterion_options: dict[str, object] | None = None
+    threads: int | None = None
+
+    def run(
+        self,
+        dep: DependencyGraph,
+        activations: ActivationStats | None = None,
+        planner: RemovalPlanner | None = None,
+    ) -> tuple[dict[int, np.ndarray], Criterion]:
+        """Per-group scores and the prepared criterion (for its summary)."""
+        scorer = get_criterion(self.criterion, aggregate=self.aggregate, **(self.criterion_options or {}))
+        data = load_calibration(self.calib, self.calib_samples, self.seed) if self.calib is not None else None
+        needed = scorer.required_statistics()
+        if needed and data is not None and (activations is None or not needed <= activations.statistics):
+            activations = collect_activations(dep, data, statistics=needed, threads=self.threads)
+        inputs = ScoringInputs(
+            dep,
+            seed=self.seed,
+            activations=activations,
+            calibration=data,
+            planner=planner,
+            gate_gradients=torch_gate_gradients,
+        )
+        scorer.prepare(inputs)
+        scores = {}
+        for group in dep.prunable_groups:
+            values = scorer.score_group(inputs, group)
+            if values is not None:
+                scores[group.index] = values
+        return scores, scorer
 
 
 @dataclass
@@ -173,38 +169,18 @@ def plan_pruning(
     criterion_options: dict[str, object] | None = None,
 ) -> np.ndarray:
     """Score channels and choose the removal mask for the options."""
-    return _plan(dep, options, criterion, aggregate, seed, cost, calib, calib_samples, criterion_options)[0]
+    scoring = Scoring(criterion, aggregate, seed, calib, calib_samples, criterion_options)
+    return _plan(dep, options, cost, scoring)[0]
 
 
 def _plan(
-    dep: DependencyGraph,
-    options: PlanOptions,
-    criterion: str,
-    aggregate: str,
-    seed: int,
-    cost: CostReport | None,
-    calib: ArrayDataset | str | None,
-    calib_samples: int | None,
-    criterion_options: dict[str, object] | None,
-    *,
-    threads: int | None = None,
+    dep: DependencyGraph, options: PlanOptions, cost: CostReport | None, scoring: Scoring
 ) -> tuple[np.ndarray, dict[str, object] | None]:
     options.validate()  # before scoring: a blend's search is long
     planner = RemovalPlanner(options, cost)
-    scores, scorer = _score(
-        dep,
-        criterion,
-        aggregate,
-        seed,
-        calib,
-        calib_samples,
-        None,
-        criterion_options,
-        planner,
-        threads=threads,
-    )
+    scores, scorer = scoring.run(dep, planner=planner)
     if not scores:
-        log.warning("criterion %s has no opinion on any group: nothing will be removed", criterion)
+        log.warning("criterion %s has no opinion on any group: nothing will be removed", scoring.criterion)
     return planner(dep, scores), scorer.summary()
 
 
@@ -239,18 +215,8 @@ def prune(
         settings = plan.settings
     else:
         options = options or PlanOptions(ratio=0.5)
-        removed, criterion_report = _plan(
-            dep,
-            options,
-            criterion,
-            aggregate,
-            seed,
-            before,
-            calib,
-            calib_samples,
-            criterion_options,
-            threads=threads,
-        )
+        scoring = Scoring(criterion, aggregate, seed, calib, calib_samples, criterion_options, threads)
+        removed, criterion_report = _plan(dep, options, before, scoring)
         settings = {k: v for k, v in vars(options).items() if v not in (None, [], False)}
     pruned = apply_removal(dep, removed)
     report = verify_pruning(dep, removed, pruned, tolerance=tolerance, threads=threads) if verify else None
