@@ -218,6 +218,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     config = DemoConfig(
         Path(args.out),
         target_macs=args.target_macs,
+        round_to=args.round_to,
         finetune_epochs=args.epochs,
         finetune_samples=args.samples,
         data=args.data,
@@ -314,6 +315,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--out", default="out/demo")
     p.add_argument("--target-macs", type=float, default=0.5)
+    p.add_argument(
+        "--round-to",
+        type=int,
+        default=16,
+        help="kept channels a multiple of N (onnxruntime CPU kernels: 8 or 16)",
+    )
     p.add_argument("--epochs", type=int, default=1, help="fine-tune epochs")
     p.add_argument("--samples", type=int, default=15000, help="training images used for fine-tuning")
     p.add_argument("--data", default="fashion-mnist", help="dataset spec (synthetic for a quick check)")
