@@ -46,3 +46,16 @@ def test_prune_threads_reach_calibration_and_verification(tmp_path: Path) -> Non
     message = (refused.stdout + refused.stderr).strip().splitlines()
     assert refused.returncode == 2 and message == ["graphprune: error: --threads must be at least 1, got 0."]
     assert not (tmp_path / "x.onnx").exists()
+
+
+def test_demo_runs_end_to_end_on_synthetic_data(tmp_path: Path) -> None:
+    import onnx
+
+    from graphprune.report.summary import conv_channels
+
+    done = run("demo", "--out", tmp_path, "--data", "synthetic:128", "--samples", "64")
+    assert done.returncode == 0, done.stderr
+    for name in ("resnet20_pruned_finetuned.onnx", "channels_per_layer.png", "accuracy_vs_macs.png"):
+        assert (tmp_path / name).stat().st_size > 0
+    widths = conv_channels(onnx.load(str(tmp_path / "resnet20_pruned.onnx"))).values()
+    assert all(width % 16 == 0 for width in widths) and "pruned + fine-tune" in done.stdout
