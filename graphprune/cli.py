@@ -115,15 +115,20 @@ def cmd_prune(args: argparse.Namespace) -> int:
         rows = _with_latency(rows, [args.model, str(output)], args.threads)
     out.print(render(comparison_table(rows)), end="")
     out.print(f"wrote {output}, plan {plan_path}")
+    from graphprune.report.summary import conv_channels
+
+    before, after = conv_channels(result.dep.model), conv_channels(result.model)
+    if plan is None and args.round_to == 1 and any(after[n] != before[n] and after[n] % 8 for n in after):
+        console.print(
+            "tip        some pruned widths are not multiples of 8; onnxruntime's blocked CPU kernels run "
+            "those slower, so add --round-to 8 (AVX2) or 16 (AVX-512) when latency matters"
+        )
     if args.plot:
         from graphprune.report.plots import plot_channels
-        from graphprune.report.summary import conv_channels
 
         kept = result.after.macs / result.before.macs
         title = f"{output.stem}: channels per conv (MACs kept {kept:.0%})"
-        out.print(
-            f"wrote {plot_channels(conv_channels(result.dep.model), conv_channels(result.model), args.plot, title)}"
-        )
+        out.print(f"wrote {plot_channels(before, after, args.plot, title)}")
     return 0
 
 

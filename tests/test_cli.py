@@ -20,6 +20,9 @@ def test_prune_draws_channels_per_layer(tmp_path: Path) -> None:
     done = run("prune", REFERENCE, "-o", out, "--target-macs", "0.5", "--plot", png)
     assert done.returncode == 0, done.stderr
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and out.exists()
+    assert "--round-to 8" in " ".join(done.stderr.split())  # 11/22/44 wide: the latency tip is shown
+    rounded = run("prune", REFERENCE, "-o", tmp_path / "r16.onnx", "--target-macs", "0.5", "--round-to", "16")
+    assert rounded.returncode == 0 and "tip" not in rounded.stderr
 
 
 def test_eval_and_analyze_do_not_import_torch() -> None:
