@@ -489,9 +489,10 @@ class _Run:
                 fit(self.module, subset, None, tick_config, callbacks=[scorer], param_groups=_param_groups)
             self.module.cpu()
             masks, spent, kept = run_on_main(partial(self.choose_masks, gate_map, layers, scorer))
-            with torch.no_grad():  # rank 0's masks on every rank
-                for name, mask in masks.items():
-                    layers[name].mask.copy_(torch.from_numpy(mask))
+            if not dist_info().is_main:  # rank 0 set its gates itself; the others take its masks
+                with torch.no_grad():
+                    for name, mask in masks.items():
+                        layers[name].mask.copy_(torch.from_numpy(mask))
             self.masked.append(spent)
             log.info(
                 "round %d tick %d: %d channels masked, %.1f%% of the MACs left",
