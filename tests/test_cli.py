@@ -37,14 +37,27 @@ def test_eval_and_analyze_do_not_import_torch() -> None:
     assert done.stdout.strip().splitlines()[-1] == "False"
 
 
-def test_prune_threads_reach_calibration_and_verification(tmp_path: Path) -> None:
+def test_prune_threads_reach_calibration_and_verification(tmp_path: Path, monkeypatch) -> None:  # noqa: ANN001
+    from graphprune import cli
+    from graphprune.runtime import activations, session
+    from graphprune.surgery import verify
+
+    opened: list[tuple[str, int | None]] = []
+
+    def recording(module: str):  # noqa: ANN202 - make_session, recording who asked for how many threads
+        def make(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+            opened.append((module, kwargs.get("threads")))
+            return session.make_session(*args, **kwargs)
+
+        return make
+
+    monkeypatch.setattr(activations, "make_session", recording("calibration"))
+    monkeypatch.setattr(verify, "make_session", recording("verification"))
     out = tmp_path / "act.onnx"
-    done = run(
-        "prune", REFERENCE, "-o", out, "--ratio", "0.3", "--criterion", "mean_act", "--calib", "synthetic:32",
-        "--threads", "1",
-    )  # fmt: skip
-    assert done.returncode == 0, done.stderr
-    assert "ok" in done.stderr and out.exists()
+    args = ["prune", str(REFERENCE), "-o", str(out), "--ratio", "0.3", "--criterion", "mean_act"]
+    assert cli.main([*args, "--calib", "synthetic:32", "--threads", "1"]) == 0 and out.exists()
+    assert {module for module, _ in opened} == {"calibration", "verification"}
+    assert all(threads == 1 for _, threads in opened), opened
     refused = run("prune", REFERENCE, "-o", tmp_path / "x.onnx", "--ratio", "0.3", "--threads", "0")
     message = (refused.stdout + refused.stderr).strip().splitlines()
     assert refused.returncode == 2 and message == ["graphprune: error: --threads must be at least 1, got 0."]
