@@ -89,8 +89,8 @@ def file_batches(path: Path, count: int, batch_size: int) -> Iterator[np.ndarray
 
 def child_memory(args: argparse.Namespace) -> dict[str, object]:
     from graphprune.api import analyze_model
+    from graphprune.cli.demo import REFERENCE
     from graphprune.data import ArrayDataset
-    from graphprune.demo import REFERENCE
     from graphprune.runtime.activations import collect_activations
 
     rss_imports = status_kb("VmRSS")
@@ -153,8 +153,8 @@ def child_throughput(args: argparse.Namespace) -> list[dict[str, object]]:
     from tqdm import tqdm
 
     from graphprune.api import analyze_model
+    from graphprune.cli.demo import REFERENCE
     from graphprune.data import ArrayDataset
-    from graphprune.demo import REFERENCE
     from graphprune.runtime.activations import collect_activations
     from graphprune.runtime.session import make_session
 

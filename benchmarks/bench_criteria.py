@@ -60,15 +60,15 @@ from torch import nn
 from tqdm import tqdm
 
 from graphprune.api import model_cost, prune
-from graphprune.criteria.blend import DEFAULT_POOL, BlendConfig
-from graphprune.criteria.blend.fitness import recalibrate_batchnorm
 from graphprune.data import ArrayDataset, load_dataset
+from graphprune.onnxutil import atomic_write
 from graphprune.planning import PlanOptions
 from graphprune.runtime.activations import take_samples
 from graphprune.runtime.evaluate import evaluate_onnx
+from graphprune.search.blend import DEFAULT_POOL, BlendConfig
+from graphprune.search.blend.fitness import recalibrate_batchnorm
 from graphprune.torch_bridge.foldback import apply_to_module
 from graphprune.torch_bridge.train import TrainConfig, export_trained, fit
-from graphprune.util import atomic_write
 from graphprune.zoo import build
 
 log = logging.getLogger("bench_criteria")

@@ -270,8 +270,8 @@ def run_recipes(
 ) -> list[dict[str, object]]:
     """Gate Decorator (MACs target 0.3) and Network Slimming (70% of BN channels) from the baseline
     on a reduced budget; each as the `graphprune` command line it is equivalent to."""
-    from graphprune.torch_bridge.gate_decorator import GateDecoratorConfig, run_gate_decorator
-    from graphprune.torch_bridge.slimming import SlimmingConfig, Start, run_slimming
+    from graphprune.recipes.gate_decorator import GateDecoratorConfig, run_gate_decorator
+    from graphprune.recipes.slimming import SlimmingConfig, Start, run_slimming
 
     start = Start(
         onnx=str(reference.onnx),

@@ -36,10 +36,10 @@ from peer import Reference
 
 from graphprune.api import model_cost
 from graphprune.data import ArrayDataset, load_dataset
+from graphprune.recipes.workspace import RecipeResult, Start
 from graphprune.report.plots import plot_accuracy_vs_macs
 from graphprune.report.summary import conv_channels
 from graphprune.runtime.evaluate import evaluate_onnx
-from graphprune.torch_bridge.slimming import RecipeResult, Start
 from graphprune.torch_bridge.train import TrainConfig
 
 log = logging.getLogger("bench_paper_claims")
@@ -127,8 +127,8 @@ def bn_channels(model: onnx.ModelProto) -> int:
 
 
 def run_recipe(claim: Claim, reference: Reference, protocol: Protocol, work: Path) -> RecipeResult:
-    from graphprune.torch_bridge.gate_decorator import GateDecoratorConfig, run_gate_decorator
-    from graphprune.torch_bridge.slimming import SlimmingConfig, run_slimming
+    from graphprune.recipes.gate_decorator import GateDecoratorConfig, run_gate_decorator
+    from graphprune.recipes.slimming import SlimmingConfig, run_slimming
 
     output = work / f"{claim.name}.onnx"
     if claim.name == "slimming":

@@ -22,7 +22,7 @@ from common import RESULTS, high_priority, machine, machine_line, markdown_table
 from tqdm import tqdm
 
 from graphprune.api import prune
-from graphprune.demo import REFERENCE
+from graphprune.cli.demo import REFERENCE
 from graphprune.planning import PlanOptions
 from graphprune.report.summary import conv_channels
 from graphprune.runtime.bench import bench

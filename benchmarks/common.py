@@ -24,7 +24,7 @@ from typing import TypeVar
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from graphprune.util import atomic_write
+from graphprune.onnxutil import atomic_write
 
 T = TypeVar("T")
 log = logging.getLogger(__name__)

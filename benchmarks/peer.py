@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from graphprune.api import model_cost
-from graphprune.demo import REFERENCE
+from graphprune.cli.demo import REFERENCE
 from graphprune.torch_bridge.foldback import apply_to_module
 from graphprune.torch_bridge.train import export_trained
 from graphprune.zoo import build

@@ -9,8 +9,8 @@ The public API (importing it never imports torch):
 
 from graphprune.api import PruneResult, analyze_model, model_cost, prune, score_channels, verify_plan
 from graphprune.errors import GraphPruneError
-from graphprune.plan import PruningPlan
 from graphprune.planning import PlanOptions
+from graphprune.planning.plan import PruningPlan
 
 __version__ = "0.1.0"
 

@@ -17,14 +17,15 @@ from graphprune.criteria.base import GateGradientSums
 from graphprune.data.dataset import ArrayDataset
 from graphprune.errors import GraphPruneError
 from graphprune.model_io import LoadedModel, as_loaded, save_model
-from graphprune.plan import PruningPlan
-from graphprune.planning import Planner, PlanOptions
+from graphprune.onnxutil import sha256_file
+from graphprune.planning import PlanOptions, RemovalPlanner
+from graphprune.planning.plan import PruningPlan
 from graphprune.runtime.activations import ActivationStats, collect_activations, load_calibration
 from graphprune.runtime.cost import CostReport, count_cost
 from graphprune.runtime.shapes import tensor_shapes
+from graphprune.search import blend  # noqa: F401  (registers the 'blend' criterion)
 from graphprune.surgery.apply import apply_removal
 from graphprune.surgery.verify import VerificationReport, verify_pruning
-from graphprune.util import sha256_file
 
 log = logging.getLogger(__name__)
 
@@ -38,18 +39,6 @@ def analyze_model(model: ModelInput) -> DependencyGraph:
 
 def model_cost(model: onnx.ModelProto) -> CostReport:
     return count_cost(model, tensor_shapes(model))
-
-
-@dataclass(frozen=True)
-class RemovalPlanner:
-    """Scores -> removal mask under fixed plan options.  Picklable, so the blend search's worker
-    processes can plan each candidate blend exactly as prune() will."""
-
-    options: PlanOptions
-    cost: CostReport | None = None
-
-    def __call__(self, dep: DependencyGraph, scores: dict[int, np.ndarray]) -> np.ndarray:
-        return Planner(dep, scores, self.options).plan(self.cost)
 
 
 def torch_gate_gradients(

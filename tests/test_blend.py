@@ -15,8 +15,13 @@ from test_activations import hand_data, hand_model
 
 from graphprune.analysis.graph import analyze
 from graphprune.api import prune
-from graphprune.cli_criteria import register
-from graphprune.criteria.blend import (
+from graphprune.cli.criteria import register
+from graphprune.criteria.normalize import spearman_matrix
+from graphprune.data import ArrayDataset, load_dataset
+from graphprune.errors import CalibrationError, PlanError
+from graphprune.planning import PlanOptions
+from graphprune.runtime.session import make_session
+from graphprune.search.blend import (
     BlendConfig,
     PoolScores,
     SearchConfig,
@@ -26,11 +31,6 @@ from graphprune.criteria.blend import (
     evolve,
     recalibrate_batchnorm,
 )
-from graphprune.criteria.normalize import spearman_matrix
-from graphprune.data import ArrayDataset, load_dataset
-from graphprune.errors import CalibrationError, PlanError
-from graphprune.planning import PlanOptions
-from graphprune.runtime.session import make_session
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 

@@ -6,7 +6,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from graphprune.demo import REFERENCE
+from graphprune.cli.demo import REFERENCE
 
 
 def run(*args: object) -> subprocess.CompletedProcess[str]:

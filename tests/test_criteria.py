@@ -139,7 +139,7 @@ def test_hrank_alone_stops_after_its_images() -> None:
     """HRank is the only statistic: once its images are seen nothing is fetched (this used to crash)."""
     import onnx
 
-    from graphprune.demo import REFERENCE
+    from graphprune.cli.demo import REFERENCE
     from graphprune.runtime.activations import collect_activations
 
     dep = analyze(onnx.load(str(REFERENCE)))

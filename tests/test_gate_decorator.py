@@ -15,8 +15,7 @@ from torch import nn
 
 from graphprune.api import analyze_model
 from graphprune.data import load_dataset
-from graphprune.torch_bridge.export import export
-from graphprune.torch_bridge.gate_decorator import (
+from graphprune.recipes.gate_decorator import (
     GatedBN,
     GateDecoratorConfig,
     GateMap,
@@ -27,7 +26,8 @@ from graphprune.torch_bridge.gate_decorator import (
     run_gate_decorator,
     tick_trainable,
 )
-from graphprune.torch_bridge.slimming import Start
+from graphprune.recipes.workspace import Start
+from graphprune.torch_bridge.export import export
 from graphprune.torch_bridge.train import TrainConfig, fit
 from graphprune.zoo import build
 
@@ -180,9 +180,9 @@ def test_fold_gates_replaces_every_gated_layer() -> None:
 def test_cli_gate_decorator_passes_every_setting(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    import graphprune.torch_bridge.gate_decorator as gd
-    from graphprune.cli_methods import register
-    from graphprune.torch_bridge.slimming import RecipeResult, Stage
+    import graphprune.recipes.gate_decorator as gd
+    from graphprune.cli.methods import register
+    from graphprune.recipes.workspace import RecipeResult, Stage
 
     seen: list[GateDecoratorConfig] = []
 

@@ -22,8 +22,8 @@ from random_cnn import Conv, Head, NetSpec, build_model, net_specs
 
 from graphprune.api import prune
 from graphprune.errors import PlanError
-from graphprune.plan import PruningPlan
 from graphprune.planning import PlanOptions
+from graphprune.planning.plan import PruningPlan
 from graphprune.surgery.apply import masked_reference
 
 CRITERIA = ("l1", "l2", "random", "bn")

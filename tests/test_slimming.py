@@ -12,11 +12,10 @@ import pytest
 import torch
 from torch import nn
 
-from graphprune.cli_methods import register
+from graphprune.cli.methods import register
 from graphprune.data import load_dataset
 from graphprune.errors import GraphPruneError
-from graphprune.torch_bridge.export import export
-from graphprune.torch_bridge.slimming import (
+from graphprune.recipes.slimming import (
     BNSparsity,
     SlimmingConfig,
     Start,
@@ -25,6 +24,7 @@ from graphprune.torch_bridge.slimming import (
     run_slimming,
     slim_prune,
 )
+from graphprune.torch_bridge.export import export
 from graphprune.torch_bridge.train import TrainConfig, fit
 from graphprune.zoo import build
 

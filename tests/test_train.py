@@ -183,7 +183,7 @@ def _cli(*argv: str) -> int:
     """Run a training command through a parser holding only what cli_train registers."""
     import argparse
 
-    from graphprune import cli_train
+    from graphprune.cli import train as cli_train
 
     parser = argparse.ArgumentParser(prog="graphprune")
     cli_train.register(parser.add_subparsers(dest="command", required=True))

@@ -24,9 +24,9 @@ from pathlib import Path
 import torch
 
 from graphprune.data import load_dataset
+from graphprune.onnxutil import atomic_write
 from graphprune.runtime.evaluate import evaluate_onnx
 from graphprune.torch_bridge.train import TrainConfig, export_trained, fit
-from graphprune.util import atomic_write
 from graphprune.zoo import build
 
 WEIGHTS = Path(__file__).resolve().parent.parent / "graphprune" / "zoo" / "weights"

@@ -26,7 +26,7 @@ AGGREGATIONS = ("sum", "mean", "max")
 
 # Scores per group -> removal mask over atoms, under fixed plan options (picklable: the blend search's
 # worker processes plan with it).
-RemovalPlanner = Callable[[DependencyGraph, dict[int, np.ndarray]], np.ndarray]
+RemovalFunction = Callable[[DependencyGraph, dict[int, np.ndarray]], np.ndarray]
 
 
 @dataclass(frozen=True)
@@ -56,7 +56,7 @@ class ScoringInputs:
     seed: int = 0
     activations: ActivationStats | None = None
     calibration: ArrayDataset | None = None
-    planner: RemovalPlanner | None = None
+    planner: RemovalFunction | None = None
     gate_gradients: GateGradients | None = None
 
 

@@ -16,8 +16,8 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import FuncFormatter
 
 from graphprune.errors import GraphPruneError
+from graphprune.onnxutil import atomic_write
 from graphprune.report.tables import fmt_count
-from graphprune.util import atomic_write
 
 PathLike = str | os.PathLike[str]
 

@@ -37,7 +37,7 @@ import torch
 from torch import nn
 
 from graphprune.errors import GraphPruneError, InvalidModelError, UnsupportedModelError
-from graphprune.util import atomic_write
+from graphprune.onnxutil import atomic_write
 
 logger = logging.getLogger(__name__)
 

@@ -57,8 +57,8 @@ from tqdm import tqdm
 from graphprune.data import ArrayDataset, torch_loader
 from graphprune.data.loader import CROP_PADDING, PadCropFlip
 from graphprune.errors import DataError, GraphPruneError
+from graphprune.onnxutil import atomic_write
 from graphprune.runtime.evaluate import EVAL_BATCH
-from graphprune.util import atomic_write
 
 logger = logging.getLogger(__name__)
 

@@ -1,35 +1,14 @@
-"""The `graphprune` command: analyze, prune, verify, bench, export.
-
-Every failure is one line on stderr and exit status 2; status 0 means the promised file was written
-(and verified, unless --no-verify was given).
-"""
+"""Commands on ONNX files: analyze, prune, verify, bench, export."""
 
 from __future__ import annotations
 
 import argparse
 import json
-import logging
-import sys
-import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
-from rich.console import Console
-
+from graphprune.cli.arguments import add_calibration_arguments, calibration_kwargs
+from graphprune.cli.console import console, out, stage
 from graphprune.errors import GraphPruneError
-
-console = Console(stderr=True, highlight=False)
-out = Console(highlight=False)
-
-
-@contextmanager
-def stage(label: str) -> Iterator[None]:
-    """A spinner while a stage runs, then its duration."""
-    start = time.perf_counter()
-    with console.status(f"{label} ..."):
-        yield
-    console.print(f"{label:<10} done in {time.perf_counter() - start:.2f} s")
 
 
 def _floats(text: str) -> list[int]:
@@ -67,9 +46,8 @@ def _plan_options(args: argparse.Namespace):  # noqa: ANN202 - PlanOptions, impo
 
 def cmd_prune(args: argparse.Namespace) -> int:
     from graphprune.api import prune
-    from graphprune.cli_criteria import calibration_kwargs
     from graphprune.model_io import load_model
-    from graphprune.plan import PruningPlan
+    from graphprune.planning.plan import PruningPlan
     from graphprune.report.summary import cost_rows
     from graphprune.report.tables import comparison_table, render
 
@@ -144,7 +122,7 @@ def _with_latency(rows: dict, paths: list[str], threads: int | None) -> dict:
 
 def cmd_verify(args: argparse.Namespace) -> int:
     from graphprune.api import verify_plan
-    from graphprune.plan import PruningPlan
+    from graphprune.planning.plan import PruningPlan
 
     with stage("verify"):
         report = verify_plan(
@@ -216,34 +194,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_demo(args: argparse.Namespace) -> int:
-    from graphprune.demo import DemoConfig, run_demo
-    from graphprune.report.tables import comparison_table, render
-
-    config = DemoConfig(
-        Path(args.out),
-        target_macs=args.target_macs,
-        round_to=args.round_to,
-        finetune_epochs=args.epochs,
-        finetune_samples=args.samples,
-        data=args.data,
-        threads=args.threads,
-    )
-    with stage("demo"):
-        demo = run_demo(config)
-    report = demo.prune.verification
-    out.print(f"pruned model verified: max rel err {report.max_rel_error:.2g} over {report.tensors} tensors")
-    title = f"Fashion-MNIST ResNet-20, test accuracy; ORT CPU batch 1, {args.threads} threads"
-    out.print(render(comparison_table(demo.rows, title=title)), end="")
-    out.print("wrote " + ", ".join(str(p) for p in demo.files))
-    return 0
-
-
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="graphprune", description=__doc__.splitlines()[0])
-    parser.add_argument("-v", "--verbose", action="store_true", help="log what each stage does")
-    sub = parser.add_subparsers(dest="command", required=True)
-
+def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("analyze", help="groups, prunable channels, blocked nodes and why, MACs/params")
     p.add_argument("model")
     p.add_argument("--json", action="store_true", help="machine-readable output")
@@ -284,7 +235,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--threads", type=int, default=None, help="onnxruntime threads of calibration, verification, --bench"
     )
     p.set_defaults(func=cmd_prune)
-    prune_parser = p
+    add_calibration_arguments(p)
 
     p = sub.add_parser("verify", help="check a pruned model against ORIGINAL masked by PLAN")
     p.add_argument("original")
@@ -314,63 +265,3 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--external-data", action="store_true", help="weights in OUT.onnx.data")
     p.add_argument("--fold-bn", action="store_true", help="fold BatchNorm into convs (as often shipped)")
     p.set_defaults(func=cmd_export)
-
-    p = sub.add_parser(
-        "demo", help="the main job: prune the shipped Fashion-MNIST ResNet-20 to half its MACs"
-    )
-    p.add_argument("--out", default="out/demo")
-    p.add_argument("--target-macs", type=float, default=0.5)
-    p.add_argument(
-        "--round-to",
-        type=int,
-        default=16,
-        help="kept channels a multiple of N (onnxruntime CPU kernels: 8 or 16)",
-    )
-    p.add_argument("--epochs", type=int, default=1, help="fine-tune epochs")
-    p.add_argument("--samples", type=int, default=15000, help="training images used for fine-tuning")
-    p.add_argument("--data", default="fashion-mnist", help="dataset spec (synthetic for a quick check)")
-    p.add_argument("--threads", type=int, default=2)
-    p.set_defaults(func=cmd_demo)
-
-    from graphprune import cli_criteria, cli_methods, cli_train
-
-    cli_criteria.add_calibration_arguments(prune_parser)
-    cli_criteria.register(sub)
-    cli_train.register(sub)
-    cli_methods.register(sub)
-    return parser
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    logging.basicConfig(
-        level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(message)s"
-    )
-    handler: Callable[[argparse.Namespace], int] = args.func
-    threads = getattr(args, "threads", None)
-    if threads is not None and threads < 1:
-        console.print(f"graphprune: error: --threads must be at least 1, got {threads}.", markup=False)
-        return 2
-    try:
-        return handler(args)
-    except GraphPruneError as exc:
-        console.print(f"graphprune: error: {' '.join(str(exc).split())}", markup=False, soft_wrap=True)
-        return 2
-    except Exception as exc:
-        if args.verbose:
-            raise
-        console.print(
-            f"graphprune: internal error: {type(exc).__name__}: {' '.join(str(exc).split())} "
-            "(rerun with -v for the traceback, and please report it)",
-            markup=False,
-            soft_wrap=True,
-        )
-        return 3
-    except KeyboardInterrupt:
-        console.print("graphprune: interrupted; nothing was written.")
-        return 130
-
-
-if __name__ == "__main__":
-    sys.exit(main())

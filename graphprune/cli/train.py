@@ -1,6 +1,6 @@
 """The training commands of `graphprune`: train (a zoo baseline), finetune (a pruned ONNX model), eval.
 
-`register(subparsers)` adds them to the main parser (graphprune/cli.py). torch is imported only when
+`register(subparsers)` adds them to the main parser (graphprune/cli/main.py). torch is imported only when
 one of these commands runs. `finetune` folds the model back into PyTorch (onto the user's module with
 --module, else through onnx2torch), proves the fold-back equal to the input graph, fine-tunes and
 re-exports it with BatchNorm kept. Both training commands checkpoint every epoch into OUT.ckpt/
@@ -16,6 +16,7 @@ import contextlib
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from graphprune.cli.arguments import set_threads
 from graphprune.errors import GraphPruneError
 
 if TYPE_CHECKING:
@@ -120,7 +121,7 @@ def _train_and_export(
     module: nn.Module, train: ArrayDataset, test: ArrayDataset, args: argparse.Namespace
 ) -> float | None:
     """Fit with per-epoch lines, then (rank 0) export to OUT and return its test accuracy via ORT."""
-    from graphprune.cli import stage
+    from graphprune.cli.console import stage
     from graphprune.runtime.evaluate import evaluate_onnx
     from graphprune.torch_bridge.train import dist_info, export_trained, fit
 
@@ -135,7 +136,7 @@ def _train_and_export(
 
 def _epoch_printer() -> Callback:
     """A callback printing one line per epoch on rank 0 (the bar itself disappears when done)."""
-    from graphprune.cli import console
+    from graphprune.cli.console import console
     from graphprune.torch_bridge.train import Callback
 
     class EpochPrinter(Callback):
@@ -151,17 +152,10 @@ def _epoch_printer() -> Callback:
     return EpochPrinter()
 
 
-def set_threads(args: argparse.Namespace) -> None:
-    import torch
-
-    if args.threads is not None:
-        torch.set_num_threads(args.threads)
-
-
 def cmd_train(args: argparse.Namespace) -> int:
     import torch
 
-    from graphprune.cli import out
+    from graphprune.cli.console import out
     from graphprune.zoo import build
 
     _check_output(args)
@@ -177,7 +171,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_finetune(args: argparse.Namespace) -> int:
-    from graphprune.cli import console, out, stage
+    from graphprune.cli.console import console, out, stage
     from graphprune.model_io import load_model
     from graphprune.runtime.evaluate import evaluate_onnx
     from graphprune.torch_bridge.foldback import apply_to_module, onnx_to_module, verify_foldback
@@ -206,7 +200,7 @@ def cmd_finetune(args: argparse.Namespace) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from graphprune.cli import out, stage
+    from graphprune.cli.console import out, stage
     from graphprune.data import load_dataset
     from graphprune.runtime.evaluate import evaluate_onnx
 

@@ -12,7 +12,7 @@ import numpy as np
 
 from graphprune.analysis.graph import DependencyGraph
 from graphprune.errors import PlanError
-from graphprune.util import atomic_write
+from graphprune.onnxutil import atomic_write
 
 PLAN_FORMAT = "graphprune-plan/1"
 

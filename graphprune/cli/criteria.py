@@ -15,21 +15,21 @@ import argparse
 import json
 import re
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import numpy as np
+
+from graphprune.cli.arguments import POOL_HELP
 
 if TYPE_CHECKING:
     from rich.table import Table
 
-    from graphprune.criteria.blend.clustering import LayerClusters
-
-POOL_HELP = "comma-separated criteria (default: the blend's pool)"
+    from graphprune.search.blend.clustering import LayerClusters
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     """Add the `criteria` command."""
-    from graphprune.criteria.blend import DEFAULT_POOL
+    from graphprune.search.blend import DEFAULT_POOL
 
     p = subparsers.add_parser(
         "criteria", help="Spearman rank correlation between criteria, per layer (table and heatmap)"
@@ -53,11 +53,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def cmd_criteria(args: argparse.Namespace) -> int:
     from graphprune.api import analyze_model, torch_gate_gradients
-    from graphprune.cli import out, stage
-    from graphprune.criteria.blend.clustering import cluster_layers, mean_similarity
-    from graphprune.criteria.blend.pool import pool_inputs, score_pool
+    from graphprune.cli.console import out, stage
     from graphprune.report.tables import render
     from graphprune.runtime.activations import load_calibration
+    from graphprune.search.blend.clustering import cluster_layers, mean_similarity
+    from graphprune.search.blend.pool import pool_inputs, score_pool
 
     names = [name.strip() for name in args.criteria.split(",") if name.strip()]
     with stage("analysis"):
@@ -109,9 +109,9 @@ def write_outputs(
     folder: Path, layers: list[LayerClusters], names: list[str], average: np.ndarray, skipped: dict[str, str]
 ) -> Path:
     """criteria_spearman.json, the average heatmap and one heatmap per layer; returns the JSON path."""
-    from graphprune.criteria.blend.clustering import json_matrix
+    from graphprune.onnxutil import atomic_write
     from graphprune.report.plots import plot_heatmap
-    from graphprune.util import atomic_write
+    from graphprune.search.blend.clustering import json_matrix
 
     summary = {
         "criteria": names,
@@ -133,47 +133,3 @@ def write_outputs(
             f"Spearman, {layer.name}",
         )
     return json_path
-
-
-# prune: calibration and blend options ---------------------------------------------------------------
-def add_calibration_arguments(parser: argparse.ArgumentParser) -> None:
-    """--calib / --calib-samples for activation, Taylor and blend criteria, and the blend's options."""
-    parser.add_argument(
-        "--calib", help="calibration data for activation/taylor/blend criteria (dataset spec)"
-    )
-    parser.add_argument(
-        "--calib-samples", type=int, default=1024, help="calibration images drawn (default 1024)"
-    )
-    blend = parser.add_argument_group("blend (--criterion blend)")
-    blend.add_argument("--blend-pool", help=POOL_HELP)
-    blend.add_argument("--blend-similarity", type=float, default=0.9, help="Spearman threshold for clusters")
-    blend.add_argument("--blend-normalize", default="rank", choices=("rank", "scale"))
-    blend.add_argument("--blend-population", type=int, default=12)
-    blend.add_argument("--blend-generations", type=int, default=8)
-    blend.add_argument("--blend-workers", type=int, default=2, help="evaluation processes (default 2)")
-    blend.add_argument("--blend-report", help="folder for blend_report.json and blend_fitness.png")
-
-
-def calibration_kwargs(args: argparse.Namespace) -> dict[str, Any]:
-    """Keyword arguments of graphprune.api.prune for the options added by add_calibration_arguments."""
-    kwargs: dict[str, Any] = {"calib": args.calib, "calib_samples": args.calib_samples}
-    if args.criterion == "blend":
-        from graphprune.criteria.blend import DEFAULT_POOL, BlendConfig
-
-        pool = (
-            tuple(n.strip() for n in args.blend_pool.split(",") if n.strip())
-            if args.blend_pool
-            else DEFAULT_POOL
-        )
-        kwargs["criterion_options"] = {
-            "config": BlendConfig(
-                pool=pool,
-                similarity=args.blend_similarity,
-                normalize=args.blend_normalize,
-                population=args.blend_population,
-                generations=args.blend_generations,
-                workers=args.blend_workers,
-                report_dir=args.blend_report,
-            )
-        }
-    return kwargs

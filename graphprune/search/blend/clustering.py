@@ -13,8 +13,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from graphprune.analysis.graph import Group
-from graphprune.criteria.blend.pool import PoolScores
 from graphprune.criteria.normalize import spearman_matrix
+from graphprune.search.blend.pool import PoolScores
 
 
 @dataclass

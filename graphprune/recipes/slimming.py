@@ -27,9 +27,6 @@ that reproduces the paper's global percentile threshold:
 The multi-pass variant repeats prune + fine-tune; each pass removes `ratio` of the channels left, and
 every fine-tune but the last keeps the sparsity penalty so the next pass again finds small gammas.
 
-This module also holds what both training-time recipes share (starting module, datasets, measured
-stages, the before/after rows).
-
 Under torchrun (``torchrun --nproc_per_node=N -m graphprune.cli slim ...``) every rank trains (DDP, see
 `train.fit`), but only rank 0 exports, prunes, evaluates in onnxruntime and writes files (intermediate
 models, the output); the others wait for it. After each prune, every rank folds rank 0's pruned graph
@@ -39,13 +36,8 @@ returns the same result.
 
 from __future__ import annotations
 
-import copy
 import logging
 import os
-import shutil
-import tempfile
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from functools import partial
 from pathlib import Path
@@ -54,22 +46,27 @@ import onnx
 import torch
 from torch import nn
 
-from graphprune.api import PruneResult, model_cost, prune
-from graphprune.data import ArrayDataset, load_dataset
+from graphprune.api import PruneResult, prune
 from graphprune.errors import GraphPruneError, PlanError
 from graphprune.planning import PlanOptions
-from graphprune.runtime.evaluate import evaluate_onnx
+from graphprune.recipes.workspace import (
+    RecipeResult,
+    Stage,
+    Start,
+    export_stage,
+    measure,
+    prune_stage,
+    publish,
+    workspace,
+)
 from graphprune.torch_bridge.train import (
     Callback,
     TrainConfig,
     TrainState,
-    dist_info,
-    export_trained,
     fit,
     init_distributed,
     run_on_main,
 )
-from graphprune.util import atomic_write
 
 log = logging.getLogger(__name__)
 
@@ -77,162 +74,6 @@ LAMBDA_PLAIN = 1e-4
 LAMBDA_RESIDUAL = 1e-5
 # Just under 1: PlanOptions needs max_ratio < 1, and only min_channels should limit a layer.
 NO_CAP = 1.0 - 1e-9
-
-
-# Shared by the training-time recipes --------------------------------------------------------------
-
-
-@dataclass
-class Start:
-    """Where a recipe starts: a zoo model (trained from scratch) or an ONNX model (fine-tuned)."""
-
-    model: str | None = None
-    onnx: str | None = None
-    data: str = "fashion-mnist"
-    train_limit: int | None = None
-    val_limit: int | None = None
-    seed: int = 0
-
-    def validate(self, module_given: bool = False) -> None:
-        """A start needs a zoo name or an ONNX file, not both; a module passed in Python needs neither."""
-        given = (self.model is not None) + (self.onnx is not None)
-        if given > 1 or given == 0 and not module_given:
-            raise GraphPruneError("give exactly one of a zoo model name (--model) or an ONNX file (--onnx).")
-
-    def datasets(self) -> tuple[ArrayDataset, ArrayDataset]:
-        """(train, validation) splits of the dataset, each optionally limited to a seeded subset."""
-        train = load_dataset(self.data, "train", limit=self.train_limit, seed=self.seed)
-        val = load_dataset(self.data, "test", limit=self.val_limit, seed=self.seed)
-        return train, val
-
-    def module(self, train: ArrayDataset) -> nn.Module:
-        """The starting module: a fresh zoo model sized for the data, or the ONNX model made trainable."""
-        self.validate()
-        if self.onnx is not None:
-            from graphprune.model_io import load_model
-            from graphprune.torch_bridge.foldback import onnx_to_module
-
-            return onnx_to_module(load_model(self.onnx).proto)
-        from graphprune.zoo import build
-
-        torch.manual_seed(self.seed)
-        return build(self.model, in_channels=train.sample_shape[0], num_classes=train.num_classes)
-
-    def is_residual(self, module: nn.Module, sample_shape: tuple[int, ...]) -> bool:
-        """Residual (ResNet/DenseNet-like) or plain (VGG-like), which picks the papers' defaults: by the
-        zoo name, else by whether the graph (the ONNX file, or the module exported) adds or concatenates."""
-        if self.model is not None and ":" not in self.model:
-            return "vgg" not in self.model.lower()
-        return run_on_main(partial(self._graph_joins, module, sample_shape))
-
-    def _graph_joins(self, module: nn.Module, sample_shape: tuple[int, ...]) -> bool:
-        """Whether the ONNX file, or the module exported, has an Add, Sum or Concat."""
-        if self.onnx is not None:
-            from graphprune.model_io import load_model
-
-            proto = load_model(self.onnx).proto
-        else:
-            with workspace(None) as tmp:
-                proto = export_trained(copy.deepcopy(module), tmp / "probe.onnx", sample_shape)
-        return any(node.op_type in ("Add", "Sum", "Concat") for node in proto.graph.node)
-
-
-@dataclass
-class Stage:
-    """One measured model on the way: ONNX accuracy (onnxruntime) and cost."""
-
-    label: str
-    path: Path
-    accuracy: float
-    macs: int
-    params: int
-
-    def row(self) -> dict[str, float]:
-        return {"accuracy": self.accuracy, "macs": self.macs, "params": self.params}
-
-
-def measure(label: str, path: Path, val: ArrayDataset) -> Stage:
-    """Accuracy (onnxruntime) and cost of the model written at `path`."""
-    cost = model_cost(onnx.load(os.fspath(path)))
-    accuracy = evaluate_onnx(path, val)
-    log.info("%-20s accuracy %.4f  MACs %d  params %d", label, accuracy, cost.macs, cost.params)
-    return Stage(label, path, accuracy, cost.macs, cost.params)
-
-
-def export_stage(module: nn.Module, label: str, path: Path, val: ArrayDataset) -> Stage:
-    """Export the module with BN kept (on the CPU) and measure it, on rank 0; every rank gets the Stage."""
-
-    def on_main() -> Stage:
-        export_trained(module, path, val.sample_shape)
-        return measure(label, path, val)
-
-    return run_on_main(on_main)
-
-
-def prune_stage(
-    module: nn.Module, pruning: Callable[[], PruneResult], label: str, path: Path, val: ArrayDataset
-) -> Stage:
-    """On rank 0: prune (`pruning`), save the graph, fold it back onto `module` (in place, checked equal
-    to the graph) and measure it before any training. Every other rank folds the same graph back onto
-    its own module, so all ranks go on from identical modules; every rank gets the Stage."""
-    from graphprune.torch_bridge.foldback import apply_to_module, verify_foldback
-
-    def on_main() -> tuple[Stage, onnx.ModelProto]:
-        result = pruning()
-        result.save(path, path.with_suffix(".plan.json"))
-        verify_foldback(apply_to_module(module.cpu(), result.model), result.model)
-        return measure(label, path, val), result.model
-
-    stage, pruned = run_on_main(on_main)
-    if not dist_info().is_main:
-        apply_to_module(module.cpu(), pruned)
-    return stage
-
-
-@contextmanager
-def workspace(workdir: str | os.PathLike[str] | None) -> Iterator[Path]:
-    """The folder for intermediate models: `workdir` (kept) or a temporary one (removed after)."""
-    if workdir is not None:
-        path = Path(workdir)
-        path.mkdir(parents=True, exist_ok=True)
-        yield path
-        return
-    path = Path(tempfile.mkdtemp(prefix="graphprune-"))
-    try:
-        yield path
-    finally:
-        shutil.rmtree(path, ignore_errors=True)
-
-
-def publish(stage: Stage, output: str | os.PathLike[str]) -> Path:
-    """Copy the final model to `output` atomically, on rank 0; the other ranks wait until it is written."""
-
-    def on_main() -> Path:
-        with atomic_write(output) as tmp:
-            shutil.copyfile(stage.path, tmp)
-        return Path(output)
-
-    return run_on_main(on_main)
-
-
-@dataclass
-class RecipeResult:
-    """What a recipe produced: the written model and every measured stage, first to last."""
-
-    output: Path
-    stages: list[Stage]
-
-    @property
-    def before(self) -> Stage:
-        return self.stages[0]
-
-    @property
-    def after(self) -> Stage:
-        return self.stages[-1]
-
-    def rows(self) -> dict[str, dict[str, float]]:
-        """Rows for graphprune.report.tables.comparison_table, one per stage."""
-        return {stage.label: stage.row() for stage in self.stages}
 
 
 # Network Slimming ---------------------------------------------------------------------------------

@@ -26,7 +26,7 @@ from onnx import helper, numpy_helper
 
 from graphprune.analysis.context import attribute
 from graphprune.analysis.graph import DependencyGraph
-from graphprune.criteria.base import RemovalPlanner
+from graphprune.criteria.base import RemovalFunction
 from graphprune.errors import CalibrationError, GraphPruneError
 from graphprune.runtime.session import make_session
 from graphprune.surgery.apply import apply_removal
@@ -187,7 +187,7 @@ class FitnessTask:
     """Everything one evaluation needs; pickled once into each worker process."""
 
     dep: DependencyGraph
-    planner: RemovalPlanner
+    planner: RemovalFunction
     layers: list[LayerBlend]
     recal_images: np.ndarray
     eval_images: np.ndarray

@@ -48,6 +48,18 @@ class PlanOptions:
             )
 
 
+@dataclass(frozen=True)
+class RemovalPlanner:
+    """Scores -> removal mask under fixed plan options.  Picklable, so the blend search's worker
+    processes can plan each candidate blend exactly as prune() will."""
+
+    options: PlanOptions
+    cost: CostReport | None = None
+
+    def __call__(self, dep: DependencyGraph, scores: dict[int, np.ndarray]) -> np.ndarray:
+        return Planner(dep, scores, self.options).plan(self.cost)
+
+
 def excluded_groups(dep: DependencyGraph, names: list[str]) -> set[int]:
     """Groups touched by the named nodes (or output tensors / weight names)."""
     found: set[int] = set()

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 from graphprune.errors import GraphPruneError
 
 if TYPE_CHECKING:
-    from graphprune.torch_bridge.slimming import RecipeResult, Start
+    from graphprune.recipes.workspace import RecipeResult, Start
     from graphprune.torch_bridge.train import TrainConfig
 
 
@@ -44,7 +44,7 @@ def _common(p: argparse.ArgumentParser) -> None:
 
 
 def _start(args: argparse.Namespace) -> Start:
-    from graphprune.torch_bridge.slimming import Start
+    from graphprune.recipes.workspace import Start
 
     if args.onnx and Path(args.onnx).resolve() == Path(args.output).resolve():
         raise GraphPruneError("the output path is the input model; graphprune never overwrites its input.")
@@ -52,7 +52,7 @@ def _start(args: argparse.Namespace) -> Start:
 
 
 def _train(args: argparse.Namespace) -> TrainConfig:
-    from graphprune.cli_train import set_threads
+    from graphprune.cli.arguments import set_threads
     from graphprune.torch_bridge.train import TrainConfig
 
     set_threads(args)
@@ -68,7 +68,7 @@ def _train(args: argparse.Namespace) -> TrainConfig:
 
 def _report(result: RecipeResult, title: str) -> None:
     """Print the stages table and the output path (rank 0 only under torchrun)."""
-    from graphprune.cli import out
+    from graphprune.cli.console import out
     from graphprune.report.tables import comparison_table, render
     from graphprune.torch_bridge.train import dist_info
 
@@ -79,7 +79,7 @@ def _report(result: RecipeResult, title: str) -> None:
 
 
 def cmd_slim(args: argparse.Namespace) -> int:
-    from graphprune.torch_bridge.slimming import SlimmingConfig, run_slimming
+    from graphprune.recipes.slimming import SlimmingConfig, run_slimming
 
     config = SlimmingConfig(
         start=_start(args),
@@ -100,7 +100,7 @@ def cmd_slim(args: argparse.Namespace) -> int:
 
 
 def cmd_gate_decorator(args: argparse.Namespace) -> int:
-    from graphprune.torch_bridge.gate_decorator import GateDecoratorConfig, run_gate_decorator
+    from graphprune.recipes.gate_decorator import GateDecoratorConfig, run_gate_decorator
 
     config = GateDecoratorConfig(
         start=_start(args),

@@ -22,13 +22,13 @@ import numpy as np
 
 from graphprune.analysis.graph import Group
 from graphprune.criteria.base import Criterion, ScoringInputs
-from graphprune.criteria.blend.clustering import LayerClusters, cluster_layers
-from graphprune.criteria.blend.fitness import Evaluator, FitnessTask, LayerBlend, blend_scores
-from graphprune.criteria.blend.pool import DEFAULT_POOL, PoolScores, check_pool, pool_statistics, score_pool
-from graphprune.criteria.blend.search import SearchConfig, SearchResult, evolve
 from graphprune.criteria.normalize import normalize
 from graphprune.errors import CalibrationError, PlanError
-from graphprune.util import atomic_write
+from graphprune.onnxutil import atomic_write
+from graphprune.search.blend.clustering import LayerClusters, cluster_layers
+from graphprune.search.blend.fitness import Evaluator, FitnessTask, LayerBlend, blend_scores
+from graphprune.search.blend.pool import DEFAULT_POOL, PoolScores, check_pool, pool_statistics, score_pool
+from graphprune.search.blend.search import SearchConfig, SearchResult, evolve
 
 log = logging.getLogger(__name__)
 

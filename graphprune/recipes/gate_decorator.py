@@ -54,10 +54,9 @@ from graphprune.analysis.graph import DependencyGraph
 from graphprune.api import PruneResult, analyze_model, model_cost, prune
 from graphprune.data import ArrayDataset
 from graphprune.errors import GraphPruneError, UnsupportedModelError
-from graphprune.plan import PruningPlan
 from graphprune.planning import predicted_macs
-from graphprune.runtime.cost import CostReport
-from graphprune.torch_bridge.slimming import (
+from graphprune.planning.plan import PruningPlan
+from graphprune.recipes.workspace import (
     RecipeResult,
     Stage,
     Start,
@@ -66,6 +65,7 @@ from graphprune.torch_bridge.slimming import (
     publish,
     workspace,
 )
+from graphprune.runtime.cost import CostReport
 from graphprune.torch_bridge.train import (
     Callback,
     Regularizer,

@@ -1,0 +1,58 @@
+"""Arguments shared by several command families: calibration and blend options, torch threads."""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+POOL_HELP = "comma-separated criteria (default: the blend's pool)"
+
+
+def set_threads(args: argparse.Namespace) -> None:
+    import torch
+
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+
+
+def add_calibration_arguments(parser: argparse.ArgumentParser) -> None:
+    """--calib / --calib-samples for activation, Taylor and blend criteria, and the blend's options."""
+    parser.add_argument(
+        "--calib", help="calibration data for activation/taylor/blend criteria (dataset spec)"
+    )
+    parser.add_argument(
+        "--calib-samples", type=int, default=1024, help="calibration images drawn (default 1024)"
+    )
+    blend = parser.add_argument_group("blend (--criterion blend)")
+    blend.add_argument("--blend-pool", help=POOL_HELP)
+    blend.add_argument("--blend-similarity", type=float, default=0.9, help="Spearman threshold for clusters")
+    blend.add_argument("--blend-normalize", default="rank", choices=("rank", "scale"))
+    blend.add_argument("--blend-population", type=int, default=12)
+    blend.add_argument("--blend-generations", type=int, default=8)
+    blend.add_argument("--blend-workers", type=int, default=2, help="evaluation processes (default 2)")
+    blend.add_argument("--blend-report", help="folder for blend_report.json and blend_fitness.png")
+
+
+def calibration_kwargs(args: argparse.Namespace) -> dict[str, Any]:
+    """Keyword arguments of graphprune.api.prune for the options added by add_calibration_arguments."""
+    kwargs: dict[str, Any] = {"calib": args.calib, "calib_samples": args.calib_samples}
+    if args.criterion == "blend":
+        from graphprune.search.blend import DEFAULT_POOL, BlendConfig
+
+        pool = (
+            tuple(n.strip() for n in args.blend_pool.split(",") if n.strip())
+            if args.blend_pool
+            else DEFAULT_POOL
+        )
+        kwargs["criterion_options"] = {
+            "config": BlendConfig(
+                pool=pool,
+                similarity=args.blend_similarity,
+                normalize=args.blend_normalize,
+                population=args.blend_population,
+                generations=args.blend_generations,
+                workers=args.blend_workers,
+                report_dir=args.blend_report,
+            )
+        }
+    return kwargs

@@ -1,0 +1,58 @@
+"""The `graphprune` command: analyze, prune, verify, bench, export.
+
+Every failure is one line on stderr and exit status 2; status 0 means the promised file was written
+(and verified, unless --no-verify was given).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+from collections.abc import Callable
+
+from graphprune.cli import criteria as cli_criteria
+from graphprune.cli import demo, model
+from graphprune.cli import methods as cli_methods
+from graphprune.cli import train as cli_train
+from graphprune.cli.console import console
+from graphprune.errors import GraphPruneError
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="graphprune", description=__doc__.splitlines()[0])
+    parser.add_argument("-v", "--verbose", action="store_true", help="log what each stage does")
+    sub = parser.add_subparsers(dest="command", required=True)
+    for family in (model, cli_criteria, cli_train, cli_methods, demo):
+        family.register(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(message)s"
+    )
+    handler: Callable[[argparse.Namespace], int] = args.func
+    threads = getattr(args, "threads", None)
+    if threads is not None and threads < 1:
+        console.print(f"graphprune: error: --threads must be at least 1, got {threads}.", markup=False)
+        return 2
+    try:
+        return handler(args)
+    except GraphPruneError as exc:
+        console.print(f"graphprune: error: {' '.join(str(exc).split())}", markup=False, soft_wrap=True)
+        return 2
+    except Exception as exc:
+        if args.verbose:
+            raise
+        console.print(
+            f"graphprune: internal error: {type(exc).__name__}: {' '.join(str(exc).split())} "
+            "(rerun with -v for the traceback, and please report it)",
+            markup=False,
+            soft_wrap=True,
+        )
+        return 3
+    except KeyboardInterrupt:
+        console.print("graphprune: interrupted; nothing was written.")
+        return 130
