@@ -13,9 +13,11 @@ from onnx import numpy_helper
 
 from graphprune.errors import InvalidModelError
 from graphprune.onnxutil import atomic_write
+from graphprune.ops import OPS
 
-# Nodes that only rearrange constants: clean() turns them into initializers.
-FOLDABLE_OPS = frozenset({"Constant", "Identity", "Transpose", "Unsqueeze", "Squeeze"})
+# Nodes that only rearrange constants (their OpSpec can fold them): clean() turns them into initializers.
+FOLDABLE_OPS = frozenset(name for name, spec in OPS.items() if spec.fold is not None)
+
 # With external data, tensors of at least this many bytes leave the model file.
 EXTERNAL_MIN_BYTES = 1024
 
@@ -104,29 +106,13 @@ def fold_constants(model: onnx.ModelProto, op_types: frozenset[str]) -> int:
 
 
 def _fold(node: onnx.NodeProto, values: dict[str, onnx.TensorProto]) -> onnx.TensorProto | None:
-    """The initializer a node reduces to when it only rearranges constants, or None."""
-    attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
-    if node.op_type == "Constant":
-        if set(attrs) != {"value"}:
-            return None
-        tensor = onnx.TensorProto()
-        tensor.CopyFrom(attrs["value"])
-        tensor.name = node.output[0]
-        return tensor
-    if not node.input or any(name and name not in values for name in node.input):
+    """The initializer a node reduces to when it only rearranges constants (its OpSpec's `fold`), or None."""
+    if any(name and name not in values for name in node.input):
         return None
-    value = numpy_helper.to_array(values[node.input[0]])
-    axes = attrs.get("axes")
-    if len(node.input) > 1 and node.input[1]:
-        axes = numpy_helper.to_array(values[node.input[1]]).tolist()
-    if node.op_type == "Transpose":
-        value = np.transpose(value, attrs.get("perm"))
-    elif node.op_type == "Squeeze":
-        value = np.squeeze(value, axis=None if axes is None else tuple(axes))
-    elif node.op_type == "Unsqueeze":
-        rank = value.ndim + len(axes)
-        value = np.expand_dims(value, tuple(sorted(a % rank for a in axes)))
-    return numpy_helper.from_array(np.ascontiguousarray(value), node.output[0])
+    inputs = [numpy_helper.to_array(values[name]) if name else None for name in node.input]
+    attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+    value = OPS[node.op_type].fold(inputs, attrs)
+    return None if value is None else numpy_helper.from_array(np.ascontiguousarray(value), node.output[0])
 
 
 def save_model(model: onnx.ModelProto, path: str | os.PathLike[str], *, external_data: bool = False) -> Path:

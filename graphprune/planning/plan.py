@@ -49,7 +49,7 @@ class PruningPlan:
 
     def removed_mask(self, dep: DependencyGraph) -> np.ndarray:
         """Boolean mask over the analysed model's atoms (closed over ties)."""
-        prunable = {b.node: b for b in dep.table.blocks if not b.name.endswith(":fixed")}
+        prunable = {b.node: b for b in dep.table.blocks if not b.fixed}
         chosen: list[int] = []
         for node, indices in self.remove.items():
             block = prunable.get(node)
