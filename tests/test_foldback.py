@@ -247,6 +247,15 @@ def test_simplified_export_folds_back(tmp_path: Path) -> None:
     _folds_back_and_trains(onnxslim.slim(onnx.load(path)))
 
 
+def test_a_graph_fixed_to_its_export_batch_is_refused(tmp_path: Path) -> None:
+    """Without dynamic shapes the dynamo exporter writes Reshape(x, [2, 16]): it would fail at batch 128."""
+    path = tmp_path / "fixed.onnx"
+    torch.onnx.export(_tiny_bn_cnn(), (torch.zeros(2, 1, 28, 28),), path, dynamo=True)
+    module = onnx_to_module(path)
+    with pytest.raises(UnsupportedModelError, match="fixed batch of 2.*dynamic batch"):
+        verify_foldback(module, path)
+
+
 @pytest.mark.parametrize("dynamo", [False, True], ids=["legacy", "dynamo"])
 def test_apply_to_module_refuses_a_graph_with_folded_bn(tmp_path: Path, dynamo: bool) -> None:
     """Before: the user's BN layers kept their widths while the convs shrank (an internal RuntimeError)."""

@@ -241,7 +241,8 @@ def input_shape(model: onnx.ModelProto, batch: int = CHECK_BATCH) -> tuple[int, 
 
 def verify_foldback(module: nn.Module, pruned: ModelLike, *, seed: int = 0, tolerance: float = 1e-4) -> float:
     """Re-export `module` (BN kept) and compare its ONNX outputs with the pruned graph's on a seeded
-    random batch; return the max relative error or raise VerificationError above `tolerance`."""
+    random batch; return the max relative error or raise VerificationError above `tolerance`. A graph
+    with a fixed batch must also run at another batch size (training needs that)."""
     from graphprune.runtime.session import make_session
     from graphprune.torch_bridge.export import export
 
@@ -269,8 +270,31 @@ def verify_foldback(module: nn.Module, pruned: ModelLike, *, seed: int = 0, tole
             f"The folded-back module differs from the pruned graph (max rel err {error:.3g} > {tolerance:g}); "
             "do not fine-tune it, report the model."
         )
+    _check_batch_free(module, reference)
     logger.info("Fold-back equal to the pruned graph: max rel err %.3g.", error)
     return error
+
+
+def _check_batch_free(module: nn.Module, model: onnx.ModelProto) -> None:
+    """Refuse a module that computes only at the graph's fixed batch size (a Reshape to a constant shape
+    that includes the batch, as the dynamo exporter writes without dynamic shapes)."""
+    shape = input_shape(model)
+    if shape != input_shape(model, CHECK_BATCH + 1):
+        return  # the batch is symbolic: the exporter kept it free
+    device = next((p.device for p in module.parameters()), torch.device("cpu"))
+    was_training = module.training
+    module.eval()
+    try:
+        with torch.no_grad():
+            module(torch.zeros(shape[0] + 1, *shape[1:], device=device))
+    except RuntimeError as exc:
+        raise UnsupportedModelError(
+            f"The model was exported with a fixed batch of {shape[0]} and computes only at that size, so it "
+            "cannot be fine-tuned; export it with a dynamic batch (dynamic_shapes or dynamic_axes in "
+            "torch.onnx.export, or graphprune export)."
+        ) from exc
+    finally:
+        module.train(was_training)
 
 
 def _run(session: ort.InferenceSession, batch: np.ndarray) -> np.ndarray:
