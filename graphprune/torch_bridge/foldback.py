@@ -199,7 +199,7 @@ def _for_onnx2torch(model: onnx.ModelProto) -> onnx.ModelProto:
             logger.info("Cannot bring opset %d down to %d for onnx2torch (%s).", opset, ONNX2TORCH_OPSET, exc)
     constants = {init.name: init for init in model.graph.initializer}
     for node in model.graph.node:
-        shape = constants.get(node.input[1]) if node.op_type == "Reshape" else None
+        shape = constants.get(node.input[1]) if node.op_type == "Reshape" and len(node.input) > 1 else None
         if shape is not None and numpy_helper.to_array(shape).all():
             kept = [attr for attr in node.attribute if attr.name != "allowzero"]
             del node.attribute[:]

@@ -72,9 +72,8 @@ SCHEDULES: tuple[str, ...] = ("cosine", "one-cycle", "constant")
 CHECKPOINT_NAME = "last.pt"
 CHECKPOINT_VERSION = 1
 # Settings a resumed run must share with the run that wrote the checkpoint (they fix the schedule and
-# the loss, and name the model a fine-tune started from).
+# the loss); its starting model (TrainConfig.model_sha256) is checked first, with its own message.
 RESUME_KEYS = (
-    "model_sha256",
     "epochs",
     "batch_size",
     "lr",
