@@ -70,7 +70,8 @@ logger = logging.getLogger(__name__)
 Schedule = Literal["cosine", "one-cycle", "constant"]
 SCHEDULES: tuple[str, ...] = ("cosine", "one-cycle", "constant")
 CHECKPOINT_NAME = "last.pt"
-CHECKPOINT_VERSION = 1
+# 2: the config records the starting model (model_sha256) and the distillation settings.
+CHECKPOINT_VERSION = 2
 # Settings a resumed run must share with the run that wrote the checkpoint (they fix the schedule and
 # the loss); its starting model (TrainConfig.model_sha256) is checked first, with its own message.
 RESUME_KEYS = (
@@ -430,6 +431,11 @@ def _load_checkpoint(state: TrainState, callbacks: list[Callback]) -> int:
         return 1
     try:
         payload = torch.load(path, map_location=state.device, weights_only=False)
+        if payload.get("version") != CHECKPOINT_VERSION:
+            raise GraphPruneError(
+                f"Checkpoint {path} has format {payload.get('version')}, this graphprune writes "
+                f"{CHECKPOINT_VERSION}; delete it or use a new checkpoint directory."
+            )
         _check_same_run(path, payload["config"], state.config)
         state.module.load_state_dict(payload["model"])
         state.optimizer.load_state_dict(payload["optimizer"])
