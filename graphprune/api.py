@@ -18,8 +18,7 @@ from graphprune.criteria.tensors import ActivationStats, collect_activations
 from graphprune.data.dataset import ArrayDataset
 from graphprune.data.sources import load_calibration
 from graphprune.errors import GraphPruneError
-from graphprune.model_io import LoadedModel, as_loaded, clean, save_model
-from graphprune.onnxutil import sha256_file
+from graphprune.model_io import LoadedModel, as_loaded, clean, model_sha256, save_model
 from graphprune.planning import PlanOptions, RemovalPlanner
 from graphprune.planning.plan import PruningPlan
 from graphprune.runtime.cost import CostReport, count_cost
@@ -212,7 +211,7 @@ def prune(
     pruned = apply_removal(dep, removed)
     report = verify_pruning(dep, removed, pruned, tolerance=tolerance, threads=threads) if verify else None
     after = model_cost(pruned)
-    sha = sha256_file(loaded.path) if loaded.path is not None else None
+    sha = model_sha256(loaded.path) if loaded.path is not None else None
     new_plan = PruningPlan.from_removed(
         dep, removed, criterion=plan.criterion if plan else criterion, settings=settings, model_sha256=sha
     )

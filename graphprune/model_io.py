@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 import tempfile
 from dataclasses import dataclass
@@ -12,7 +13,7 @@ import onnx
 from onnx import numpy_helper
 
 from graphprune.errors import InvalidModelError
-from graphprune.onnxutil import atomic_write
+from graphprune.onnxutil import atomic_write, sha256_file
 from graphprune.ops import OPS
 
 # Nodes that only rearrange constants (their OpSpec can fold them): clean() turns them into initializers.
@@ -60,6 +61,25 @@ def as_loaded(model: LoadedModel | onnx.ModelProto | str | os.PathLike[str]) -> 
     if isinstance(model, onnx.ModelProto):
         return LoadedModel(model, None, False)
     return load_model(model)
+
+
+def model_sha256(path: str | os.PathLike[str]) -> str:
+    """Hex SHA-256 identifying a model: its file's bytes, and those of the external data files it names."""
+    file = Path(path)
+    header = onnx.load(str(file), load_external_data=False)
+    locations = dict.fromkeys(
+        entry.value
+        for init in header.graph.initializer
+        if init.data_location == onnx.TensorProto.EXTERNAL
+        for entry in init.external_data
+        if entry.key == "location"
+    )
+    if not locations:
+        return sha256_file(file)
+    digest = hashlib.sha256()
+    for part in [file, *(file.parent / location for location in locations)]:
+        digest.update(sha256_file(part).encode())
+    return digest.hexdigest()
 
 
 def clean(model: onnx.ModelProto) -> onnx.ModelProto:

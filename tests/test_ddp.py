@@ -1,5 +1,6 @@
 """DDP under torchrun: 2 gloo processes x batch 8 end with the weights of 1 process x batch 16, for
-plain `fit` and for the Network Slimming and Gate Decorator recipes built on it.
+`fit` (distilling from an ONNX teacher, which each rank runs on its own shard) and for the Network
+Slimming and Gate Decorator recipes built on it.
 
 The same file is the worker script: torchrun runs it as __main__ with the worker's name; each rank
 trains (`fit` joins the process group itself) and saves what the test compares.
@@ -21,7 +22,10 @@ from torch import nn
 from graphprune.data import load_dataset
 from graphprune.recipes import gate_decorator, slimming
 from graphprune.recipes.gate_decorator import GateDecoratorConfig, run_gate_decorator
-from graphprune.recipes.slimming import SlimmingConfig, Start, run_slimming
+from graphprune.recipes.slimming import SlimmingConfig, run_slimming
+from graphprune.recipes.workspace import Start
+from graphprune.torch_bridge.distill import OnnxTeacher
+from graphprune.torch_bridge.export import export
 from graphprune.torch_bridge.train import History, TrainConfig, checkpoint_path, fit
 
 SAMPLES = 64
@@ -58,9 +62,20 @@ def config(batch_size: int, checkpoint_dir: Path | None = None) -> TrainConfig:
     )
 
 
-def train(batch_size: int, checkpoint_dir: Path | None = None) -> tuple[nn.Module, History]:
+def teacher_model(path: Path) -> Path:
+    """A differently initialised tiny net as the ONNX teacher."""
+    teacher = tiny_net()
+    with torch.no_grad():
+        for parameter in teacher.parameters():
+            parameter.mul_(-2.0)
+    export(teacher, torch.zeros(1, 1, 28, 28), path)
+    return path
+
+
+def train(batch_size: int, teacher: Path, checkpoint_dir: Path | None = None) -> tuple[nn.Module, History]:
     module = tiny_net()
-    history = fit(module, load_dataset(f"synthetic:{SAMPLES}"), None, config(batch_size, checkpoint_dir))
+    data = load_dataset(f"synthetic:{SAMPLES}")
+    history = fit(module, data, None, config(batch_size, checkpoint_dir), teacher=OnnxTeacher(teacher))
     return module, history
 
 
@@ -76,10 +91,10 @@ def torchrun(*args: str) -> None:
 
 
 def test_two_gloo_processes_match_one(tmp_path: Path) -> None:
-    weights = tmp_path / "ddp.pt"
-    torchrun("fit", str(weights), str(tmp_path / "ckpt"))
+    weights, teacher = tmp_path / "ddp.pt", teacher_model(tmp_path / "teacher.onnx")
+    torchrun("fit", str(weights), str(teacher), str(tmp_path / "ckpt"))
     distributed = torch.load(weights)
-    module, history = train(GLOBAL_BATCH)
+    module, history = train(GLOBAL_BATCH, teacher)
     single = module.state_dict()
     assert distributed.keys() == single.keys()
     for name, value in single.items():
@@ -94,9 +109,9 @@ def test_two_gloo_processes_match_one(tmp_path: Path) -> None:
         assert saved["train_accuracy"] == record.train_accuracy
 
 
-def fit_worker(weights: str, checkpoint_dir: str) -> None:
+def fit_worker(weights: str, teacher: str, checkpoint_dir: str) -> None:
     """torchrun worker: train with the per-process batch; rank 0 saves the weights."""
-    module, _ = train(GLOBAL_BATCH // int(os.environ["WORLD_SIZE"]), Path(checkpoint_dir))
+    module, _ = train(GLOBAL_BATCH // int(os.environ["WORLD_SIZE"]), Path(teacher), Path(checkpoint_dir))
     if os.environ["RANK"] == "0":
         torch.save(module.state_dict(), weights)
 

@@ -14,10 +14,12 @@ from onnx import helper
 from torch import nn
 
 from graphprune.api import PruneResult, prune
+from graphprune.data import load_dataset
 from graphprune.errors import UnsupportedModelError, VerificationError
 from graphprune.planning import PlanOptions
 from graphprune.torch_bridge.export import export
 from graphprune.torch_bridge.foldback import apply_to_module, onnx_to_module, verify_foldback
+from graphprune.torch_bridge.train import TrainConfig, fit
 from graphprune.zoo import build
 
 MODELS = ("resnet20", "mobilenetv2", "densenet_bc40")
@@ -161,3 +163,104 @@ def test_verify_foldback_catches_a_wrong_module(tmp_path: Path) -> None:
         folded[8].bias.add_(1.0)
     with pytest.raises(VerificationError, match="differs from the pruned graph"):
         verify_foldback(folded, result.model)
+
+
+def _tiny_bn_cnn() -> nn.Module:
+    """Conv-BN-ReLU twice, global average pooling (ReduceMean-18 from the dynamo exporter), a head;
+    its BN statistics are moved away from (0, 1) so that a wrong BN fold would show."""
+    torch.manual_seed(0)
+    module = nn.Sequential(
+        nn.Conv2d(1, 8, 3, stride=2, padding=1, bias=False),
+        nn.BatchNorm2d(8),
+        nn.ReLU(),
+        nn.Conv2d(8, 16, 3, stride=2, padding=1, bias=False),
+        nn.BatchNorm2d(16),
+        nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(16, 10),
+    ).train()
+    with torch.no_grad():
+        module(torch.randn(8, 1, 28, 28) * 2 + 0.5)
+    return module.eval()
+
+
+def _plain_export(module: nn.Module, path: Path, *, dynamo: bool) -> Path:
+    """What users ship: torch.onnx.export with its defaults (BN folded into the convs, opset 18+ for dynamo),
+    the batch dynamic so the model trains at any batch size."""
+    dynamic = {"x": {0: "batch"}}
+    torch.onnx.export(
+        module, (torch.zeros(2, 1, 28, 28),), path, dynamo=dynamo, input_names=["x"], dynamic_axes=dynamic
+    )
+    return path
+
+
+def _folds_back_and_trains(model: onnx.ModelProto | Path) -> None:
+    """Prune at ratio 0.5, fold back with onnx2torch, check equality, and take one SGD step."""
+    result = prune(model, PlanOptions(ratio=0.5))
+    assert result.after.params < result.before.params
+    module = onnx_to_module(result.model)
+    assert verify_foldback(module, result.model) < 1e-4
+    before = [p.detach().clone() for p in module.parameters()]
+    config = TrainConfig(epochs=1, batch_size=16, lr=0.05, schedule="constant", progress=False)
+    fit(module, load_dataset("synthetic:16"), None, config)
+    assert any(not torch.equal(p.detach(), old) for p, old in zip(module.parameters(), before, strict=True))
+
+
+@pytest.mark.parametrize("dynamo", [False, True], ids=["legacy", "dynamo"])
+def test_plain_torch_export_folds_back(tmp_path: Path, dynamo: bool) -> None:
+    """torch.onnx.export's defaults fold BN; the dynamo one also emits ReduceMean-18, which onnx2torch
+    1.5.15 has no converter for unless the graph is brought down to opset 17 first."""
+    path = _plain_export(_tiny_bn_cnn(), tmp_path / "plain.onnx", dynamo=dynamo)
+    model = onnx.load(path)
+    assert not any(node.op_type == "BatchNormalization" for node in model.graph.node)
+    if dynamo:
+        assert any(node.op_type == "ReduceMean" for node in model.graph.node)
+        assert model.opset_import[0].version >= 18
+    _folds_back_and_trains(path)
+
+
+def test_plain_dynamo_export_of_resnet20_folds_back(tmp_path: Path) -> None:
+    module = build("resnet20").eval()
+    _folds_back_and_trains(_plain_export(module, tmp_path / "resnet20.onnx", dynamo=True))
+
+
+@pytest.mark.parametrize("fold_bn", [False, True], ids=["bn-kept", "bn-folded"])
+def test_dynamo_export_with_external_data_folds_back(tmp_path: Path, fold_bn: bool) -> None:
+    path = tmp_path / "model.onnx"
+    export(
+        _tiny_bn_cnn(),
+        torch.zeros(1, 1, 28, 28),
+        path,
+        exporter="dynamo",
+        fold_bn=fold_bn,
+        external_data=True,
+    )
+    assert (tmp_path / "model.onnx.data").is_file()
+    _folds_back_and_trains(path)
+
+
+def test_simplified_export_folds_back(tmp_path: Path) -> None:
+    """onnxslim's output (constants folded, ops fused) of a plain dynamo export."""
+    onnxslim = pytest.importorskip("onnxslim")
+    path = _plain_export(_tiny_bn_cnn(), tmp_path / "plain.onnx", dynamo=True)
+    _folds_back_and_trains(onnxslim.slim(onnx.load(path)))
+
+
+def test_a_graph_fixed_to_its_export_batch_is_refused(tmp_path: Path) -> None:
+    """Without dynamic shapes the dynamo exporter writes Reshape(x, [2, 16]): it would fail at batch 128."""
+    path = tmp_path / "fixed.onnx"
+    torch.onnx.export(_tiny_bn_cnn(), (torch.zeros(2, 1, 28, 28),), path, dynamo=True)
+    module = onnx_to_module(path)
+    with pytest.raises(UnsupportedModelError, match="fixed batch of 2.*dynamic batch"):
+        verify_foldback(module, path)
+
+
+@pytest.mark.parametrize("dynamo", [False, True], ids=["legacy", "dynamo"])
+def test_apply_to_module_refuses_a_graph_with_folded_bn(tmp_path: Path, dynamo: bool) -> None:
+    """Before: the user's BN layers kept their widths while the convs shrank (an internal RuntimeError)."""
+    module = _tiny_bn_cnn()
+    result = prune(_plain_export(module, tmp_path / "plain.onnx", dynamo=dynamo), PlanOptions(ratio=0.5))
+    with pytest.raises(UnsupportedModelError, match="BatchNorm was folded.*export with BN kept") as caught:
+        apply_to_module(copy.deepcopy(module), result.model)
+    assert "\n" not in str(caught.value)

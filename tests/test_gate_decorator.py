@@ -11,6 +11,7 @@ import numpy as np
 import onnx
 import pytest
 import torch
+from test_slimming import CountingTeacher
 from torch import nn
 
 from graphprune.api import analyze_model
@@ -148,7 +149,9 @@ def test_tick_tock_prunes_and_folds_the_gates_away(tmp_path: Path) -> None:
         train=TrainConfig(batch_size=32, lr=0.05, device="cpu", progress=False),
         workdir=tmp_path / "work",
     )
-    result = run_gate_decorator(config)
+    teacher = CountingTeacher()
+    result = run_gate_decorator(config, teacher=teacher)
+    assert teacher.batches >= 2  # at least the final fine-tune (2 batches) distils
     assert result.after.macs <= result.target_macs < result.before.macs
     assert sum(result.masked) > 0
     assert any(stage.label.endswith("pruned") for stage in result.stages)
@@ -186,7 +189,8 @@ def test_cli_gate_decorator_passes_every_setting(
 
     seen: list[GateDecoratorConfig] = []
 
-    def fake_run(config: GateDecoratorConfig) -> RecipeResult:
+    def fake_run(config: GateDecoratorConfig, *, teacher: object) -> RecipeResult:
+        assert teacher is None  # no --teacher given
         seen.append(config)
         stages = [
             Stage("start", tmp_path / "a.onnx", 0.9, 1000, 10),
@@ -217,6 +221,8 @@ def test_cli_gate_decorator_passes_every_setting(
         "abs",
         "--flops-eta",
         "0.5",
+        "--kd-weight",
+        "0.25",
         "-o",
         "x.onnx",
     ]
@@ -231,5 +237,6 @@ def test_cli_gate_decorator_passes_every_setting(
     )
     assert (config.epochs_tock, config.epochs_finetune, config.score, config.flops_eta) == (3, 4, "abs", 0.5)
     assert config.gate_lambda == 1e-3 and config.min_keep == 0.1 and config.output == Path("x.onnx")
+    assert (config.train.kd_weight, config.train.kd_temperature) == (0.25, 4.0)
     printed = capsys.readouterr().out
     assert "fine-tuned" in printed and "89.00 %" in printed

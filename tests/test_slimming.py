@@ -125,6 +125,17 @@ def test_no_layer_is_ever_emptied(tmp_path: Path) -> None:
     assert result.removed.sum() == int(0.6 * total)  # the budget the layer keeps is taken elsewhere
 
 
+class CountingTeacher:
+    """A teacher answering with constant logits; counts the batches it scores."""
+
+    def __init__(self) -> None:
+        self.batches = 0
+
+    def __call__(self, inputs: torch.Tensor) -> torch.Tensor:
+        self.batches += 1
+        return torch.arange(10.0).expand(len(inputs), 10)
+
+
 def test_slimming_end_to_end_gives_a_smaller_verified_model(tmp_path: Path) -> None:
     config = SlimmingConfig(
         start=Start(model="test_slimming:TinyNet", data="synthetic:128", val_limit=64),
@@ -137,7 +148,9 @@ def test_slimming_end_to_end_gives_a_smaller_verified_model(tmp_path: Path) -> N
         train=_config(batch_size=64, momentum=0.9),
         workdir=tmp_path / "work",
     )
-    result = run_slimming(config)
+    teacher = CountingTeacher()
+    result = run_slimming(config, teacher=teacher)
+    assert teacher.batches == 2 * 2  # the two fine-tunes of 2 batches distil, sparsity training does not
     labels = [stage.label for stage in result.stages]
     assert labels == [
         "sparsity-trained", "pass 1 pruned", "pass 1 fine-tuned", "pass 2 pruned", "pass 2 fine-tuned"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -12,6 +13,7 @@ from torch import nn
 from graphprune.data import ArrayDataset, load_dataset
 from graphprune.errors import GraphPruneError
 from graphprune.runtime.evaluate import evaluate_onnx
+from graphprune.torch_bridge.distill import OnnxTeacher, kd_loss
 from graphprune.torch_bridge.export import export
 from graphprune.torch_bridge.foldback import onnx_to_module
 from graphprune.torch_bridge.train import (
@@ -214,3 +216,125 @@ def test_cli_train_prune_finetune_resume_eval(tmp_path: Path, capsys: pytest.Cap
     assert f"({round(correct)}/64)" in capsys.readouterr().out
     with pytest.raises(GraphPruneError, match="never overwrites"):
         _cli("finetune", str(pruned), "-o", str(pruned), *data)
+    # Another model of the same architecture (other weights) must not resume this checkpoint.
+    other = tmp_path / "other.onnx"
+    shutil.copy(tuned, other)
+    with pytest.raises(GraphPruneError, match="belongs to another model"):
+        _cli("finetune", str(other), "-o", str(tuned), *data, "--resume")
+    # Distillation from the unpruned base model, through the command line.
+    distilled = tmp_path / "distilled.onnx"
+    teacher = ("--teacher", str(base), "--kd-weight", "0.9")
+    assert _cli("finetune", str(pruned), "-o", str(distilled), *data, *teacher) == 0
+    assert distilled.read_bytes() != first  # same seed and data as `tuned`: the teacher changed the training
+
+
+def test_kd_loss_matches_a_hand_computation() -> None:
+    """(1 - w) CE + w T^2 KL(softmax(t/T) || softmax(s/T)), value and gradient, written out by hand."""
+    torch.manual_seed(0)
+    student = torch.randn(3, 4, dtype=torch.float64, requires_grad=True)
+    teacher = torch.randn(3, 4, dtype=torch.float64)
+    targets = torch.tensor([0, 3, 1])
+    weight, temperature = 0.3, 2.5
+    loss = kd_loss(student, teacher, targets, weight=weight, temperature=temperature)
+    (grad,) = torch.autograd.grad(loss, student)
+
+    def by_hand(s: torch.Tensor) -> torch.Tensor:
+        ce = -(s - s.exp().sum(1, keepdim=True).log()).gather(1, targets[:, None]).mean()
+        p_t = (teacher / temperature).exp() / (teacher / temperature).exp().sum(1, keepdim=True)
+        p_s = (s / temperature).exp() / (s / temperature).exp().sum(1, keepdim=True)
+        kl = (p_t * (p_t.log() - p_s.log())).sum(1).mean()
+        return (1 - weight) * ce + weight * temperature**2 * kl
+
+    expected = student.detach().clone().requires_grad_(True)
+    want = by_hand(expected)
+    want.backward()
+    assert torch.allclose(loss, want) and torch.allclose(grad, expected.grad)
+    # A student that already agrees with its teacher has nothing left to learn from it.
+    assert kd_loss(teacher, teacher, targets, weight=1.0, temperature=temperature).abs() < 1e-12
+    plain = kd_loss(student, teacher, targets, weight=0.0, temperature=temperature)
+    assert torch.equal(plain, torch.nn.functional.cross_entropy(student, targets))
+
+
+class Recorder(nn.Module):
+    """A teacher that records the batches it is shown and answers with fixed logits of a linear map."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.seen: list[torch.Tensor] = []
+        self.head = nn.Sequential(nn.Flatten(), nn.Linear(28 * 28, 10))
+
+    def forward(self, inputs: torch.Tensor) -> torch.Tensor:
+        assert not torch.is_grad_enabled() and not self.training
+        self.seen.append(inputs.clone())
+        return self.head(inputs)
+
+
+class Inputs(Callback):
+    """Records the (augmented) batches the student trained on."""
+
+    def __init__(self) -> None:
+        self.seen: list[torch.Tensor] = []
+
+    def on_batch_end(self, state: TrainState) -> None:
+        self.seen.append(state.inputs.clone())
+
+
+def test_fit_distils_on_the_same_augmented_batch(train_set: ArrayDataset) -> None:
+    """The teacher sees each augmented batch the student sees, without gradients, and weight 0 is
+    plain cross-entropy training, bit for bit."""
+    data = train_set.subset(torch.arange(64).numpy())
+    teacher, inputs = Recorder(), Inputs()
+    distilled = tiny_cnn()
+    fit(distilled, data, None, _config(epochs=1, kd_weight=0.7), callbacks=[inputs], teacher=teacher)
+    assert len(teacher.seen) == len(inputs.seen) == 2
+    assert all(torch.equal(a, b) for a, b in zip(teacher.seen, inputs.seen, strict=True))
+    assert all(p.grad is None for p in teacher.parameters())
+
+    plain, hard_only = tiny_cnn(), tiny_cnn()
+    fit(plain, data, None, _config(epochs=1))
+    fit(hard_only, data, None, _config(epochs=1, kd_weight=0.0), teacher=Recorder())
+    for want, got in zip(plain.state_dict().values(), hard_only.state_dict().values(), strict=True):
+        assert torch.equal(want, got)
+    assert not torch.equal(plain[0].weight, distilled[0].weight)
+
+
+def test_onnx_teacher_pulls_the_student_towards_it(tmp_path: Path, train_set: ArrayDataset) -> None:
+    """Pure distillation (weight 1) from an ONNX teacher brings the student closer to it than it was, and
+    than training on the labels does."""
+    data = train_set.subset(torch.arange(128).numpy())
+    confident = tiny_cnn(seed=1)
+    with torch.no_grad():  # confident logits, far from the student's near-uniform ones
+        confident[8].weight.mul_(30.0)
+    path = export(confident, torch.zeros(1, 1, 28, 28), tmp_path / "teacher.onnx")
+    teacher = OnnxTeacher(path)
+    images = torch.from_numpy(data.images)
+
+    def divergence(module: nn.Module) -> float:
+        with torch.no_grad():
+            return kd_loss(
+                module.eval()(images),
+                teacher(images),
+                torch.from_numpy(data.labels),
+                weight=1.0,
+                temperature=4.0,
+            ).item()
+
+    student, plain = tiny_cnn(), tiny_cnn()
+    before = divergence(student)
+    fit(student, data, None, _config(epochs=4, kd_weight=1.0, augment=False), teacher=teacher)
+    fit(plain, data, None, _config(epochs=4, augment=False))
+    assert divergence(student) < 0.5 * min(before, divergence(plain))
+
+
+def test_resume_refuses_a_checkpoint_of_another_model(tmp_path: Path, train_set: ArrayDataset) -> None:
+    """Same architecture, other weights: only the recorded sha256 of the starting model tells them apart."""
+    data = train_set.subset(torch.arange(32).numpy())
+    fit(tiny_cnn(), data, None, _config(epochs=1, checkpoint_dir=tmp_path, model_sha256="a" * 64))
+    with pytest.raises(GraphPruneError, match="belongs to another model") as caught:
+        fit(
+            tiny_cnn(),
+            data,
+            None,
+            _config(epochs=1, checkpoint_dir=tmp_path, resume=True, model_sha256="b" * 64),
+        )
+    assert "\n" not in str(caught.value)

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import argparse
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from graphprune.torch_bridge.distill import Teacher
 
 POOL_HELP = "comma-separated criteria (default: the blend's pool)"
 
@@ -56,3 +59,17 @@ def calibration_kwargs(args: argparse.Namespace) -> dict[str, Any]:
             )
         }
     return kwargs
+
+
+def distillation_arguments(p: argparse.ArgumentParser) -> None:
+    """--teacher and the distillation loss's settings (train, finetune, slim, gate-decorator)."""
+    p.add_argument("--teacher", help="distil from this ONNX model's logits (e.g. the unpruned original)")
+    p.add_argument("--kd-weight", type=float, default=0.5, help="weight of the distillation term (0..1)")
+    p.add_argument("--kd-temperature", type=float, default=4.0, help="softmax temperature of distillation")
+
+
+def teacher(args: argparse.Namespace) -> Teacher | None:
+    """The --teacher model as an onnxruntime teacher, or None."""
+    from graphprune.torch_bridge.distill import OnnxTeacher
+
+    return OnnxTeacher(args.teacher, threads=args.threads) if args.teacher else None

@@ -11,6 +11,7 @@ import argparse
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from graphprune.cli.arguments import distillation_arguments, teacher
 from graphprune.errors import GraphPruneError
 
 if TYPE_CHECKING:
@@ -41,6 +42,7 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--workdir", help="keep intermediate models here (default: a temporary folder)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    distillation_arguments(p)
 
 
 def _start(args: argparse.Namespace) -> Start:
@@ -63,6 +65,8 @@ def _train(args: argparse.Namespace) -> TrainConfig:
         weight_decay=args.weight_decay,
         seed=args.seed,
         device=args.device,
+        kd_weight=args.kd_weight,
+        kd_temperature=args.kd_temperature,
     )
 
 
@@ -94,7 +98,7 @@ def cmd_slim(args: argparse.Namespace) -> int:
         finetune_lr=args.finetune_lr,
         workdir=Path(args.workdir) if args.workdir else None,
     )
-    result = run_slimming(config)
+    result = run_slimming(config, teacher=teacher(args))
     _report(result, f"Network Slimming (lambda {result.lam:g}, {args.passes} x {args.ratio:.0%})")
     return 0
 
@@ -121,7 +125,7 @@ def cmd_gate_decorator(args: argparse.Namespace) -> int:
         finetune_lr=args.finetune_lr,
         workdir=Path(args.workdir) if args.workdir else None,
     )
-    result = run_gate_decorator(config)
+    result = run_gate_decorator(config, teacher=teacher(args))
     _report(result, f"Gate Decorator, target {args.target_flops:.0%} of the MACs")
     return 0
 

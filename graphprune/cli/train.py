@@ -3,7 +3,8 @@
 `register(subparsers)` adds them to the main parser (graphprune/cli/main.py). torch is imported only when
 one of these commands runs. `finetune` folds the model back into PyTorch (onto the user's module with
 --module, else through onnx2torch), proves the fold-back equal to the input graph, fine-tunes and
-re-exports it with BatchNorm kept. Both training commands checkpoint every epoch into OUT.ckpt/
+re-exports it with BatchNorm kept; --teacher ORIGINAL.onnx distils from the original model's logits
+(onnxruntime, per process under torchrun). Both training commands checkpoint every epoch into OUT.ckpt/
 (--resume continues there) and run under torchrun as DDP, e.g.
 `torchrun --nproc_per_node=4 -m graphprune.cli finetune pruned.onnx -o tuned.onnx --data fashion-mnist`;
 then only rank 0 prints and writes.
@@ -16,7 +17,7 @@ import contextlib
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from graphprune.cli.arguments import set_threads
+from graphprune.cli.arguments import distillation_arguments, set_threads, teacher
 from graphprune.errors import GraphPruneError
 
 if TYPE_CHECKING:
@@ -76,9 +77,10 @@ def _training_arguments(p: argparse.ArgumentParser, *, epochs: int, lr: float, s
     p.add_argument("--resume", action="store_true", help="continue from the last checkpoint")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    distillation_arguments(p)
 
 
-def _config(args: argparse.Namespace) -> TrainConfig:
+def _config(args: argparse.Namespace, model_sha256: str | None = None) -> TrainConfig:
     from graphprune.torch_bridge.train import TrainConfig
 
     checkpoint_dir = (
@@ -97,6 +99,9 @@ def _config(args: argparse.Namespace) -> TrainConfig:
         checkpoint_dir=checkpoint_dir,
         resume=args.resume,
         device=args.device,
+        model_sha256=model_sha256,
+        kd_weight=args.kd_weight,
+        kd_temperature=args.kd_temperature,
     )
 
 
@@ -118,14 +123,18 @@ def _check_output(args: argparse.Namespace, model: str | None = None) -> None:
 
 
 def _train_and_export(
-    module: nn.Module, train: ArrayDataset, test: ArrayDataset, args: argparse.Namespace
+    module: nn.Module,
+    train: ArrayDataset,
+    test: ArrayDataset,
+    args: argparse.Namespace,
+    model_sha256: str | None = None,
 ) -> float | None:
     """Fit with per-epoch lines, then (rank 0) export to OUT and return its test accuracy via ORT."""
     from graphprune.cli.console import stage
     from graphprune.runtime.evaluate import evaluate_onnx
     from graphprune.torch_bridge.train import dist_info, export_trained, fit
 
-    fit(module, train, test, _config(args), callbacks=[_epoch_printer()])
+    fit(module, train, test, _config(args, model_sha256), callbacks=[_epoch_printer()], teacher=teacher(args))
     if not dist_info().is_main:
         return None
     with stage("export"):
@@ -172,7 +181,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 def cmd_finetune(args: argparse.Namespace) -> int:
     from graphprune.cli.console import console, out, stage
-    from graphprune.model_io import load_model
+    from graphprune.model_io import load_model, model_sha256
     from graphprune.runtime.evaluate import evaluate_onnx
     from graphprune.torch_bridge.foldback import apply_to_module, onnx_to_module, verify_foldback
     from graphprune.torch_bridge.train import dist_info
@@ -192,7 +201,7 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     before = evaluate_onnx(loaded.proto, test) if main else None
     if main:
         console.print(f"fold-back  equal to {Path(args.model).name}: max rel err {error:.2g}")
-    after = _train_and_export(module, train, test, args)
+    after = _train_and_export(module, train, test, args, model_sha256(args.model))
     if before is not None and after is not None:
         out.print(f"test accuracy {before:.4f} -> {after:.4f} ({test.name}, {len(test)} samples)")
         out.print(f"wrote {args.output}")

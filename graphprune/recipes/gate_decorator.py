@@ -67,6 +67,7 @@ from graphprune.recipes.workspace import (
     workspace,
 )
 from graphprune.runtime.cost import CostReport
+from graphprune.torch_bridge.distill import Teacher
 from graphprune.torch_bridge.train import (
     Callback,
     Regularizer,
@@ -524,8 +525,8 @@ class _Run:
         pruned = self.work / f"pruned{round_index}.onnx"
         return prune_stage(self.module, pruning, f"round {round_index} pruned", pruned, self.val)
 
-    def tock(self) -> None:
-        """Fine-tune on the full data with L1 on fresh gates, then fold them."""
+    def tock(self, teacher: Teacher | None) -> None:
+        """Fine-tune on the full data with L1 on fresh gates (distilled from `teacher` if any), then fold them."""
         config = self.config
         add_gates(self.module)
         tock = self.train_config(epochs=config.epochs_tock, lr=config.finetune_lr)
@@ -536,15 +537,17 @@ class _Run:
             tock,
             regularizer=gate_l1(config.gate_lambda),
             param_groups=_param_groups,
+            teacher=teacher,
         )
         fold_gates(self.module.cpu())
 
 
 def run_gate_decorator(
-    config: GateDecoratorConfig, *, module: nn.Module | None = None
+    config: GateDecoratorConfig, *, module: nn.Module | None = None, teacher: Teacher | None = None
 ) -> GateDecoratorResult:
     """Tick-Tock until the MACs target is met, then the final fine-tune; write `config.output`.
-    `module` replaces the start model (a trained user module: no baseline training then). Under
+    `module` replaces the start model (a trained user module: no baseline training then); `teacher`
+    (e.g. the original model) distils into the Tocks and the final fine-tune (see `fit`). Under
     torchrun, rank 0 alone scores, prunes, measures and writes (see the module docstring)."""
     config.validate(module is not None)
     init_distributed(config.train.device)
@@ -580,7 +583,7 @@ def run_gate_decorator(
             stages += [pruned] if pruned is not None else []
             done = reached or stalled
             if not done and config.epochs_tock:
-                run.tock()
+                run.tock(teacher)
         if stalled:
             log.warning(
                 "every group is at its minimum (--min-keep %g): stopped at %.1f%% of the MACs, above the "
@@ -591,7 +594,7 @@ def run_gate_decorator(
             )
         if config.epochs_finetune:
             tune = run.train_config(epochs=config.epochs_finetune, lr=config.finetune_lr)
-            fit(module, train, val, tune)
+            fit(module, train, val, tune, teacher=teacher)
         stages.append(export_stage(module, "fine-tuned", work / "final.onnx", val))
         output = publish(stages[-1], config.output)
     stages[-1] = replace(stages[-1], path=output)

@@ -59,6 +59,7 @@ from graphprune.recipes.workspace import (
     publish,
     workspace,
 )
+from graphprune.torch_bridge.distill import Teacher
 from graphprune.torch_bridge.train import (
     Callback,
     TrainConfig,
@@ -176,9 +177,12 @@ class SlimmingResult(RecipeResult):
     lam: float = 0.0
 
 
-def run_slimming(config: SlimmingConfig, *, module: nn.Module | None = None) -> SlimmingResult:
+def run_slimming(
+    config: SlimmingConfig, *, module: nn.Module | None = None, teacher: Teacher | None = None
+) -> SlimmingResult:
     """Sparsity-train, prune by the global |gamma| threshold, fold back and fine-tune (`passes` times);
-    write the final model to `config.output`. `module` replaces the start model (e.g. the user's own).
+    write the final model to `config.output`. `module` replaces the start model (e.g. the user's own);
+    `teacher` (e.g. the original model) distils into every fine-tune (see `fit`).
     Under torchrun, rank 0 alone exports, prunes, measures and writes (see the module docstring)."""
     config.validate(module is not None)
     init_distributed(config.train.device)
@@ -209,7 +213,7 @@ def run_slimming(config: SlimmingConfig, *, module: nn.Module | None = None) -> 
             stages.append(current)
             if config.epochs_finetune:
                 callbacks = [] if index == config.passes else [BNSparsity(lam)]
-                fit(module, train, val, tune, callbacks=callbacks)
+                fit(module, train, val, tune, callbacks=callbacks, teacher=teacher)
                 current = export_stage(module, f"pass {index} fine-tuned", work / f"slim{index}.onnx", val)
                 stages.append(current)
         output = publish(current, config.output)

@@ -6,9 +6,13 @@ Two ways:
   parameter name (graphprune's export keeps initializer names equal to parameter names). Conv, BN and
   Linear layers get new Parameters/buffers and updated channel attributes; the user keeps their class,
   forward and training code.
+  A graph whose BN was folded into the convs (the exporters' default) cannot fold back onto a module
+  with BatchNorm layers: that is refused with UnsupportedModelError.
 - `onnx_to_module(pruned)`: for ONNX-only models, onnx2torch converts the cleaned graph (Identity
   nodes on shared initializers folded first, so every BatchNormalization reads its own initializers
   and becomes an nn.BatchNorm with trainable gamma and beta instead of a functional op on buffers).
+  onnx2torch 1.5.15 knows ops up to opset 17 (not ReduceMean-18, which the dynamo exporter emits),
+  so newer graphs are brought down to opset 17 by onnx.version_converter first.
 
 `verify_foldback` re-exports a folded module and compares it with the pruned graph in onnxruntime:
 the fold-back must be exact before any training starts.
@@ -24,6 +28,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 import onnx
+import onnx.version_converter
 import torch
 from onnx import numpy_helper
 from torch import nn
@@ -41,6 +46,8 @@ ModelLike = onnx.ModelProto | str | os.PathLike[str]
 CHECK_BATCH = 2
 _CONV = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 _BATCHNORM = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
+# The newest opset onnx2torch 1.5.15 has converters for (its ReduceMean stops at 13, Reshape at 14).
+ONNX2TORCH_OPSET = 17
 
 
 def _proto(model: ModelLike) -> onnx.ModelProto:
@@ -68,11 +75,12 @@ def apply_to_module(module: nn.Module, pruned: ModelLike) -> nn.Module:
     """
     model = clean(_proto(pruned))
     values = {init.name: init for init in model.graph.initializer}
+    _check_batchnorm_kept(module, model, set(values))
     groups = _conv_groups(model)
     matched = 0
     for prefix, layer in module.named_modules():
-        for name, tensor in [*layer.named_parameters(recurse=False), *layer.named_buffers(recurse=False)]:
-            full = f"{prefix}.{name}" if prefix else name
+        for name, tensor in _tensors(layer):
+            full = _qualified(prefix, name)
             init = values.get(full)
             if init is None or tensor is None:
                 continue
@@ -86,6 +94,32 @@ def apply_to_module(module: nn.Module, pruned: ModelLike) -> nn.Module:
         )
     logger.info("Folded %d tensors of the pruned model into %s.", matched, type(module).__name__)
     return module
+
+
+def _tensors(layer: nn.Module) -> list[tuple[str, torch.Tensor | None]]:
+    """The layer's own parameters and buffers, by local name."""
+    return [*layer.named_parameters(recurse=False), *layer.named_buffers(recurse=False)]
+
+
+def _qualified(prefix: str, name: str) -> str:
+    return f"{prefix}.{name}" if prefix else name
+
+
+def _check_batchnorm_kept(module: nn.Module, model: onnx.ModelProto, names: set[str]) -> None:
+    """Refuse a module whose BatchNorm layers the graph has no tensors for because its BN was folded."""
+    layers = [(prefix, layer) for prefix, layer in module.named_modules() if isinstance(layer, _BATCHNORM)]
+    absent = [
+        prefix
+        for prefix, layer in layers
+        if not any(_qualified(prefix, name) in names for name, _ in _tensors(layer))
+    ]
+    bn_nodes = sum(node.op_type == "BatchNormalization" for node in model.graph.node)
+    if absent and bn_nodes < len(layers):
+        raise UnsupportedModelError(
+            f"The graph's BatchNorm was folded into the convs ({len(absent)} of {len(layers)} BatchNorm layers "
+            f"of {type(module).__name__}, e.g. '{absent[0]}', have no tensors in it), so it cannot fold back "
+            "onto this module; export with BN kept (graphprune export) or fold back without --module."
+        )
 
 
 def _replace_tensor(layer: nn.Module, name: str, old: torch.Tensor, value: np.ndarray, full: str) -> None:
@@ -138,7 +172,7 @@ def onnx_to_module(pruned: ModelLike) -> nn.Module:
     """A trainable torch module (onnx2torch) computing the pruned graph, with BN gamma/beta trainable."""
     from onnx2torch import convert
 
-    model = clean(_proto(pruned))
+    model = _for_onnx2torch(clean(_proto(pruned)))
     try:
         module = convert(model)
     except Exception as exc:  # onnx2torch raises NotImplementedError, KeyError ... for unsupported ops
@@ -148,6 +182,29 @@ def onnx_to_module(pruned: ModelLike) -> nn.Module:
         ) from exc
     _check_batchnorm_trainable(model, module)
     return module
+
+
+def _for_onnx2torch(model: onnx.ModelProto) -> onnx.ModelProto:
+    """The graph in a form onnx2torch converts: opset 17 at most, and no Reshape `allowzero` it cannot read.
+
+    Down-conversion turns opset-18 inputs (ReduceMean axes) back into attributes. `allowzero=1` (dynamo
+    exporter) only changes what a 0 in the target shape means, so it is dropped where the shape is a
+    constant without zeros. A graph the version converter cannot handle is left for onnx2torch to try.
+    """
+    opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), ONNX2TORCH_OPSET)
+    if opset > ONNX2TORCH_OPSET:
+        try:
+            model = onnx.version_converter.convert_version(model, ONNX2TORCH_OPSET)
+        except Exception as exc:  # noqa: BLE001 - the converter raises RuntimeError, ValueError, ...
+            logger.info("Cannot bring opset %d down to %d for onnx2torch (%s).", opset, ONNX2TORCH_OPSET, exc)
+    constants = {init.name: init for init in model.graph.initializer}
+    for node in model.graph.node:
+        shape = constants.get(node.input[1]) if node.op_type == "Reshape" and len(node.input) > 1 else None
+        if shape is not None and numpy_helper.to_array(shape).all():
+            kept = [attr for attr in node.attribute if attr.name != "allowzero"]
+            del node.attribute[:]
+            node.attribute.extend(kept)
+    return model
 
 
 def _check_batchnorm_trainable(model: onnx.ModelProto, module: nn.Module) -> None:
@@ -184,7 +241,8 @@ def input_shape(model: onnx.ModelProto, batch: int = CHECK_BATCH) -> tuple[int, 
 
 def verify_foldback(module: nn.Module, pruned: ModelLike, *, seed: int = 0, tolerance: float = 1e-4) -> float:
     """Re-export `module` (BN kept) and compare its ONNX outputs with the pruned graph's on a seeded
-    random batch; return the max relative error or raise VerificationError above `tolerance`."""
+    random batch; return the max relative error or raise VerificationError above `tolerance`. A graph
+    with a fixed batch must also run at another batch size (training needs that)."""
     from graphprune.runtime.session import make_session
     from graphprune.torch_bridge.export import export
 
@@ -192,7 +250,13 @@ def verify_foldback(module: nn.Module, pruned: ModelLike, *, seed: int = 0, tole
     shape = input_shape(reference)
     batch = np.random.default_rng(seed).standard_normal(shape).astype(np.float32)
     with tempfile.TemporaryDirectory(prefix="graphprune-foldback-") as tmp:
-        exported = export(module, torch.from_numpy(batch), Path(tmp) / "folded.onnx", fold_bn=False)
+        try:
+            exported = export(module, torch.from_numpy(batch), Path(tmp) / "folded.onnx", fold_bn=False)
+        except RuntimeError as exc:  # a layer the fold-back left with shapes that do not chain
+            raise VerificationError(
+                f"The folded-back module does not run on the pruned graph's input {shape} ({exc}); the "
+                "fold-back is wrong."
+            ) from exc
         got = _run(make_session(exported), batch)
     want = _run(make_session(reference), batch)
     if got.shape != want.shape:
@@ -206,8 +270,31 @@ def verify_foldback(module: nn.Module, pruned: ModelLike, *, seed: int = 0, tole
             f"The folded-back module differs from the pruned graph (max rel err {error:.3g} > {tolerance:g}); "
             "do not fine-tune it, report the model."
         )
+    _check_batch_free(module, reference)
     logger.info("Fold-back equal to the pruned graph: max rel err %.3g.", error)
     return error
+
+
+def _check_batch_free(module: nn.Module, model: onnx.ModelProto) -> None:
+    """Refuse a module that computes only at the graph's fixed batch size (a Reshape to a constant shape
+    that includes the batch, as the dynamo exporter writes without dynamic shapes)."""
+    shape = input_shape(model)
+    if shape != input_shape(model, CHECK_BATCH + 1):
+        return  # the batch is symbolic: the exporter kept it free
+    device = next((p.device for p in module.parameters()), torch.device("cpu"))
+    was_training = module.training
+    module.eval()
+    try:
+        with torch.no_grad():
+            module(torch.zeros(shape[0] + 1, *shape[1:], device=device))
+    except RuntimeError as exc:
+        raise UnsupportedModelError(
+            f"The model was exported with a fixed batch of {shape[0]} and computes only at that size, so it "
+            "cannot be fine-tuned; export it with a dynamic batch (dynamic_shapes or dynamic_axes in "
+            "torch.onnx.export, or graphprune export)."
+        ) from exc
+    finally:
+        module.train(was_training)
 
 
 def _run(session: ort.InferenceSession, batch: np.ndarray) -> np.ndarray:

@@ -5,9 +5,12 @@ schedule, pad-and-crop + flip augmentation, a tqdm bar showing loss and accuracy
 checkpoint after every epoch that `resume` continues from bit for bit (model, optimizer, scheduler,
 epoch, history, RNG states and callback states).
 
-Recipes (Network Slimming, Gate Decorator) plug in at these points, in this order per batch:
+The loss is cross-entropy, or with ``teacher`` (graphprune.torch_bridge.distill) the distillation
+loss against the teacher's logits on the same augmented batch, weighted by ``kd_weight`` and softened
+by ``kd_temperature``. Recipes (Network Slimming, Gate Decorator) plug in at these points, in this
+order per batch:
 
-1. ``regularizer(module) -> Tensor | None``: an extra loss term added to the cross-entropy before
+1. ``regularizer(module) -> Tensor | None``: an extra loss term added to the loss before
    backward (e.g. lambda * sum |gamma| over BN layers); it receives the unwrapped module.
 2. ``Callback.after_backward(state)``: gradients are complete (and, under DDP, already averaged over
    processes) but not yet applied: edit ``p.grad`` (the sparsity sub-gradient) or read it (Taylor
@@ -50,6 +53,7 @@ import numpy as np
 import onnx
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import BatchSampler, DataLoader, DistributedSampler, TensorDataset
 from tqdm import tqdm
@@ -59,24 +63,41 @@ from graphprune.data.loader import CROP_PADDING, PadCropFlip
 from graphprune.errors import DataError, GraphPruneError
 from graphprune.onnxutil import atomic_write
 from graphprune.runtime.evaluate import EVAL_BATCH
+from graphprune.torch_bridge.distill import Teacher, kd_loss
 
 logger = logging.getLogger(__name__)
 
 Schedule = Literal["cosine", "one-cycle", "constant"]
 SCHEDULES: tuple[str, ...] = ("cosine", "one-cycle", "constant")
 CHECKPOINT_NAME = "last.pt"
-CHECKPOINT_VERSION = 1
-# Settings a resumed run must share with the run that wrote the checkpoint (they fix the schedule).
-RESUME_KEYS = ("epochs", "batch_size", "lr", "schedule", "seed")
+# 2: the config records the starting model (model_sha256) and the distillation settings.
+CHECKPOINT_VERSION = 2
+# Settings a resumed run must share with the run that wrote the checkpoint (they fix the schedule and
+# the loss); its starting model (TrainConfig.model_sha256) is checked first, with its own message.
+RESUME_KEYS = (
+    "epochs",
+    "batch_size",
+    "lr",
+    "schedule",
+    "seed",
+    "kd_weight",
+    "kd_temperature",
+)
 # Regularizer returns an extra loss term (or None for "nothing this batch").
 Regularizer = Callable[[nn.Module], torch.Tensor | None]
 ParamGroups = Callable[[nn.Module], Iterable[dict[str, Any]]]
+# The training loss of (logits, inputs, targets).
+Objective = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 T = TypeVar("T")
 
 
 @dataclass
 class TrainConfig:
-    """Hyper-parameters of one `fit` call; `batch_size` is per process under DDP."""
+    """Hyper-parameters of one `fit` call; `batch_size` is per process under DDP.
+
+    `model_sha256` names the ONNX model a fine-tune started from (a resumed run must start from the same);
+    `kd_weight` and `kd_temperature` shape the distillation loss when `fit` is given a teacher.
+    """
 
     epochs: int = 10
     batch_size: int = 128
@@ -92,6 +113,9 @@ class TrainConfig:
     resume: bool = False
     device: str = "auto"
     progress: bool = True
+    model_sha256: str | None = None
+    kd_weight: float = 0.5
+    kd_temperature: float = 4.0
 
     def validate(self) -> None:
         """Raise GraphPruneError on settings that cannot train."""
@@ -109,6 +133,11 @@ class TrainConfig:
             raise GraphPruneError(f"Unknown schedule '{self.schedule}'; use one of {', '.join(SCHEDULES)}.")
         if self.nesterov and self.momentum == 0:
             raise GraphPruneError("Nesterov momentum needs momentum > 0; set momentum or turn nesterov off.")
+        if not 0.0 <= self.kd_weight <= 1.0 or self.kd_temperature <= 0:
+            raise GraphPruneError(
+                f"Distillation needs 0 <= kd_weight <= 1 and kd_temperature > 0, got kd_weight={self.kd_weight} "
+                f"kd_temperature={self.kd_temperature}; fix the distillation settings."
+            )
         if self.resume and self.checkpoint_dir is None:
             raise GraphPruneError("Resuming needs a checkpoint directory; pass checkpoint_dir.")
 
@@ -380,7 +409,12 @@ def _save_checkpoint(state: TrainState, callbacks: list[Callback]) -> None:
 
 
 def _check_same_run(path: Path, saved: dict[str, str], config: TrainConfig) -> None:
-    """A checkpoint continues only the run it came from: same length, batch and schedule."""
+    """A checkpoint continues only the run it came from: same starting model, length, batch, schedule, loss."""
+    if saved.get("model_sha256") != str(config.model_sha256):
+        raise GraphPruneError(
+            f"Checkpoint {path} belongs to another model (sha256 {saved.get('model_sha256')}, this one is "
+            f"{config.model_sha256}); resume with the model it started from or use a new checkpoint directory."
+        )
     for key in RESUME_KEYS:
         if saved.get(key) != str(getattr(config, key)):
             raise GraphPruneError(
@@ -397,6 +431,11 @@ def _load_checkpoint(state: TrainState, callbacks: list[Callback]) -> int:
         return 1
     try:
         payload = torch.load(path, map_location=state.device, weights_only=False)
+        if payload.get("version") != CHECKPOINT_VERSION:
+            raise GraphPruneError(
+                f"Checkpoint {path} has format {payload.get('version')}, this graphprune writes "
+                f"{CHECKPOINT_VERSION}; delete it or use a new checkpoint directory."
+            )
         _check_same_run(path, payload["config"], state.config)
         state.module.load_state_dict(payload["model"])
         state.optimizer.load_state_dict(payload["optimizer"])
@@ -433,8 +472,10 @@ def fit(
     regularizer: Regularizer | None = None,
     callbacks: Iterable[Callback] | None = None,
     param_groups: ParamGroups | None = None,
+    teacher: Teacher | None = None,
 ) -> History:
-    """Train `module` in place on `train_ds` (cross-entropy), validating on `val_ds` after each epoch.
+    """Train `module` in place on `train_ds` (cross-entropy, or distillation from `teacher`), validating
+    on `val_ds` after each epoch. A teacher that is an nn.Module is moved to the device in eval mode.
 
     See the module docstring for the hook points, checkpointing and DDP. torch's global RNG is
     seeded with `config.seed` and each epoch's shuffle and augmentation with (seed, epoch), so equal
@@ -462,12 +503,14 @@ def fit(
         module, model, optimizer, scheduler, config, History(), device, info.rank, info.world_size
     )
     first = _load_checkpoint(state, callbacks) if config.resume else 1
-    criterion = nn.CrossEntropyLoss()
+    if isinstance(teacher, nn.Module):
+        teacher.to(device).eval()
+    objective = _objective(config, teacher)
     for callback in callbacks:
         callback.on_train_begin(state)
     for epoch in range(first, config.epochs + 1):
         state.epoch = epoch
-        record = _train_epoch(state, train_ds, info, criterion, regularizer, callbacks)
+        record = _train_epoch(state, train_ds, info, objective, regularizer, callbacks)
         if val_ds is not None:
             record.val_accuracy = evaluate(module, val_ds, device=device)
             module.train()
@@ -497,11 +540,31 @@ def fit(
     return state.history
 
 
+def _objective(config: TrainConfig, teacher: Teacher | None) -> Objective:
+    """Cross-entropy, or the distillation loss against `teacher`'s logits (computed without gradients)."""
+    if teacher is None:
+        return lambda logits, inputs, targets: F.cross_entropy(logits, targets)
+
+    def distillation(logits: torch.Tensor, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            teacher_logits = teacher(inputs)
+        if teacher_logits.shape != logits.shape:
+            raise GraphPruneError(
+                f"The teacher outputs shape {tuple(teacher_logits.shape)}, the student "
+                f"{tuple(logits.shape)}; distill from a teacher trained on the same classes."
+            )
+        return kd_loss(
+            logits, teacher_logits, targets, weight=config.kd_weight, temperature=config.kd_temperature
+        )
+
+    return distillation
+
+
 def _train_epoch(
     state: TrainState,
     train_ds: ArrayDataset,
     info: DistInfo,
-    criterion: nn.Module,
+    objective: Objective,
     regularizer: Regularizer | None,
     callbacks: list[Callback],
 ) -> EpochRecord:
@@ -523,7 +586,7 @@ def _train_epoch(
         state.inputs, state.targets = inputs.to(state.device), targets.to(state.device)
         state.optimizer.zero_grad(set_to_none=True)
         state.logits = state.model(state.inputs)
-        loss = criterion(state.logits, state.targets)
+        loss = objective(state.logits, state.inputs, state.targets)
         extra = regularizer(state.module) if regularizer is not None else None
         state.loss = loss if extra is None else loss + extra
         state.loss.backward()
