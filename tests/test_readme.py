@@ -84,15 +84,14 @@ def run_cli(command: str) -> list[str]:
 def test_cli_session_prints_what_the_readme_shows(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.chdir(tmp_path)
     transcript = sessions(marked("cli"))
-    assert [command.split()[:2] for command, _ in transcript] == [
-        ["graphprune", "analyze"],
-        ["graphprune", "prune"],
-    ]
+    assert any(command.split()[1] == "prune" for command, _ in transcript)
     for command, shown in transcript:
         output = run_cli(command)
         missing = [line for line in shown if not shown_in(line, output)]
         assert not missing, f"{command}: README lines not in the output {output}"
-    assert {path.name for path in tmp_path.iterdir()} == {"r20-half.onnx", "r20-half.plan.json"}
+        words = shlex.split(command)
+        written = [words[i + 1] for i, word in enumerate(words[:-1]) if word == "-o"]
+        assert all((tmp_path / name).is_file() for name in written), f"{command} wrote no {written}"
 
 
 def test_python_snippet_runs_and_matches_the_cli_figures(
