@@ -243,9 +243,9 @@ def run_torch_pruning(row: Row, ctx: Context) -> None:
         module,
         TP_CRITERIA[row.criterion](),
         row.seed,
-        ctx.base_macs,
-        ctx.train.sample_shape,
-        ctx.work / "tp_probe.onnx",
+        base_macs=ctx.base_macs,
+        sample_shape=ctx.train.sample_shape,
+        probe=ctx.work / "tp_probe.onnx",
         before_step=(lambda: taylor_gradients(module, batch)) if row.criterion == "Taylor" else None,
     )
     module.zero_grad(set_to_none=True)

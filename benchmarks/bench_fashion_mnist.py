@@ -151,9 +151,15 @@ def run_torch_pruning(row: Row, ctx: Context, criterion: str, seed: int) -> None
     module = ctx.reference.module()
     name = row_name("torch-pruning", criterion, row.target, seed)
     pruned = ctx.work / f"{name}.onnx"
-    importance = CRITERIA[criterion][1]()
-    shape = ctx.train.sample_shape
-    result = protocol.prune_torch_pruning(row, module, importance, seed, ctx.base_macs, shape, pruned)
+    result = protocol.prune_torch_pruning(
+        row,
+        module,
+        CRITERIA[criterion][1](),
+        seed,
+        base_macs=ctx.base_macs,
+        sample_shape=ctx.train.sample_shape,
+        probe=pruned,
+    )
     row.details["own_macs_kept"] = result.own_macs_kept
     finetune(row, module, pruned, ctx, name)
 

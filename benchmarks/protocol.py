@@ -86,20 +86,13 @@ def prune_graphprune(row: Row, reference: Reference, seed: int, **options: objec
 
 
 def prune_torch_pruning(
-    row: Row,
-    module: nn.Module,
-    importance: object,
-    seed: int,
-    base: int,
-    sample_shape: tuple[int, ...],
-    probe: Path,
-    before_step: Callable[[], None] | None = None,
+    row: Row, module: nn.Module, importance: object, seed: int, **peer: object
 ) -> PeerPruning:
-    """Torch-Pruning on `module` (in place) at the row's MACs target (see peer.prune_to_macs); `seed`
-    seeds torch's generator first (RandomImportance's draws)."""
+    """Torch-Pruning on `module` (in place) at the row's MACs target; `seed` seeds torch's generator first
+    (RandomImportance's draws); `peer` goes to peer.prune_to_macs."""
     torch.manual_seed(seed)
     begin = time.perf_counter()
-    result = prune_to_macs(module, importance, row.target, base, sample_shape, probe, before_step=before_step)
+    result = prune_to_macs(module, importance, row.target, **peer)
     row.prune_s = round(time.perf_counter() - begin, 2)
     row.details.update(tp_steps=result.steps, tp_ratio=result.ratio)
     return result
