@@ -28,7 +28,6 @@ fine-tunes on a GPU (onnxruntime stays on the CPU), `--threads N` sizes torch an
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
 import logging
@@ -42,33 +41,21 @@ from pathlib import Path
 import matplotlib
 import numpy as np
 import onnx
+import protocol
 import torch
-from common import RESULTS, Failure, machine, machine_line, markdown_table, write_json, write_text
+from common import machine, machine_line, markdown_table
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
-from peer import (
-    TP_MAX_RATIO,
-    TP_STEPS,
-    Reference,
-    add_reference_args,
-    prune_to_macs,
-    reference_from,
-    reference_text,
-    tp,
-)
+from peer import TP_MAX_RATIO, TP_STEPS, Reference, reference_text, tp
 from torch import nn
 from tqdm import tqdm
 
-from graphprune.api import model_cost, prune
 from graphprune.data import ArrayDataset, load_dataset
 from graphprune.onnxutil import atomic_write
-from graphprune.planning import PlanOptions
 from graphprune.runtime.evaluate import evaluate_onnx
 from graphprune.search.blend import DEFAULT_POOL, BlendConfig
 from graphprune.search.blend.fitness import recalibrate_batchnorm
-from graphprune.torch_bridge.foldback import apply_to_module
-from graphprune.torch_bridge.train import TrainConfig, export_trained, fit
-from graphprune.zoo import build
+from graphprune.torch_bridge.train import TrainConfig
 
 log = logging.getLogger("bench_criteria")
 
@@ -163,24 +150,14 @@ class Budget:
 
 
 @dataclass
-class Row:
-    """One pruned (or the baseline) model for one seed."""
+class Row(protocol.Row):
+    """One seed's model: its bytes' hash and its accuracy as pruned, BN-recalibrated and fine-tuned."""
 
-    tool: str
-    criterion: str
-    target: float | None
-    seed: int
-    macs: int | None = None
-    params: int | None = None
-    macs_kept: float | None = None
+    seed: int = 0
     model_sha: str | None = None
     acc_raw: float | None = None
     acc_recal: float | None = None
     acc_ft: float | None = None
-    prune_s: float | None = None
-    finetune_s: float | None = None
-    details: dict[str, object] = field(default_factory=dict)
-    failure: dict[str, str] | None = None
 
 
 @dataclass
@@ -199,9 +176,7 @@ class Context:
 def evaluate(row: Row, model: onnx.ModelProto, ctx: Context) -> None:
     """Cost and test accuracy (as pruned, and BN-recalibrated) of a pruned model; identical models
     (same bytes) are evaluated once."""
-    cost = model_cost(model)
-    row.macs, row.params = cost.macs, cost.params
-    row.macs_kept = round(cost.macs / ctx.base_macs, 4)
+    row.count(model, ctx.base_macs)
     row.model_sha = hashlib.sha256(model.SerializeToString()).hexdigest()[:16]
     if row.model_sha not in ctx.evaluated:
         threads = ctx.budget.threads
@@ -213,12 +188,10 @@ def evaluate(row: Row, model: onnx.ModelProto, ctx: Context) -> None:
 
 def finetune(row: Row, module: nn.Module, ctx: Context) -> None:
     """The common short fine-tune, export and test accuracy (seed-0 models only)."""
-    start = time.perf_counter()
-    history = fit(module, ctx.finetune, None, ctx.budget.train_config())
-    row.finetune_s = round(time.perf_counter() - start, 1)
+    tuned = protocol.finetune(
+        row, module, ctx.finetune, ctx.budget.train_config(), ctx.work / "finetuned.onnx"
+    )
     row.details["finetune_device"] = ctx.budget.device
-    row.details["train_loss"] = round(history.epochs[-1].train_loss, 4)
-    tuned = export_trained(module, ctx.work / "finetuned.onnx", ctx.finetune.sample_shape)
     row.acc_ft = evaluate_onnx(tuned, ctx.test, threads=ctx.budget.threads)
 
 
@@ -238,23 +211,19 @@ def blend_summary(report: dict[str, object]) -> dict[str, object]:
 def run_graphprune(row: Row, ctx: Context) -> None:
     budget = ctx.budget
     blend = row.criterion == "blend"
-    start = time.perf_counter()
-    result = prune(
-        ctx.reference.onnx,
-        PlanOptions(target_macs=row.target),
-        criterion=row.criterion,
-        seed=row.seed,
+    result = protocol.prune_graphprune(
+        row,
+        ctx.reference,
+        row.seed,
         calib=ctx.train,
         calib_samples=budget.calib_samples + (budget.holdout if blend else 0),
         criterion_options={"config": budget.blend_config()} if blend else None,
     )
-    row.prune_s = round(time.perf_counter() - start, 2)
-    row.details["verify_max_rel_error"] = result.verification.max_rel_error
     if result.criterion_report is not None:
         row.details["blend"] = blend_summary(result.criterion_report)
     evaluate(row, result.model, ctx)
     if row.seed == budget.finetune_seed:
-        finetune(row, apply_to_module(build(ctx.reference.model), result.model), ctx)
+        finetune(row, ctx.reference.module(result.model), ctx)
 
 
 def taylor_gradients(module: nn.Module, batch: ArrayDataset) -> None:
@@ -265,41 +234,33 @@ def taylor_gradients(module: nn.Module, batch: ArrayDataset) -> None:
     nn.functional.cross_entropy(logits, torch.from_numpy(batch.labels)).backward()
 
 
-def tp_prune(row: Row, module: nn.Module, ctx: Context) -> onnx.ModelProto:
-    """Torch-Pruning at matched MACs (see peer.prune_to_macs); Taylor gets fresh gradients each step."""
-    torch.manual_seed(row.seed)  # RandomImportance draws from torch's generator
+def run_torch_pruning(row: Row, ctx: Context) -> None:
+    """Torch-Pruning at matched MACs; Taylor gets fresh gradients on one seeded batch before each step."""
+    module = ctx.reference.module()
     batch = ctx.train.sample(ctx.budget.batch_size, row.seed)
-    result = prune_to_macs(
+    result = protocol.prune_torch_pruning(
+        row,
         module,
         TP_CRITERIA[row.criterion](),
-        row.target,
-        ctx.base_macs,
-        ctx.train.sample_shape,
-        ctx.work / "tp_probe.onnx",
+        row.seed,
+        base_macs=ctx.base_macs,
+        sample_shape=ctx.train.sample_shape,
+        probe=ctx.work / "tp_probe.onnx",
         before_step=(lambda: taylor_gradients(module, batch)) if row.criterion == "Taylor" else None,
     )
-    row.details.update(tp_steps=result.steps, tp_ratio=result.ratio)
-    return result.model
-
-
-def run_torch_pruning(row: Row, ctx: Context) -> None:
-    module = ctx.reference.module()
-    start = time.perf_counter()
-    model = tp_prune(row, module, ctx)
-    row.prune_s = round(time.perf_counter() - start, 2)
     module.zero_grad(set_to_none=True)
-    evaluate(row, model, ctx)
+    evaluate(row, result.model, ctx)
     if row.seed == ctx.budget.finetune_seed:
         finetune(row, module, ctx)
 
 
 def jobs(budget: Budget) -> list[tuple[Row, Callable[[Row, Context], None]]]:
     """Seed 0 first (it carries the fine-tunes), then the other seeds; the baseline leads."""
-    work: list[tuple[Row, Callable[[Row, Context], None]]] = [(Row("baseline", "-", None, 0), run_baseline)]
+    work: list[tuple[Row, Callable[[Row, Context], None]]] = [(Row("baseline", "-", None), run_baseline)]
     for seed in budget.seeds:
         for target in budget.targets:
-            work += [(Row("graphprune", c, target, seed), run_graphprune) for c in GRAPHPRUNE_CRITERIA]
-            work += [(Row("torch-pruning", c, target, seed), run_torch_pruning) for c in TP_CRITERIA]
+            work += [(Row("graphprune", c, target, seed=seed), run_graphprune) for c in GRAPHPRUNE_CRITERIA]
+            work += [(Row("torch-pruning", c, target, seed=seed), run_torch_pruning) for c in TP_CRITERIA]
     return work
 
 
@@ -629,12 +590,8 @@ def plot(payload: dict[str, object], path: Path) -> None:
 
 
 def save(payload: dict[str, object], out: Path) -> None:
-    out.mkdir(parents=True, exist_ok=True)
     payload["claim"] = claim(cells(payload["rows"]))  # type: ignore[arg-type]
-    stem = f"criteria{payload.get('suffix', '')}"
-    write_json(out / f"{stem}.json", payload)
-    write_text(out / f"{stem}.md", render(payload))
-    plot(payload, out / f"{stem}.png")
+    protocol.save_results(payload, out, f"criteria{payload.get('suffix', '')}", render, plot)
 
 
 def run_record(budget: Budget) -> dict[str, object]:
@@ -692,25 +649,17 @@ def resumed(path: Path, budget: Budget, reference: Reference) -> dict[str, objec
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    parser = protocol.parser(__doc__)
     parser.add_argument("--seeds", type=int, nargs="+", default=list(Budget.seeds))
-    parser.add_argument("--targets", type=float, nargs="+", default=list(Budget.targets))
     parser.add_argument("--criteria", nargs="+", help="only these criteria (graphprune names or TP labels)")
-    parser.add_argument("--test-samples", type=int, help="limit the test set (default: all 10,000)")
     parser.add_argument("--finetune-samples", type=int, default=Budget.finetune_samples)
     parser.add_argument("--population", type=int, default=Budget.population)
     parser.add_argument("--generations", type=int, default=Budget.generations)
     parser.add_argument("--minutes", type=float, default=Budget.minutes, help="start no row after this")
     parser.add_argument("--workers", type=int, default=Budget.workers, help="blend search processes")
-    parser.add_argument("--threads", type=int, default=Budget.threads, help="torch and onnxruntime threads")
-    parser.add_argument("--out", type=Path, default=RESULTS)
     parser.add_argument("--resume", action="store_true", help="complete the results file of a run cut short")
-    add_reference_args(parser)
     args = parser.parse_args()
-    reference = reference_from(args)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    reference = protocol.start(args)
     budget = Budget(
         seeds=tuple(args.seeds),
         targets=tuple(args.targets),
@@ -723,8 +672,6 @@ def main() -> None:
         device=args.device,
         minutes=args.minutes,
     )
-    torch.set_num_threads(budget.threads)
-    torch.set_num_interop_threads(budget.threads)
     train = load_dataset("fashion-mnist", "train")
     test = load_dataset("fashion-mnist", "test", limit=budget.test_samples, seed=0)
     finetune_set = train.sample(budget.finetune_samples, budget.finetune_seed)
@@ -741,7 +688,7 @@ def main() -> None:
         and (row.tool, row.criterion, row.target, row.seed) not in done
     ]
     with tempfile.TemporaryDirectory() as tmp:
-        base_macs = model_cost(onnx.load(str(reference.onnx))).macs
+        base_macs = protocol.base_macs(reference)
         ctx = Context(reference, budget, train, finetune_set, test, recal, base_macs, Path(tmp))
         ctx.evaluated.update(
             (r["model_sha"], (r["acc_raw"], r["acc_recal"]))
@@ -752,12 +699,7 @@ def main() -> None:
             if time.perf_counter() - start > 60 * budget.minutes:
                 payload["skipped"].append(f"{row.tool} {row.criterion} {row.target} seed {row.seed}")  # type: ignore[union-attr]
                 continue
-            try:
-                job(row, ctx)
-            except Exception as exc:  # noqa: BLE001 - a criterion failing is a result to report
-                log.exception("%s %s %s seed %d failed", row.tool, row.criterion, row.target, row.seed)
-                row.failure = asdict(Failure.from_exception(f"{row.tool} {row.criterion}", exc))
-            log.info("row: %s", json.dumps({k: v for k, v in asdict(row).items() if k != "details"}))
+            protocol.attempt(row, job, ctx)
             payload["rows"] = [
                 r
                 for r in payload["rows"]  # type: ignore[union-attr]

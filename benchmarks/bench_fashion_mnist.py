@@ -31,46 +31,23 @@ import json
 import logging
 import tempfile
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-import onnx
-import torch
-from common import (
-    RESULTS,
-    Failure,
-    high_priority,
-    machine,
-    machine_line,
-    markdown_table,
-    write_json,
-    write_text,
-)
-from peer import (
-    TP_MAX_RATIO,
-    TP_STEPS,
-    Reference,
-    add_reference_args,
-    prune_to_macs,
-    reference_from,
-    reference_text,
-    tp,
-)
+import protocol
+from common import Failure, high_priority, machine, machine_line, markdown_table
+from peer import TP_MAX_RATIO, TP_STEPS, Reference, reference_text, tp
 from torch import nn
 from tqdm import tqdm
 
-from graphprune.api import model_cost, prune
 from graphprune.data import ArrayDataset, load_dataset
 from graphprune.onnxutil import conv_channels
-from graphprune.planning import PlanOptions
 from graphprune.report.plots import plot_accuracy_vs_macs
 from graphprune.runtime.bench import bench
 from graphprune.runtime.evaluate import evaluate_onnx
-from graphprune.torch_bridge.foldback import apply_to_module, verify_foldback
-from graphprune.torch_bridge.train import TrainConfig, export_trained, fit
-from graphprune.zoo import build
+from graphprune.torch_bridge.foldback import verify_foldback
+from graphprune.torch_bridge.train import TrainConfig
 
 log = logging.getLogger("bench_fashion_mnist")
 
@@ -110,25 +87,15 @@ class Budget:
 
 
 @dataclass
-class Row:
-    """One pruned (or baseline) model: what went in, what came out, how long it took."""
+class Row(protocol.Row):
+    """Accuracy before and after the fine-tune, widths, wall time and latency of the exported model."""
 
-    tool: str
-    criterion: str
-    target: float | None
-    macs: int | None = None
-    params: int | None = None
-    macs_kept: float | None = None
     accuracy_before: float | None = None
     accuracy_after: float | None = None
-    prune_s: float | None = None
-    finetune_s: float | None = None
     wall_s: float | None = None
     latency_ms: dict[str, float] = field(default_factory=dict)
     latency_rounds: dict[str, list[dict[str, float]]] = field(default_factory=dict)
-    details: dict[str, object] = field(default_factory=dict)
     channels: dict[str, int] = field(default_factory=dict)
-    failure: dict[str, str] | None = None
     path: str | None = None
 
 
@@ -142,106 +109,59 @@ class Context:
     test: ArrayDataset
     work: Path
     base_macs: int
-    base_params: int
-
-
-@contextmanager
-def timed(row: Row, key: str) -> Iterator[None]:
-    start = time.perf_counter()
-    try:
-        yield
-    finally:
-        setattr(row, key, round(time.perf_counter() - start, 2))
-
-
-def measure(row: Row, path: Path, ctx: Context) -> None:
-    """Cost, channel widths and (full test set, onnxruntime, 1 thread) accuracy of an exported model."""
-    proto = onnx.load(str(path))
-    cost = model_cost(proto)
-    row.macs, row.params = cost.macs, cost.params
-    row.macs_kept = round(cost.macs / ctx.base_macs, 4)
-    row.channels = conv_channels(proto)
-    row.path = str(path)
 
 
 def finetune(row: Row, module: nn.Module, pruned: Path, ctx: Context, name: str) -> None:
-    """Accuracy of the pruned export, then the common fine-tune, export and accuracy again."""
-    row.accuracy_before = evaluate_onnx(pruned, ctx.test, threads=ctx.budget.threads)
-    with timed(row, "finetune_s"):
-        history = fit(module, ctx.train, None, ctx.budget.train_config())
-    row.details["train_loss"] = round(history.epochs[-1].train_loss, 4)
+    """Accuracy of the pruned export, then the common fine-tune; cost, widths and accuracy of its export
+    (full test set, onnxruntime)."""
+    threads = ctx.budget.threads
+    row.accuracy_before = evaluate_onnx(pruned, ctx.test, threads=threads)
     tuned = ctx.work / f"{name}_finetuned.onnx"
-    export_trained(module, tuned, ctx.train.sample_shape)
-    row.accuracy_after = evaluate_onnx(tuned, ctx.test, threads=ctx.budget.threads)
-    measure(row, tuned, ctx)
+    model = protocol.finetune(row, module, ctx.train, ctx.budget.train_config(), tuned)
+    row.accuracy_after = evaluate_onnx(model, ctx.test, threads=threads)
+    row.count(model, ctx.base_macs)
+    row.channels = conv_channels(model)
+    row.path = str(tuned)
 
 
-def run_baseline(ctx: Context) -> Row:
+def run_baseline(row: Row, ctx: Context) -> None:
     """The baseline as is ("before"), and after the same fine-tune as everyone (a control)."""
-    row = Row("baseline", "-", None)
-    start = time.perf_counter()
     finetune(row, ctx.reference.module(), ctx.reference.onnx, ctx, "baseline")
-    row.wall_s = round(time.perf_counter() - start, 1)
     row.path = str(ctx.reference.onnx)
-    return row
 
 
 def row_name(tool: str, criterion: str, target: float, seed: int) -> str:
     return f"{tool}_{criterion}_{target}_seed{seed}"
 
 
-def run_graphprune(criterion: str, target: float, ctx: Context, seed: int) -> Row:
+def run_graphprune(row: Row, ctx: Context, seed: int) -> None:
     """`seed` is the pruning seed (the random criterion's draw); the fine-tune keeps the budget's."""
-    row = Row("graphprune", criterion, target, details={"prune_seed": seed})
-    start = time.perf_counter()
-    with timed(row, "prune_s"):
-        result = prune(
-            ctx.reference.onnx, PlanOptions(target_macs=target), criterion=criterion, seed=seed, verify=True
-        )
-    name = row_name("graphprune", criterion, target, seed)
+    result = protocol.prune_graphprune(row, ctx.reference, seed, verify=True)
+    name = row_name("graphprune", row.criterion, row.target, seed)
     pruned = ctx.work / f"{name}.onnx"
     result.save(pruned)
-    row.details["verify_max_rel_error"] = result.verification.max_rel_error
-    module = apply_to_module(build(ctx.reference.model), result.model)
+    module = ctx.reference.module(result.model)
     row.details["foldback_max_error"] = verify_foldback(module, result.model)
     finetune(row, module, pruned, ctx, name)
-    row.wall_s = round(time.perf_counter() - start, 1)
-    return row
 
 
-def tp_prune(
-    module: nn.Module, criterion: str, target: float, ctx: Context, probe: Path, seed: int
-) -> dict[str, object]:
-    """Torch-Pruning at matched MACs (see peer.prune_to_macs); returns the step details for the row."""
-    torch.manual_seed(seed)  # RandomImportance draws from torch's generator
-    result = prune_to_macs(
-        module, CRITERIA[criterion][1](), target, ctx.base_macs, ctx.train.sample_shape, probe
-    )
-    return {"tp_steps": result.steps, "tp_ratio": result.ratio, "own_macs_kept": result.own_macs_kept}
-
-
-def run_torch_pruning(criterion: str, target: float, ctx: Context, seed: int) -> Row:
-    """`seed` seeds torch's generator before pruning (RandomImportance's draws)."""
-    row = Row("torch-pruning", CRITERIA[criterion][0], target, details={"prune_seed": seed})
-    start = time.perf_counter()
+def run_torch_pruning(row: Row, ctx: Context, criterion: str, seed: int) -> None:
+    """`criterion` names the importance by its graphprune counterpart; `seed` seeds torch's generator
+    before pruning (RandomImportance's draws)."""
     module = ctx.reference.module()
-    name = row_name("torch-pruning", criterion, target, seed)
+    name = row_name("torch-pruning", criterion, row.target, seed)
     pruned = ctx.work / f"{name}.onnx"
-    with timed(row, "prune_s"):
-        row.details.update(tp_prune(module, criterion, target, ctx, pruned, seed))
+    result = protocol.prune_torch_pruning(
+        row,
+        module,
+        CRITERIA[criterion][1](),
+        seed,
+        base_macs=ctx.base_macs,
+        sample_shape=ctx.train.sample_shape,
+        probe=pruned,
+    )
+    row.details["own_macs_kept"] = result.own_macs_kept
     finetune(row, module, pruned, ctx, name)
-    row.wall_s = round(time.perf_counter() - start, 1)
-    return row
-
-
-def guarded(job: Callable[[], Row], fallback: Row) -> Row:
-    """Run one row; a failure is recorded in the row rather than raised."""
-    try:
-        return job()
-    except Exception as exc:  # noqa: BLE001 - a tool failing is a result to report
-        log.exception("%s %s %s failed", fallback.tool, fallback.criterion, fallback.target)
-        fallback.failure = asdict(Failure.from_exception(f"{fallback.tool} {fallback.criterion}", exc))
-        return fallback
 
 
 def bench_rows(rows: list[Row], args: argparse.Namespace) -> None:
@@ -575,47 +495,46 @@ def results_stem(reference: Reference) -> str:
 
 
 def save(payload: dict[str, object], out: Path) -> None:
-    out.mkdir(parents=True, exist_ok=True)
-    stem = f"fashion_mnist{payload.get('suffix', '')}"
-    write_json(out / f"{stem}.json", payload)
-    write_text(out / f"{stem}.md", render(payload))
-    plot(payload, out / f"{stem}.png")
+    protocol.save_results(payload, out, f"fashion_mnist{payload.get('suffix', '')}", render, plot)
 
 
 def make_context(reference: Reference, budget: Budget, work: Path) -> Context:
     train = load_dataset("fashion-mnist", "train", limit=budget.train_samples, seed=budget.seed)
     test = load_dataset("fashion-mnist", "test", limit=budget.test_samples, seed=budget.seed)
-    base = model_cost(onnx.load(str(reference.onnx)))
-    return Context(reference, budget, train, test, work, base.macs, base.params)
+    return Context(reference, budget, train, test, work, protocol.base_macs(reference))
 
 
-Job = tuple[Row, Callable[[], Row]]
+Job = tuple[Row, Callable[[Row], None]]
 
 
 def pair_jobs(criterion: str, target: float, ctx: Context, seed: int) -> list[Job]:
     """One graphprune row and one Torch-Pruning row for a criterion, target and pruning seed."""
     return [
-        (Row("graphprune", criterion, target), lambda: run_graphprune(criterion, target, ctx, seed)),
         (
-            Row("torch-pruning", CRITERIA[criterion][0], target),
-            lambda: run_torch_pruning(criterion, target, ctx, seed),
+            Row("graphprune", criterion, target, details={"prune_seed": seed}),
+            lambda row: run_graphprune(row, ctx, seed),
+        ),
+        (
+            Row("torch-pruning", CRITERIA[criterion][0], target, details={"prune_seed": seed}),
+            lambda row: run_torch_pruning(row, ctx, criterion, seed),
         ),
     ]
 
 
 def run_jobs(jobs: list[Job], key: str, payload: dict[str, object], out: Path) -> list[Row]:
-    """Run the rows in order, saving the results under payload[key] after each one."""
+    """Run the rows in order (wall time each), saving the results under payload[key] after each one."""
     rows: list[Row] = []
-    for fallback, job in tqdm(jobs, desc=key, disable=None):
-        rows.append(guarded(job, fallback))
-        log.info("row done: %s", json.dumps({k: v for k, v in asdict(rows[-1]).items() if k != "channels"}))
+    for row, job in tqdm(jobs, desc=key, disable=None):
+        start = time.perf_counter()
+        rows.append(protocol.attempt(row, job))
+        row.wall_s = round(time.perf_counter() - start, 1)
         payload[key] = [asdict(r) for r in rows]
         save(payload, out)
     return rows
 
 
 def run_main(args: argparse.Namespace, ctx: Context, payload: dict[str, object]) -> None:
-    jobs: list[Job] = [(Row("baseline", "-", None), lambda: run_baseline(ctx))]
+    jobs: list[Job] = [(Row("baseline", "-", None), lambda row: run_baseline(row, ctx))]
     for target in args.targets:
         for criterion in args.criteria:
             jobs += pair_jobs(criterion, target, ctx, ctx.budget.seed)
@@ -636,9 +555,7 @@ def run_seeds(args: argparse.Namespace, ctx: Context, payload: dict[str, object]
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    parser = protocol.parser(__doc__)
     parser.add_argument(
         "--stages",
         default="main",
@@ -646,23 +563,17 @@ def main() -> None:
         "(render alone rewrites the markdown and plot from it)",
     )
     parser.add_argument("--extra-seeds", type=int, nargs="+", default=[1, 2], help="pruning seeds (seeds)")
-    parser.add_argument("--targets", type=float, nargs="+", default=[0.5, 0.3], help="MACs kept targets")
     parser.add_argument("--criteria", nargs="+", default=list(CRITERIA), choices=list(CRITERIA))
     parser.add_argument("--train-samples", type=int, default=Budget.train_samples)
-    parser.add_argument("--test-samples", type=int, help="limit the test set (default: all 10,000)")
     parser.add_argument("--epochs", type=int, default=Budget.epochs)
     parser.add_argument("--recipe-lr", type=float, default=0.01, help="lr of the recipes' sparsity training")
     parser.add_argument("--runs", type=int, default=50, help="timed runs at batch 1 (batch 32: a fifth)")
     parser.add_argument("--rounds", type=int, default=2, help="interleaved latency rounds")
     parser.add_argument("--priority", action="store_true", help="raise scheduler priority while timing")
-    parser.add_argument("--out", type=Path, default=RESULTS, help="results folder")
     parser.add_argument("--keep", type=Path, help="keep the ONNX models in this folder")
     parser.add_argument("--lr", type=float, default=Budget.lr, help="fine-tune learning rate")
-    parser.add_argument("--threads", type=int, default=Budget.threads, help="torch and onnxruntime threads")
-    add_reference_args(parser)
     args = parser.parse_args()
-    reference = reference_from(args)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    reference = protocol.start(args)
     budget = Budget(
         train_samples=args.train_samples,
         test_samples=args.test_samples,
@@ -671,8 +582,6 @@ def main() -> None:
         threads=args.threads,
         device=args.device,
     )
-    torch.set_num_threads(budget.threads)
-    torch.set_num_interop_threads(budget.threads)
     stages = set(args.stages.split(","))
     if not stages <= STAGES:
         parser.error(

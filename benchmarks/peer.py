@@ -56,9 +56,9 @@ class Reference:
     def title(self) -> str:
         return "ResNet-20" if self.shipped else self.model
 
-    def module(self) -> nn.Module:
-        """The zoo module carrying the baseline's weights, in eval mode."""
-        return apply_to_module(build(self.model), self.onnx).eval()
+    def module(self, weights: onnx.ModelProto | None = None) -> nn.Module:
+        """The zoo module carrying the baseline's weights (or a pruned model's `weights`), in eval mode."""
+        return apply_to_module(build(self.model), self.onnx if weights is None else weights).eval()
 
     def describe(self) -> dict[str, object]:
         """Model, file and (when tools/train_reference.py wrote one beside it) the training record."""

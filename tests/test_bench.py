@@ -8,6 +8,7 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from graphprune.errors import GraphPruneError
+from graphprune.runtime import bench as bench_module
 from graphprune.runtime.bench import LatencyResult, bench, bench_many
 
 
@@ -52,3 +53,14 @@ def test_invalid_counts_are_refused(tmp_path, batch: int, warmup: int, runs: int
     path = _save_conv(tmp_path / "conv.onnx", "batch")
     with pytest.raises(GraphPruneError, match="invalid"):
         bench(path, batch=batch, threads=1, warmup=warmup, runs=runs)
+
+
+def test_median_and_p90_are_computed_from_the_timed_runs(tmp_path, monkeypatch) -> None:
+    """Known durations through a fake clock: the median is neither the minimum nor the mean."""
+    durations = [0.009, 0.001, 0.008, 0.002, 0.007, 0.003, 0.006, 0.004, 0.005, 0.050]
+    ticks = iter(np.cumsum([0.0, *(t for d in durations for t in (d, 1.0))]))
+    monkeypatch.setattr(bench_module.time, "perf_counter", lambda: float(next(ticks)))
+    result = bench(_save_conv(tmp_path / "conv.onnx", "batch"), batch=2, threads=1, warmup=3, runs=10)
+    assert result.median_ms == pytest.approx(5.5)  # mean 9.5, minimum 1
+    assert result.p90_ms == pytest.approx(13.1)  # between 9 and 50, linear interpolation
+    assert result.throughput_per_s == pytest.approx(2 / 0.0055)

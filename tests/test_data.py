@@ -274,6 +274,23 @@ def test_torch_loader_augmentation_is_pad_crop_flip() -> None:
     assert torch.equal(x, next(iter(torch_loader(ds, 32, augment=True, seed=0)))[0])
 
 
+def test_torch_loader_flips_horizontally_about_half_the_images() -> None:
+    """Noise images (no symmetry): each augmented image is one crop, flipped along width or not."""
+    rng = np.random.default_rng(0)
+    images = rng.standard_normal((64, 2, 12, 10)).astype(np.float32)
+    ds = ArrayDataset(images, np.zeros(64, np.int64), 1, "noise")
+    (x, _), *_ = list(torch_loader(ds, 64, augment=True, seed=3))
+    padded = nn.functional.pad(torch.from_numpy(images), (2, 2, 2, 2), mode="replicate")
+    flipped = []
+    for i in range(64):
+        crops = [padded[i, :, top : top + 12, left : left + 10] for top in range(5) for left in range(5)]
+        horizontal = any(torch.equal(x[i], crop.flip(2)) for crop in crops)
+        assert horizontal or any(torch.equal(x[i], crop) for crop in crops)
+        assert not any(torch.equal(x[i], crop.flip(1)) for crop in crops)  # never upside down
+        flipped.append(horizontal)
+    assert 16 <= sum(flipped) <= 48
+
+
 def test_numpy_side_does_not_import_torch() -> None:
     code = (
         "import sys, graphprune.data as d; d.load_dataset('synthetic:8'); assert 'torch' not in sys.modules"

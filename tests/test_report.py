@@ -6,7 +6,16 @@ import numpy as np
 import pytest
 
 from graphprune.errors import GraphPruneError
-from graphprune.report.plots import plot_accuracy_vs_macs, plot_channels, plot_curve, plot_heatmap
+from graphprune.report.plots import (
+    accuracy_vs_macs_figure,
+    channels_figure,
+    curve_figure,
+    heatmap_figure,
+    plot_accuracy_vs_macs,
+    plot_channels,
+    plot_curve,
+    plot_heatmap,
+)
 from graphprune.report.tables import comparison_table, fmt_count, fmt_ms, render
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -80,6 +89,41 @@ def test_plots_write_png_files(tmp_path) -> None:
         path = tmp_path / name.removesuffix(".png") / name
         assert make(path) == path
         _assert_png(path)
+
+
+def test_channel_bars_show_before_and_after_per_layer() -> None:
+    before = {"conv1": 16, "conv2": 32, "fc": 10}
+    after = {"conv1": 8, "conv2": 20}
+    (ax,) = channels_figure(before, after, "title").axes
+    bars = {container.get_label(): [bar.get_height() for bar in container] for container in ax.containers}
+    assert bars == {"before": [16, 32, 10], "after": [8, 20, 0]}
+    assert [label.get_text() for label in ax.get_xticklabels()] == ["conv1", "conv2", "fc"]
+    assert [text.get_text() for text in ax.get_legend().get_texts()] == ["before", "after"]
+    assert ax.get_title() == "title"
+
+
+def test_accuracy_points_are_joined_per_series_in_macs_order() -> None:
+    points = [
+        {"label": "dense", "macs": 41e6, "accuracy": 0.93},
+        {"label": "l1 30%", "macs": 29e6, "accuracy": 0.92, "series": "l1"},
+        {"label": "l1 50%", "macs": 20e6, "accuracy": 0.91, "series": "l1"},
+    ]
+    (ax,) = accuracy_vs_macs_figure(points).axes
+    lines = {line.get_label(): (list(line.get_xdata()), list(line.get_ydata())) for line in ax.lines}
+    assert lines["l1"] == ([20e6, 29e6], pytest.approx([91.0, 92.0]))
+    assert ([41e6], pytest.approx([93.0])) in lines.values()
+    assert sorted(text.get_text() for text in ax.texts) == ["dense", "l1 30%", "l1 50%"]
+
+
+def test_heatmap_and_curve_show_their_data() -> None:
+    matrix = np.array([[1.0, 0.2], [0.2, 1.0]])
+    heat = heatmap_figure(matrix, ["l1", "bn"], "rank correlation").axes[0]
+    np.testing.assert_array_equal(heat.images[0].get_array(), matrix)
+    assert [label.get_text() for label in heat.get_yticklabels()] == ["l1", "bn"]
+    (ax,) = curve_figure([1, 2, 3], [0.5, 0.3, 0.2], "loss", "epoch", "loss").axes
+    (line,) = ax.lines
+    assert list(line.get_xdata()) == [1, 2, 3] and list(line.get_ydata()) == [0.5, 0.3, 0.2]
+    assert (ax.get_xlabel(), ax.get_ylabel()) == ("epoch", "loss")
 
 
 def test_plot_inputs_are_checked(tmp_path) -> None:

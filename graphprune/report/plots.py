@@ -1,7 +1,8 @@
 """PNG figures for reports: channels per layer, accuracy vs MACs, heatmaps, curves.
 
-Figures are built with matplotlib's object API on the Agg canvas, never pyplot, so plotting needs no
-display, leaves the global backend alone and leaks no figures; each file is written atomically.
+Each `*_figure` function builds a Figure (so tests can read the plotted data) and its `plot_*` twin
+writes it. Figures are built with matplotlib's object API on the Agg canvas, never pyplot, so plotting
+needs no display, leaves the global backend alone and leaks no figures; each file is written atomically.
 """
 
 from __future__ import annotations
@@ -27,6 +28,13 @@ _DPI = 120
 def plot_channels(
     before: Mapping[str, int], after: Mapping[str, int], path: PathLike, title: str = "Channels per layer"
 ) -> Path:
+    """Write `channels_figure` as PNG."""
+    return _save(channels_figure(before, after, title), path)
+
+
+def channels_figure(
+    before: Mapping[str, int], after: Mapping[str, int], title: str = "Channels per layer"
+) -> Figure:
     """Grouped bars of each layer's channel count before and after pruning (layers in `before` order)."""
     layers = list(dict.fromkeys([*before, *after]))
     x = np.arange(len(layers))
@@ -39,12 +47,19 @@ def plot_channels(
     ax.set_ylabel("channels")
     ax.set_title(title)
     ax.legend()
-    return _save(fig, path)
+    return fig
 
 
 def plot_accuracy_vs_macs(
     points: Sequence[Mapping[str, object]], path: PathLike, title: str = "Accuracy vs MACs"
 ) -> Path:
+    """Write `accuracy_vs_macs_figure` as PNG."""
+    return _save(accuracy_vs_macs_figure(points, title), path)
+
+
+def accuracy_vs_macs_figure(
+    points: Sequence[Mapping[str, object]], title: str = "Accuracy vs MACs"
+) -> Figure:
     """Scatter of accuracy (fraction in [0, 1], shown in %) against MACs, each point labelled.
 
     Points sharing an optional "series" key (say, one criterion at several ratios) are joined by a line
@@ -71,12 +86,19 @@ def plot_accuracy_vs_macs(
     ax.grid(alpha=0.3)
     if any(name is not None for name in series):
         ax.legend()
-    return _save(fig, path)
+    return fig
 
 
 def plot_heatmap(
     matrix: Sequence[Sequence[float]] | np.ndarray, labels: Sequence[str], path: PathLike, title: str = ""
 ) -> Path:
+    """Write `heatmap_figure` as PNG."""
+    return _save(heatmap_figure(matrix, labels, title), path)
+
+
+def heatmap_figure(
+    matrix: Sequence[Sequence[float]] | np.ndarray, labels: Sequence[str], title: str = ""
+) -> Figure:
     """A labelled square matrix (say, rank correlation between criteria), values written in small ones."""
     values = np.asarray(matrix, dtype=float)
     if values.shape != (len(labels), len(labels)):
@@ -98,12 +120,17 @@ def plot_heatmap(
             colour = "black" if value > middle else "white"
             ax.text(col, row, f"{value:.2f}", ha="center", va="center", fontsize=8, color=colour)
     ax.set_title(title)
-    return _save(fig, path)
+    return fig
 
 
 def plot_curve(
     xs: Sequence[float], ys: Sequence[float], path: PathLike, title: str, xlabel: str, ylabel: str
 ) -> Path:
+    """Write `curve_figure` as PNG."""
+    return _save(curve_figure(xs, ys, title, xlabel, ylabel), path)
+
+
+def curve_figure(xs: Sequence[float], ys: Sequence[float], title: str, xlabel: str, ylabel: str) -> Figure:
     """A single line with markers (loss per epoch, accuracy per pruning step ...)."""
     if len(xs) != len(ys):
         raise GraphPruneError(
@@ -116,7 +143,7 @@ def plot_curve(
     ax.set_ylabel(ylabel)
     ax.set_title(title)
     ax.grid(alpha=0.3)
-    return _save(fig, path)
+    return fig
 
 
 def _figure(width: float, height: float) -> Figure:
