@@ -132,7 +132,8 @@ def _fold(node: onnx.NodeProto, values: dict[str, onnx.TensorProto]) -> onnx.Ten
     inputs = [numpy_helper.to_array(values[name]) if name else None for name in node.input]
     attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
     value = OPS[node.op_type].fold(inputs, attrs)
-    return None if value is None else numpy_helper.from_array(np.ascontiguousarray(value), node.output[0])
+    # np.asarray, not np.ascontiguousarray: the latter turns a 0-d constant into shape [1]
+    return None if value is None else numpy_helper.from_array(np.asarray(value), node.output[0])
 
 
 def save_model(model: onnx.ModelProto, path: str | os.PathLike[str], *, external_data: bool = False) -> Path:
@@ -146,11 +147,13 @@ def save_model(model: onnx.ModelProto, path: str | os.PathLike[str], *, external
     data_name = f"{target.name}.data"
     # onnx writes external data next to the model under its final name, so save in a scratch folder
     # and move both files into place: the data first, then the model that refers to it.
+    staged = onnx.ModelProto()  # saving with external data rewrites the proto's initializers
+    staged.CopyFrom(model)
     with atomic_write(target) as tmp_model, atomic_write(target.with_name(data_name)) as tmp_data:
         with tempfile.TemporaryDirectory(dir=target.parent) as scratch:
             scratch_model = Path(scratch) / target.name
             onnx.save_model(
-                model,
+                staged,
                 os.fspath(scratch_model),
                 save_as_external_data=True,
                 all_tensors_to_one_file=True,
