@@ -61,11 +61,11 @@ from tqdm import tqdm
 
 from graphprune.api import model_cost, prune
 from graphprune.criteria.blend import DEFAULT_POOL, BlendConfig
-from graphprune.criteria.blend.fitness import recalibrate_batchnorm
 from graphprune.data import ArrayDataset, load_dataset
 from graphprune.planning import PlanOptions
 from graphprune.runtime.activations import take_samples
 from graphprune.runtime.evaluate import evaluate_onnx
+from graphprune.surgery.recover import recalibrate_batchnorm
 from graphprune.torch_bridge.foldback import apply_to_module
 from graphprune.torch_bridge.train import TrainConfig, export_trained, fit
 from graphprune.util import atomic_write
