@@ -155,6 +155,9 @@ def test_blend_prunes_deterministically_and_never_below_its_best_single(calibrat
     parallel = blend_prune(model, calibration, workers=2, report_dir=str(tmp_path))
     inline = blend_prune(model, calibration, workers=1)
     assert parallel.verification is not None and parallel.verification.ok
+    # the model written is the one the blend scored: BN recalibrated behind the removal
+    assert parallel.recovery is not None and parallel.recovery.method == "bn"
+    assert parallel.recovery.batchnorms and "recovery" in parallel.plan.settings
     assert parallel.removed.any() and parallel.after.params < parallel.before.params
     report = parallel.criterion_report
     assert report == inline.criterion_report | {"config": report["config"]}  # same search, any workers

@@ -282,8 +282,8 @@ class _Bias(_Step):
     def __init__(self, node: onnx.NodeProto, keep: np.ndarray) -> None:
         super().__init__(node)
         self.keep = keep
-        self.pruned = _Moments(np.zeros(keep.size))
-        self.original = _Moments(np.zeros(keep.size))
+        self.pruned = _Moments(np.zeros(int(keep.sum())))
+        self.original = _Moments(np.zeros(int(keep.sum())))
 
     def pruned_tensors(self) -> list[str]:
         return [self.node.output[0]]
@@ -296,12 +296,12 @@ class _Bias(_Step):
         self.original.add(original[self.node.output[0]][:, self.keep])
 
     def finish(self, params: _Params) -> None:
-        name = params.bias(self.node, 2, self.keep.size)
+        name = params.bias(self.node, 2, int(self.keep.sum()))
         params.set(name, params.get(name) + self.original.mean() - self.pruned.mean())
 
 
 @dataclass(frozen=True)
-class _ConvShape:
+class ConvGeometry:
     kernel: tuple[int, int]
     strides: tuple[int, int]
     dilations: tuple[int, int]
@@ -309,7 +309,7 @@ class _ConvShape:
     groups: int
 
 
-def _conv_shape(node: onnx.NodeProto, weight: np.ndarray, spatial: tuple[int, int]) -> _ConvShape:
+def conv_geometry(node: onnx.NodeProto, weight: np.ndarray, spatial: tuple[int, int]) -> ConvGeometry:
     kernel = tuple(weight.shape[2:])
     strides = tuple(attribute(node, "strides", [1, 1]))
     dilations = tuple(attribute(node, "dilations", [1, 1]))
@@ -325,10 +325,10 @@ def _conv_shape(node: onnx.NodeProto, weight: np.ndarray, spatial: tuple[int, in
         pads = (low[0], low[1], total[0] - low[0], total[1] - low[1])
     elif auto == "VALID":
         pads = (0, 0, 0, 0)
-    return _ConvShape(kernel, strides, dilations, pads, int(attribute(node, "group", 1)))
+    return ConvGeometry(kernel, strides, dilations, pads, int(attribute(node, "group", 1)))
 
 
-def patches(x: np.ndarray, shape: _ConvShape) -> np.ndarray:
+def patches(x: np.ndarray, shape: ConvGeometry) -> np.ndarray:
     """im2col: one row per output position, columns ordered (channel, kernel row, kernel column) like
     a conv weight's [C, kh, kw] slice."""
     (kh, kw), (sh, sw), (dh, dw) = shape.kernel, shape.strides, shape.dilations
@@ -354,7 +354,7 @@ class _LeastSquares(_Step):
         bias = params.get(node.input[2]) if len(node.input) > 2 and node.input[2] else None
         self.bias = bias if bias is not None else np.zeros(keep.sum(), np.float32)
         self.trans_b = node.op_type == "Gemm" and attribute(node, "transB", 0)
-        self.conv: _ConvShape | None = None
+        self.conv: ConvGeometry | None = None
         self.groups = int(attribute(node, "group", 1)) if node.op_type == "Conv" else 1
         self.xtx: np.ndarray | None = None
         self.batchnorm: onnx.NodeProto | None = None  # a BN reading only this output, recalibrated here
@@ -370,7 +370,7 @@ class _LeastSquares(_Step):
         y = y[:, self.keep] if self.node.op_type != "MatMul" else y[..., self.keep]
         if self.node.op_type == "Conv":
             if self.conv is None:
-                self.conv = _conv_shape(self.node, self.weight, x.shape[2:])
+                self.conv = conv_geometry(self.node, self.weight, x.shape[2:])
             y = np.moveaxis(y, 1, -1).reshape(-1, y.shape[1])
             cin, cout = x.shape[1] // self.groups, y.shape[1] // self.groups
             xs = [patches(x[:, g * cin : (g + 1) * cin], self.conv) for g in range(self.groups)]
