@@ -24,6 +24,7 @@ from graphprune.runtime.session import make_session
 from graphprune.surgery.apply import axis_keep
 from graphprune.surgery.recover import (
     RecoveryConfig,
+    agreement,
     conv_geometry,
     patches,
     recalibrate_batchnorm,
@@ -235,3 +236,13 @@ def test_cli_refuses_lsq_without_calibration_data(tmp_path: Path) -> None:
         done.stderr.strip()
         == "graphprune: error: --recover lsq fits on calibration images: add --calib DATA."
     )
+
+
+def test_a_model_with_a_fixed_batch_size_is_fed_batches_of_that_size() -> None:
+    model = conv_net()
+    model.graph.input[0].type.tensor_type.shape.dim[0].dim_value = 4
+    pruned = prune(model, PlanOptions(ratio=0.5), recover="none")
+    x = images(18, (1, 12, 12))  # 4 full batches; the 2 left over cannot fill one
+    fitted, report = recover_model(pruned.dep, pruned.removed, pruned.model, x, RecoveryConfig("lsq"))
+    assert report.reconstructed and not report.skipped
+    assert agreement(model, fitted, x).rel_error < agreement(model, pruned.model, x).rel_error

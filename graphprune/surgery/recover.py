@@ -93,14 +93,25 @@ class Agreement:
 
 
 # running models ---------------------------------------------------------------------------------------
+def _image_input(model: onnx.ModelProto) -> tuple[str, int | None]:
+    """The model's one image input and its fixed batch size (None: dynamic)."""
+    initialisers = {t.name for t in model.graph.initializer}
+    inputs = [i for i in model.graph.input if i.name not in initialisers]
+    if len(inputs) != 1:
+        raise CalibrationError(
+            f"recovery feeds one image tensor, but the model has {len(inputs)} inputs "
+            f"({', '.join(i.name for i in inputs)})."
+        )
+    dims = inputs[0].type.tensor_type.shape.dim
+    return inputs[0].name, (dims[0].dim_value or None) if dims else None
+
+
 class _Runner:
     """Runs a model cut down to what `names` need, returning those tensors (graph inputs included)."""
 
     def __init__(self, model: onnx.ModelProto, names: list[str], threads: int | None) -> None:
         self.names = list(dict.fromkeys(names))
-        self.input = next(
-            i.name for i in model.graph.input if i.name not in {t.name for t in model.graph.initializer}
-        )
+        self.input = _image_input(model)[0]
         self.fetch = [n for n in self.names if n != self.input]
         self.session = make_session(_truncated(model, self.fetch), threads=threads) if self.fetch else None
 
@@ -133,7 +144,14 @@ def _truncated(model: onnx.ModelProto, outputs: list[str]) -> onnx.ModelProto:
     return cut
 
 
-def _batches(images: np.ndarray, size: int) -> Iterator[np.ndarray]:
+def _batches(model: onnx.ModelProto, images: np.ndarray, size: int) -> Iterator[np.ndarray]:
+    """Batches of `size` images; a model with a fixed batch size gets batches of exactly that size (a
+    tail too short to fill one is left out)."""
+    fixed = _image_input(model)[1]
+    if fixed is not None:
+        if len(images) < fixed:
+            raise CalibrationError(f"the model takes batches of {fixed} images; give at least {fixed}.")
+        size, images = fixed, images[: len(images) - len(images) % fixed]
     for start in range(0, len(images), size):
         yield np.ascontiguousarray(images[start : start + size], dtype=np.float32)
 
@@ -149,8 +167,9 @@ def agreement(
     """How closely `model` follows `reference` on `images` (first outputs compared)."""
     first, second = make_session(reference, threads=threads), make_session(model, threads=threads)
     name = first.get_inputs()[0].name
-    same, error, norm, classifier = 0, 0.0, 0.0, True
-    for x in _batches(images, batch_size):
+    same, count, error, norm, classifier = 0, 0, 0.0, 0.0, True
+    for x in _batches(reference, images, batch_size):
+        count += len(x)
         a = first.run(None, {name: x})[0].astype(np.float64)
         b = second.run(None, {name: x})[0].astype(np.float64)
         classifier &= a.ndim == 2
@@ -158,7 +177,7 @@ def agreement(
             same += int((a.argmax(1) == b.argmax(1)).sum())
         error += float(((a - b) ** 2).sum())
         norm += float((a**2).sum())
-    top1 = same / len(images) if classifier and len(images) else None
+    top1 = same / count if classifier and count else None
     return Agreement(top1, float(np.sqrt(error / norm)) if norm > 0 else float(np.sqrt(error)))
 
 
@@ -302,14 +321,16 @@ class _Bias(_Step):
 
 @dataclass(frozen=True)
 class ConvGeometry:
+    """Kernel size, strides, dilations and pads (top, left, bottom, right) of a 2-D conv."""
+
     kernel: tuple[int, int]
     strides: tuple[int, int]
     dilations: tuple[int, int]
     pads: tuple[int, int, int, int]
-    groups: int
 
 
 def conv_geometry(node: onnx.NodeProto, weight: np.ndarray, spatial: tuple[int, int]) -> ConvGeometry:
+    """The geometry of a Conv node on inputs of `spatial` size (auto_pad resolved to explicit pads)."""
     kernel = tuple(weight.shape[2:])
     strides = tuple(attribute(node, "strides", [1, 1]))
     dilations = tuple(attribute(node, "dilations", [1, 1]))
@@ -325,7 +346,7 @@ def conv_geometry(node: onnx.NodeProto, weight: np.ndarray, spatial: tuple[int, 
         pads = (low[0], low[1], total[0] - low[0], total[1] - low[1])
     elif auto == "VALID":
         pads = (0, 0, 0, 0)
-    return ConvGeometry(kernel, strides, dilations, pads, int(attribute(node, "group", 1)))
+    return ConvGeometry(kernel, strides, dilations, pads)
 
 
 def patches(x: np.ndarray, shape: ConvGeometry) -> np.ndarray:
@@ -556,7 +577,7 @@ def _sweep(
     for level in _levels(model, steps):
         mine = _Runner(model, [n for s in level for n in s.pruned_tensors()], threads)
         theirs = _Runner(reference, [n for s in level for n in s.original_tensors()], threads)
-        for x in _batches(images, batch_size):
+        for x in _batches(model, images, batch_size):
             got, want = mine(x), theirs(x)
             for step in level:
                 step.add(got, want)
