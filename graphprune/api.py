@@ -214,8 +214,8 @@ def prune(
 
     recover: "none", "bn" or "lsq" (see graphprune.surgery.recover; default "bn" when `calib` is given,
     else "none"), applied after verification on `calib_samples` calibration images; how close the
-    result is to the original on RECOVERY_HOLDOUT further images is in `recovery` and the plan's
-    settings["recovery"]."""
+    result is to the original on RECOVERY_HOLDOUT further images (a fifth of the data when
+    calib_samples is None or the data runs short) is in `recovery` and the plan's settings["recovery"]."""
     method = recover if recover is not None else ("bn" if calib is not None else "none")
     check_recovery(method, calib)
     if criterion == "blend" and plan is None and method == "none":
