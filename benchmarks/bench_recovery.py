@@ -23,13 +23,16 @@ import os
 import subprocess
 import sys
 import time
+from collections.abc import Callable
+from dataclasses import asdict
 from pathlib import Path
 
-from common import RESULTS, machine, machine_line, markdown_table, write_json, write_text
+from common import RESULTS, Failure, machine, machine_line, markdown_table, write_json, write_text
 
 from graphprune import PlanOptions, prune, recover
 from graphprune.data import load_dataset
 from graphprune.demo import REFERENCE
+from graphprune.errors import GraphPruneError
 from graphprune.runtime.evaluate import evaluate_onnx
 
 log = logging.getLogger("bench_recovery")
@@ -86,7 +89,9 @@ def run_memory(images: int, method: str, threads: int) -> dict[str, object]:
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
-def accuracy_rows(args: argparse.Namespace) -> list[dict[str, object]]:
+def accuracy_rows(args: argparse.Namespace, save: Callable[[list[dict[str, object]]], None]) -> None:
+    """Every (criterion, round-to, target) x recovery row, saved after each; a plan that cannot be made
+    is recorded as a failure row."""
     test = load_dataset(CALIB, "test")
     original = evaluate_onnx(REFERENCE, test, threads=args.threads)
     rows = [
@@ -96,12 +101,25 @@ def accuracy_rows(args: argparse.Namespace) -> list[dict[str, object]]:
     for criterion in args.criteria:
         for round_to in args.round_to:
             for target in args.targets:
-                pruned = prune(
-                    REFERENCE,
-                    PlanOptions(target_macs=target, round_to=round_to),
-                    criterion=criterion,
-                    recover="none",
-                )
+                try:
+                    pruned = prune(
+                        REFERENCE,
+                        PlanOptions(target_macs=target, round_to=round_to),
+                        criterion=criterion,
+                        recover="none",
+                    )
+                except GraphPruneError as exc:
+                    failure = Failure.from_exception("prune", exc)
+                    rows.append(
+                        {
+                            "criterion": criterion,
+                            "round_to": round_to,
+                            "target_macs": target,
+                            "failure": asdict(failure),
+                        }
+                    )
+                    save(rows)
+                    continue
                 kept = pruned.after.macs / pruned.before.macs
                 unrecovered: dict[str, object] = {}  # the "none" row; its agreement comes from recover()
                 for method in METHODS:
@@ -140,7 +158,7 @@ def accuracy_rows(args: argparse.Namespace) -> list[dict[str, object]]:
                     row["accuracy"] = evaluate_onnx(model, test, threads=args.threads)
                     log.info("%s", row)
                     rows.append(row)
-    return rows
+                    save(rows)
 
 
 def render(payload: dict[str, object]) -> str:
@@ -154,7 +172,10 @@ def render(payload: dict[str, object]) -> str:
         f"recovery alone on {payload['threads']} onnxruntime threads.\n",
     ]
     table = []
+    failures = [r for r in rows if "failure" in r]
     for r in rows:
+        if "failure" in r:
+            continue
         agreement = r.get("heldout_agreement")
         table.append(
             [
@@ -180,11 +201,18 @@ def render(payload: dict[str, object]) -> str:
         "agreement",
         "rel err",
         "s",
+        "CPU s",
     ]
     lines.append(markdown_table(header, table))
+    for r in failures:
+        lines.append(
+            f"\n- {r['criterion']}, round-to {r['round_to']}, target {r['target_macs']}: no plan "
+            f"({r['failure']['error']})"
+        )
     lines.append("\n## Goals\n")
     for target, goal in GOALS.items():
-        best = max((r for r in rows if r["target_macs"] == target), key=lambda r: r["accuracy"], default=None)
+        reached = [r for r in rows if r["target_macs"] == target and "accuracy" in r]
+        best = max(reached, key=lambda r: r["accuracy"], default=None)
         if best is not None:
             verdict = "met" if best["accuracy"] >= goal else "NOT met"
             lines.append(
@@ -192,7 +220,7 @@ def render(payload: dict[str, object]) -> str:
                 f"(best {100 * best['accuracy']:.2f} %, {best['criterion']}, round-to {best['round_to']}, "
                 f"{best['method']})"
             )
-    lsq = [(r["seconds"], r["cpu_seconds"]) for r in rows if r["method"] == "lsq"]
+    lsq = [(r["seconds"], r["cpu_seconds"]) for r in rows if r.get("method") == "lsq"]
     if lsq:
         wall, cpu = [w for w, _ in lsq], [c for _, c in lsq]
         verdict = "met" if max(wall) <= GOAL_SECONDS else "NOT met"
@@ -236,6 +264,12 @@ def main() -> None:
     parser.add_argument("--memory-methods", nargs="+", default=["lsq"], choices=("bn", "lsq"))
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--out", type=Path, default=RESULTS)
+    parser.add_argument(
+        "--part",
+        choices=("all", "rows", "memory"),
+        default="all",
+        help="run only the accuracy rows or memory",
+    )
     parser.add_argument("--child", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--method", default="lsq", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -243,21 +277,30 @@ def main() -> None:
         print(json.dumps(child_memory(args.child, args.method, args.threads)))
         return
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
-    memory = [run_memory(n, m, args.threads) for m in args.memory_methods for n in args.memory_images]
-    log.info("memory %s", memory)
-    rows = accuracy_rows(args)
-    payload = {
-        "machine": machine(),
-        "load_average": " / ".join(f"{v:.1f}" for v in os.getloadavg()),
-        "calib_samples": args.calib_samples,
-        "threads": args.threads,
-        "rows": rows,
-        "memory": memory,
-    }
-    write_json(args.out / "recovery.json", payload)
-    text = render(payload)
-    write_text(args.out / "recovery.md", text)
-    print(text)
+    path = args.out / "recovery.json"
+
+    def save(part: str, value: object) -> None:
+        """Update this part of the results file (the other part may come from a parallel run)."""
+        payload = json.loads(path.read_text()) if path.exists() else {}
+        payload |= {
+            "machine": machine(),
+            "load_average": " / ".join(f"{v:.1f}" for v in os.getloadavg()),
+            "calib_samples": args.calib_samples,
+            "threads": args.threads,
+            part: value,
+        }
+        payload.setdefault("rows", [])
+        write_json(path, payload)
+        write_text(args.out / "recovery.md", render(payload))
+
+    if args.part in ("all", "rows"):
+        accuracy_rows(args, lambda rows: save("rows", rows))
+    if args.part in ("all", "memory"):
+        save(
+            "memory",
+            [run_memory(n, m, args.threads) for m in args.memory_methods for n in args.memory_images],
+        )
+    print((args.out / "recovery.md").read_text())
 
 
 if __name__ == "__main__":
