@@ -54,7 +54,7 @@ from graphprune.data import ArrayDataset, load_dataset
 from graphprune.onnxutil import atomic_write
 from graphprune.runtime.evaluate import evaluate_onnx
 from graphprune.search.blend import DEFAULT_POOL, BlendConfig
-from graphprune.search.blend.fitness import recalibrate_batchnorm
+from graphprune.surgery.recover import recalibrate_batchnorm
 from graphprune.torch_bridge.train import TrainConfig
 
 log = logging.getLogger("bench_criteria")

@@ -7,7 +7,16 @@ The public API (importing it never imports torch):
     result.save("model-pruned.onnx", "model-pruned.plan.json")
 """
 
-from graphprune.api import PruneResult, analyze_model, model_cost, prune, score_channels, verify_plan
+from graphprune.api import (
+    PruneResult,
+    RecoveryResult,
+    analyze_model,
+    model_cost,
+    prune,
+    recover,
+    score_channels,
+    verify_plan,
+)
 from graphprune.errors import GraphPruneError
 from graphprune.planning import PlanOptions
 from graphprune.planning.plan import PruningPlan
@@ -27,10 +36,12 @@ __all__ = [
     "PlanOptions",
     "PruneResult",
     "PruningPlan",
+    "RecoveryResult",
     "analyze_model",
     "export",
     "model_cost",
     "prune",
+    "recover",
     "score_channels",
     "verify_plan",
 ]

@@ -1,4 +1,5 @@
-"""The Python API: analyse, score, plan, prune, verify.  Every CLI command is a thin wrapper of these."""
+"""The Python API: analyse, score, plan, prune, verify, recover.  Every CLI command is a thin wrapper of
+these."""
 
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ from graphprune.criteria.base import GateGradientSums
 from graphprune.criteria.tensors import ActivationStats, collect_activations
 from graphprune.data.dataset import ArrayDataset
 from graphprune.data.sources import load_calibration
-from graphprune.errors import GraphPruneError
+from graphprune.errors import CalibrationError, GraphPruneError, VerificationError
 from graphprune.model_io import LoadedModel, as_loaded, clean, model_sha256, save_model
 from graphprune.planning import PlanOptions, RemovalPlanner
 from graphprune.planning.plan import PruningPlan
@@ -25,11 +26,13 @@ from graphprune.runtime.cost import CostReport, count_cost
 from graphprune.runtime.shapes import run_intermediates, tensor_shapes
 from graphprune.search import blend  # noqa: F401  (registers the 'blend' criterion)
 from graphprune.surgery.apply import apply_removal
+from graphprune.surgery.recover import METHODS, RecoveryConfig, RecoveryReport, agreement, recover_model
 from graphprune.surgery.verify import VerificationReport, verify_pruning
 
 log = logging.getLogger(__name__)
 
 ModelInput = LoadedModel | onnx.ModelProto | str | os.PathLike[str]
+RECOVERY_HOLDOUT = 256  # calibration images kept apart to measure a recovery, never fitted on
 
 
 def analyze_model(model: ModelInput) -> DependencyGraph:
@@ -137,6 +140,7 @@ class PruneResult:
     dep: DependencyGraph = field(repr=False)
     external_data: bool = False
     criterion_report: dict[str, object] | None = None
+    recovery: RecoveryReport | None = None
 
     def save(self, path: str | os.PathLike[str], plan_path: str | os.PathLike[str] | None = None) -> Path:
         """Write the model (and its plan) atomically; external data stays external."""
@@ -188,6 +192,7 @@ def prune(
     calib_samples: int | None = None,
     criterion_options: dict[str, object] | None = None,
     threads: int | None = None,
+    recover: str | None = None,
 ) -> PruneResult:
     """Prune a model by options (ratio, global ranking, MACs target) or by replaying a saved plan,
     and prove the result equal to the masked reference unless `verify` is False.
@@ -195,7 +200,18 @@ def prune(
     Criteria that read activations, gradients or a held-out split (mean_act, apoz, hrank, entropy,
     act_var, taylor, blend) take their calibration data from `calib` (see score_channels); the
     criterion's own report (the blend search's) comes back as `criterion_report`.  threads: onnxruntime
-    intra-op threads of calibration and verification (default: onnxruntime's own choice)."""
+    intra-op threads of calibration and verification (default: onnxruntime's own choice).
+
+    recover: "none", "bn" or "lsq" (see graphprune.surgery.recover; default "bn" when `calib` is given,
+    else "none"), applied after verification on `calib_samples` calibration images; how close the
+    result is to the original on RECOVERY_HOLDOUT further images (a fifth of the data when
+    calib_samples is None or the data runs short) is in `recovery` and the plan's settings["recovery"]."""
+    method = recover if recover is not None else ("bn" if calib is not None else "none")
+    check_recovery(method, calib)
+    if criterion == "blend" and plan is None and method == "none":
+        log.warning(
+            "the blend scored its candidates with BN recalibrated, but recover='none' writes them without"
+        )
     loaded = as_loaded(model)
     dep = analyze_model(loaded)
     before = count_cost(dep.model, dep.shapes)
@@ -210,19 +226,115 @@ def prune(
         settings = {k: v for k, v in vars(options).items() if v not in (None, [], False)}
     pruned = apply_removal(dep, removed)
     report = verify_pruning(dep, removed, pruned, tolerance=tolerance, threads=threads) if verify else None
+    settings = {k: v for k, v in settings.items() if k != "recovery"}
+    recovery = None
+    if method != "none":
+        pruned, recovery = _recover(dep, removed, pruned, calib, method, calib_samples, seed, threads)
+        settings["recovery"] = recovery.as_dict()
     after = model_cost(pruned)
     sha = model_sha256(loaded.path) if loaded.path is not None else None
     new_plan = PruningPlan.from_removed(
         dep, removed, criterion=plan.criterion if plan else criterion, settings=settings, model_sha256=sha
     )
     return PruneResult(
-        pruned, new_plan, removed, before, after, report, dep, loaded.external_data, criterion_report
+        pruned,
+        new_plan,
+        removed,
+        before,
+        after,
+        report,
+        dep,
+        loaded.external_data,
+        criterion_report,
+        recovery,
     )
+
+
+def check_recovery(method: str, calib: object) -> None:
+    """Refuse an unknown recovery method, or one that needs calibration data without it."""
+    if method not in METHODS:
+        raise GraphPruneError(f"recovery method must be one of {', '.join(METHODS)}, got {method!r}.")
+    if method != "none" and calib is None:
+        raise CalibrationError(
+            f"recovery {method!r} fits the pruned model on calibration images: give calibration data "
+            "(--calib DATA), or use --recover none."
+        )
+
+
+def _recover(
+    dep: DependencyGraph,
+    removed: np.ndarray,
+    pruned: onnx.ModelProto,
+    calib: ArrayDataset | str,
+    method: str,
+    calib_samples: int | None,
+    seed: int,
+    threads: int | None,
+    ridge: float = RecoveryConfig.ridge,
+) -> tuple[onnx.ModelProto, RecoveryReport]:
+    """Recover on `calib_samples` images and measure the result on RECOVERY_HOLDOUT others."""
+    data = load_calibration(calib, None if calib_samples is None else calib_samples + RECOVERY_HOLDOUT, seed)
+    if len(data) < 2:
+        raise CalibrationError(
+            f"recovery needs at least 2 calibration images (one held out), got {len(data)}."
+        )
+    held = (
+        RECOVERY_HOLDOUT
+        if calib_samples is not None and len(data) >= calib_samples + RECOVERY_HOLDOUT
+        else max(1, len(data) // 5)
+    )
+    fit, heldout = data.split(1.0 - held / len(data), seed=seed)
+    config = RecoveryConfig(method, ridge=ridge, threads=threads)
+    model, report = recover_model(dep, removed, pruned, fit.images, config)
+    before = agreement(dep.model, pruned, heldout.images, threads=threads)
+    after = agreement(dep.model, model, heldout.images, threads=threads)
+    report.heldout_samples = len(heldout)
+    report.agreement_before, report.agreement = before.top1, after.top1
+    report.rel_error_before, report.rel_error = before.rel_error, after.rel_error
+    return model, report
+
+
+@dataclass
+class RecoveryResult:
+    """A recovered model and what the recovery did (held-out agreement with the original included)."""
+
+    model: onnx.ModelProto
+    report: RecoveryReport
+
+
+def recover(
+    original: ModelInput,
+    pruned: ModelInput,
+    calib: ArrayDataset | str,
+    *,
+    plan: PruningPlan,
+    method: str = "lsq",
+    calib_samples: int | None = 1024,
+    seed: int = 0,
+    ridge: float = RecoveryConfig.ridge,
+    threads: int | None = None,
+) -> RecoveryResult:
+    """Recover a model pruned from `original` by `plan` (surgery's output, not yet recovered): "bn"
+    recalibrates BatchNorm and corrects biases, "lsq" re-fits the affected layers by least squares
+    (see graphprune.surgery.recover).  Fits on `calib_samples` images, measures on RECOVERY_HOLDOUT more."""
+    check_recovery(method, calib)
+    dep = analyze_model(original)
+    removed = plan.removed_mask(dep)
+    model, report = _recover(
+        dep, removed, as_loaded(pruned).proto, calib, method, calib_samples, seed, threads, ridge
+    )
+    return RecoveryResult(model, report)
 
 
 def verify_plan(
     original: ModelInput, pruned: ModelInput, plan: PruningPlan, *, tolerance: float = 1e-4
 ) -> VerificationReport:
     """Check an existing pruned model against the masked reference of `original` under `plan`."""
+    method = plan.settings.get("recovery", {}).get("method", "none")
+    if method != "none":
+        raise VerificationError(
+            f"the plan says the model was recovered ({method!r}) after verification, so it no longer equals "
+            "the masked reference; prune with --recover none to get a model that verify can check."
+        )
     dep = analyze_model(original)
     return verify_pruning(dep, plan.removed_mask(dep), as_loaded(pruned).proto, tolerance=tolerance)

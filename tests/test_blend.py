@@ -28,8 +28,8 @@ from graphprune.search.blend import (
     cluster_indices,
     cluster_layers,
     evolve,
-    recalibrate_batchnorm,
 )
+from graphprune.surgery.recover import recalibrate_batchnorm
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -107,29 +107,7 @@ def test_search_options_are_checked() -> None:
         evolve(2, quadratic(np.ones(2), []), SearchConfig(population=4, elite=4), progress=False)
 
 
-# BN recalibration and accuracy -------------------------------------------------------------------------
-def test_bn_recalibration_writes_the_batch_statistics() -> None:
-    net = Net(channels=1, size=28, seed=1)
-    conv1 = net.conv(net.x, 4)
-    second = net.bn(net.conv(net.op("Relu", [net.bn(conv1)]), 4))
-    model = net.build(second)
-    images = load_dataset("synthetic:96").images
-    recalibrated = recalibrate_batchnorm(model, images, batch_size=32)
-    stats = {init.name: numpy_helper.to_array(init) for init in recalibrated.graph.initializer}
-    # BN 1 reads the conv directly: its statistics are those of the conv output over every image
-    a = make_session(model, extra_outputs=[conv1]).run([conv1], {"x": images})[0].astype(np.float64)
-    per_batch = [a[i : i + 32] for i in range(0, 96, 32)]
-    np.testing.assert_allclose(stats["bn2.mean"], a.mean(axis=(0, 2, 3)), rtol=1e-4, atol=1e-5)
-    unbiased = np.mean([b.var(axis=(0, 2, 3), ddof=1) for b in per_batch], axis=0)
-    np.testing.assert_allclose(stats["bn2.var"], unbiased, rtol=1e-4)
-    # BN 2 is recalibrated behind the recalibrated BN 1: in the new model its input matches its stats
-    b = make_session(recalibrated, extra_outputs=["conv4"]).run(["conv4"], {"x": images})[0]
-    np.testing.assert_allclose(stats["bn5.mean"], b.mean(axis=(0, 2, 3)), rtol=1e-2, atol=1e-3)
-    np.testing.assert_allclose(stats["bn5.var"], b.var(axis=(0, 2, 3)), rtol=2e-2)
-    before = {init.name: numpy_helper.to_array(init) for init in model.graph.initializer}
-    assert not np.allclose(stats["bn5.mean"], before["bn5.mean"], atol=1e-2)
-
-
+# BN recalibration (tests/test_recover.py) and accuracy -------------------------------------------------------------------------
 def test_models_without_bn_are_left_alone_and_accuracy_is_top1() -> None:
     model = hand_model()
     assert recalibrate_batchnorm(model, hand_data().images) is model
@@ -176,6 +154,9 @@ def test_blend_prunes_deterministically_and_never_below_its_best_single(calibrat
     parallel = blend_prune(model, calibration, workers=2, report_dir=str(tmp_path))
     inline = blend_prune(model, calibration, workers=1)
     assert parallel.verification is not None and parallel.verification.ok
+    # the model written is the one the blend scored: BN recalibrated behind the removal
+    assert parallel.recovery is not None and parallel.recovery.method == "bn"
+    assert parallel.recovery.batchnorms and "recovery" in parallel.plan.settings
     assert parallel.removed.any() and parallel.after.params < parallel.before.params
     report = parallel.criterion_report
     assert report == inline.criterion_report | {"config": report["config"]}  # same search, any workers

@@ -26,6 +26,15 @@ def add_calibration_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--calib-samples", type=int, default=1024, help="calibration images drawn (default 1024)"
     )
+    parser.add_argument(
+        "--recover",
+        choices=("none", "bn", "lsq"),
+        help="recovery without training, after verification, on the --calib images (default: bn with "
+        "--calib, else none). none: the surgery's model as verified. bn: re-estimate the BatchNorm "
+        "statistics behind every removal and shift biases no BN re-centres (BN-folded models); cheap, "
+        "first choice at mild pruning. lsq: re-fit every affected conv/linear layer by least squares "
+        "to the original's outputs, then BN; a few seconds more, much better at strong pruning",
+    )
     blend = parser.add_argument_group("blend (--criterion blend)")
     blend.add_argument("--blend-pool", help=POOL_HELP)
     blend.add_argument("--blend-similarity", type=float, default=0.9, help="Spearman threshold for clusters")
@@ -38,7 +47,11 @@ def add_calibration_arguments(parser: argparse.ArgumentParser) -> None:
 
 def calibration_kwargs(args: argparse.Namespace) -> dict[str, Any]:
     """Keyword arguments of graphprune.api.prune for the options added by add_calibration_arguments."""
-    kwargs: dict[str, Any] = {"calib": args.calib, "calib_samples": args.calib_samples}
+    kwargs: dict[str, Any] = {
+        "calib": args.calib,
+        "calib_samples": args.calib_samples,
+        "recover": args.recover,
+    }
     if args.criterion == "blend":
         from graphprune.search.blend import DEFAULT_POOL, BlendConfig
 

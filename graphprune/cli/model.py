@@ -62,6 +62,8 @@ def cmd_prune(args: argparse.Namespace) -> int:
     options = None if args.plan else _plan_options(args)
     if options is not None:
         options.validate()
+    if args.recover not in (None, "none") and args.calib is None:
+        raise GraphPruneError(f"--recover {args.recover} fits on calibration images: add --calib DATA.")
     plan = PruningPlan.load(args.plan) if args.plan else None
     loaded = load_model(args.model)
     if args.criterion == "blend" and args.blend_report is None:
@@ -89,6 +91,8 @@ def cmd_prune(args: argparse.Namespace) -> int:
         console.print(
             "verify     skipped (--no-verify): the model was NOT checked against the masked reference"
         )
+    if result.recovery is not None:
+        _print_recovery(result.recovery)
     plan_path = Path(args.plan_out) if args.plan_out else output.with_suffix(".plan.json")
     result.save(output, plan_path)
     rows = cost_rows(result.before, result.after)
@@ -96,6 +100,11 @@ def cmd_prune(args: argparse.Namespace) -> int:
         rows = _with_latency(rows, [args.model, str(output)], args.threads)
     out.print(render(comparison_table(rows)), end="")
     out.print(f"wrote {output}, plan {plan_path}")
+    if args.criterion == "blend" and plan is None:
+        from graphprune.search.blend.criterion import REPORT_JSON, REPORT_PNG
+
+        report_dir = Path(args.blend_report)
+        out.print(f"wrote blend report {report_dir / REPORT_JSON}, {report_dir / REPORT_PNG}")
     from graphprune.onnxutil import conv_channels
 
     before, after = conv_channels(result.dep.model), conv_channels(result.model)
@@ -111,6 +120,29 @@ def cmd_prune(args: argparse.Namespace) -> int:
         title = f"{output.stem}: channels per conv (MACs kept {kept:.0%})"
         out.print(f"wrote {plot_channels(before, after, args.plot, title)}")
     return 0
+
+
+def _print_recovery(report) -> None:  # noqa: ANN001 - RecoveryReport, imported lazily
+    done = [
+        f"{len(report.reconstructed)} layers re-fitted" if report.method == "lsq" else "",
+        f"{len(report.batchnorms)} BN recalibrated",
+        f"{len(report.bias_corrected)} biases corrected" if report.bias_corrected else "",
+    ]
+    console.print(
+        f"recover    {report.method}: {', '.join(filter(None, done))} on {report.fit_samples:,} images "
+        f"in {report.seconds:.2f} s"
+    )
+    top1 = (
+        f"top-1 agreement {report.agreement:.1%} (before {report.agreement_before:.1%}), "
+        if report.agreement is not None
+        else ""
+    )
+    console.print(
+        f"           vs original on {report.heldout_samples:,} held-out images: {top1}"
+        f"rel output err {report.rel_error:.3g} (before {report.rel_error_before:.3g})"
+    )
+    for node, reason in report.skipped.items():
+        console.print(f"           left as is: {node}: {reason}", markup=False)
 
 
 def _with_latency(rows: dict, paths: list[str], threads: int | None) -> dict:
