@@ -19,9 +19,11 @@ from graphprune.errors import GraphPruneError
 from graphprune.model_io import LoadedModel, as_loaded, save_model
 from graphprune.onnxutil import sha256_file
 from graphprune.planning import PlanOptions, RemovalPlanner
+from graphprune.planning.latency import LatencyModel, layer_specs
 from graphprune.planning.plan import PruningPlan
 from graphprune.runtime.activations import ActivationStats, collect_activations, load_calibration
 from graphprune.runtime.cost import CostReport, count_cost
+from graphprune.runtime.profile import LatencyTable, Timing, profile_model
 from graphprune.runtime.shapes import tensor_shapes
 from graphprune.search import blend  # noqa: F401  (registers the 'blend' criterion)
 from graphprune.surgery.apply import apply_removal
@@ -145,6 +147,58 @@ class PruneResult:
         return written
 
 
+@dataclass(frozen=True)
+class LatencySource:
+    """Where a latency target's table comes from: a saved one (`table`, refused when it was measured on
+    another model or provider), or else a profile taken now with these settings."""
+
+    table: LatencyTable | str | os.PathLike[str] | None = None
+    provider: str = "cpu"
+    batch: int = 1
+    threads: int | None = None
+
+
+def profile_latency(
+    model: ModelInput,
+    *,
+    provider: str = "cpu",
+    batch: int = 1,
+    threads: int | None = None,
+    timing: Timing | None = None,
+) -> LatencyTable:
+    """Latency lookup table of a model's weighted layers and of the whole (graphprune.runtime.profile)."""
+    loaded = as_loaded(model)
+    dep = analyze(loaded.proto)
+    sha = sha256_file(loaded.path) if loaded.path is not None else None
+    return profile_model(
+        dep.model,
+        layer_specs(dep),
+        provider=provider,
+        batch=batch,
+        threads=threads,
+        timing=timing,
+        model_sha256=sha,
+    )
+
+
+def _latency_model(dep: DependencyGraph, source: LatencySource, sha: str | None) -> LatencyModel:
+    table = source.table
+    if table is None:
+        log.info("no latency table given: profiling the model now")
+        table = profile_model(
+            dep.model,
+            layer_specs(dep),
+            provider=source.provider,
+            batch=source.batch,
+            threads=source.threads,
+            model_sha256=sha,
+        )
+    elif not isinstance(table, LatencyTable):
+        table = LatencyTable.load(table)
+    table.check(sha, source.provider)
+    return LatencyModel(dep, table)
+
+
 def plan_pruning(
     dep: DependencyGraph,
     options: PlanOptions,
@@ -163,10 +217,14 @@ def plan_pruning(
 
 
 def _plan(
-    dep: DependencyGraph, options: PlanOptions, cost: CostReport | None, scoring: Scoring
+    dep: DependencyGraph,
+    options: PlanOptions,
+    cost: CostReport | None,
+    scoring: Scoring,
+    latency: LatencyModel | None = None,
 ) -> tuple[np.ndarray, dict[str, object] | None]:
     options.validate()  # before scoring: a blend's search is long
-    planner = RemovalPlanner(options, cost)
+    planner = RemovalPlanner(options, cost, latency)
     scores, scorer = scoring.run(dep, planner=planner)
     if not scores:
         log.warning("criterion %s has no opinion on any group: nothing will be removed", scoring.criterion)
@@ -187,36 +245,62 @@ def prune(
     calib_samples: int | None = None,
     criterion_options: dict[str, object] | None = None,
     threads: int | None = None,
+    latency: LatencySource | None = None,
 ) -> PruneResult:
-    """Prune a model by options (ratio, global ranking, MACs target) or by replaying a saved plan,
-    and prove the result equal to the masked reference unless `verify` is False.
+    """Prune a model by options (ratio, global ranking, MACs or latency target) or by replaying a saved
+    plan, and prove the result equal to the masked reference unless `verify` is False.
 
     Criteria that read activations, gradients or a held-out split (mean_act, apoz, hrank, entropy,
     act_var, taylor, blend) take their calibration data from `calib` (see score_channels); the
     criterion's own report (the blend search's) comes back as `criterion_report`.  threads: onnxruntime
-    intra-op threads of calibration and verification (default: onnxruntime's own choice)."""
+    intra-op threads of calibration and verification (default: onnxruntime's own choice).
+    latency: the latency table (a latency target profiles the model when none is given); the plan
+    records the latency it predicts."""
     loaded = as_loaded(model)
     dep = analyze(loaded.proto)
     before = count_cost(dep.model, dep.shapes)
+    sha = sha256_file(loaded.path) if loaded.path is not None else None
     criterion_report = None
+    options = options or PlanOptions(ratio=0.5)
+    if latency is None and plan is None and options.target_latency is not None:
+        latency = LatencySource(threads=threads)
+    latency_model = _latency_model(dep, latency, sha) if latency is not None else None
     if plan is not None:
         removed = plan.removed_mask(dep)
         settings = plan.settings
     else:
-        options = options or PlanOptions(ratio=0.5)
         scoring = Scoring(criterion, aggregate, seed, calib, calib_samples, criterion_options, threads)
-        removed, criterion_report = _plan(dep, options, before, scoring)
+        removed, criterion_report = _plan(dep, options, before, scoring, latency_model)
         settings = {k: v for k, v in vars(options).items() if v not in (None, [], False)}
     pruned = apply_removal(dep, removed)
     report = verify_pruning(dep, removed, pruned, tolerance=tolerance, threads=threads) if verify else None
     after = model_cost(pruned)
-    sha = sha256_file(loaded.path) if loaded.path is not None else None
     new_plan = PruningPlan.from_removed(
-        dep, removed, criterion=plan.criterion if plan else criterion, settings=settings, model_sha256=sha
+        dep,
+        removed,
+        criterion=plan.criterion if plan else criterion,
+        settings=settings,
+        model_sha256=sha,
+        latency=_predicted(latency_model, removed),
     )
     return PruneResult(
         pruned, new_plan, removed, before, after, report, dep, loaded.external_data, criterion_report
     )
+
+
+def _predicted(model: LatencyModel | None, removed: np.ndarray) -> dict[str, object] | None:
+    """What the plan records about latency: the table's setting, the measured whole, the prediction."""
+    if model is None:
+        return None
+    table = model.table
+    return {
+        "provider": table.provider,
+        "batch": table.batch,
+        "threads": table.threads,
+        "original_ms": table.end_to_end_ms,
+        "predicted_ms": model.predict(removed),
+        "layers_sum_error": table.sum_error,
+    }
 
 
 def verify_plan(

@@ -1,0 +1,382 @@
+"""Latency lookup tables: how long each weighted layer takes as a function of its kept channels.
+
+The caller describes the layers plainly (`LayerSpec`: op, widths, attributes, input size); this module
+imports no analysis.  Each distinct signature is timed once on a small isolated graph (the layer alone,
+random weights) at a grid of widths: output widths with the input whole, input widths with the output
+whole (a depthwise conv has one width).  A point's latency is the fastest of several rounds' medians,
+the rounds interleaving the points of a signature, because other jobs on a shared machine can only
+slow a round down.  The whole model is timed too, before and after the layers, and the table records
+how well the sum of its layers predicts it.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import platform
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+from tqdm import tqdm
+
+from graphprune.errors import PlanError
+from graphprune.onnxutil import atomic_write
+from graphprune.runtime.bench import bench, runner
+from graphprune.runtime.session import ModelLike, make_session
+
+log = logging.getLogger(__name__)
+
+LUT_FORMAT = "graphprune-latency/1"
+# Widths timed per swept dimension, at most (a power-of-two step, so 8/16-aligned widths are among them).
+GRID_POINTS = 24
+
+
+@dataclass(frozen=True)
+class LayerSpec:
+    """One weighted layer as the profiler sees it.
+
+    op: Conv, Gemm or MatMul. leading: the input's dims other than batch and channels (a conv's spatial
+    size, a MatMul's middle dims). attributes: the conv's attributes other than `group`, as sorted
+    (name, value) pairs. sweep_in / sweep_out: whether that width can change (prunable channels).
+    """
+
+    node: str
+    op: str
+    in_channels: int
+    out_channels: int
+    group: int = 1
+    attributes: tuple[tuple[str, Any], ...] = ()
+    leading: tuple[int, ...] = ()
+    bias: bool = True
+    sweep_in: bool = True
+    sweep_out: bool = True
+
+    @property
+    def depthwise(self) -> bool:
+        return self.group > 1 and self.group == self.in_channels == self.out_channels
+
+    @property
+    def signature(self) -> str:
+        """What the latency depends on (everything but the node's name)."""
+        parts = [self.op, f"{self.in_channels}->{self.out_channels}", f"g{self.group}"]
+        parts += [f"{k}={list(v) if isinstance(v, tuple) else v}" for k, v in self.attributes]
+        parts += [f"in{list(self.leading)}", "bias" if self.bias else "nobias"]
+        parts += [f"sweep{'i' if self.sweep_in else ''}{'o' if self.sweep_out else ''}"]
+        return " ".join(parts)
+
+
+@dataclass
+class LayerCurve:
+    """Measured latency (ms) of one signature: output widths with the input whole, input widths with
+    the output whole (empty for depthwise convs, whose one width is the output's), and the whole layer."""
+
+    full_ms: float
+    out_widths: list[int] = field(default_factory=list)
+    out_ms: list[float] = field(default_factory=list)
+    in_widths: list[int] = field(default_factory=list)
+    in_ms: list[float] = field(default_factory=list)
+
+    def latency(self, kept_in: int, kept_out: int) -> float:
+        """Separable model: full x f_out(kept_out) x f_in(kept_in), each factor read from its curve at
+        the smallest timed width that holds the kept channels (a staircase, never optimistic)."""
+        out_ms = _step(self.out_widths, self.out_ms, kept_out, self.full_ms)
+        return out_ms * _step(self.in_widths, self.in_ms, kept_in, self.full_ms) / self.full_ms
+
+
+def _step(widths: list[int], times: list[float], width: int, whole: float) -> float:
+    """Time at the smallest timed width >= `width` (`whole` when the dimension was not swept)."""
+    if not widths:
+        return whole
+    return times[min(int(np.searchsorted(widths, width)), len(widths) - 1)]
+
+
+@dataclass
+class LatencyTable:
+    """A model's latency lookup table (the JSON file `graphprune profile` writes)."""
+
+    model_sha256: str | None
+    provider: str
+    batch: int
+    threads: int | None
+    end_to_end_ms: float
+    layers: dict[str, str]
+    curves: dict[str, LayerCurve]
+    machine: dict[str, Any] = field(default_factory=dict)
+    seconds: float = 0.0
+
+    @property
+    def layers_sum_ms(self) -> float:
+        return sum(self.curves[sig].full_ms for sig in self.layers.values())
+
+    @property
+    def sum_error(self) -> float:
+        """(sum of the layers' latencies - measured whole) / measured whole."""
+        return self.layers_sum_ms / self.end_to_end_ms - 1.0
+
+    @property
+    def scale(self) -> float:
+        """Factor from the layers' sum to the whole (what the layers alone miss: other ops, overhead)."""
+        return self.end_to_end_ms / self.layers_sum_ms if self.layers_sum_ms else 1.0
+
+    def curve(self, node: str) -> LayerCurve | None:
+        signature = self.layers.get(node)
+        return self.curves[signature] if signature is not None else None
+
+    def check(self, model_sha256: str | None, provider: str) -> None:
+        """Refuse a table measured for another model or execution provider."""
+        if model_sha256 and self.model_sha256 and model_sha256 != self.model_sha256:
+            raise PlanError(
+                f"the latency table was measured on another model (sha256 {self.model_sha256[:12]}, this "
+                f"one is {model_sha256[:12]}); run graphprune profile on this model."
+            )
+        if provider != self.provider:
+            raise PlanError(
+                f"the latency table was measured with provider {self.provider}, not {provider}; profile "
+                f"with --provider {provider}."
+            )
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "format": LUT_FORMAT,
+            "model_sha256": self.model_sha256,
+            "provider": self.provider,
+            "batch": self.batch,
+            "threads": self.threads,
+            "machine": self.machine,
+            "seconds": round(self.seconds, 2),
+            "end_to_end_ms": self.end_to_end_ms,
+            "layers_sum_ms": self.layers_sum_ms,
+            "sum_error": self.sum_error,
+            "layers": self.layers,
+            "curves": {sig: asdict(curve) for sig, curve in self.curves.items()},
+        }
+
+    def save(self, path: str | os.PathLike[str]) -> Path:
+        with atomic_write(path) as tmp:
+            tmp.write_text(json.dumps(self.to_dict(), indent=1) + "\n")
+        return Path(path)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike[str]) -> LatencyTable:
+        try:
+            data = json.loads(Path(path).read_text())
+        except (OSError, ValueError) as exc:
+            raise PlanError(f"{path}: not a readable latency table ({exc}).") from exc
+        if not isinstance(data, dict) or data.get("format") != LUT_FORMAT:
+            raise PlanError(f"{path}: not a graphprune latency table (expected format {LUT_FORMAT!r}).")
+        return cls(
+            model_sha256=data["model_sha256"],
+            provider=data["provider"],
+            batch=int(data["batch"]),
+            threads=data["threads"],
+            end_to_end_ms=float(data["end_to_end_ms"]),
+            layers=dict(data["layers"]),
+            curves={sig: LayerCurve(**curve) for sig, curve in data["curves"].items()},
+            machine=data.get("machine", {}),
+            seconds=float(data.get("seconds", 0.0)),
+        )
+
+
+def sweep_widths(channels: int, multiple: int = 1, points: int = GRID_POINTS) -> list[int]:
+    """Widths to time for a dimension of `channels`: multiples of a power-of-two step (a multiple of
+    `multiple`, for grouped convs) chosen so that about `points` widths are timed, and the full width."""
+    step = 1 << max(0, math.ceil(math.log2(max(channels / points, 1))))
+    step = math.lcm(step, multiple)
+    return sorted({*range(step, channels, step), channels})
+
+
+@dataclass(frozen=True)
+class Timing:
+    """How points are timed: warm-up runs, timed runs per round (capped by `budget_s`), rounds."""
+
+    warmup: int = 3
+    runs: int = 15
+    rounds: int = 3
+    budget_s: float = 0.25
+
+
+def profile_model(
+    model: ModelLike,
+    layers: Sequence[LayerSpec],
+    *,
+    provider: str = "cpu",
+    batch: int = 1,
+    threads: int | None = None,
+    timing: Timing | None = None,
+    model_sha256: str | None = None,
+    measure: Callable[[onnx.ModelProto, int, int, int], float] | None = None,
+) -> LatencyTable:
+    """Time every distinct layer signature at its grid of widths, and the whole model.
+
+    `measure(graph, batch, in_width, ...)` replaces the timing of one isolated layer (tests inject known
+    costs through it); by default the layer runs in onnxruntime with `provider` and `threads`.
+    """
+    timing = timing or Timing()
+    start = time.perf_counter()
+    loads = [os.getloadavg()[0]]
+    whole = [_whole_ms(model, provider, batch, threads, timing)]
+    by_signature: dict[str, LayerSpec] = {}
+    for spec in layers:
+        by_signature.setdefault(spec.signature, spec)
+    points = sum(len(_points(spec)) for spec in by_signature.values())
+    log.info("profiling %d layers, %d signatures, %d points", len(layers), len(by_signature), points)
+    curves: dict[str, LayerCurve] = {}
+    with tqdm(total=points, desc="profile", unit="pt", disable=None, leave=False) as bar:
+        for signature, spec in by_signature.items():
+            curves[signature] = _curve(spec, provider, batch, threads, timing, measure, bar)
+    whole.append(_whole_ms(model, provider, batch, threads, timing))
+    loads.append(os.getloadavg()[0])
+    table = LatencyTable(
+        model_sha256=model_sha256,
+        provider=provider,
+        batch=batch,
+        threads=threads,
+        end_to_end_ms=min(whole),
+        layers={spec.node: spec.signature for spec in layers},
+        curves=curves,
+        machine={"host": platform.node(), "cpu": _cpu(), "cores": os.cpu_count(), "load_1min": loads},
+        seconds=time.perf_counter() - start,
+    )
+    log.info(
+        "whole model %.3f ms, layers sum to %.3f ms (%+.1f%%)",
+        table.end_to_end_ms,
+        table.layers_sum_ms,
+        100 * table.sum_error,
+    )
+    return table
+
+
+def _points(spec: LayerSpec) -> list[tuple[int, int]]:
+    """(in_width, out_width) pairs to time; the full pair last."""
+    full = (spec.in_channels, spec.out_channels)
+    if spec.depthwise:
+        return [(w, w) for w in sweep_widths(spec.out_channels)] if spec.sweep_out else [full]
+    multiple = spec.group
+    pairs = []
+    if spec.sweep_out:
+        pairs += [(spec.in_channels, w) for w in sweep_widths(spec.out_channels, multiple)[:-1]]
+    if spec.sweep_in:
+        pairs += [(w, spec.out_channels) for w in sweep_widths(spec.in_channels, multiple)[:-1]]
+    return [*pairs, full]
+
+
+def _curve(
+    spec: LayerSpec,
+    provider: str,
+    batch: int,
+    threads: int | None,
+    timing: Timing,
+    measure: Callable[[onnx.ModelProto, int, int, int], float] | None,
+    bar: tqdm,
+) -> LayerCurve:
+    pairs = _points(spec)
+    best = dict.fromkeys(pairs, math.inf)
+    if measure is not None:
+        for pair in pairs:
+            best[pair] = measure(layer_graph(spec, *pair), batch, *pair)
+            bar.update()
+    else:
+        timers = {pair: _timer(spec, pair, provider, batch, threads) for pair in pairs}
+        for round_index in range(timing.rounds):
+            for pair, timer in timers.items():
+                best[pair] = min(best[pair], timer(timing, round_index == 0))
+        bar.update(len(pairs))
+    full = best[pairs[-1]]
+    curve = LayerCurve(full_ms=full)
+    if spec.depthwise:
+        curve.out_widths = [p[1] for p in pairs]
+        curve.out_ms = [best[p] for p in pairs]
+        return curve
+    outs = sorted((p[1], best[p]) for p in pairs if p[0] == spec.in_channels)
+    ins = sorted((p[0], best[p]) for p in pairs if p[1] == spec.out_channels)
+    curve.out_widths, curve.out_ms = [w for w, _ in outs], [t for _, t in outs]
+    curve.in_widths, curve.in_ms = [w for w, _ in ins], [t for _, t in ins]
+    return curve
+
+
+def _timer(
+    spec: LayerSpec, pair: tuple[int, int], provider: str, batch: int, threads: int | None
+) -> Callable[[Timing, bool], float]:
+    """A function timing one round of the isolated layer (median ms; warm-up on the first round)."""
+    session = make_session(layer_graph(spec, *pair), provider=provider, threads=threads)
+    x = np.random.default_rng(0).standard_normal(_input_shape(spec, batch, pair[0])).astype(np.float32)
+    run = runner(session, {"x": x}, provider)
+
+    def one_round(timing: Timing, first: bool) -> float:
+        for _ in range(timing.warmup if first else 1):
+            run()
+        times = []
+        deadline = time.perf_counter() + timing.budget_s
+        while len(times) < timing.runs and (len(times) < 3 or time.perf_counter() < deadline):
+            begin = time.perf_counter()
+            run()
+            times.append(time.perf_counter() - begin)
+        return float(np.median(times)) * 1e3
+
+    return one_round
+
+
+def _input_shape(spec: LayerSpec, batch: int, in_width: int) -> tuple[int, ...]:
+    if spec.op == "Conv":
+        return (batch, in_width, *spec.leading)
+    return (batch, *spec.leading, in_width)
+
+
+def layer_graph(spec: LayerSpec, in_width: int, out_width: int) -> onnx.ModelProto:
+    """The layer alone at the given widths, random weights, input `x` with a symbolic batch."""
+    rng = np.random.default_rng(0)
+    shape: list[int | str] = ["N", *_input_shape(spec, 1, in_width)[1:]]
+    inputs = ["x", "w"] + (["b"] if spec.bias else [])
+    attributes = dict(spec.attributes)
+    if spec.op == "Conv":
+        group = in_width if spec.depthwise else spec.group
+        weight = (out_width, in_width // group, *attributes.get("kernel_shape", ()))
+        nodes = [helper.make_node("Conv", inputs, ["y"], group=group, **attributes)]
+    elif spec.op == "Gemm":
+        weight = (out_width, in_width)
+        nodes = [helper.make_node("Gemm", inputs, ["y"], transB=1)]
+    else:  # MatMul, with its bias as a separate Add (as exporters write a Linear on 3-D inputs)
+        weight = (in_width, out_width)
+        nodes = [helper.make_node("MatMul", ["x", "w"], ["m" if spec.bias else "y"])]
+        if spec.bias:
+            nodes.append(helper.make_node("Add", ["m", "b"], ["y"]))
+    inits = [numpy_helper.from_array(rng.standard_normal(weight).astype(np.float32) * 0.1, "w")]
+    if spec.bias:
+        inits.append(numpy_helper.from_array(rng.standard_normal(out_width).astype(np.float32), "b"))
+    graph = helper.make_graph(
+        nodes,
+        f"layer {spec.signature}",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, shape)],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+        inits,
+    )
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+
+
+def _whole_ms(model: ModelLike, provider: str, batch: int, threads: int | None, timing: Timing) -> float:
+    runs = max(timing.runs, 20)
+    medians = [
+        bench(
+            model, batch=batch, threads=threads, provider=provider, warmup=timing.warmup * 3, runs=runs
+        ).median_ms
+        for _ in range(timing.rounds)
+    ]
+    return min(medians)
+
+
+def _cpu() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor()
