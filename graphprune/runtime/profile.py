@@ -212,17 +212,19 @@ def profile_model(
     threads: int | None = None,
     timing: Timing | None = None,
     model_sha256: str | None = None,
-    measure: Callable[[onnx.ModelProto, int, int, int], float] | None = None,
+    measure: Callable[[ModelLike, int], float] | None = None,
 ) -> LatencyTable:
     """Time every distinct layer signature at its grid of widths, and the whole model.
 
-    `measure(graph, batch, in_width, ...)` replaces the timing of one isolated layer (tests inject known
-    costs through it); by default the layer runs in onnxruntime with `provider` and `threads`.
+    `measure(model, batch)` -> ms replaces the timing of the whole model and of each isolated layer
+    (tests inject known costs through it); by default both run in onnxruntime with `provider` and
+    `threads`.
     """
     timing = timing or Timing()
     start = time.perf_counter()
     loads = [os.getloadavg()[0]]
-    whole = [_whole_ms(model, provider, batch, threads, timing)]
+    whole_ms = measure or (lambda m, b: _whole_ms(m, provider, b, threads, timing))
+    whole = [whole_ms(model, batch)]
     by_signature: dict[str, LayerSpec] = {}
     for spec in layers:
         by_signature.setdefault(spec.signature, spec)
@@ -232,7 +234,7 @@ def profile_model(
     with tqdm(total=points, desc="profile", unit="pt", disable=None, leave=False) as bar:
         for signature, spec in by_signature.items():
             curves[signature] = _curve(spec, provider, batch, threads, timing, measure, bar)
-    whole.append(_whole_ms(model, provider, batch, threads, timing))
+    whole.append(whole_ms(model, batch))
     loads.append(os.getloadavg()[0])
     table = LatencyTable(
         model_sha256=model_sha256,
@@ -274,14 +276,14 @@ def _curve(
     batch: int,
     threads: int | None,
     timing: Timing,
-    measure: Callable[[onnx.ModelProto, int, int, int], float] | None,
+    measure: Callable[[ModelLike, int], float] | None,
     bar: tqdm,
 ) -> LayerCurve:
     pairs = _points(spec)
     best = dict.fromkeys(pairs, math.inf)
     if measure is not None:
         for pair in pairs:
-            best[pair] = measure(layer_graph(spec, *pair), batch, *pair)
+            best[pair] = measure(layer_graph(spec, *pair), batch)
             bar.update()
     else:
         timers = {pair: _timer(spec, pair, provider, batch, threads) for pair in pairs}
