@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import subprocess
 import sys
 from collections.abc import Callable
@@ -21,7 +22,7 @@ from helpers import Net, init_shape, prune_checked
 from graphprune.analysis.graph import analyze
 from graphprune.api import LatencySource
 from graphprune.onnxutil import sha256_file
-from graphprune.planning import PlanOptions, Planner
+from graphprune.planning import Planner, PlanOptions
 from graphprune.planning.latency import LatencyModel, layer_specs
 from graphprune.runtime.profile import LatencyTable, profile_model
 
@@ -190,3 +191,39 @@ def test_cuda_without_the_gpu_runtime_is_one_line_with_the_install_advice(tmp_pa
         line = one_line_error(run_cli(*args, "--provider", "cuda"))
         assert "pip uninstall -y onnxruntime && pip install 'onnxruntime-gpu[cuda]==1.31.1'" in line
     assert not (tmp_path / "lut.json").exists()
+
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_latency_benchmark_matrix_defaults_to_the_gpu_protocol_on_cuda() -> None:
+    script = ROOT / "benchmarks" / "bench_latency.py"
+    done = subprocess.run(
+        [sys.executable, script, "--provider", "cuda", "--dry-run"], capture_output=True, text=True
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.splitlines() == [
+        f"{m} batch {b} cuda threads 2"
+        for m in ("resnet50", "mobilenet_v2", "efficientnet_b0")
+        for b in (1, 64)
+    ]
+    bad = subprocess.run(
+        [sys.executable, script, "--ratio", "1.5", "--dry-run"], capture_output=True, text=True
+    )
+    assert bad.returncode == 2 and "--ratio" in bad.stderr
+
+
+@pytest.mark.skipif("CUDAExecutionProvider" in ort.get_available_providers(), reason="CUDA is installed")
+def test_gpu_script_stops_at_once_without_the_cuda_provider(tmp_path: Path) -> None:
+    env = {**os.environ, "PYTHON": sys.executable}
+    done = subprocess.run(
+        ["bash", ROOT / "tools" / "device" / "gpu_latency.sh", tmp_path / "out", "mobilenet_v2"],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        env=env,
+    )
+    lines = done.stdout.strip().splitlines()
+    assert done.returncode == 2 and len(lines) == 1, done.stdout + done.stderr
+    assert lines[0].startswith("bench_latency: error:") and "onnxruntime-gpu[cuda]==1.31.1" in lines[0]
+    assert not (tmp_path / "out" / "gpu_latency.json").exists()

@@ -35,8 +35,6 @@ from graphprune.runtime.session import ModelLike, make_session
 log = logging.getLogger(__name__)
 
 LUT_FORMAT = "graphprune-latency/1"
-# Widths timed per swept dimension, at most (a power-of-two step, so 8/16-aligned widths are among them).
-GRID_POINTS = 24
 
 
 @dataclass(frozen=True)
@@ -185,7 +183,7 @@ class LatencyTable:
         )
 
 
-def sweep_widths(channels: int, multiple: int = 1, points: int = GRID_POINTS) -> list[int]:
+def sweep_widths(channels: int, multiple: int = 1, points: int = 24) -> list[int]:
     """Widths to time for a dimension of `channels`: multiples of a power-of-two step (a multiple of
     `multiple`, for grouped convs) chosen so that about `points` widths are timed, and the full width."""
     step = 1 << max(0, math.ceil(math.log2(max(channels / points, 1))))
@@ -195,8 +193,10 @@ def sweep_widths(channels: int, multiple: int = 1, points: int = GRID_POINTS) ->
 
 @dataclass(frozen=True)
 class Timing:
-    """How points are timed: warm-up runs, timed runs per round (capped by `budget_s`), rounds."""
+    """How a profile is timed: about `points` widths per swept dimension (a power-of-two step, so 8- and
+    16-aligned widths are among them), warm-up runs, timed runs per round (capped by `budget_s`), rounds."""
 
+    points: int = 24
     warmup: int = 3
     runs: int = 15
     rounds: int = 3
@@ -228,7 +228,7 @@ def profile_model(
     by_signature: dict[str, LayerSpec] = {}
     for spec in layers:
         by_signature.setdefault(spec.signature, spec)
-    points = sum(len(_points(spec)) for spec in by_signature.values())
+    points = sum(len(_points(spec, timing.points)) for spec in by_signature.values())
     log.info("profiling %d layers, %d signatures, %d points", len(layers), len(by_signature), points)
     curves: dict[str, LayerCurve] = {}
     with tqdm(total=points, desc="profile", unit="pt", disable=None, leave=False) as bar:
@@ -256,17 +256,16 @@ def profile_model(
     return table
 
 
-def _points(spec: LayerSpec) -> list[tuple[int, int]]:
+def _points(spec: LayerSpec, count: int) -> list[tuple[int, int]]:
     """(in_width, out_width) pairs to time; the full pair last."""
     full = (spec.in_channels, spec.out_channels)
     if spec.depthwise:
-        return [(w, w) for w in sweep_widths(spec.out_channels)] if spec.sweep_out else [full]
-    multiple = spec.group
+        return [(w, w) for w in sweep_widths(spec.out_channels, 1, count)] if spec.sweep_out else [full]
     pairs = []
     if spec.sweep_out:
-        pairs += [(spec.in_channels, w) for w in sweep_widths(spec.out_channels, multiple)[:-1]]
+        pairs += [(spec.in_channels, w) for w in sweep_widths(spec.out_channels, spec.group, count)[:-1]]
     if spec.sweep_in:
-        pairs += [(w, spec.out_channels) for w in sweep_widths(spec.in_channels, multiple)[:-1]]
+        pairs += [(w, spec.out_channels) for w in sweep_widths(spec.in_channels, spec.group, count)[:-1]]
     return [*pairs, full]
 
 
@@ -279,7 +278,7 @@ def _curve(
     measure: Callable[[ModelLike, int], float] | None,
     bar: tqdm,
 ) -> LayerCurve:
-    pairs = _points(spec)
+    pairs = _points(spec, timing.points)
     best = dict.fromkeys(pairs, math.inf)
     if measure is not None:
         for pair in pairs:
