@@ -154,9 +154,12 @@ def test_tables_of_other_models_or_providers_are_refused_in_one_line(tmp_path: P
         run_cli(*args, tmp_path / "own.json", "--provider", "cuda")
     )
     assert not (tmp_path / "out.onnx").exists()
-    done = run_cli(*args, tmp_path / "own.json", "--bench", "--threads", "1")
+    done = run_cli(*args, tmp_path / "own.json", "--bench", "--threads", "1", "--json")
     assert done.returncode == 0, done.stderr
-    assert "predicted" in done.stdout and "latency" in done.stdout
+    numbers = json.loads(done.stdout)
+    assert numbers["before"]["predicted_ms"] == pytest.approx(8 * 16 + 16 * 24 + 24 * 6)
+    assert numbers["after"]["predicted_ms"] <= 0.5 * numbers["before"]["predicted_ms"]
+    assert numbers["after"]["latency_ms"] > 0 and numbers["verification"]["max_rel_error"] < 1e-4
     assert "objective latency" in one_line_error(
         run_cli("prune", path, "-o", tmp_path / "o.onnx", "--ratio", "0.5", "--objective", "latency")
     )

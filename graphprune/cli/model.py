@@ -104,8 +104,16 @@ def cmd_prune(args: argparse.Namespace) -> int:
     if args.bench:
         where = predicted or {"provider": args.provider, "batch": args.batch, "threads": args.threads}
         rows = _with_latency(rows, [args.model, str(output)], where)
-    out.print(render(comparison_table(rows)), end="")
-    out.print(f"wrote {output}, plan {plan_path}")
+    if args.json:
+        report = result.verification
+        verification = (
+            None if report is None else {"max_rel_error": report.max_rel_error, "tensors": report.tensors}
+        )
+        payload = {**rows, "verification": verification, "output": str(output), "plan": str(plan_path)}
+        out.print_json(json.dumps(payload))
+    else:
+        out.print(render(comparison_table(rows)), end="")
+        out.print(f"wrote {output}, plan {plan_path}")
     from graphprune.report.summary import conv_channels
 
     before, after = conv_channels(result.dep.model), conv_channels(result.model)
@@ -204,6 +212,11 @@ def cmd_bench(args: argparse.Namespace) -> int:
         warmup=args.warmup,
         runs=args.runs,
     )
+    if args.json:
+        from dataclasses import asdict
+
+        out.print_json(json.dumps([asdict(r) for r in results]))
+        return 0
     table = Table(
         title=f"latency ({args.provider}, {args.threads or 'default'} threads)", box=box.SIMPLE_HEAD
     )
@@ -309,6 +322,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="also measure latency before/after (beside the prediction, if any)",
     )
     p.add_argument("--plot", metavar="PNG", help="also draw output channels per conv, before and after")
+    p.add_argument("--json", action="store_true", help="machine-readable numbers (MACs, params, latency)")
     p.add_argument(
         "--threads", type=int, default=None, help="onnxruntime threads of calibration, verification, --bench"
     )
@@ -342,6 +356,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--provider", default="cpu", choices=("cpu", "cuda"))
     p.add_argument("--warmup", type=int, default=10)
     p.add_argument("--runs", type=int, default=50)
+    p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(func=cmd_bench)
 
     p = sub.add_parser(
