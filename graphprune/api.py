@@ -14,17 +14,18 @@ import onnx
 from graphprune.analysis.graph import DependencyGraph, analyze
 from graphprune.criteria import Criterion, ScoringInputs, get_criterion
 from graphprune.criteria.base import GateGradientSums
+from graphprune.criteria.tensors import ActivationStats, collect_activations
 from graphprune.data.dataset import ArrayDataset
+from graphprune.data.sources import load_calibration
 from graphprune.errors import GraphPruneError
-from graphprune.model_io import LoadedModel, as_loaded, save_model
+from graphprune.model_io import LoadedModel, as_loaded, clean, save_model
 from graphprune.onnxutil import sha256_file
 from graphprune.planning import PlanOptions, RemovalPlanner
 from graphprune.planning.latency import LatencyModel, layer_specs
 from graphprune.planning.plan import PruningPlan
-from graphprune.runtime.activations import ActivationStats, collect_activations, load_calibration
 from graphprune.runtime.cost import CostReport, count_cost
 from graphprune.runtime.profile import LatencyTable, Timing, profile_model
-from graphprune.runtime.shapes import tensor_shapes
+from graphprune.runtime.shapes import run_intermediates, tensor_shapes
 from graphprune.search import blend  # noqa: F401  (registers the 'blend' criterion)
 from graphprune.surgery.apply import apply_removal
 from graphprune.surgery.verify import VerificationReport, verify_pruning
@@ -35,8 +36,9 @@ ModelInput = LoadedModel | onnx.ModelProto | str | os.PathLike[str]
 
 
 def analyze_model(model: ModelInput) -> DependencyGraph:
-    """Channel-dependency analysis of a model file or proto."""
-    return analyze(as_loaded(model).proto)
+    """Channel-dependency analysis of a model file or proto (cleaned first; shapes from onnxruntime)."""
+    cleaned = clean(as_loaded(model).proto)
+    return analyze(cleaned, tensor_shapes(cleaned), run_intermediates)
 
 
 def model_cost(model: onnx.ModelProto) -> CostReport:
@@ -168,7 +170,7 @@ def profile_latency(
 ) -> LatencyTable:
     """Latency lookup table of a model's weighted layers and of the whole (graphprune.runtime.profile)."""
     loaded = as_loaded(model)
-    dep = analyze(loaded.proto)
+    dep = analyze_model(loaded)
     sha = sha256_file(loaded.path) if loaded.path is not None else None
     return profile_model(
         dep.model,
@@ -257,7 +259,7 @@ def prune(
     latency: the latency table (a latency target profiles the model when none is given); the plan
     records the latency it predicts."""
     loaded = as_loaded(model)
-    dep = analyze(loaded.proto)
+    dep = analyze_model(loaded)
     before = count_cost(dep.model, dep.shapes)
     sha = sha256_file(loaded.path) if loaded.path is not None else None
     criterion_report = None
@@ -307,5 +309,5 @@ def verify_plan(
     original: ModelInput, pruned: ModelInput, plan: PruningPlan, *, tolerance: float = 1e-4
 ) -> VerificationReport:
     """Check an existing pruned model against the masked reference of `original` under `plan`."""
-    dep = analyze(as_loaded(original).proto)
+    dep = analyze_model(original)
     return verify_pruning(dep, plan.removed_mask(dep), as_loaded(pruned).proto, tolerance=tolerance)

@@ -19,8 +19,7 @@ import onnxruntime as ort
 import pytest
 from helpers import Net, init_shape, prune_checked
 
-from graphprune.analysis.graph import analyze
-from graphprune.api import LatencySource
+from graphprune.api import LatencySource, analyze_model
 from graphprune.onnxutil import sha256_file
 from graphprune.planning import Planner, PlanOptions
 from graphprune.planning.latency import LatencyModel, layer_specs
@@ -50,7 +49,7 @@ def fake_table(
         weight = next(i for i in graph.graph.initializer if i.name == "w")
         return costs[full](int(weight.dims[1]), int(weight.dims[0]))
 
-    dep = analyze(model)
+    dep = analyze_model(model)
     return profile_model(dep.model, layer_specs(dep), model_sha256=sha, measure=measure)
 
 
@@ -71,7 +70,7 @@ def test_latency_objective_prunes_where_latency_is_saved(expensive: str) -> None
         costs = {(8, 16): light, (16, 24): light, (24, 6): heavy}
     model = chain()
     table = fake_table(model, costs)
-    dep = analyze(model)
+    dep = analyze_model(model)
     latency = LatencyModel(dep, table)
     scores = {g.index: np.ones(g.size) for g in dep.prunable_groups}
     options = PlanOptions(target_latency=0.6, global_ranking=True, objective="latency")
@@ -97,7 +96,7 @@ def aligned(scale: float) -> Cost:
 def test_widths_snap_to_the_profiles_fast_steps() -> None:
     model = chain()
     table = fake_table(model, {(8, 16): aligned(1.0), (16, 24): aligned(1.0), (24, 6): linear(0.01)})
-    dep = analyze(model)
+    dep = analyze_model(model)
     latency = LatencyModel(dep, table)
     for group in dep.prunable_groups:
         assert latency.group_widths(group).tolist() == list(range(8, group.size + 1, 8))

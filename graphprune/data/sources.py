@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from graphprune.data.dataset import ArrayDataset
+from graphprune.data.dataset import ArrayDataset, seeded_indices
 from graphprune.errors import DataError
 
 SPLITS = ("train", "test")
@@ -60,15 +60,7 @@ def load_dataset(spec: str, split: str = "train", *, limit: int | None = None, s
                 f"Dataset '{spec}' is neither 'fashion-mnist', 'synthetic[:N]', an existing .npz file nor a "
                 "folder of class sub-folders; check the spelling or the path."
             )
-    chosen = _choose(len(dataset), limit, seed)
-    return dataset if chosen is None else dataset.subset(chosen)
-
-
-def _choose(count: int, limit: int | None, seed: int) -> np.ndarray | None:
-    """Sorted indices of a seeded random subset of size `limit`, or None when everything is kept."""
-    if limit is None or limit >= count:
-        return None
-    return np.sort(np.random.default_rng(seed).choice(count, size=limit, replace=False))
+    return dataset.sample(limit, seed)
 
 
 # Fashion-MNIST ---------------------------------------------------------------------------------------
@@ -259,7 +251,7 @@ def load_image_folder(
         raise DataError(
             f"Folder {root} has no images in class sub-folders; lay it out as {root}/<class>/<image>."
         )
-    chosen = _choose(len(files), limit, seed)
+    chosen = seeded_indices(len(files), limit, seed)
     if chosen is not None:
         files = [files[i] for i in chosen]
     try:
@@ -282,3 +274,11 @@ def load_image_folder(
     images = stacked[:, None] if gray else stacked.transpose(0, 3, 1, 2)
     labels = np.array([label for _, label in files])
     return ArrayDataset(_standardise(images), labels, len(classes), root.name)
+
+
+def load_calibration(source: ArrayDataset | str, samples: int | None = None, seed: int = 0) -> ArrayDataset:
+    """Calibration images: a seeded subset of `samples` from a dataset spec's training split (see
+    load_dataset) or from an ArrayDataset."""
+    if isinstance(source, str):
+        return load_dataset(source, "train", limit=samples, seed=seed)
+    return source.sample(samples, seed)
