@@ -24,7 +24,7 @@ from graphprune.planning import PlanOptions, RemovalPlanner
 from graphprune.planning.latency import LatencyModel, layer_specs
 from graphprune.planning.plan import PruningPlan
 from graphprune.runtime.cost import CostReport, count_cost
-from graphprune.runtime.profile import LatencyTable, Timing, profile_model
+from graphprune.runtime.profile import LatencyTable, Timing, measure_whole, profile_model
 from graphprune.runtime.shapes import run_intermediates, tensor_shapes
 from graphprune.search import blend  # noqa: F401  (registers the 'blend' criterion)
 from graphprune.surgery.apply import apply_removal
@@ -168,33 +168,40 @@ def profile_latency(
     threads: int | None = None,
     timing: Timing | None = None,
 ) -> LatencyTable:
-    """Latency lookup table of a model's weighted layers and of the whole (graphprune.runtime.profile)."""
+    """Latency lookup table of a model's weighted layers and of the whole (graphprune.runtime.profile),
+    calibrated on uniformly pruned copies."""
     loaded = as_loaded(model)
-    dep = analyze_model(loaded)
     sha = sha256_file(loaded.path) if loaded.path is not None else None
-    return profile_model(
-        dep.model,
-        layer_specs(dep),
-        provider=provider,
-        batch=batch,
-        threads=threads,
-        timing=timing,
-        model_sha256=sha,
-    )
+    return _profile(analyze_model(loaded), sha, LatencySource(None, provider, batch, threads), timing)
+
+
+# Uniform ratios of the pruned copies timed with a profile: all but the last fit the line from the
+# layers' sum to the whole, the last checks it.
+CALIBRATION_RATIOS = (0.5, 0.75, 0.3)
+
+
+def _profile(
+    dep: DependencyGraph, sha: str | None, source: LatencySource, timing: Timing | None = None
+) -> LatencyTable:
+    where = {"provider": source.provider, "batch": source.batch, "threads": source.threads}
+    table = profile_model(dep.model, layer_specs(dep), timing=timing, model_sha256=sha, **where)
+    model = LatencyModel(dep, table)
+    zeros = {g.index: np.zeros(g.size) for g in dep.prunable_groups}
+    points = []
+    for ratio in CALIBRATION_RATIOS:
+        removed = RemovalPlanner(PlanOptions(ratio=ratio))(dep, zeros)
+        measured = measure_whole(apply_removal(dep, removed), timing=timing, **where)
+        points.append((model.layers_ms(removed), measured))
+    table.calibration, table.check_point = points[:-1], points[-1]
+    log.info("latency fit %s; check point off by %+.1f%%", table.fit, 100 * (table.check_error or 0))
+    return table
 
 
 def _latency_model(dep: DependencyGraph, source: LatencySource, sha: str | None) -> LatencyModel:
     table = source.table
     if table is None:
         log.info("no latency table given: profiling the model now")
-        table = profile_model(
-            dep.model,
-            layer_specs(dep),
-            provider=source.provider,
-            batch=source.batch,
-            threads=source.threads,
-            model_sha256=sha,
-        )
+        table = _profile(dep, sha, source)
     elif not isinstance(table, LatencyTable):
         table = LatencyTable.load(table)
     table.check(sha, source.provider)

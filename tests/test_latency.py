@@ -128,6 +128,19 @@ def test_latency_targeted_plans_are_verified_and_record_the_prediction(tmp_path:
         assert json.loads((tmp_path / "p.json").read_text())["latency"] == recorded
 
 
+def test_whole_model_latency_is_fitted_through_the_calibration_points() -> None:
+    """The whole is predicted on the line through the model and its calibration points; the check point
+    is scored against that line."""
+    table = fake_table(chain(), {(8, 16): linear(1.0), (16, 24): linear(1.0), (24, 6): linear(1.0)})
+    full = table.layers_sum_ms
+    assert table.whole_ms(full / 2) == pytest.approx(table.end_to_end_ms / 2)  # no points: through 0
+    table.calibration = [(full / 2, table.end_to_end_ms / 2 - 10.0)]
+    table.check_point = (full / 4, table.end_to_end_ms / 4 - 15.0)
+    slope, intercept = table.fit
+    assert slope == pytest.approx(1 + 20.0 / full) and intercept == pytest.approx(-20.0)
+    assert table.check_error == pytest.approx(0.0, abs=1e-9)
+
+
 def run_cli(*args: object) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, "-m", "graphprune.cli", *map(str, args)], capture_output=True, text=True
@@ -175,6 +188,7 @@ def test_profile_command_writes_a_table_prune_can_use(tmp_path: Path) -> None:
     assert summary["model_sha256"] == table.model_sha256 == sha256_file(path)
     assert set(table.layers) == {"conv1", "conv4", "conv7"} and table.end_to_end_ms > 0
     assert summary["sum_error"] == pytest.approx(table.sum_error)
+    assert len(table.calibration) == 2 and summary["check_error"] == pytest.approx(table.check_error)
     assert table.curve("conv1").out_widths[-1] == 16 and table.curve("conv7").out_widths == [
         6
     ]  # outputs never narrowed

@@ -175,10 +175,15 @@ def cmd_profile(args: argparse.Namespace) -> int:
         f"{Path(args.model).name}  {table.provider}  batch {table.batch}  {table.threads or 'default'} threads  "
         f"{len(table.layers)} layers, {len(table.curves)} signatures timed in {table.seconds:.1f} s"
     )
+    slope, intercept = table.fit
     out.print(
         f"whole model {fmt_ms(table.end_to_end_ms)}, layers sum to {fmt_ms(table.layers_sum_ms)} "
-        f"({100 * table.sum_error:+.1f}%: planning scales the sum by {table.scale:.2f})"
+        f"({100 * table.sum_error:+.1f}%); whole = {slope:.2f} x sum {intercept:+.3f} ms"
     )
+    if table.check_error is not None:
+        out.print(
+            f"check on a pruned copy: predicted {100 * table.check_error:+.1f}% off the measured latency"
+        )
     out.print(f"wrote {args.output}")
     return 0
 

@@ -91,8 +91,8 @@ class _Layer:
 
 
 class LatencyModel:
-    """Predicted latency (ms) of a removal: each layer's curve at its kept widths, summed, times the
-    table's scale from the layers' sum to the measured whole."""
+    """Predicted latency (ms) of a removal: each layer's curve at its kept widths, summed, and mapped
+    to the whole by the table's fit."""
 
     def __init__(self, dep: DependencyGraph, table: LatencyTable) -> None:
         self.dep = dep
@@ -129,12 +129,15 @@ class LatencyModel:
             return kept_out, kept_out
         return _kept(layer.in_classes, removed_class, spec.in_channels), kept_out
 
-    def predict(self, removed: np.ndarray) -> float:
-        """Latency (ms) after removing the atoms of the boolean mask `removed`."""
+    def layers_ms(self, removed: np.ndarray) -> float:
+        """Sum of the layers' latencies (ms) after removing the atoms of the boolean mask `removed`."""
         removed_class = np.zeros(self.dep.roots.size, dtype=bool)
         removed_class[self.dep.roots[removed]] = True
-        total = sum(layer.curve.latency(*self.widths(layer, removed_class)) for layer in self.layers)
-        return self.table.scale * total
+        return sum(layer.curve.latency(*self.widths(layer, removed_class)) for layer in self.layers)
+
+    def predict(self, removed: np.ndarray) -> float:
+        """Latency (ms) of the whole model after removing the atoms of `removed`."""
+        return self.table.whole_ms(self.layers_ms(removed))
 
     def group_widths(self, group: Group) -> np.ndarray | None:
         """Kept widths of `group` worth choosing, ascending: the timed widths at which the group's own
@@ -201,7 +204,7 @@ def allocate(planner: Planner, model: LatencyModel, target_ms: float) -> dict[in
             by_group.setdefault(group, []).append(index)
     removed = dict.fromkeys(groups, 0)
     layer_ms = [dim.latency(removed) for dim in dims]
-    total = model.table.scale * sum(layer_ms)
+    total = model.table.whole_ms(sum(layer_ms))
     options = {i: planner.allowed(g) for i, g in groups.items()}
 
     def move(index: int) -> tuple[float, int, list[float]] | None:
@@ -219,7 +222,7 @@ def allocate(planner: Planner, model: LatencyModel, target_ms: float) -> dict[in
             saved = sum(layer_ms[i] for i in by_group.get(index, [])) - sum(times)
             if saved > 1e-9:
                 lost = loss[index][min(count, loss[index].size - 1)] - loss[index][removed[index]]
-                return lost / (model.table.scale * saved), count, times
+                return lost / saved, count, times
         return None
 
     moves = {i: move(i) for i in groups}
@@ -232,7 +235,7 @@ def allocate(planner: Planner, model: LatencyModel, target_ms: float) -> dict[in
         removed[index] = count
         for i, t in zip(by_group.get(index, []), times, strict=True):
             layer_ms[i] = t
-        total = model.table.scale * sum(layer_ms)
+        total = model.table.whole_ms(sum(layer_ms))
         touched = {g for i in by_group.get(index, []) for g in dims[i].groups()} | {index}
         for group in touched & moves.keys():
             moves[group] = move(group)

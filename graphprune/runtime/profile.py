@@ -6,7 +6,10 @@ random weights) at a grid of widths: output widths with the input whole, input w
 whole (a depthwise conv has one width).  A point's latency is the fastest of several rounds' medians,
 the rounds interleaving the points of a signature, because other jobs on a shared machine can only
 slow a round down.  The whole model is timed too, before and after the layers, and the table records
-how well the sum of its layers predicts it.
+how well the sum of its layers predicts it.  Isolated layers pay what a layer inside the model does
+not (layout reorders, a run's fixed cost) and miss the ops between them, so the whole is predicted
+from the layers' sum by a line fitted through calibration points: the model itself and, when the
+caller measures them (graphprune.api does, on uniformly pruned copies), smaller versions of it.
 """
 
 from __future__ import annotations
@@ -109,6 +112,8 @@ class LatencyTable:
     curves: dict[str, LayerCurve]
     machine: dict[str, Any] = field(default_factory=dict)
     seconds: float = 0.0
+    calibration: list[tuple[float, float]] = field(default_factory=list)
+    check_point: tuple[float, float] | None = None
 
     @property
     def layers_sum_ms(self) -> float:
@@ -120,9 +125,29 @@ class LatencyTable:
         return self.layers_sum_ms / self.end_to_end_ms - 1.0
 
     @property
-    def scale(self) -> float:
-        """Factor from the layers' sum to the whole (what the layers alone miss: other ops, overhead)."""
-        return self.end_to_end_ms / self.layers_sum_ms if self.layers_sum_ms else 1.0
+    def fit(self) -> tuple[float, float]:
+        """(slope, intercept) of the whole's latency against the layers' sum: the line through the
+        model and its calibration points (least squares), or through the origin when there are none
+        or the line would not rise."""
+        points = [(self.layers_sum_ms, self.end_to_end_ms), *self.calibration]
+        if len(points) > 1:
+            sums, wholes = np.asarray(points).T
+            slope, intercept = np.polyfit(sums, wholes, 1)
+            if slope > 0:
+                return float(slope), float(intercept)
+        return self.end_to_end_ms / self.layers_sum_ms, 0.0
+
+    def whole_ms(self, layers_sum_ms: float) -> float:
+        """Predicted latency of the whole model whose layers sum to `layers_sum_ms`."""
+        slope, intercept = self.fit
+        return slope * layers_sum_ms + intercept
+
+    @property
+    def check_error(self) -> float | None:
+        """(predicted - measured) / measured at the check point (a pruned copy not used by the fit)."""
+        if self.check_point is None:
+            return None
+        return self.whole_ms(self.check_point[0]) / self.check_point[1] - 1.0
 
     def curve(self, node: str) -> LayerCurve | None:
         signature = self.layers.get(node)
@@ -153,6 +178,10 @@ class LatencyTable:
             "end_to_end_ms": self.end_to_end_ms,
             "layers_sum_ms": self.layers_sum_ms,
             "sum_error": self.sum_error,
+            "calibration": self.calibration,
+            "fit": self.fit,
+            "check_point": self.check_point,
+            "check_error": self.check_error,
             "layers": self.layers,
             "curves": {sig: asdict(curve) for sig, curve in self.curves.items()},
         }
@@ -180,6 +209,8 @@ class LatencyTable:
             curves={sig: LayerCurve(**curve) for sig, curve in data["curves"].items()},
             machine=data.get("machine", {}),
             seconds=float(data.get("seconds", 0.0)),
+            calibration=[(float(a), float(b)) for a, b in data.get("calibration", [])],
+            check_point=tuple(data["check_point"]) if data.get("check_point") else None,
         )
 
 
@@ -223,7 +254,9 @@ def profile_model(
     timing = timing or Timing()
     start = time.perf_counter()
     loads = [os.getloadavg()[0]]
-    whole_ms = measure or (lambda m, b: _whole_ms(m, provider, b, threads, timing))
+    whole_ms = measure or (
+        lambda m, b: measure_whole(m, provider=provider, batch=b, threads=threads, timing=timing)
+    )
     whole = [whole_ms(model, batch)]
     by_signature: dict[str, LayerSpec] = {}
     for spec in layers:
@@ -362,7 +395,16 @@ def layer_graph(spec: LayerSpec, in_width: int, out_width: int) -> onnx.ModelPro
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
 
 
-def _whole_ms(model: ModelLike, provider: str, batch: int, threads: int | None, timing: Timing) -> float:
+def measure_whole(
+    model: ModelLike,
+    *,
+    provider: str = "cpu",
+    batch: int = 1,
+    threads: int | None = None,
+    timing: Timing | None = None,
+) -> float:
+    """A whole model's latency (ms): the fastest of `timing.rounds` benchmark medians."""
+    timing = timing or Timing()
     runs = max(timing.runs, 20)
     medians = [
         bench(
