@@ -73,7 +73,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--provider", default="cpu", choices=("cpu", "cuda"))
     parser.add_argument("--ratio", type=float, default=0.5, help="Torch-Pruning's pruning_ratio")
     parser.add_argument("--runs", type=int, default=30, help="timed runs per model and round")
-    parser.add_argument("--rounds", type=int, default=3, help="interleaved timing rounds")
+    parser.add_argument("--rounds", type=int, default=5, help="interleaved timing rounds")
     parser.add_argument("--profile-rounds", type=int, default=3, help="rounds of the latency profile")
     parser.add_argument("--profile-points", type=int, default=24, help="widths timed per layer dimension")
     parser.add_argument("--out", default=None, help="results name (default latency, gpu_latency on cuda)")

@@ -255,7 +255,7 @@ def profile_model(
     start = time.perf_counter()
     loads = [os.getloadavg()[0]]
     whole_ms = measure or (
-        lambda m, b: measure_whole(m, provider=provider, batch=b, threads=threads, timing=timing)
+        lambda m, b: measure_wholes([m], provider=provider, batch=b, threads=threads, timing=timing)[0]
     )
     whole = [whole_ms(model, batch)]
     by_signature: dict[str, LayerSpec] = {}
@@ -395,24 +395,30 @@ def layer_graph(spec: LayerSpec, in_width: int, out_width: int) -> onnx.ModelPro
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
 
 
-def measure_whole(
-    model: ModelLike,
+def measure_wholes(
+    models: Sequence[ModelLike],
     *,
     provider: str = "cpu",
     batch: int = 1,
     threads: int | None = None,
     timing: Timing | None = None,
-) -> float:
-    """A whole model's latency (ms): the fastest of `timing.rounds` benchmark medians."""
+) -> list[float]:
+    """Whole models' latencies (ms), timed in interleaved rounds, each the fastest round's median (so a
+    burst of load on a shared machine cannot favour one model over another)."""
     timing = timing or Timing()
-    runs = max(timing.runs, 20)
-    medians = [
-        bench(
-            model, batch=batch, threads=threads, provider=provider, warmup=timing.warmup * 3, runs=runs
-        ).median_ms
-        for _ in range(timing.rounds)
-    ]
-    return min(medians)
+    best = [math.inf] * len(models)
+    for _ in range(timing.rounds):
+        for index, model in enumerate(models):
+            result = bench(
+                model,
+                batch=batch,
+                threads=threads,
+                provider=provider,
+                warmup=timing.warmup * 3,
+                runs=max(timing.runs, 20),
+            )
+            best[index] = min(best[index], result.median_ms)
+    return best
 
 
 def _cpu() -> str:
