@@ -187,7 +187,8 @@ def _profile(
     table = profile_model(dep.model, layer_specs(dep), timing=timing, model_sha256=sha, **where)
     model = LatencyModel(dep, table)
     zeros = {g.index: np.zeros(g.size) for g in dep.prunable_groups}
-    removals = [RemovalPlanner(PlanOptions(ratio=ratio))(dep, zeros) for ratio in CALIBRATION_RATIOS]
+    # the copies' widths snap to the table's fast steps, as every plan made with the table will
+    removals = [RemovalPlanner(PlanOptions(ratio=r), latency=model)(dep, zeros) for r in CALIBRATION_RATIOS]
     copies = [apply_removal(dep, removed) for removed in removals]
     whole, *measured = measure_wholes([dep.model, *copies], timing=timing, **where)
     table.end_to_end_ms = min(table.end_to_end_ms, whole)

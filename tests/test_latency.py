@@ -129,16 +129,21 @@ def test_latency_targeted_plans_are_verified_and_record_the_prediction(tmp_path:
 
 
 def test_whole_model_latency_is_fitted_through_the_calibration_points() -> None:
-    """The whole is predicted on the line through the model and its calibration points; the check point
-    is scored against that line."""
+    """The whole is predicted on the line through the measured model whose slope fits the calibration
+    points; the check point is scored against that line."""
     table = fake_table(chain(), {(8, 16): linear(1.0), (16, 24): linear(1.0), (24, 6): linear(1.0)})
     full = table.layers_sum_ms
     assert table.whole_ms(full / 2) == pytest.approx(table.end_to_end_ms / 2)  # no points: through 0
-    table.calibration = [(full / 2, table.end_to_end_ms / 2 - 10.0)]
-    table.check_point = (full / 4, table.end_to_end_ms / 4 - 15.0)
-    slope, intercept = table.fit
-    assert slope == pytest.approx(1 + 20.0 / full) and intercept == pytest.approx(-20.0)
-    assert table.check_error == pytest.approx(0.0, abs=1e-9)
+    table.calibration = [
+        (full / 2, table.end_to_end_ms / 2 - 10.0),
+        (full / 4, table.end_to_end_ms / 4 - 14.0),
+    ]
+    table.check_point = (full / 8, table.end_to_end_ms / 8 - 17.0)
+    slope, intercept = table.fit  # anchored at the model: least squares on the slope alone
+    d_sum, d_whole = np.array([full / 2, 3 * full / 4]), np.array([full / 2 + 10.0, 3 * full / 4 + 14.0])
+    assert slope == pytest.approx(d_sum @ d_whole / (d_sum @ d_sum))
+    assert table.whole_ms(full) == pytest.approx(table.end_to_end_ms) and intercept < 0
+    assert table.check_error == pytest.approx(table.whole_ms(full / 8) / (full / 8 - 17.0) - 1)
 
 
 def run_cli(*args: object) -> subprocess.CompletedProcess[str]:
@@ -192,9 +197,8 @@ def test_profile_command_writes_a_table_prune_can_use(tmp_path: Path) -> None:
     assert table.curve("conv1").out_widths[-1] == 16 and table.curve("conv7").out_widths == [
         6
     ]  # outputs never narrowed
-    done = run_cli(
-        "prune", path, "-o", tmp_path / "out.onnx", "--target-latency", "0.8", "--latency-lut", lut
-    )
+    # a toy's latency is mostly a run's fixed cost, so no latency target is sure to be reachable
+    done = run_cli("prune", path, "-o", tmp_path / "out.onnx", "--ratio", "0.5", "--latency-lut", lut)
     assert done.returncode == 0, done.stderr
     assert json.loads((tmp_path / "out.plan.json").read_text())["latency"]["predicted_ms"] > 0
 

@@ -98,6 +98,7 @@ class LatencyModel:
         self.dep = dep
         self.table = table
         self.layers: list[_Layer] = []
+        nodes = {node.name: node for node in dep.model.graph.node}
         for spec in layer_specs(dep):
             signature = table.layers.get(spec.node)
             if signature is None or signature != spec.signature:
@@ -105,7 +106,7 @@ class LatencyModel:
                     f"the latency table has no entry for layer {spec.node} as it is in this model "
                     f"({spec.signature}); profile this model again."
                 )
-            node = next(n for n in dep.model.graph.node if n.name == spec.node)
+            node = nodes[spec.node]
             self.layers.append(
                 _Layer(
                     spec, table.curves[signature], self._classes(node.input[0]), self._classes(node.output[0])

@@ -87,7 +87,9 @@ class LayerCurve:
 
     def latency(self, kept_in: int, kept_out: int) -> float:
         """Separable model: full x f_out(kept_out) x f_in(kept_in), each factor read from its curve at
-        the smallest timed width that holds the kept channels (a staircase, never optimistic)."""
+        the smallest timed width that holds the kept channels.  Exact at timed widths, which are the
+        only ones plans made with the table choose; between them a ragged width can be slower than
+        the next timed one (blocked kernels), which the staircase does not see."""
         out_ms = _step(self.out_widths, self.out_ms, kept_out, self.full_ms)
         return out_ms * _step(self.in_widths, self.in_ms, kept_in, self.full_ms) / self.full_ms
 
@@ -127,15 +129,15 @@ class LatencyTable:
     @property
     def fit(self) -> tuple[float, float]:
         """(slope, intercept) of the whole's latency against the layers' sum: the line through the
-        model and its calibration points (least squares), or through the origin when there are none
-        or the line would not rise."""
-        points = [(self.layers_sum_ms, self.end_to_end_ms), *self.calibration]
-        if len(points) > 1:
-            sums, wholes = np.asarray(points).T
-            slope, intercept = np.polyfit(sums, wholes, 1)
-            if slope > 0:
-                return float(slope), float(intercept)
-        return self.end_to_end_ms / self.layers_sum_ms, 0.0
+        measured model whose slope fits the calibration points best (least squares), so the model
+        itself is predicted exactly; through the origin when there are no points or the line would
+        not rise."""
+        slope = self.end_to_end_ms / self.layers_sum_ms
+        if self.calibration:
+            d_sum, d_whole = (np.asarray(self.calibration) - (self.layers_sum_ms, self.end_to_end_ms)).T
+            fitted = float(d_sum @ d_whole / (d_sum @ d_sum)) if d_sum.any() else 0.0
+            slope = fitted if fitted > 0 else slope
+        return slope, self.end_to_end_ms - slope * self.layers_sum_ms
 
     def whole_ms(self, layers_sum_ms: float) -> float:
         """Predicted latency of the whole model whose layers sum to `layers_sum_ms`."""
