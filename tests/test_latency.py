@@ -23,7 +23,7 @@ from graphprune.api import LatencySource, analyze_model
 from graphprune.onnxutil import sha256_file
 from graphprune.planning import Planner, PlanOptions
 from graphprune.planning.latency import LatencyModel, layer_specs
-from graphprune.runtime.profile import LatencyTable, profile_model
+from graphprune.runtime.profile import LatencyTable, Timing, profile_model
 
 Cost = Callable[[int, int], float]
 
@@ -50,7 +50,9 @@ def fake_table(
         return costs[full](int(weight.dims[1]), int(weight.dims[0]))
 
     dep = analyze_model(model)
-    return profile_model(dep.model, layer_specs(dep), model_sha256=sha, measure=measure)
+    return profile_model(
+        dep.model, layer_specs(dep), model_sha256=sha, measure=measure, timing=Timing(block=1)
+    )
 
 
 def linear(scale: float) -> Cost:

@@ -21,7 +21,7 @@ import os
 import platform
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -116,6 +116,7 @@ class LatencyTable:
     seconds: float = 0.0
     calibration: list[tuple[float, float]] = field(default_factory=list)
     check_point: tuple[float, float] | None = None
+    block: int = 1
 
     @property
     def layers_sum_ms(self) -> float:
@@ -177,6 +178,7 @@ class LatencyTable:
             "threads": self.threads,
             "machine": self.machine,
             "seconds": round(self.seconds, 2),
+            "block": self.block,
             "end_to_end_ms": self.end_to_end_ms,
             "layers_sum_ms": self.layers_sum_ms,
             "sum_error": self.sum_error,
@@ -211,6 +213,7 @@ class LatencyTable:
             curves={sig: LayerCurve(**curve) for sig, curve in data["curves"].items()},
             machine=data.get("machine", {}),
             seconds=float(data.get("seconds", 0.0)),
+            block=int(data.get("block", 1)),
             calibration=[(float(a), float(b)) for a, b in data.get("calibration", [])],
             check_point=tuple(data["check_point"]) if data.get("check_point") else None,
         )
@@ -226,10 +229,12 @@ def sweep_widths(channels: int, multiple: int = 1, points: int = 24) -> list[int
 
 @dataclass(frozen=True)
 class Timing:
-    """How a profile is timed: about `points` widths per swept dimension (a power-of-two step, so 8- and
-    16-aligned widths are among them), warm-up runs, timed runs per round (capped by `budget_s`), rounds."""
+    """How a profile is timed: about `points` widths per swept dimension (a power-of-two step, and a
+    multiple of `block`: the channel multiple the runtime's kernels need, probed when None), warm-up
+    runs, timed runs per round (capped by `budget_s`), rounds."""
 
     points: int = 24
+    block: int | None = None
     warmup: int = 3
     runs: int = 15
     rounds: int = 3
@@ -260,10 +265,12 @@ def profile_model(
         lambda m, b: measure_wholes([m], provider=provider, batch=b, threads=threads, timing=timing)[0]
     )
     whole = [whole_ms(model, batch)]
+    if timing.block is None:
+        timing = replace(timing, block=alignment_block(whole_ms, batch))
     by_signature: dict[str, LayerSpec] = {}
     for spec in layers:
         by_signature.setdefault(spec.signature, spec)
-    points = sum(len(_points(spec, timing.points)) for spec in by_signature.values())
+    points = sum(len(_points(spec, timing)) for spec in by_signature.values())
     log.info("profiling %d layers, %d signatures, %d points", len(layers), len(by_signature), points)
     curves: dict[str, LayerCurve] = {}
     with tqdm(total=points, desc="profile", unit="pt", disable=None, leave=False) as bar:
@@ -277,6 +284,7 @@ def profile_model(
         batch=batch,
         threads=threads,
         end_to_end_ms=min(whole),
+        block=timing.block or 1,
         layers={spec.node: spec.signature for spec in layers},
         curves=curves,
         machine={"host": platform.node(), "cpu": _cpu(), "cores": os.cpu_count(), "load_1min": loads},
@@ -291,17 +299,70 @@ def profile_model(
     return table
 
 
-def _points(spec: LayerSpec, count: int) -> list[tuple[int, int]]:
+def _points(spec: LayerSpec, timing: Timing) -> list[tuple[int, int]]:
     """(in_width, out_width) pairs to time; the full pair last."""
     full = (spec.in_channels, spec.out_channels)
+    block, count = timing.block or 1, timing.points
     if spec.depthwise:
-        return [(w, w) for w in sweep_widths(spec.out_channels, 1, count)] if spec.sweep_out else [full]
+        return [(w, w) for w in sweep_widths(spec.out_channels, block, count)] if spec.sweep_out else [full]
+    multiple = math.lcm(spec.group, block)
     pairs = []
     if spec.sweep_out:
-        pairs += [(spec.in_channels, w) for w in sweep_widths(spec.out_channels, spec.group, count)[:-1]]
+        pairs += [(spec.in_channels, w) for w in sweep_widths(spec.out_channels, multiple, count)[:-1]]
     if spec.sweep_in:
-        pairs += [(w, spec.out_channels) for w in sweep_widths(spec.in_channels, spec.group, count)[:-1]]
+        pairs += [(w, spec.out_channels) for w in sweep_widths(spec.in_channels, multiple, count)[:-1]]
     return [*pairs, full]
+
+
+# Chain widths of the alignment probe: 64 and widths whose largest power-of-two divisor is 1 ... 16.
+PROBE_WIDTHS = (64, 63, 62, 60, 56, 48)
+# A width is penalised when it runs this much slower than its share of the 64-wide chain's MACs.
+PROBE_PENALTY = 1.15
+
+
+def alignment_block(measure: Callable[[ModelLike, int], float], batch: int) -> int:
+    """The channel multiple below which the runtime's conv kernels fall back to slower paths
+    (onnxruntime's CPU NCHWc kernels work on 8 or 16 channels, and a ragged layer inside a model also
+    breaks their layout with reorders, which a layer timed alone does not show).  Timed on chains of
+    three 3x3 convs at widths aligned to 1, 2, 4, 8, 16: the smallest alignment from which no width is
+    slower than its share of the 64-wide chain."""
+    times = {w: measure(probe_chain(w), batch) for w in PROBE_WIDTHS}
+    base = times[64]
+    penalised = {w & -w for w in PROBE_WIDTHS[1:] if times[w] > PROBE_PENALTY * base * (w / 64) ** 2}
+    block = max(penalised, default=0) * 2 or 1
+    log.info(
+        "alignment probe: %s ms -> widths in multiples of %d",
+        {w: round(t, 3) for w, t in times.items()},
+        block,
+    )
+    return block
+
+
+def probe_chain(width: int, size: int = 28) -> onnx.ModelProto:
+    """Three 3x3 convs (bias, Relu between) of `width` channels on a size x size input."""
+    rng = np.random.default_rng(0)
+    nodes, inits, x = [], [], "x"
+    for index in range(3):
+        weight = rng.standard_normal((width, width, 3, 3)).astype(np.float32) * 0.05
+        inits += [
+            numpy_helper.from_array(weight, f"w{index}"),
+            numpy_helper.from_array(np.zeros(width, np.float32), f"b{index}"),
+        ]
+        nodes.append(
+            helper.make_node("Conv", [x, f"w{index}", f"b{index}"], [f"c{index}"], pads=[1, 1, 1, 1])
+        )
+        x = f"c{index}"
+        if index < 2:
+            nodes.append(helper.make_node("Relu", [x], [f"r{index}"]))
+            x = f"r{index}"
+    graph = helper.make_graph(
+        nodes,
+        f"alignment probe {width}",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", width, size, size])],
+        [helper.make_tensor_value_info(x, TensorProto.FLOAT, None)],
+        inits,
+    )
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
 
 
 def _curve(
@@ -313,7 +374,7 @@ def _curve(
     measure: Callable[[ModelLike, int], float] | None,
     bar: tqdm,
 ) -> LayerCurve:
-    pairs = _points(spec, timing.points)
+    pairs = _points(spec, timing)
     best = dict.fromkeys(pairs, math.inf)
     if measure is not None:
         for pair in pairs:
