@@ -228,12 +228,20 @@ def time_models(records: list[tuple[dict, dict[str, Path]]], args: argparse.Name
                 side = record["rows"][key]
                 side.setdefault("round_medians_ms", []).append(result.median_ms)
                 side["latency_ms"] = min(side["round_medians_ms"])
-    for record, _ in records:
+    derive([record for record, _ in records])
+
+
+def derive(records: list[dict]) -> None:
+    """Speed-ups and prediction errors of timed records (in place)."""
+    for record in records:
         rows = record["rows"]
         for side in rows.values():
             side["speedup"] = rows["original"]["latency_ms"] / side["latency_ms"]
             if "predicted_ms" in side:
                 side["prediction_error"] = side["predicted_ms"] / side["latency_ms"] - 1
+                # relative to the original's prediction: free of the load's drift between profile and timing
+                predicted_speedup = rows["original"]["predicted_ms"] / side["predicted_ms"]
+                side["speedup_error"] = predicted_speedup / side["speedup"] - 1
 
 
 def render(payload: dict[str, object]) -> str:
@@ -246,7 +254,9 @@ def render(payload: dict[str, object]) -> str:
         "",
         f"Timing: {settings['rounds']} interleaved rounds of {settings['runs']} runs, fastest round median. "
         "The 1-minute load average is given per model: the machine was shared, so compare rows of one model "
-        "only.\n",
+        "only. Pred. error compares predicted and measured latency; pred. speed-up error compares the "
+        "predicted speed-up over the original with the measured one, which cancels a load that differed "
+        "between the profile and the timing.\n",
     ]
     summary = []
     for record in payload["records"]:
@@ -275,11 +285,21 @@ def render(payload: dict[str, object]) -> str:
                     f"{side['latency_ms']:.2f}",
                     f"{side['speedup']:.2f}x",
                     f"{100 * side['prediction_error']:+.0f}%" if "prediction_error" in side else "-",
+                    f"{100 * side['speedup_error']:+.0f}%" if "speedup_error" in side else "-",
                 ]
             )
         lines.append(
             markdown_table(
-                ["plan", "MACs kept", "predicted ms", "measured ms", "speed-up", "pred. error"], table
+                [
+                    "plan",
+                    "MACs kept",
+                    "predicted ms",
+                    "measured ms",
+                    "speed-up",
+                    "pred. error",
+                    "pred. speed-up error",
+                ],
+                table,
             )
         )
         tp, same, equal = rows["torch_pruning"], rows["latency_same_macs"], rows["latency_equal"]
@@ -289,10 +309,21 @@ def render(payload: dict[str, object]) -> str:
                 batch,
                 f"{same['speedup'] / tp['speedup']:.2f}x ({same['macs_kept']:.3f} vs {tp['macs_kept']:.3f})",
                 f"{equal['macs_kept']:.3f} vs {tp['macs_kept']:.3f} ({equal['latency_ms']:.2f} vs {tp['latency_ms']:.2f} ms)",
-                f"{max(abs(s['prediction_error']) for s in rows.values() if 'prediction_error' in s):.0%}",
+                f"{max(abs(s['prediction_error']) for s in rows.values() if 'prediction_error' in s):.0%} / "
+                f"{max(abs(s['speedup_error']) for s in rows.values() if 'speedup_error' in s):.0%}",
             ]
         )
     lines.append("## Summary\n")
+    done = {(r["model"], r["batch"]) for r in payload["records"]}
+    full = GPU_MODELS if settings["provider"] == "cuda" else MODELS
+    missing = [
+        f"{m} batch {b}"
+        for m in full
+        for b in (1, 64 if settings["provider"] == "cuda" else 32)
+        if (m, b) not in done
+    ]
+    if missing:
+        lines.append(f"Not run in this file: {', '.join(missing)}.\n")
     lines.append(
         markdown_table(
             [
@@ -300,7 +331,7 @@ def render(payload: dict[str, object]) -> str:
                 "batch",
                 "same MACs: speed-up over TP's (MACs kept)",
                 "equal latency: MACs kept, ours vs TP",
-                "worst prediction error",
+                "worst error: latency / speed-up",
             ],
             summary,
         )
