@@ -26,7 +26,7 @@ from pathlib import Path
 import onnx
 import torch
 from bench_torchvision import classifier_layers
-from common import RESULTS, machine, machine_line, markdown_table, write_json, write_text
+from common import RESULTS, high_priority, machine, machine_line, markdown_table, write_json, write_text
 
 from graphprune import api
 from graphprune.planning import PlanOptions
@@ -72,16 +72,11 @@ def stages(model: onnx.ModelProto) -> tuple[dict[str, float], list[tuple[str, fl
     api.prune(model, PlanOptions(ratio=0.5), criterion="l1", verify=False)
     profile.disable()
     stats = pstats.Stats(profile).stats  # type: ignore[attr-defined]
-    rows = {
-        f"{Path(f).name}:{line}({name})": (tt, ct) for (f, line, name), (_, _, tt, ct, _) in stats.items()
-    }
-    found = {
-        stage: next((ct for key, (_, ct) in rows.items() if key.endswith(suffix)), 0.0)
-        for stage, suffix in STAGES.items()
-    }
-    total = next(ct for key, (_, ct) in rows.items() if key.startswith("api.py") and key.endswith("(prune)"))
-    found["total (profiled)"] = total
-    heaviest = sorted(((k, tt) for k, (tt, _) in rows.items()), key=lambda r: -r[1])[:10]
+    cumulative = {(Path(f).name, name): ct for (f, _, name), (_, _, _, ct, _) in stats.items()}
+    found = {stage: cumulative.get(where, 0.0) for stage, where in STAGES.items()}
+    found["total (profiled)"] = cumulative[("api.py", "prune")]
+    own = [(f"{Path(f).name}:{line}({name})", tt) for (f, line, name), (_, _, tt, _, _) in stats.items()]
+    heaviest = sorted(own, key=lambda r: -r[1])[:10]
     return found, heaviest
 
 
@@ -90,10 +85,11 @@ def main() -> int:
     parser.add_argument("--models", nargs="+", default=["resnet50", "mobilenet_v3_large"])
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--tag", default="after", help="results suffix (before / after a change)")
+    parser.add_argument("--priority", action="store_true", help="time at scheduler priority -20 (root)")
     args = parser.parse_args()
     torch.set_num_threads(1)
     records = []
-    with tempfile.TemporaryDirectory() as work:
+    with tempfile.TemporaryDirectory() as work, high_priority(args.priority):
         for name in args.models:
             torch.manual_seed(0)
             module = build(f"torchvision:{name}").eval()
