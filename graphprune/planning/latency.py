@@ -141,9 +141,9 @@ class LatencyModel:
         return self.table.whole_ms(self.layers_ms(removed))
 
     def group_widths(self, group: Group) -> np.ndarray | None:
-        """Kept widths of `group` worth choosing, ascending: the timed widths at which the group's own
-        layers (the others whole) are faster than at every larger timed width.  None when no layer of
-        the group was timed at the group's width."""
+        """Kept widths of `group` worth choosing, ascending: the widths at which all of the group's own
+        layers were timed and (the others whole) run faster than at every larger such width.  None when
+        no layer of the group was timed at the group's width."""
         if group.index not in self._widths:
             self._widths[group.index] = self._efficient(group)
         return self._widths[group.index]
@@ -152,16 +152,20 @@ class LatencyModel:
         in_group = np.zeros(self.dep.roots.size, dtype=bool)
         in_group[group.classes] = True
         touching: list[tuple[_Layer, bool]] = []
-        candidates: set[int] = set()
+        candidates: set[int] | None = None
         for layer in self.layers:
             for classes, channels, timed, is_out in (
                 (layer.out_classes, layer.spec.out_channels, layer.curve.out_widths, True),
                 (layer.in_classes, layer.spec.in_channels, layer.curve.in_widths, False),
             ):
+                if layer.spec.depthwise and not is_out:
+                    continue  # one width, timed as the output's
                 if classes is not None and channels == group.size and in_group[classes].all():
                     touching.append((layer, is_out))
-                    candidates.update(timed)
-        if not candidates:
+                    # a width counts only if every layer of the group was timed at it (a grouped conv
+                    # is timed at multiples of its group count only)
+                    candidates = set(timed) if candidates is None else candidates & set(timed)
+        if candidates is None:
             return None
         widths = sorted(w for w in candidates if w <= group.size)
         costs = [sum(_with_width(layer, is_out, w) for layer, is_out in touching) for w in widths]

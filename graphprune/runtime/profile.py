@@ -101,6 +101,10 @@ def _step(widths: list[int], times: list[float], width: int, whole: float) -> fl
     return times[min(int(np.searchsorted(widths, width)), len(widths) - 1)]
 
 
+# Least share of the layers' latency a calibration copy must shed to weigh in the fit.
+MIN_SPREAD = 0.1
+
+
 @dataclass
 class LatencyTable:
     """A model's latency lookup table (the JSON file `graphprune profile` writes)."""
@@ -136,7 +140,10 @@ class LatencyTable:
         slope = self.end_to_end_ms / self.layers_sum_ms
         if self.calibration:
             d_sum, d_whole = (np.asarray(self.calibration) - (self.layers_sum_ms, self.end_to_end_ms)).T
-            fitted = float(d_sum @ d_whole / (d_sum @ d_sum)) if d_sum.any() else 0.0
+            # copies whose layers hardly shrank (most groups unprunable) say nothing about the slope
+            spread = np.abs(d_sum) >= MIN_SPREAD * self.layers_sum_ms
+            d_sum, d_whole = d_sum[spread], d_whole[spread]
+            fitted = float(d_sum @ d_whole / (d_sum @ d_sum)) if d_sum.size else 0.0
             slope = fitted if fitted > 0 else slope
         return slope, self.end_to_end_ms - slope * self.layers_sum_ms
 
