@@ -22,6 +22,8 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 PROFILED_OPS = ("Conv", "Gemm", "MatMul")
+# A width is worth keeping unless some larger width was timed faster by more than this share.
+NOISE = 0.05
 
 
 def layer_specs(dep: DependencyGraph) -> list[LayerSpec]:
@@ -142,8 +144,8 @@ class LatencyModel:
 
     def group_widths(self, group: Group) -> np.ndarray | None:
         """Kept widths of `group` worth choosing, ascending: the widths at which all of the group's own
-        layers were timed and (the others whole) run faster than at every larger such width.  None when
-        no layer of the group was timed at the group's width."""
+        layers were timed and (the others whole) no larger such width ran clearly faster.  None when no
+        layer of the group was timed at the group's width."""
         if group.index not in self._widths:
             self._widths[group.index] = self._efficient(group)
         return self._widths[group.index]
@@ -171,9 +173,9 @@ class LatencyModel:
         costs = [sum(_with_width(layer, is_out, w) for layer, is_out in touching) for w in widths]
         efficient, best = [], np.inf
         for width, cost in zip(reversed(widths), reversed(costs), strict=True):
-            if cost < best:
+            if cost < best * (1 + NOISE):  # a larger width must be clearly faster to rule this one out
                 efficient.append(width)
-                best = cost
+            best = min(best, cost)
         return np.asarray(sorted({*efficient, group.size}), dtype=np.int64)
 
 
