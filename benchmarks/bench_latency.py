@@ -193,10 +193,16 @@ def plan_models(name: str, batch: int, work: Path, args: argparse.Namespace) -> 
     equal = min(1.0, model.predict(target_macs.removed) / table.end_to_end_ms)
     fractions = {"latency_equal": equal, "latency_same_macs": same_macs(original, table, tp_kept)}
     results = {"target_macs": target_macs}
-    for key, fraction in fractions.items():
-        options = PlanOptions(target_latency=fraction, global_ranking=True, objective="latency")
-        results[key] = ours(original, options, table)
-    results["latency_uniform"] = ours(original, PlanOptions(target_latency=equal), table)
+    plans = {
+        key: PlanOptions(target_latency=f, global_ranking=True, objective="latency")
+        for key, f in fractions.items()
+    }
+    plans["latency_uniform"] = PlanOptions(target_latency=equal)
+    for key, options in plans.items():
+        try:
+            results[key] = ours(original, options, table)
+        except GraphPruneError as exc:  # a target the allowed widths cannot reach is a result too
+            sides[key] = {"failure": str(exc)}
     for key, result in results.items():
         path = work / f"{name}_b{batch}_{key}.onnx"
         result.save(path)
@@ -236,7 +242,7 @@ def derive(records: list[dict]) -> None:
     """Speed-ups and prediction errors of timed records (in place)."""
     for record in records:
         rows = record["rows"]
-        for side in rows.values():
+        for side in (s for s in rows.values() if "latency_ms" in s):
             side["speedup"] = rows["original"]["latency_ms"] / side["latency_ms"]
             if "predicted_ms" in side:
                 side["prediction_error"] = side["predicted_ms"] / side["latency_ms"] - 1
@@ -277,6 +283,9 @@ def render(payload: dict[str, object]) -> str:
         table = []
         for key in ROWS:
             side = rows[key]
+            if "failure" in side:
+                table.append([LABELS[key], f"failed: {side['failure']}", "", "", "", "", ""])
+                continue
             predicted = side.get("predicted_ms")
             table.append(
                 [
@@ -308,8 +317,12 @@ def render(payload: dict[str, object]) -> str:
             [
                 name,
                 batch,
-                f"{same['speedup'] / tp['speedup']:.2f}x ({same['macs_kept']:.3f} vs {tp['macs_kept']:.3f})",
-                f"{equal['macs_kept']:.3f} vs {tp['macs_kept']:.3f} ({equal['latency_ms']:.2f} vs {tp['latency_ms']:.2f} ms)",
+                f"{same['speedup'] / tp['speedup']:.2f}x ({same['macs_kept']:.3f} vs {tp['macs_kept']:.3f})"
+                if "speedup" in same
+                else "failed",
+                f"{equal['macs_kept']:.3f} vs {tp['macs_kept']:.3f} ({equal['latency_ms']:.2f} vs {tp['latency_ms']:.2f} ms)"
+                if "speedup" in equal
+                else "failed",
                 f"{max(abs(s['prediction_error']) for s in rows.values() if 'prediction_error' in s):.0%} / "
                 f"{max(abs(s['speedup_error']) for s in rows.values() if 'speedup_error' in s):.0%}",
             ]
