@@ -21,8 +21,10 @@ from graphprune.data.sources import load_calibration
 from graphprune.errors import CalibrationError, GraphPruneError, VerificationError
 from graphprune.model_io import LoadedModel, as_loaded, clean, model_sha256, save_model
 from graphprune.planning import PlanOptions, RemovalPlanner
+from graphprune.planning.latency import LatencyModel, layer_specs
 from graphprune.planning.plan import PruningPlan
 from graphprune.runtime.cost import CostReport, count_cost
+from graphprune.runtime.profile import LatencyTable, Timing, measure_wholes, profile_model
 from graphprune.runtime.shapes import run_intermediates, tensor_shapes
 from graphprune.search import blend  # noqa: F401  (registers the 'blend' criterion)
 from graphprune.surgery.apply import apply_removal
@@ -150,6 +152,66 @@ class PruneResult:
         return written
 
 
+@dataclass(frozen=True)
+class LatencySource:
+    """Where a latency target's table comes from: a saved one (`table`, refused when it was measured on
+    another model or provider), or else a profile taken now with these settings."""
+
+    table: LatencyTable | str | os.PathLike[str] | None = None
+    provider: str = "cpu"
+    batch: int = 1
+    threads: int | None = None
+
+
+def profile_latency(
+    model: ModelInput,
+    *,
+    provider: str = "cpu",
+    batch: int = 1,
+    threads: int | None = None,
+    timing: Timing | None = None,
+) -> LatencyTable:
+    """Latency lookup table of a model's weighted layers and of the whole (graphprune.runtime.profile),
+    calibrated on uniformly pruned copies."""
+    loaded = as_loaded(model)
+    sha = model_sha256(loaded.path) if loaded.path is not None else None
+    return _profile(analyze_model(loaded), sha, LatencySource(None, provider, batch, threads), timing)
+
+
+# Uniform ratios of the pruned copies timed with a profile: all but the last fit the line from the
+# layers' sum to the whole, the last checks it.
+CALIBRATION_RATIOS = (0.5, 0.75, 0.3)
+
+
+def _profile(
+    dep: DependencyGraph, sha: str | None, source: LatencySource, timing: Timing | None = None
+) -> LatencyTable:
+    where = {"provider": source.provider, "batch": source.batch, "threads": source.threads}
+    table = profile_model(dep.model, layer_specs(dep), timing=timing, model_sha256=sha, **where)
+    model = LatencyModel(dep, table)
+    zeros = {g.index: np.zeros(g.size) for g in dep.prunable_groups}
+    # the copies' widths snap to the table's fast steps, as every plan made with the table will
+    removals = [RemovalPlanner(PlanOptions(ratio=r), latency=model)(dep, zeros) for r in CALIBRATION_RATIOS]
+    copies = [apply_removal(dep, removed) for removed in removals]
+    whole, *measured = measure_wholes([dep.model, *copies], timing=timing, **where)
+    table.end_to_end_ms = min(table.end_to_end_ms, whole)
+    points = [(model.layers_ms(r), ms) for r, ms in zip(removals, measured, strict=True)]
+    table.calibration, table.check_point = points[:-1], points[-1]
+    log.info("latency fit %s; check point off by %+.1f%%", table.fit, 100 * (table.check_error or 0))
+    return table
+
+
+def _latency_model(dep: DependencyGraph, source: LatencySource, sha: str | None) -> LatencyModel:
+    table = source.table
+    if table is None:
+        log.info("no latency table given: profiling the model now")
+        table = _profile(dep, sha, source)
+    elif not isinstance(table, LatencyTable):
+        table = LatencyTable.load(table)
+    table.check(sha, source.provider)
+    return LatencyModel(dep, table)
+
+
 def plan_pruning(
     dep: DependencyGraph,
     options: PlanOptions,
@@ -168,10 +230,14 @@ def plan_pruning(
 
 
 def _plan(
-    dep: DependencyGraph, options: PlanOptions, cost: CostReport | None, scoring: Scoring
+    dep: DependencyGraph,
+    options: PlanOptions,
+    cost: CostReport | None,
+    scoring: Scoring,
+    latency: LatencyModel | None = None,
 ) -> tuple[np.ndarray, dict[str, object] | None]:
     options.validate()  # before scoring: a blend's search is long
-    planner = RemovalPlanner(options, cost)
+    planner = RemovalPlanner(options, cost, latency)
     scores, scorer = scoring.run(dep, planner=planner)
     if not scores:
         log.warning("criterion %s has no opinion on any group: nothing will be removed", scoring.criterion)
@@ -193,9 +259,10 @@ def prune(
     criterion_options: dict[str, object] | None = None,
     threads: int | None = None,
     recover: str | None = None,
+    latency: LatencySource | None = None,
 ) -> PruneResult:
-    """Prune a model by options (ratio, global ranking, MACs target) or by replaying a saved plan,
-    and prove the result equal to the masked reference unless `verify` is False.
+    """Prune a model by options (ratio, global ranking, MACs or latency target) or by replaying a saved
+    plan, and prove the result equal to the masked reference unless `verify` is False.
 
     Criteria that read activations, gradients or a held-out split (mean_act, apoz, hrank, entropy,
     act_var, taylor, blend) take their calibration data from `calib` (see score_channels); the
@@ -205,7 +272,10 @@ def prune(
     recover: "none", "bn" or "lsq" (see graphprune.surgery.recover; default "bn" when `calib` is given,
     else "none"), applied after verification on `calib_samples` calibration images; how close the
     result is to the original on RECOVERY_HOLDOUT further images (a fifth of the data when
-    calib_samples is None or the data runs short) is in `recovery` and the plan's settings["recovery"]."""
+    calib_samples is None or the data runs short) is in `recovery` and the plan's settings["recovery"].
+
+    latency: the latency table (a latency target profiles the model when none is given); the plan
+    records the latency it predicts."""
     method = recover if recover is not None else ("bn" if calib is not None else "none")
     check_recovery(method, calib)
     if criterion == "blend" and plan is None and method == "none":
@@ -215,14 +285,18 @@ def prune(
     loaded = as_loaded(model)
     dep = analyze_model(loaded)
     before = count_cost(dep.model, dep.shapes)
+    sha = model_sha256(loaded.path) if loaded.path is not None else None
     criterion_report = None
+    options = options or PlanOptions(ratio=0.5)
+    if latency is None and plan is None and options.target_latency is not None:
+        latency = LatencySource(threads=threads)
+    latency_model = _latency_model(dep, latency, sha) if latency is not None else None
     if plan is not None:
         removed = plan.removed_mask(dep)
         settings = plan.settings
     else:
-        options = options or PlanOptions(ratio=0.5)
         scoring = Scoring(criterion, aggregate, seed, calib, calib_samples, criterion_options, threads)
-        removed, criterion_report = _plan(dep, options, before, scoring)
+        removed, criterion_report = _plan(dep, options, before, scoring, latency_model)
         settings = {k: v for k, v in vars(options).items() if v not in (None, [], False)}
     pruned = apply_removal(dep, removed)
     report = verify_pruning(dep, removed, pruned, tolerance=tolerance, threads=threads) if verify else None
@@ -232,9 +306,13 @@ def prune(
         pruned, recovery = _recover(dep, removed, pruned, calib, method, calib_samples, seed, threads)
         settings["recovery"] = recovery.as_dict()
     after = model_cost(pruned)
-    sha = model_sha256(loaded.path) if loaded.path is not None else None
     new_plan = PruningPlan.from_removed(
-        dep, removed, criterion=plan.criterion if plan else criterion, settings=settings, model_sha256=sha
+        dep,
+        removed,
+        criterion=plan.criterion if plan else criterion,
+        settings=settings,
+        model_sha256=sha,
+        latency=_predicted(latency_model, removed),
     )
     return PruneResult(
         pruned,
@@ -324,6 +402,21 @@ def recover(
         dep, removed, as_loaded(pruned).proto, calib, method, calib_samples, seed, threads, ridge
     )
     return RecoveryResult(model, report)
+
+
+def _predicted(model: LatencyModel | None, removed: np.ndarray) -> dict[str, object] | None:
+    """What the plan records about latency: the table's setting, the measured whole, the prediction."""
+    if model is None:
+        return None
+    table = model.table
+    return {
+        "provider": table.provider,
+        "batch": table.batch,
+        "threads": table.threads,
+        "original_ms": table.end_to_end_ms,
+        "predicted_ms": model.predict(removed),
+        "layers_sum_error": table.sum_error,
+    }
 
 
 def verify_plan(

@@ -215,15 +215,18 @@ def blocked_ops(dep: DependencyGraph) -> set[str]:
 
 def prune_checked(
     model: onnx.ModelProto | str | os.PathLike[str],
-    ratio: float,
+    ratio: float | PlanOptions,
     *,
     shrinks: bool = True,
     criterion: str = "l1",
     batch: int = 3,
+    **kwargs: Any,
 ) -> PruneResult:
-    """Prune at `ratio` with verification and assert: verified, checker-clean, same output shapes at a
-    new batch size, equal to the masked reference at that batch, and (if `shrinks`) smaller."""
-    result = prune(model, PlanOptions(ratio=ratio), criterion=criterion)
+    """Prune at `ratio` (or by the given options, with further keyword arguments of prune) with
+    verification and assert: verified, checker-clean, same output shapes at a new batch size, equal to
+    the masked reference at that batch, and (if `shrinks`) smaller."""
+    options = ratio if isinstance(ratio, PlanOptions) else PlanOptions(ratio=ratio)
+    result = prune(model, options, criterion=criterion, **kwargs)
     assert result.verification is not None and result.verification.ok
     onnx.checker.check_model(result.model)
     original = result.dep.model

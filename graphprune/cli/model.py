@@ -1,4 +1,4 @@
-"""Commands on ONNX files: analyze, prune, verify, bench, export."""
+"""Commands on ONNX files: analyze, profile, prune, verify, bench, export."""
 
 from __future__ import annotations
 
@@ -38,7 +38,9 @@ def _plan_options(args: argparse.Namespace):  # noqa: ANN202 - PlanOptions, impo
     return PlanOptions(
         ratio=args.ratio,
         target_macs=args.target_macs,
+        target_latency=args.target_latency,
         global_ranking=args.global_ranking,
+        objective=args.objective,
         max_ratio=args.max_ratio,
         min_channels=args.min_channels,
         round_to=args.round_to,
@@ -57,8 +59,8 @@ def cmd_prune(args: argparse.Namespace) -> int:
     output = Path(args.output)
     if output.resolve() == Path(args.model).resolve():
         raise GraphPruneError("the output path is the input model; graphprune never overwrites its input.")
-    if args.plan and (args.ratio is not None or args.target_macs is not None):
-        raise GraphPruneError("--plan replays a saved plan; drop --ratio / --target-macs.")
+    if args.plan and any(x is not None for x in (args.ratio, args.target_macs, args.target_latency)):
+        raise GraphPruneError("--plan replays a saved plan; drop --ratio / --target-macs / --target-latency.")
     options = None if args.plan else _plan_options(args)
     if options is not None:
         options.validate()
@@ -68,6 +70,11 @@ def cmd_prune(args: argparse.Namespace) -> int:
     loaded = load_model(args.model)
     if args.criterion == "blend" and args.blend_report is None:
         args.blend_report = str(output.with_suffix(".blend"))
+    latency = None
+    if args.latency_lut or (options is not None and options.target_latency is not None):
+        from graphprune.api import LatencySource
+
+        latency = LatencySource(args.latency_lut, args.provider, args.batch, args.threads)
     with stage("prune"):
         result = prune(
             loaded,
@@ -79,6 +86,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
             verify=not args.no_verify,
             tolerance=args.tolerance,
             threads=args.threads,
+            latency=latency,
             **calibration_kwargs(args),
         )
     if result.verification is not None:
@@ -96,19 +104,44 @@ def cmd_prune(args: argparse.Namespace) -> int:
     plan_path = Path(args.plan_out) if args.plan_out else output.with_suffix(".plan.json")
     result.save(output, plan_path)
     rows = cost_rows(result.before, result.after)
+    predicted = result.plan.latency
+    if predicted is not None:
+        rows["before"]["predicted_ms"] = predicted["original_ms"]
+        rows["after"]["predicted_ms"] = predicted["predicted_ms"]
     if args.bench:
-        rows = _with_latency(rows, [args.model, str(output)], args.threads)
-    out.print(render(comparison_table(rows)), end="")
-    out.print(f"wrote {output}, plan {plan_path}")
+        where = predicted or {"provider": args.provider, "batch": args.batch, "threads": args.threads}
+        rows = _with_latency(rows, [args.model, str(output)], where)
+    if args.json:
+        report = result.verification
+        verification = (
+            None if report is None else {"max_rel_error": report.max_rel_error, "tensors": report.tensors}
+        )
+        recovery = None if result.recovery is None else result.recovery.as_dict()
+        payload = {
+            **rows,
+            "verification": verification,
+            "recovery": recovery,
+            "output": str(output),
+            "plan": str(plan_path),
+        }
+        out.print_json(json.dumps(payload))
+    else:
+        out.print(render(comparison_table(rows)), end="")
+        out.print(f"wrote {output}, plan {plan_path}")
     if args.criterion == "blend" and plan is None:
         from graphprune.search.blend.criterion import REPORT_JSON, REPORT_PNG
 
         report_dir = Path(args.blend_report)
-        out.print(f"wrote blend report {report_dir / REPORT_JSON}, {report_dir / REPORT_PNG}")
+        console.print(f"wrote blend report {report_dir / REPORT_JSON}, {report_dir / REPORT_PNG}")
     from graphprune.onnxutil import conv_channels
 
     before, after = conv_channels(result.dep.model), conv_channels(result.model)
-    if plan is None and args.round_to == 1 and any(after[n] != before[n] and after[n] % 8 for n in after):
+    if (
+        plan is None
+        and latency is None
+        and args.round_to == 1
+        and any(after[n] != before[n] and after[n] % 8 for n in after)
+    ):
         console.print(
             "tip        some pruned widths are not multiples of 8; onnxruntime's blocked CPU kernels run "
             "those slower, so add --round-to 8 (AVX2) or 16 (AVX-512) when latency matters"
@@ -145,14 +178,56 @@ def _print_recovery(report) -> None:  # noqa: ANN001 - RecoveryReport, imported 
         console.print(f"           left as is: {node}: {reason}", markup=False)
 
 
-def _with_latency(rows: dict, paths: list[str], threads: int | None) -> dict:
+def _with_latency(rows: dict, paths: list[str], where: dict) -> dict:
+    """Measured latency of each model, with the latency table's provider, batch and threads when the
+    plan was made with one (so predicted and measured compare)."""
     from graphprune.runtime.bench import bench
 
     for metrics, path in zip(rows.values(), paths, strict=True):
         metrics["latency_ms"] = bench(
-            path, batch=1, threads=threads, provider="cpu", warmup=20, runs=200
+            path,
+            batch=where["batch"],
+            threads=where["threads"],
+            provider=where["provider"],
+            warmup=20,
+            runs=200,
         ).median_ms
     return rows
+
+
+def cmd_profile(args: argparse.Namespace) -> int:
+    from graphprune.api import profile_latency
+    from graphprune.report.tables import fmt_ms
+    from graphprune.runtime.profile import Timing
+
+    with stage("profile"):
+        table = profile_latency(
+            args.model,
+            provider=args.provider,
+            batch=args.batch,
+            threads=args.threads,
+            timing=Timing(runs=args.runs, rounds=args.rounds),
+        )
+    table.save(args.output)
+    if args.json:
+        summary = {k: v for k, v in table.to_dict().items() if k not in ("layers", "curves")}
+        out.print_json(json.dumps({**summary, "output": args.output}))
+        return 0
+    out.print(
+        f"{Path(args.model).name}  {table.provider}  batch {table.batch}  {table.threads or 'default'} threads  "
+        f"{len(table.layers)} layers, {len(table.curves)} signatures timed in {table.seconds:.1f} s"
+    )
+    slope, intercept = table.fit
+    out.print(
+        f"whole model {fmt_ms(table.end_to_end_ms)}, layers sum to {fmt_ms(table.layers_sum_ms)} "
+        f"({100 * table.sum_error:+.1f}%); whole = {slope:.2f} x sum {intercept:+.3f} ms"
+    )
+    if table.check_error is not None:
+        out.print(
+            f"check on a pruned copy: predicted {100 * table.check_error:+.1f}% off the measured latency"
+        )
+    out.print(f"wrote {args.output}")
+    return 0
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
@@ -184,6 +259,11 @@ def cmd_bench(args: argparse.Namespace) -> int:
         warmup=args.warmup,
         runs=args.runs,
     )
+    if args.json:
+        from dataclasses import asdict
+
+        out.print_json(json.dumps([asdict(r) for r in results]))
+        return 0
     table = Table(
         title=f"latency ({args.provider}, {args.threads or 'default'} threads)", box=box.SIMPLE_HEAD
     )
@@ -241,6 +321,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     how = p.add_mutually_exclusive_group()
     how.add_argument("--ratio", type=float, help="fraction of channels removed from every prunable group")
     how.add_argument("--target-macs", type=float, help="keep at most this fraction of the MACs")
+    how.add_argument(
+        "--target-latency",
+        type=float,
+        help="keep at most this fraction of the measured latency (profiles the model unless --latency-lut)",
+    )
     p.add_argument("--plan", help="replay a saved plan instead of planning")
     p.add_argument(
         "--criterion",
@@ -256,6 +341,20 @@ def register(sub: argparse._SubParsersAction) -> None:
         default="mean",
         help="score normalisation for --global: mean, max, sum, none, rank, lamp",
     )
+    p.add_argument(
+        "--objective",
+        default="channels",
+        choices=("channels", "latency"),
+        help="--global ranks channels by score (channels) or by score per ms saved (latency, HALP-like)",
+    )
+    p.add_argument("--latency-lut", help="latency table from graphprune profile (default: profile now)")
+    p.add_argument(
+        "--provider",
+        default="cpu",
+        choices=("cpu", "cuda"),
+        help="runtime of the latency profile and --bench",
+    )
+    p.add_argument("--batch", type=int, default=1, help="batch of the latency profile and --bench")
     p.add_argument("--max-ratio", type=float, default=0.9, help="most of one group --global may remove")
     p.add_argument("--min-channels", type=int, default=1, help="channels every group keeps")
     p.add_argument("--round-to", type=int, default=1, help="kept channels a multiple of N (e.g. 8)")
@@ -264,13 +363,31 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--plan-out", help="where to write the plan (default OUT.plan.json)")
     p.add_argument("--no-verify", action="store_true", help="skip verification (not recommended)")
     p.add_argument("--tolerance", type=float, default=1e-4, help="relative tolerance of verification")
-    p.add_argument("--bench", action="store_true", help="also measure ORT CPU latency before/after")
+    p.add_argument(
+        "--bench",
+        action="store_true",
+        help="also measure latency before/after (beside the prediction, if any)",
+    )
     p.add_argument("--plot", metavar="PNG", help="also draw output channels per conv, before and after")
+    p.add_argument("--json", action="store_true", help="machine-readable numbers (MACs, params, latency)")
     p.add_argument(
         "--threads", type=int, default=None, help="onnxruntime threads of calibration, verification, --bench"
     )
     p.set_defaults(func=cmd_prune)
     add_calibration_arguments(p)
+
+    p = sub.add_parser(
+        "profile", help="latency lookup table: each layer's latency per kept width, and the whole"
+    )
+    p.add_argument("model")
+    p.add_argument("-o", "--output", required=True, help="the table (JSON)")
+    p.add_argument("--provider", default="cpu", choices=("cpu", "cuda"))
+    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--runs", type=int, default=15, help="timed runs per point and round")
+    p.add_argument("--rounds", type=int, default=3, help="rounds over each layer's points (fastest wins)")
+    p.add_argument("--json", action="store_true", help="machine-readable summary")
+    p.set_defaults(func=cmd_profile)
 
     p = sub.add_parser("verify", help="check a pruned model against ORIGINAL masked by PLAN")
     p.add_argument("original")
@@ -286,6 +403,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--provider", default="cpu", choices=("cpu", "cuda"))
     p.add_argument("--warmup", type=int, default=10)
     p.add_argument("--runs", type=int, default=50)
+    p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(func=cmd_bench)
 
     p = sub.add_parser(

@@ -137,14 +137,20 @@ def combine_rows(rows: list[np.ndarray], aggregate: str) -> np.ndarray | None:
 
 
 def position_norms(values: np.ndarray, member: ParamMember, order: int) -> np.ndarray:
-    """|w|^order summed over everything but the member's channel axis (per group for grouped inputs)."""
-    powered = np.abs(values.astype(np.float64)) ** order
+    """|w|^order summed over everything but the member's channel axis (per group for grouped inputs).
+
+    The power is taken in the weights' own precision and only the sums are float64: casting a whole
+    ResNet-50 to float64 first, and raising to the power 1, was most of the time of L1 scoring."""
+    powered = np.abs(values) if order == 1 else np.abs(values) ** order
     if member.conv_groups == 1:
         axes = tuple(a for a in range(values.ndim) if a != member.axis)
-        return powered.sum(axis=axes) if axes else powered
+        return powered.sum(axis=axes, dtype=np.float64) if axes else powered.astype(np.float64)
     groups = member.conv_groups
     per_group = np.stack(
-        [g.sum(axis=tuple(a for a in range(g.ndim) if a != 1)) for g in np.split(powered, groups)]
+        [
+            g.sum(axis=tuple(a for a in range(g.ndim) if a != 1), dtype=np.float64)
+            for g in np.split(powered, groups)
+        ]
     )
     return per_group.ravel()
 

@@ -91,10 +91,12 @@ class AtomTable:
 
     def merge(self, a: np.ndarray, b: np.ndarray, node: str, op: str) -> None:
         """Tie atoms position by position (arrays broadcast against each other)."""
-        pairs = np.unique(np.stack([x.ravel() for x in np.broadcast_arrays(a, b)], axis=1), axis=0)
-        for x, y in pairs:
-            if x != y:
-                self.union(int(x), int(y), node, op)
+        left, right = (x.ravel().astype(np.int64) for x in np.broadcast_arrays(a, b))
+        differ = left != right
+        # distinct pairs in (left, right) order as one integer key each: np.unique over rows is slow
+        size = len(self.parent)
+        for key in np.unique(left[differ] * size + right[differ]).tolist():
+            self.union(key // size, key % size, node, op)
 
     def block(self, atoms: np.ndarray, reason: str) -> None:
         """Forbid removing any of `atoms` (and everything tied to them), remembering the first reason."""

@@ -22,7 +22,8 @@ class PruningPlan:
     """Channels to remove, keyed by the node that produces them (indices within that node's output).
 
     Removing a channel removes everything tied to it (residual partners, BN, consumers' input slices),
-    so listing one member of a tie is enough; `summary` is informational and ignored on replay.
+    so listing one member of a tie is enough; `summary` and `latency` (the latency a latency table
+    predicted) are informational and ignored on replay.
     """
 
     remove: dict[str, list[int]]
@@ -30,6 +31,7 @@ class PruningPlan:
     settings: dict[str, Any] = field(default_factory=dict)
     model_sha256: str | None = None
     summary: list[dict[str, Any]] = field(default_factory=list)
+    latency: dict[str, Any] | None = None
 
     @classmethod
     def from_removed(cls, dep: DependencyGraph, removed: np.ndarray, **info: Any) -> PruningPlan:
@@ -72,6 +74,7 @@ class PruningPlan:
             "criterion": self.criterion,
             "settings": self.settings,
             "summary": self.summary,
+            "latency": self.latency,
             "remove": self.remove,
         }
 
@@ -101,4 +104,5 @@ class PruningPlan:
             data.get("settings", {}),
             data.get("model_sha256"),
             data.get("summary", []),
+            data.get("latency"),
         )

@@ -1,9 +1,11 @@
-"""Turn channel scores into a removal: local ratio, global ranking, a MACs target, and the structural
-limits (minimum channels, round-to multiples, excluded nodes, equal removal per conv group)."""
+"""Turn channel scores into a removal: local ratio, global ranking, a MACs or latency target, and the
+structural limits (minimum channels, round-to multiples or the widths a latency profile found fast,
+excluded nodes, equal removal per conv group)."""
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -11,9 +13,12 @@ import numpy as np
 from graphprune.analysis.graph import DependencyGraph, Group
 from graphprune.criteria.normalize import NORMALIZATIONS, normalize
 from graphprune.errors import PlanError
+from graphprune.planning.latency import LatencyModel, allocate
 from graphprune.runtime.cost import CostReport
 
 log = logging.getLogger(__name__)
+
+OBJECTIVES = ("channels", "latency")
 
 
 @dataclass
@@ -22,7 +27,9 @@ class PlanOptions:
 
     ratio: float | None = None
     target_macs: float | None = None
+    target_latency: float | None = None
     global_ranking: bool = False
+    objective: str = "channels"
     max_ratio: float = 0.9
     min_channels: int = 1
     round_to: int = 1
@@ -30,12 +37,20 @@ class PlanOptions:
     normalize: str = "mean"
 
     def validate(self) -> None:
-        if (self.ratio is None) == (self.target_macs is None):
-            raise PlanError("give exactly one of --ratio or --target-macs.")
+        if sum(x is not None for x in (self.ratio, self.target_macs, self.target_latency)) != 1:
+            raise PlanError("give exactly one of --ratio, --target-macs or --target-latency.")
         if self.ratio is not None and not 0.0 <= self.ratio < 1.0:
             raise PlanError(f"--ratio must be in [0, 1), got {self.ratio}.")
         if self.target_macs is not None and not 0.0 < self.target_macs <= 1.0:
             raise PlanError(f"--target-macs must be in (0, 1], got {self.target_macs}.")
+        if self.target_latency is not None and not 0.0 < self.target_latency <= 1.0:
+            raise PlanError(f"--target-latency must be in (0, 1], got {self.target_latency}.")
+        if self.objective not in OBJECTIVES:
+            raise PlanError(f"unknown objective {self.objective!r}; choose one of {', '.join(OBJECTIVES)}.")
+        if self.objective == "latency" and not (self.global_ranking and self.target_latency is not None):
+            raise PlanError(
+                "--objective latency allocates a latency budget across groups: add --global and --target-latency."
+            )
         if not 0.0 < self.max_ratio < 1.0:
             raise PlanError(f"--max-ratio must be in (0, 1), got {self.max_ratio}.")
         if self.min_channels < 1 or self.round_to < 1:
@@ -53,9 +68,10 @@ class RemovalPlanner:
 
     options: PlanOptions
     cost: CostReport | None = None
+    latency: LatencyModel | None = None
 
     def __call__(self, dep: DependencyGraph, scores: dict[int, np.ndarray]) -> np.ndarray:
-        return Planner(dep, scores, self.options).plan(self.cost)
+        return Planner(dep, scores, self.options, self.latency).plan(self.cost)
 
 
 def excluded_groups(dep: DependencyGraph, names: list[str]) -> set[int]:
@@ -72,11 +88,18 @@ def excluded_groups(dep: DependencyGraph, names: list[str]) -> set[int]:
 class Planner:
     """Chooses which channels to remove from per-group scores."""
 
-    def __init__(self, dep: DependencyGraph, scores: dict[int, np.ndarray], options: PlanOptions) -> None:
+    def __init__(
+        self,
+        dep: DependencyGraph,
+        scores: dict[int, np.ndarray],
+        options: PlanOptions,
+        latency: LatencyModel | None = None,
+    ) -> None:
         options.validate()
         self.dep = dep
         self.scores = scores
         self.options = options
+        self.latency = latency
         skip = excluded_groups(dep, options.exclude)
         self.groups = [
             g for g in dep.groups if g.index in scores and g.index not in skip and g.prunable.size > 1
@@ -107,14 +130,32 @@ class Planner:
         limit = min(int(group.size * self.options.max_ratio), group.size - self.options.min_channels)
         return max(0, min(limit, group.prunable.size))
 
+    def allowed(self, group: Group) -> np.ndarray:
+        """Kept widths a plan may leave the group at, ascending: those the latency profile found fast
+        when it timed the group's layers, else the multiples of --round-to (and the whole group)."""
+        widths = self.latency.group_widths(group) if self.latency is not None else None
+        if widths is None:
+            step = self.options.round_to
+            widths = np.unique(np.append(np.arange(step, group.size, step), group.size))
+        return widths
+
     def rounded(self, group: Group, count: int) -> int:
-        """Shrink a removal so the kept count is a multiple of --round-to (a group no larger than one
-        multiple stays whole)."""
-        step = self.options.round_to
-        kept = group.size - count
-        if step > 1 and kept % step:
-            kept = min(group.size, -(-kept // step) * step)
-        return group.size - kept
+        """Shrink a removal so the kept count is an allowed width (a multiple of --round-to, or a width
+        the latency profile found fast); a group no larger than one step stays whole."""
+        if self.options.round_to == 1 and self.latency is None:
+            return count
+        widths = self.allowed(group)
+        kept = widths[min(int(np.searchsorted(widths, group.size - count)), widths.size - 1)]
+        return group.size - int(kept)
+
+    def ranked(self, group: Group) -> tuple[np.ndarray, np.ndarray]:
+        """The group's prunable classes, least important first, and their normalised scores (the
+        importance --global and the latency allocation weigh)."""
+        scores = self.scores[group.index]
+        order = np.argsort(scores, kind="stable")
+        prunable = np.isin(group.classes[order], group.prunable)
+        normalised = normalize(scores, self.options.normalize)[order]
+        return group.classes[order][prunable], normalised[prunable]
 
     def local_counts(self, ratio: float) -> dict[int, int]:
         return {
@@ -147,10 +188,8 @@ class Planner:
         channels in proportion to their size, which removes equal counts from every conv group."""
         if count <= 0:
             return np.empty(0, dtype=np.int64)
-        scores = self.scores[group.index]
-        order = np.argsort(scores, kind="stable")
-        prunable = set(group.prunable.tolist())
-        ranked = [int(group.classes[i]) for i in order if int(group.classes[i]) in prunable]
+        ranked = self.ranked(group)[0].tolist()
+        prunable = set(ranked)
         parts = self.segments.get(group.index)
         if not parts:
             return np.asarray(ranked[:count], dtype=np.int64)
@@ -223,40 +262,85 @@ class Planner:
         return None
 
     def plan(self, cost: CostReport | None = None) -> np.ndarray:
-        """The removal mask for the options (bisection on the ratio for a MACs target)."""
+        """The removal mask for the options: the ratio as given; for a MACs or latency target, the
+        largest shared ratio that meets it (bisection), or with --objective latency the greedy
+        allocation by importance per millisecond; then hand back what the rounding overshot."""
         counts_for = self.global_counts if self.options.global_ranking else self.local_counts
         if self.options.ratio is not None:
             return self.removal(counts_for(self.options.ratio))
-        if cost is None:
-            raise PlanError("a MACs target needs the model's cost report.")
-        target = self.options.target_macs * cost.macs
-        low, high = 0.0, 0.99
-        best = counts_for(low)
-        for _ in range(14):
-            middle = (low + high) / 2
-            counts = counts_for(middle)
-            if predicted_macs(self.dep, cost, self.removal(counts)) <= target:
-                best, high = counts, middle
-            else:
-                low = middle
+        measure, target, what = self._budget(cost)
+        if self.options.objective == "latency":
+            assert self.latency is not None  # _budget refuses a latency target without a model
+            best = self._allocated(measure, target)
+        else:
+            low, high = 0.0, 0.99
+            best = counts_for(low)
+            for _ in range(14):
+                middle = (low + high) / 2
+                counts = counts_for(middle)
+                if measure(self.removal(counts)) <= target:
+                    best, high = counts, middle
+                else:
+                    low = middle
         removed = self.removal(best)
-        if predicted_macs(self.dep, cost, removed) > target:
-            reached = predicted_macs(self.dep, cost, removed) / cost.macs
+        if measure(removed) > target:
+            reached = measure(removed) / target * self._fraction()
             raise PlanError(
-                f"cannot reach {self.options.target_macs:.0%} of the MACs within the limits "
+                f"cannot reach {self._fraction():.0%} of the {what} within the limits "
                 f"(the closest plan keeps {reached:.1%}); raise --max-ratio or lower --min-channels."
             )
-        return self._give_back(best, cost, target) if self.options.round_to > 1 else removed
+        if self.options.round_to > 1 or self.latency is not None:
+            return self._give_back(best, measure, target)
+        return removed
 
-    def _give_back(self, counts: dict[int, int], cost: CostReport, target: float) -> np.ndarray:
-        """With --round-to, one shared ratio jumps between multiples and can overshoot the target by a
-        lot; hand back one multiple per group, largest removal first, while the target still holds."""
+    def _fraction(self) -> float:
+        value = (
+            self.options.target_macs if self.options.target_macs is not None else self.options.target_latency
+        )
+        assert value is not None
+        return value
+
+    def _budget(self, cost: CostReport | None) -> tuple[Callable[[np.ndarray], float], float, str]:
+        """What a target measures (a removal -> MACs or ms), its budget and its name."""
+        if self.options.target_macs is not None:
+            if cost is None:
+                raise PlanError("a MACs target needs the model's cost report.")
+            return (lambda r: predicted_macs(self.dep, cost, r)), self.options.target_macs * cost.macs, "MACs"
+        if self.latency is None:
+            raise PlanError("a latency target needs a latency table (--latency-lut, or profile on the fly).")
+        model = self.latency
+        return model.predict, self._fraction() * model.original_ms, "latency"
+
+    def _allocated(self, measure: Callable[[np.ndarray], float], target: float) -> dict[int, int]:
+        """Greedy allocation; the allocator estimates widths from the importance order, so when the
+        checked plan (grouped-conv parts, emptied layers given back) misses, aim lower and retry."""
+        assert self.latency is not None
+        aim = target
+        counts = allocate(self, self.latency, aim)
+        for _ in range(4):
+            reached = measure(self.removal(counts))
+            if reached <= target:
+                break
+            aim *= target / reached
+            counts = allocate(self, self.latency, aim)
+        return counts
+
+    def _give_back(
+        self, counts: dict[int, int], measure: Callable[[np.ndarray], float], target: float
+    ) -> np.ndarray:
+        """Rounding to allowed widths makes a shared ratio jump and overshoot the target; hand back one
+        step (to the next larger allowed width) per group, largest removal first, while the target
+        still holds."""
         counts = dict(counts)
-        step = self.options.round_to
+        by_index = {g.index: g for g in self.groups}
         for index in sorted(counts, key=lambda i: -counts[i]):
-            if counts[index] >= step:
-                trial = {**counts, index: counts[index] - step}
-                if predicted_macs(self.dep, cost, self.removal(trial)) <= target:
+            group = by_index[index]
+            widths = self.allowed(group)
+            kept = group.size - counts[index]
+            larger = widths[widths > kept]
+            if counts[index] and larger.size:
+                trial = {**counts, index: group.size - int(larger[0])}
+                if measure(self.removal(trial)) <= target:
                     counts = trial
         return self.removal(counts)
 

@@ -13,7 +13,7 @@ from graphprune.errors import GraphPruneError
 
 Metrics = Mapping[str, float | int | None]
 
-METRICS = ("macs", "params", "latency_ms", "accuracy")
+METRICS = ("macs", "params", "predicted_ms", "latency_ms", "accuracy")
 _UNITS = ((1e12, "T"), (1e9, "G"), (1e6, "M"), (1e3, "K"))
 
 
@@ -38,7 +38,8 @@ def fmt_speedup(ratio: float) -> str:
 def comparison_table(rows: Mapping[str, Metrics], *, title: str | None = None) -> Table:
     """One row per label, in the given order; speed-up is the first row's latency over each row's.
 
-    Metrics per row (all optional): macs, params, latency_ms, accuracy (a fraction in [0, 1]). A column
+    Metrics per row (all optional): macs, params, predicted_ms (a latency model's prediction),
+    latency_ms (measured), accuracy (a fraction in [0, 1]). A column
     appears when any row has its metric; a row lacking it shows "-".
     """
     for label, metrics in rows.items():
@@ -49,7 +50,12 @@ def comparison_table(rows: Mapping[str, Metrics], *, title: str | None = None) -
     baseline = next(iter(rows.values()), {}).get("latency_ms")
     columns: list[tuple[str, str]] = [
         (key, header)
-        for key, header in (("macs", "MACs"), ("params", "params"), ("latency_ms", "latency"))
+        for key, header in (
+            ("macs", "MACs"),
+            ("params", "params"),
+            ("predicted_ms", "predicted"),
+            ("latency_ms", "latency"),
+        )
         if key in present
     ]
     if baseline:
@@ -80,7 +86,7 @@ def _cell(key: str, metrics: Metrics, baseline: float | None) -> str:
     value = metrics.get(key)
     if value is None:
         return "-"
-    if key == "latency_ms":
+    if key in ("latency_ms", "predicted_ms"):
         return fmt_ms(value)
     if key == "accuracy":
         return f"{100 * value:.2f} %"

@@ -69,7 +69,8 @@ def make_session(
     if provider == "cuda" and session.get_providers()[0] != _PROVIDERS["cuda"]:
         raise GraphPruneError(
             f"onnxruntime fell back to {session.get_providers()[0]} for {label} because CUDA could not be "
-            "initialised; check the CUDA and cuDNN libraries that onnxruntime-gpu needs."
+            "initialised; onnxruntime-gpu 1.31.1 needs the CUDA 13 libraries (libcudart.so.13, libcublas.so.13) "
+            "and cuDNN 9: pip install 'onnxruntime-gpu[cuda]==1.31.1', or a CUDA 13 PyTorch in the same environment."
         )
     return session
 
@@ -138,8 +139,9 @@ def _providers(provider: str) -> list[str]:
         return [_PROVIDERS["cpu"]]
     if _PROVIDERS["cuda"] not in ort.get_available_providers():
         raise GraphPruneError(
-            "The installed onnxruntime has no CUDAExecutionProvider; install onnxruntime-gpu "
-            "(pip install 'graphprune[gpu]') in place of onnxruntime, or use provider 'cpu'."
+            "The installed onnxruntime has no CUDAExecutionProvider; replace it with the GPU build "
+            "(pip uninstall -y onnxruntime && pip install 'onnxruntime-gpu[cuda]==1.31.1', built for CUDA 13), "
+            "or use provider 'cpu'."
         )
     return [_PROVIDERS["cuda"], _PROVIDERS["cpu"]]
 

@@ -1,0 +1,501 @@
+"""Latency lookup tables: how long each weighted layer takes as a function of its kept channels.
+
+The caller describes the layers plainly (`LayerSpec`: op, widths, attributes, input size); this module
+imports no analysis.  Each distinct signature is timed once on a small isolated graph (the layer alone,
+random weights) at a grid of widths: output widths with the input whole, input widths with the output
+whole (a depthwise conv has one width).  A point's latency is the fastest of several rounds' medians,
+the rounds interleaving the points of a signature, because other jobs on a shared machine can only
+slow a round down.  The whole model is timed too, before and after the layers, and the table records
+how well the sum of its layers predicts it.  Isolated layers pay what a layer inside the model does
+not (layout reorders, a run's fixed cost) and miss the ops between them, so the whole is predicted
+from the layers' sum by a line fitted through calibration points: the model itself and, when the
+caller measures them (graphprune.api does, on uniformly pruned copies), smaller versions of it.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import platform
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+from tqdm import tqdm
+
+from graphprune.errors import PlanError
+from graphprune.onnxutil import atomic_write
+from graphprune.runtime.bench import bench, runner
+from graphprune.runtime.session import ModelLike, make_session
+
+log = logging.getLogger(__name__)
+
+LUT_FORMAT = "graphprune-latency/1"
+
+
+@dataclass(frozen=True)
+class LayerSpec:
+    """One weighted layer as the profiler sees it.
+
+    op: Conv, Gemm or MatMul. leading: the input's dims other than batch and channels (a conv's spatial
+    size, a MatMul's middle dims). attributes: the conv's attributes other than `group`, as sorted
+    (name, value) pairs. sweep_in / sweep_out: whether that width can change (prunable channels).
+    """
+
+    node: str
+    op: str
+    in_channels: int
+    out_channels: int
+    group: int = 1
+    attributes: tuple[tuple[str, Any], ...] = ()
+    leading: tuple[int, ...] = ()
+    bias: bool = True
+    sweep_in: bool = True
+    sweep_out: bool = True
+
+    @property
+    def depthwise(self) -> bool:
+        return self.group > 1 and self.group == self.in_channels == self.out_channels
+
+    @property
+    def signature(self) -> str:
+        """What the latency depends on (everything but the node's name)."""
+        parts = [self.op, f"{self.in_channels}->{self.out_channels}", f"g{self.group}"]
+        parts += [f"{k}={list(v) if isinstance(v, tuple) else v}" for k, v in self.attributes]
+        parts += [f"in{list(self.leading)}", "bias" if self.bias else "nobias"]
+        parts += [f"sweep{'i' if self.sweep_in else ''}{'o' if self.sweep_out else ''}"]
+        return " ".join(parts)
+
+
+@dataclass
+class LayerCurve:
+    """Measured latency (ms) of one signature: output widths with the input whole, input widths with
+    the output whole (empty for depthwise convs, whose one width is the output's), and the whole layer."""
+
+    full_ms: float
+    out_widths: list[int] = field(default_factory=list)
+    out_ms: list[float] = field(default_factory=list)
+    in_widths: list[int] = field(default_factory=list)
+    in_ms: list[float] = field(default_factory=list)
+
+    def latency(self, kept_in: int, kept_out: int) -> float:
+        """Separable model: full x f_out(kept_out) x f_in(kept_in), each factor read from its curve at
+        the smallest timed width that holds the kept channels.  Exact at timed widths, which are the
+        only ones plans made with the table choose; between them a ragged width can be slower than
+        the next timed one (blocked kernels), which the staircase does not see."""
+        out_ms = _step(self.out_widths, self.out_ms, kept_out, self.full_ms)
+        return out_ms * _step(self.in_widths, self.in_ms, kept_in, self.full_ms) / self.full_ms
+
+
+def _step(widths: list[int], times: list[float], width: int, whole: float) -> float:
+    """Time at the smallest timed width >= `width` (`whole` when the dimension was not swept)."""
+    if not widths:
+        return whole
+    return times[min(int(np.searchsorted(widths, width)), len(widths) - 1)]
+
+
+# Least share of the layers' latency a calibration copy must shed to weigh in the fit.
+MIN_SPREAD = 0.1
+
+
+@dataclass
+class LatencyTable:
+    """A model's latency lookup table (the JSON file `graphprune profile` writes)."""
+
+    model_sha256: str | None
+    provider: str
+    batch: int
+    threads: int | None
+    end_to_end_ms: float
+    layers: dict[str, str]
+    curves: dict[str, LayerCurve]
+    machine: dict[str, Any] = field(default_factory=dict)
+    seconds: float = 0.0
+    calibration: list[tuple[float, float]] = field(default_factory=list)
+    check_point: tuple[float, float] | None = None
+    block: int = 1
+
+    @property
+    def layers_sum_ms(self) -> float:
+        return sum(self.curves[sig].full_ms for sig in self.layers.values())
+
+    @property
+    def sum_error(self) -> float:
+        """(sum of the layers' latencies - measured whole) / measured whole."""
+        return self.layers_sum_ms / self.end_to_end_ms - 1.0
+
+    @property
+    def fit(self) -> tuple[float, float]:
+        """(slope, intercept) of the whole's latency against the layers' sum: the line through the
+        measured model whose slope fits the calibration points best (least squares), so the model
+        itself is predicted exactly; through the origin when there are no points or the line would
+        not rise."""
+        slope = self.end_to_end_ms / self.layers_sum_ms
+        if self.calibration:
+            d_sum, d_whole = (np.asarray(self.calibration) - (self.layers_sum_ms, self.end_to_end_ms)).T
+            # copies whose layers hardly shrank (most groups unprunable) say nothing about the slope
+            spread = np.abs(d_sum) >= MIN_SPREAD * self.layers_sum_ms
+            d_sum, d_whole = d_sum[spread], d_whole[spread]
+            fitted = float(d_sum @ d_whole / (d_sum @ d_sum)) if d_sum.size else 0.0
+            slope = fitted if fitted > 0 else slope
+        return slope, self.end_to_end_ms - slope * self.layers_sum_ms
+
+    def whole_ms(self, layers_sum_ms: float) -> float:
+        """Predicted latency of the whole model whose layers sum to `layers_sum_ms`."""
+        slope, intercept = self.fit
+        return slope * layers_sum_ms + intercept
+
+    @property
+    def check_error(self) -> float | None:
+        """(predicted - measured) / measured at the check point (a pruned copy not used by the fit)."""
+        if self.check_point is None:
+            return None
+        return self.whole_ms(self.check_point[0]) / self.check_point[1] - 1.0
+
+    def curve(self, node: str) -> LayerCurve | None:
+        signature = self.layers.get(node)
+        return self.curves[signature] if signature is not None else None
+
+    def check(self, model_sha256: str | None, provider: str) -> None:
+        """Refuse a table measured for another model or execution provider."""
+        if model_sha256 and self.model_sha256 and model_sha256 != self.model_sha256:
+            raise PlanError(
+                f"the latency table was measured on another model (sha256 {self.model_sha256[:12]}, this "
+                f"one is {model_sha256[:12]}); run graphprune profile on this model."
+            )
+        if provider != self.provider:
+            raise PlanError(
+                f"the latency table was measured with provider {self.provider}, not {provider}; profile "
+                f"with --provider {provider}."
+            )
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "format": LUT_FORMAT,
+            "model_sha256": self.model_sha256,
+            "provider": self.provider,
+            "batch": self.batch,
+            "threads": self.threads,
+            "machine": self.machine,
+            "seconds": round(self.seconds, 2),
+            "block": self.block,
+            "end_to_end_ms": self.end_to_end_ms,
+            "layers_sum_ms": self.layers_sum_ms,
+            "sum_error": self.sum_error,
+            "calibration": self.calibration,
+            "fit": self.fit,
+            "check_point": self.check_point,
+            "check_error": self.check_error,
+            "layers": self.layers,
+            "curves": {sig: asdict(curve) for sig, curve in self.curves.items()},
+        }
+
+    def save(self, path: str | os.PathLike[str]) -> Path:
+        with atomic_write(path) as tmp:
+            tmp.write_text(json.dumps(self.to_dict(), indent=1) + "\n")
+        return Path(path)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike[str]) -> LatencyTable:
+        try:
+            data = json.loads(Path(path).read_text())
+        except (OSError, ValueError) as exc:
+            raise PlanError(f"{path}: not a readable latency table ({exc}).") from exc
+        if not isinstance(data, dict) or data.get("format") != LUT_FORMAT:
+            raise PlanError(f"{path}: not a graphprune latency table (expected format {LUT_FORMAT!r}).")
+        return cls(
+            model_sha256=data["model_sha256"],
+            provider=data["provider"],
+            batch=int(data["batch"]),
+            threads=data["threads"],
+            end_to_end_ms=float(data["end_to_end_ms"]),
+            layers=dict(data["layers"]),
+            curves={sig: LayerCurve(**curve) for sig, curve in data["curves"].items()},
+            machine=data.get("machine", {}),
+            seconds=float(data.get("seconds", 0.0)),
+            block=int(data.get("block", 1)),
+            calibration=[(float(a), float(b)) for a, b in data.get("calibration", [])],
+            check_point=tuple(data["check_point"]) if data.get("check_point") else None,
+        )
+
+
+def sweep_widths(channels: int, multiple: int = 1, points: int = 24) -> list[int]:
+    """Widths to time for a dimension of `channels`: multiples of a power-of-two step (a multiple of
+    `multiple`, for grouped convs) chosen so that about `points` widths are timed, and the full width."""
+    step = 1 << max(0, math.ceil(math.log2(max(channels / points, 1))))
+    step = math.lcm(step, multiple)
+    return sorted({*range(step, channels, step), channels})
+
+
+@dataclass(frozen=True)
+class Timing:
+    """How a profile is timed: about `points` widths per swept dimension (a power-of-two step, and a
+    multiple of `block`: the channel multiple the runtime's kernels need, probed when None), warm-up
+    runs, timed runs per round (capped by `budget_s`), rounds."""
+
+    points: int = 24
+    block: int | None = None
+    warmup: int = 3
+    runs: int = 15
+    rounds: int = 3
+    budget_s: float = 0.25
+
+
+def profile_model(
+    model: ModelLike,
+    layers: Sequence[LayerSpec],
+    *,
+    provider: str = "cpu",
+    batch: int = 1,
+    threads: int | None = None,
+    timing: Timing | None = None,
+    model_sha256: str | None = None,
+    measure: Callable[[ModelLike, int], float] | None = None,
+) -> LatencyTable:
+    """Time every distinct layer signature at its grid of widths, and the whole model.
+
+    `measure(model, batch)` -> ms replaces the timing of the whole model and of each isolated layer
+    (tests inject known costs through it); by default both run in onnxruntime with `provider` and
+    `threads`.
+    """
+    timing = timing or Timing()
+    start = time.perf_counter()
+    loads = [os.getloadavg()[0]]
+    whole_ms = measure or (
+        lambda m, b: measure_wholes([m], provider=provider, batch=b, threads=threads, timing=timing)[0]
+    )
+    whole = [whole_ms(model, batch)]
+    if timing.block is None:
+        timing = replace(timing, block=alignment_block(whole_ms, batch))
+    by_signature: dict[str, LayerSpec] = {}
+    for spec in layers:
+        by_signature.setdefault(spec.signature, spec)
+    points = sum(len(_points(spec, timing)) for spec in by_signature.values())
+    log.info("profiling %d layers, %d signatures, %d points", len(layers), len(by_signature), points)
+    curves: dict[str, LayerCurve] = {}
+    with tqdm(total=points, desc="profile", unit="pt", disable=None, leave=False) as bar:
+        for signature, spec in by_signature.items():
+            curves[signature] = _curve(spec, provider, batch, threads, timing, measure, bar)
+    whole.append(whole_ms(model, batch))
+    loads.append(os.getloadavg()[0])
+    table = LatencyTable(
+        model_sha256=model_sha256,
+        provider=provider,
+        batch=batch,
+        threads=threads,
+        end_to_end_ms=min(whole),
+        block=timing.block or 1,
+        layers={spec.node: spec.signature for spec in layers},
+        curves=curves,
+        machine={"host": platform.node(), "cpu": _cpu(), "cores": os.cpu_count(), "load_1min": loads},
+        seconds=time.perf_counter() - start,
+    )
+    log.info(
+        "whole model %.3f ms, layers sum to %.3f ms (%+.1f%%)",
+        table.end_to_end_ms,
+        table.layers_sum_ms,
+        100 * table.sum_error,
+    )
+    return table
+
+
+def _points(spec: LayerSpec, timing: Timing) -> list[tuple[int, int]]:
+    """(in_width, out_width) pairs to time; the full pair last."""
+    full = (spec.in_channels, spec.out_channels)
+    block, count = timing.block or 1, timing.points
+    if spec.depthwise:
+        return [(w, w) for w in sweep_widths(spec.out_channels, block, count)] if spec.sweep_out else [full]
+    multiple = math.lcm(spec.group, block)
+    pairs = []
+    if spec.sweep_out:
+        pairs += [(spec.in_channels, w) for w in sweep_widths(spec.out_channels, multiple, count)[:-1]]
+    if spec.sweep_in:
+        pairs += [(w, spec.out_channels) for w in sweep_widths(spec.in_channels, multiple, count)[:-1]]
+    return [*pairs, full]
+
+
+# Chain widths of the alignment probe: 64 and widths whose largest power-of-two divisor is 1 ... 16.
+PROBE_WIDTHS = (64, 63, 62, 60, 56, 48)
+# A width is penalised when it runs this much slower than its share of the 64-wide chain's MACs.
+PROBE_PENALTY = 1.15
+
+
+def alignment_block(measure: Callable[[ModelLike, int], float], batch: int) -> int:
+    """The channel multiple below which the runtime's conv kernels fall back to slower paths
+    (onnxruntime's CPU NCHWc kernels work on 8 or 16 channels, and a ragged layer inside a model also
+    breaks their layout with reorders, which a layer timed alone does not show).  Timed on chains of
+    three 3x3 convs at widths aligned to 1, 2, 4, 8, 16: the smallest alignment from which no width is
+    slower than its share of the 64-wide chain."""
+    times = {w: measure(probe_chain(w), batch) for w in PROBE_WIDTHS}
+    base = times[64]
+    penalised = {w & -w for w in PROBE_WIDTHS[1:] if times[w] > PROBE_PENALTY * base * (w / 64) ** 2}
+    block = max(penalised, default=0) * 2 or 1
+    log.info(
+        "alignment probe: %s ms -> widths in multiples of %d",
+        {w: round(t, 3) for w, t in times.items()},
+        block,
+    )
+    return block
+
+
+def probe_chain(width: int, size: int = 28) -> onnx.ModelProto:
+    """Three 3x3 convs (bias, Relu between) of `width` channels on a size x size input."""
+    rng = np.random.default_rng(0)
+    nodes, inits, x = [], [], "x"
+    for index in range(3):
+        weight = rng.standard_normal((width, width, 3, 3)).astype(np.float32) * 0.05
+        inits += [
+            numpy_helper.from_array(weight, f"w{index}"),
+            numpy_helper.from_array(np.zeros(width, np.float32), f"b{index}"),
+        ]
+        nodes.append(
+            helper.make_node("Conv", [x, f"w{index}", f"b{index}"], [f"c{index}"], pads=[1, 1, 1, 1])
+        )
+        x = f"c{index}"
+        if index < 2:
+            nodes.append(helper.make_node("Relu", [x], [f"r{index}"]))
+            x = f"r{index}"
+    graph = helper.make_graph(
+        nodes,
+        f"alignment probe {width}",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", width, size, size])],
+        [helper.make_tensor_value_info(x, TensorProto.FLOAT, None)],
+        inits,
+    )
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+
+
+def _curve(
+    spec: LayerSpec,
+    provider: str,
+    batch: int,
+    threads: int | None,
+    timing: Timing,
+    measure: Callable[[ModelLike, int], float] | None,
+    bar: tqdm,
+) -> LayerCurve:
+    pairs = _points(spec, timing)
+    best = dict.fromkeys(pairs, math.inf)
+    if measure is not None:
+        for pair in pairs:
+            best[pair] = measure(layer_graph(spec, *pair), batch)
+            bar.update()
+    else:
+        timers = {pair: _timer(spec, pair, provider, batch, threads) for pair in pairs}
+        for round_index in range(timing.rounds):
+            for pair, timer in timers.items():
+                best[pair] = min(best[pair], timer(timing, round_index == 0))
+        bar.update(len(pairs))
+    full = best[pairs[-1]]
+    curve = LayerCurve(full_ms=full)
+    if spec.depthwise:
+        curve.out_widths = [p[1] for p in pairs]
+        curve.out_ms = [best[p] for p in pairs]
+        return curve
+    outs = sorted((p[1], best[p]) for p in pairs if p[0] == spec.in_channels)
+    ins = sorted((p[0], best[p]) for p in pairs if p[1] == spec.out_channels)
+    curve.out_widths, curve.out_ms = [w for w, _ in outs], [t for _, t in outs]
+    curve.in_widths, curve.in_ms = [w for w, _ in ins], [t for _, t in ins]
+    return curve
+
+
+def _timer(
+    spec: LayerSpec, pair: tuple[int, int], provider: str, batch: int, threads: int | None
+) -> Callable[[Timing, bool], float]:
+    """A function timing one round of the isolated layer (median ms; warm-up on the first round)."""
+    session = make_session(layer_graph(spec, *pair), provider=provider, threads=threads)
+    x = np.random.default_rng(0).standard_normal(_input_shape(spec, batch, pair[0])).astype(np.float32)
+    run = runner(session, {"x": x}, provider)
+
+    def one_round(timing: Timing, first: bool) -> float:
+        for _ in range(timing.warmup if first else 1):
+            run()
+        times = []
+        deadline = time.perf_counter() + timing.budget_s
+        while len(times) < timing.runs and (len(times) < 3 or time.perf_counter() < deadline):
+            begin = time.perf_counter()
+            run()
+            times.append(time.perf_counter() - begin)
+        return float(np.median(times)) * 1e3
+
+    return one_round
+
+
+def _input_shape(spec: LayerSpec, batch: int, in_width: int) -> tuple[int, ...]:
+    if spec.op == "Conv":
+        return (batch, in_width, *spec.leading)
+    return (batch, *spec.leading, in_width)
+
+
+def layer_graph(spec: LayerSpec, in_width: int, out_width: int) -> onnx.ModelProto:
+    """The layer alone at the given widths, random weights, input `x` with a symbolic batch."""
+    rng = np.random.default_rng(0)
+    shape: list[int | str] = ["N", *_input_shape(spec, 1, in_width)[1:]]
+    inputs = ["x", "w"] + (["b"] if spec.bias else [])
+    attributes = dict(spec.attributes)
+    if spec.op == "Conv":
+        group = in_width if spec.depthwise else spec.group
+        weight = (out_width, in_width // group, *attributes.get("kernel_shape", ()))
+        nodes = [helper.make_node("Conv", inputs, ["y"], group=group, **attributes)]
+    elif spec.op == "Gemm":
+        weight = (out_width, in_width)
+        nodes = [helper.make_node("Gemm", inputs, ["y"], transB=1)]
+    else:  # MatMul, with its bias as a separate Add (as exporters write a Linear on 3-D inputs)
+        weight = (in_width, out_width)
+        nodes = [helper.make_node("MatMul", ["x", "w"], ["m" if spec.bias else "y"])]
+        if spec.bias:
+            nodes.append(helper.make_node("Add", ["m", "b"], ["y"]))
+    inits = [numpy_helper.from_array(rng.standard_normal(weight).astype(np.float32) * 0.1, "w")]
+    if spec.bias:
+        inits.append(numpy_helper.from_array(rng.standard_normal(out_width).astype(np.float32), "b"))
+    graph = helper.make_graph(
+        nodes,
+        f"layer {spec.signature}",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, shape)],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+        inits,
+    )
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+
+
+def measure_wholes(
+    models: Sequence[ModelLike],
+    *,
+    provider: str = "cpu",
+    batch: int = 1,
+    threads: int | None = None,
+    timing: Timing | None = None,
+) -> list[float]:
+    """Whole models' latencies (ms), timed in interleaved rounds, each the fastest round's median (so a
+    burst of load on a shared machine cannot favour one model over another)."""
+    timing = timing or Timing()
+    best = [math.inf] * len(models)
+    for _ in range(timing.rounds):
+        for index, model in enumerate(models):
+            result = bench(
+                model,
+                batch=batch,
+                threads=threads,
+                provider=provider,
+                warmup=timing.warmup * 3,
+                runs=max(timing.runs, 20),
+            )
+            best[index] = min(best[index], result.median_ms)
+    return best
+
+
+def _cpu() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor()

@@ -1,0 +1,251 @@
+"""Latency-aware planning on toys with known per-layer costs (a fake measurement stands in for
+onnxruntime, so no test here depends on this machine's speed): the allocation prunes where latency is
+saved, widths snap to the steps the profile found fast, tables of other models or providers are
+refused in one line, and latency-targeted plans are verified like any other."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from helpers import Net, init_shape, prune_checked
+
+from graphprune.api import LatencySource, analyze_model
+from graphprune.onnxutil import sha256_file
+from graphprune.planning import Planner, PlanOptions
+from graphprune.planning.latency import LatencyModel, layer_specs
+from graphprune.runtime.profile import LatencyTable, Timing, profile_model
+
+Cost = Callable[[int, int], float]
+
+
+def chain() -> onnx.ModelProto:
+    """conv1 8->16, conv4 16->24, head conv7 24->6 (3x3, BN + Relu between); groups conv1 and conv4."""
+    net = Net(channels=8, size=8)
+    x = net.op("Relu", [net.bn(net.conv(net.x, 16))])
+    x = net.op("Relu", [net.bn(net.conv(x, 24))])
+    return net.build(net.conv(x, 6))
+
+
+def fake_table(
+    model: onnx.ModelProto, costs: dict[tuple[int, int], Cost], sha: str | None = None
+) -> LatencyTable:
+    """A latency table whose layer of full widths (in, out) costs costs[(in, out)](kept_in, kept_out) ms;
+    the whole model costs the sum of its layers."""
+
+    def measure(graph: onnx.ModelProto, batch: int) -> float:
+        if not graph.graph.name.startswith("layer "):
+            return sum(cost(*full) for full, cost in costs.items())
+        full = tuple(int(c) for c in graph.graph.name.split()[2].split("->"))
+        weight = next(i for i in graph.graph.initializer if i.name == "w")
+        return costs[full](int(weight.dims[1]), int(weight.dims[0]))
+
+    dep = analyze_model(model)
+    return profile_model(
+        dep.model, layer_specs(dep), model_sha256=sha, measure=measure, timing=Timing(block=1)
+    )
+
+
+def linear(scale: float) -> Cost:
+    return lambda cin, cout: scale * cin * cout
+
+
+def kept_widths(model: onnx.ModelProto) -> tuple[int, int]:
+    return init_shape(model, "conv1.w")[0], init_shape(model, "conv4.w")[0]
+
+
+@pytest.mark.parametrize("expensive", ["first", "second"])
+def test_latency_objective_prunes_where_latency_is_saved(expensive: str) -> None:
+    """Equal importance everywhere: HALP's greedy takes channels where they save the most ms."""
+    heavy, light = linear(1.0), linear(0.01)
+    costs = {(8, 16): heavy, (16, 24): light, (24, 6): light}
+    if expensive == "second":
+        costs = {(8, 16): light, (16, 24): light, (24, 6): heavy}
+    model = chain()
+    table = fake_table(model, costs)
+    dep = analyze_model(model)
+    latency = LatencyModel(dep, table)
+    scores = {g.index: np.ones(g.size) for g in dep.prunable_groups}
+    options = PlanOptions(target_latency=0.6, global_ranking=True, objective="latency")
+    removed = Planner(dep, scores, options, latency).plan()
+    assert latency.predict(removed) <= 0.6 * table.end_to_end_ms
+    first, second = (int(removed[b.start : b.start + b.size].sum()) for b in dep.table.blocks[:2])
+    assert (first > second) if expensive == "first" else (second > first), (first, second)
+    # the plain global ranking removes by score alone: equal scores, equal shares
+    by_count = Planner(dep, scores, PlanOptions(target_latency=0.6, global_ranking=True), latency).plan()
+    assert latency.predict(by_count) <= 0.6 * table.end_to_end_ms
+
+
+def aligned(scale: float) -> Cost:
+    """Blocked kernels: 8 channels at a time, and a fixed penalty for a ragged width."""
+
+    def cost(cin: int, cout: int) -> float:
+        blocks = math.ceil(cin / 8) * math.ceil(cout / 8)
+        return scale * (blocks + 50 * ((cin % 8 != 0) + (cout % 8 != 0)))
+
+    return cost
+
+
+def test_widths_snap_to_the_profiles_fast_steps() -> None:
+    model = chain()
+    table = fake_table(model, {(8, 16): aligned(1.0), (16, 24): aligned(1.0), (24, 6): linear(0.01)})
+    dep = analyze_model(model)
+    latency = LatencyModel(dep, table)
+    for group in dep.prunable_groups:
+        assert latency.group_widths(group).tolist() == list(range(8, group.size + 1, 8))
+    for options in (
+        PlanOptions(target_latency=0.7),
+        PlanOptions(target_latency=0.5, global_ranking=True, objective="latency"),
+    ):
+        result = prune_checked(model, options, latency=LatencySource(table))
+        widths = kept_widths(result.model)
+        assert all(w % 8 == 0 for w in widths) and widths != (16, 24), widths
+        assert result.plan.latency["predicted_ms"] <= options.target_latency * table.end_to_end_ms
+    ragged = prune_checked(model, PlanOptions(target_macs=0.5))
+    assert any(w % 8 for w in kept_widths(ragged.model))  # what the snapping prevents
+
+
+def test_latency_targeted_plans_are_verified_and_record_the_prediction(tmp_path: Path) -> None:
+    model = chain()
+    table = fake_table(model, {(8, 16): linear(1.0), (16, 24): linear(0.5), (24, 6): linear(0.2)})
+    for options in (
+        PlanOptions(target_latency=0.5),
+        PlanOptions(target_latency=0.5, global_ranking=True),
+        PlanOptions(target_latency=0.5, global_ranking=True, objective="latency"),
+    ):
+        result = prune_checked(model, options, latency=LatencySource(table))
+        recorded = result.plan.latency
+        assert recorded["original_ms"] == table.end_to_end_ms
+        assert recorded["predicted_ms"] <= 0.5 * table.end_to_end_ms
+        result.plan.save(tmp_path / "p.json")
+        assert json.loads((tmp_path / "p.json").read_text())["latency"] == recorded
+
+
+def test_whole_model_latency_is_fitted_through_the_calibration_points() -> None:
+    """The whole is predicted on the line through the measured model whose slope fits the calibration
+    points; the check point is scored against that line."""
+    table = fake_table(chain(), {(8, 16): linear(1.0), (16, 24): linear(1.0), (24, 6): linear(1.0)})
+    full = table.layers_sum_ms
+    assert table.whole_ms(full / 2) == pytest.approx(table.end_to_end_ms / 2)  # no points: through 0
+    table.calibration = [
+        (full / 2, table.end_to_end_ms / 2 - 10.0),
+        (full / 4, table.end_to_end_ms / 4 - 14.0),
+    ]
+    table.check_point = (full / 8, table.end_to_end_ms / 8 - 17.0)
+    slope, intercept = table.fit  # anchored at the model: least squares on the slope alone
+    d_sum, d_whole = np.array([full / 2, 3 * full / 4]), np.array([full / 2 + 10.0, 3 * full / 4 + 14.0])
+    assert slope == pytest.approx(d_sum @ d_whole / (d_sum @ d_sum))
+    assert table.whole_ms(full) == pytest.approx(table.end_to_end_ms) and intercept < 0
+    assert table.check_error == pytest.approx(table.whole_ms(full / 8) / (full / 8 - 17.0) - 1)
+
+
+def run_cli(*args: object) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "graphprune.cli", *map(str, args)], capture_output=True, text=True
+    )
+
+
+def one_line_error(done: subprocess.CompletedProcess[str]) -> str:
+    lines = (done.stdout + done.stderr).strip().splitlines()
+    assert done.returncode == 2 and len(lines) == 1, done.stdout + done.stderr
+    assert lines[0].startswith("graphprune: error: ")
+    return lines[0]
+
+
+def test_tables_of_other_models_or_providers_are_refused_in_one_line(tmp_path: Path) -> None:
+    path = tmp_path / "toy.onnx"
+    onnx.save(chain(), path)
+    costs = {(8, 16): linear(1.0), (16, 24): linear(1.0), (24, 6): linear(1.0)}
+    fake_table(chain(), costs, sha="0" * 64).save(tmp_path / "other.json")
+    fake_table(chain(), costs, sha=sha256_file(path)).save(tmp_path / "own.json")
+    args = ["prune", path, "-o", tmp_path / "out.onnx", "--target-latency", "0.5", "--latency-lut"]
+    assert "another model" in one_line_error(run_cli(*args, tmp_path / "other.json"))
+    assert "provider cpu, not cuda" in one_line_error(
+        run_cli(*args, tmp_path / "own.json", "--provider", "cuda")
+    )
+    assert not (tmp_path / "out.onnx").exists()
+    done = run_cli(*args, tmp_path / "own.json", "--bench", "--threads", "1", "--json")
+    assert done.returncode == 0, done.stderr
+    numbers = json.loads(done.stdout)
+    assert numbers["before"]["predicted_ms"] == pytest.approx(8 * 16 + 16 * 24 + 24 * 6)
+    assert numbers["after"]["predicted_ms"] <= 0.5 * numbers["before"]["predicted_ms"]
+    assert numbers["after"]["latency_ms"] > 0 and numbers["verification"]["max_rel_error"] < 1e-4
+    assert "objective latency" in one_line_error(
+        run_cli("prune", path, "-o", tmp_path / "o.onnx", "--ratio", "0.5", "--objective", "latency")
+    )
+
+
+def test_profile_command_writes_a_table_prune_can_use(tmp_path: Path) -> None:
+    """The real profiler on a tiny model, timed as briefly as possible: structure only, no speed claims."""
+    path, lut = tmp_path / "toy.onnx", tmp_path / "lut.json"
+    onnx.save(chain(), path)
+    done = run_cli("profile", path, "-o", lut, "--threads", "1", "--runs", "2", "--rounds", "1", "--json")
+    assert done.returncode == 0, done.stderr
+    summary = json.loads(done.stdout)
+    table = LatencyTable.load(lut)
+    assert summary["model_sha256"] == table.model_sha256 == sha256_file(path)
+    assert set(table.layers) == {"conv1", "conv4", "conv7"} and table.end_to_end_ms > 0
+    assert summary["sum_error"] == pytest.approx(table.sum_error)
+    assert len(table.calibration) == 2 and summary["check_error"] == pytest.approx(table.check_error)
+    assert table.curve("conv1").out_widths[-1] == 16 and table.curve("conv7").out_widths == [
+        6
+    ]  # outputs never narrowed
+    # a toy's latency is mostly a run's fixed cost, so no latency target is sure to be reachable
+    done = run_cli("prune", path, "-o", tmp_path / "out.onnx", "--ratio", "0.5", "--latency-lut", lut)
+    assert done.returncode == 0, done.stderr
+    assert json.loads((tmp_path / "out.plan.json").read_text())["latency"]["predicted_ms"] > 0
+
+
+@pytest.mark.skipif("CUDAExecutionProvider" in ort.get_available_providers(), reason="CUDA is installed")
+def test_cuda_without_the_gpu_runtime_is_one_line_with_the_install_advice(tmp_path: Path) -> None:
+    path = tmp_path / "toy.onnx"
+    onnx.save(chain(), path)
+    for args in (["profile", path, "-o", tmp_path / "lut.json"], ["bench", path]):
+        line = one_line_error(run_cli(*args, "--provider", "cuda"))
+        assert "pip uninstall -y onnxruntime && pip install 'onnxruntime-gpu[cuda]==1.31.1'" in line
+    assert not (tmp_path / "lut.json").exists()
+
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_latency_benchmark_matrix_defaults_to_the_gpu_protocol_on_cuda() -> None:
+    script = ROOT / "benchmarks" / "bench_latency.py"
+    done = subprocess.run(
+        [sys.executable, script, "--provider", "cuda", "--dry-run"], capture_output=True, text=True
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.splitlines() == [
+        f"{m} batch {b} cuda threads 2"
+        for m in ("resnet50", "mobilenet_v2", "efficientnet_b0")
+        for b in (1, 64)
+    ]
+    bad = subprocess.run(
+        [sys.executable, script, "--ratio", "1.5", "--dry-run"], capture_output=True, text=True
+    )
+    assert bad.returncode == 2 and "--ratio" in bad.stderr
+
+
+@pytest.mark.skipif("CUDAExecutionProvider" in ort.get_available_providers(), reason="CUDA is installed")
+def test_gpu_script_stops_at_once_without_the_cuda_provider(tmp_path: Path) -> None:
+    env = {**os.environ, "PYTHON": sys.executable}
+    done = subprocess.run(
+        ["bash", ROOT / "tools" / "device" / "gpu_latency.sh", tmp_path / "out", "mobilenet_v2"],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        env=env,
+    )
+    lines = done.stdout.strip().splitlines()
+    assert done.returncode == 2 and len(lines) == 1, done.stdout + done.stderr
+    assert lines[0].startswith("bench_latency: error:") and "onnxruntime-gpu[cuda]==1.31.1" in lines[0]
+    assert not (tmp_path / "out" / "gpu_latency.json").exists()
