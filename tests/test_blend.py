@@ -19,12 +19,12 @@ from graphprune.criteria.normalize import spearman_matrix
 from graphprune.data import ArrayDataset, load_dataset
 from graphprune.errors import CalibrationError, PlanError
 from graphprune.planning import PlanOptions
+from graphprune.runtime.evaluate import evaluate_onnx
 from graphprune.runtime.session import make_session
 from graphprune.search.blend import (
     BlendConfig,
     PoolScores,
     SearchConfig,
-    accuracy,
     cluster_indices,
     cluster_layers,
     evolve,
@@ -113,7 +113,7 @@ def test_models_without_bn_are_left_alone_and_accuracy_is_top1() -> None:
     assert recalibrate_batchnorm(model, hand_data().images) is model
     data = hand_data()
     logits = make_session(model).run(None, {"x": data.images})[0]
-    assert accuracy(model, data.images, data.labels) == np.mean(logits.argmax(axis=1) == data.labels)
+    assert evaluate_onnx(model, data) == np.mean(logits.argmax(axis=1) == data.labels)
 
 
 # the blend end to end --------------------------------------------------------------------------------

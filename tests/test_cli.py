@@ -75,4 +75,7 @@ def test_demo_runs_end_to_end_on_synthetic_data(tmp_path: Path) -> None:
         assert (tmp_path / name).stat().st_size > 0
     widths = conv_channels(onnx.load(str(tmp_path / "resnet20_pruned.onnx"))).values()
     assert all(width % 16 == 0 for width in widths) and "pruned + recovered + fine-tuned" in done.stdout
-    assert "pruned + recovered " in done.stdout and (tmp_path / "resnet20_pruned_recovered.onnx").stat().st_size > 0
+    assert (
+        "pruned + recovered " in done.stdout
+        and (tmp_path / "resnet20_pruned_recovered.onnx").stat().st_size > 0
+    )

@@ -42,6 +42,11 @@ def evaluate_onnx(
         count = len(images)
         if fixed is not None and count < fixed:
             images = np.concatenate([images, np.zeros((fixed - count, *images.shape[1:]), np.float32)])
-        logits = session.run(None, {graph_input.name: images})[0]
-        correct += int((np.asarray(logits)[:count].argmax(1) == labels).sum())
+        logits = np.asarray(session.run(None, {graph_input.name: images})[0])
+        if logits.ndim != 2:
+            raise DataError(
+                f"accuracy needs a classifier whose first output is [N, classes], but it has shape "
+                f"{logits.shape}."
+            )
+        correct += int((logits[:count].argmax(1) == labels).sum())
     return correct / len(ds)

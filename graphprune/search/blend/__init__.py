@@ -3,7 +3,6 @@ evolutionary search over the calibration factors judged by held-out accuracy."""
 
 from graphprune.search.blend.clustering import LayerClusters, cluster_indices, cluster_layers
 from graphprune.search.blend.criterion import Blend, BlendConfig, write_report
-from graphprune.search.blend.fitness import accuracy
 from graphprune.search.blend.pool import DEFAULT_POOL, PoolScores, score_pool
 from graphprune.search.blend.search import SearchConfig, SearchResult, evolve
 
@@ -15,7 +14,6 @@ __all__ = [
     "PoolScores",
     "SearchConfig",
     "SearchResult",
-    "accuracy",
     "cluster_indices",
     "cluster_layers",
     "evolve",

@@ -121,8 +121,7 @@ class Blend(Criterion):
             inputs.planner,
             blends,
             recal.images[: config.recal_samples],
-            held_out.images,
-            held_out.labels,
+            held_out,
             batch_size=config.batch_size,
         )
         with Evaluator(task, config.workers) as evaluator:

@@ -18,12 +18,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-import onnx
 
 from graphprune.analysis.graph import DependencyGraph
 from graphprune.criteria.base import RemovalFunction
-from graphprune.errors import CalibrationError, GraphPruneError
-from graphprune.runtime.session import make_session
+from graphprune.data.dataset import ArrayDataset
+from graphprune.errors import GraphPruneError
+from graphprune.runtime.evaluate import evaluate_onnx
 from graphprune.surgery.apply import apply_removal
 from graphprune.surgery.recover import affected_batchnorms, recalibrate_batchnorm
 
@@ -53,29 +53,6 @@ def blend_scores(layers: list[LayerBlend], alphas: np.ndarray) -> dict[int, np.n
     return {layer.group: layer.scores(alphas) for layer in layers}
 
 
-def accuracy(
-    model: onnx.ModelProto,
-    images: np.ndarray,
-    labels: np.ndarray,
-    *,
-    batch_size: int = 256,
-    threads: int | None = None,
-) -> float:
-    """Top-1 accuracy of a classifier (first output [N, classes]) in onnxruntime."""
-    session = make_session(model, threads=threads)
-    input_name = session.get_inputs()[0].name
-    correct = 0
-    for start in range(0, len(images), batch_size):
-        logits = session.run(None, {input_name: images[start : start + batch_size]})[0]
-        if logits.ndim != 2:
-            raise CalibrationError(
-                f"the blend's fitness is classification accuracy, but the model's first output has shape "
-                f"{logits.shape}; use a classifier whose output is [N, classes]."
-            )
-        correct += int((logits.argmax(axis=1) == labels[start : start + batch_size]).sum())
-    return correct / max(len(labels), 1)
-
-
 # Evaluation ----------------------------------------------------------------------------------------
 @dataclass
 class FitnessTask:
@@ -85,8 +62,7 @@ class FitnessTask:
     planner: RemovalFunction
     layers: list[LayerBlend]
     recal_images: np.ndarray
-    eval_images: np.ndarray
-    eval_labels: np.ndarray
+    held_out: ArrayDataset
     batch_size: int = 64
     threads: int = 1  # one onnxruntime thread: the same numbers in-process and in any worker
     cache: dict[bytes, float] = field(default_factory=dict, repr=False)
@@ -107,7 +83,7 @@ class FitnessTask:
                 batch_size=self.batch_size,
                 threads=self.threads,
             )
-            self.cache[key] = accuracy(pruned, self.eval_images, self.eval_labels, threads=self.threads)
+            self.cache[key] = evaluate_onnx(pruned, self.held_out, threads=self.threads)
         return self.cache[key]
 
 
