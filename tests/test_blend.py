@@ -17,7 +17,7 @@ from graphprune.api import analyze_model, prune
 from graphprune.cli.criteria import register
 from graphprune.criteria.normalize import spearman_matrix
 from graphprune.data import ArrayDataset, load_dataset
-from graphprune.errors import CalibrationError, PlanError
+from graphprune.errors import CalibrationError, DataError, PlanError
 from graphprune.planning import PlanOptions
 from graphprune.runtime.evaluate import evaluate_onnx
 from graphprune.runtime.session import make_session
@@ -207,3 +207,14 @@ def test_criteria_command_prints_tables_and_writes_heatmaps(tmp_path, capsys) ->
     assert matrix.shape == (4, 4) and np.allclose(np.diag(matrix), 1.0)
     assert (out / "criteria_spearman.png").read_bytes().startswith(PNG_MAGIC)
     assert len(list((out / "layers").glob("*.png"))) == 2
+
+
+def test_accuracy_refuses_a_model_that_is_not_a_classifier() -> None:
+    x = onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, ["N", 1, 2, 2])
+    y = onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, ["N", 1, 2, 2])
+    model = onnx.helper.make_model(
+        onnx.helper.make_graph([onnx.helper.make_node("Relu", ["x"], ["y"])], "g", [x], [y])
+    )
+    data = ArrayDataset(np.ones((3, 1, 2, 2), np.float32), np.zeros(3, np.int64), 2, "maps")
+    with pytest.raises(DataError, match=r"\[N, classes\]"):
+        evaluate_onnx(model, data)
