@@ -187,6 +187,7 @@ def prune(
     calib_samples: int | None = None,
     criterion_options: dict[str, object] | None = None,
     threads: int | None = None,
+    force: bool = False,
 ) -> PruneResult:
     """Prune a model by options (ratio, global ranking, MACs target) or by replaying a saved plan,
     and prove the result equal to the masked reference unless `verify` is False.
@@ -194,8 +195,12 @@ def prune(
     Criteria that read activations, gradients or a held-out split (mean_act, apoz, hrank, entropy,
     act_var, taylor, blend) take their calibration data from `calib` (see score_channels); the
     criterion's own report (the blend search's) comes back as `criterion_report`.  threads: onnxruntime
-    intra-op threads of calibration and verification (default: onnxruntime's own choice)."""
+    intra-op threads of calibration and verification (default: onnxruntime's own choice).  A replayed
+    plan made for another model file is refused (PlanError) unless `force`, which only logs a warning."""
     loaded = as_loaded(model)
+    sha = sha256_file(loaded.path) if loaded.path is not None else None
+    if plan is not None:
+        plan.check_model(sha, _label(loaded), force=force)
     dep = analyze(loaded.proto)
     before = count_cost(dep.model, dep.shapes)
     criterion_report = None
@@ -210,7 +215,6 @@ def prune(
     pruned = apply_removal(dep, removed)
     report = verify_pruning(dep, removed, pruned, tolerance=tolerance, threads=threads) if verify else None
     after = model_cost(pruned)
-    sha = sha256_file(loaded.path) if loaded.path is not None else None
     new_plan = PruningPlan.from_removed(
         dep, removed, criterion=plan.criterion if plan else criterion, settings=settings, model_sha256=sha
     )
@@ -220,8 +224,21 @@ def prune(
 
 
 def verify_plan(
-    original: ModelInput, pruned: ModelInput, plan: PruningPlan, *, tolerance: float = 1e-4
+    original: ModelInput,
+    pruned: ModelInput,
+    plan: PruningPlan,
+    *,
+    tolerance: float = 1e-4,
+    force: bool = False,
 ) -> VerificationReport:
-    """Check an existing pruned model against the masked reference of `original` under `plan`."""
-    dep = analyze(as_loaded(original).proto)
+    """Check an existing pruned model against the masked reference of `original` under `plan` (refused,
+    unless `force`, when the plan was made for another model file)."""
+    loaded = as_loaded(original)
+    if loaded.path is not None:
+        plan.check_model(sha256_file(loaded.path), _label(loaded), force=force)
+    dep = analyze(loaded.proto)
     return verify_pruning(dep, plan.removed_mask(dep), as_loaded(pruned).proto, tolerance=tolerance)
+
+
+def _label(loaded: LoadedModel) -> str:
+    return loaded.path.name if loaded.path is not None else "the given model"

@@ -19,9 +19,9 @@ from helpers import run
 from torch import nn
 
 from graphprune.data import load_dataset
+from graphprune.recipes import gate_decorator, slimming
 from graphprune.recipes.gate_decorator import GateDecoratorConfig, run_gate_decorator
 from graphprune.recipes.slimming import SlimmingConfig, Start, run_slimming
-from graphprune.recipes import gate_decorator, slimming
 from graphprune.torch_bridge.train import History, TrainConfig, checkpoint_path, fit
 
 SAMPLES = 64

@@ -74,6 +74,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
             verify=not args.no_verify,
             tolerance=args.tolerance,
             threads=args.threads,
+            force=args.force,
             **calibration_kwargs(args),
         )
     if result.verification is not None:
@@ -126,7 +127,11 @@ def cmd_verify(args: argparse.Namespace) -> int:
 
     with stage("verify"):
         report = verify_plan(
-            args.original, args.pruned, PruningPlan.load(args.plan), tolerance=args.tolerance
+            args.original,
+            args.pruned,
+            PruningPlan.load(args.plan),
+            tolerance=args.tolerance,
+            force=args.force,
         )
     out.print(
         f"equal to the masked reference: max rel err {report.max_rel_error:.2g} over {report.tensors} tensors"
@@ -208,6 +213,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     how.add_argument("--target-macs", type=float, help="keep at most this fraction of the MACs")
     p.add_argument("--plan", help="replay a saved plan instead of planning")
     p.add_argument(
+        "--force", action="store_true", help="replay --plan even if it was made for another model (warns)"
+    )
+    p.add_argument(
         "--criterion",
         default="l1",
         help="weight: l1, l2, fpgm, bn, random; with --calib: mean_act, apoz, act_var, entropy, hrank, taylor, blend",
@@ -242,6 +250,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("pruned")
     p.add_argument("--plan", required=True)
     p.add_argument("--tolerance", type=float, default=1e-4)
+    p.add_argument(
+        "--force", action="store_true", help="check even if PLAN was made for another model (warns)"
+    )
     p.set_defaults(func=cmd_verify)
 
     p = sub.add_parser("bench", help="onnxruntime latency of one or more models")

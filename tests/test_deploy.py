@@ -1,0 +1,61 @@
+"""Deployment readiness (issue 11): plans replayed on the right model only, hand edits that disagree,
+packaging, torch-free commands, quantized and fp16 models, label-free calibration, dynamic spatial
+sizes, and the command line's first contact."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from helpers import Net
+
+from graphprune.api import prune, verify_plan
+from graphprune.errors import PlanError
+from graphprune.planning import PlanOptions
+from graphprune.planning.plan import PruningPlan
+
+
+def residual(seed: int = 0) -> onnx.ModelProto:
+    """conv a -> conv b, a + b: a residual group of two tied producers."""
+    net = Net(seed=seed)
+    a = net.op("Relu", [net.conv(net.x, 8)])
+    b = net.conv(a, 8)
+    return net.build(net.head(net.op("Add", [a, b])))
+
+
+@pytest.fixture
+def saved(tmp_path: Path) -> tuple[Path, Path, PruningPlan]:
+    """The residual model on disk, a second (different) model, and a plan made for the first."""
+    first, second = tmp_path / "a.onnx", tmp_path / "b.onnx"
+    onnx.save(residual(0), first)
+    onnx.save(residual(1), second)
+    return first, second, prune(first, PlanOptions(ratio=0.5)).plan
+
+
+def test_plan_replay_on_another_model_is_refused_unless_forced(saved, caplog) -> None:  # noqa: ANN001
+    first, second, plan = saved
+    assert plan.model_sha256 is not None
+    prune(first, plan=plan)  # the model it was made for
+    with pytest.raises(PlanError, match="made for another model"):
+        prune(second, plan=plan)
+    with pytest.raises(PlanError, match="made for another model"):
+        verify_plan(second, prune(first, plan=plan).model, plan)
+    with caplog.at_level(logging.WARNING):
+        prune(second, plan=plan, force=True)
+    assert "replaying it anyway" in caplog.text
+
+
+def test_hand_edited_plan_whose_tied_entries_disagree_is_refused(saved) -> None:  # noqa: ANN001
+    first, _, plan = saved
+    tied = [node for node in plan.remove if node in ("conv1", "conv3")]
+    assert len(tied) == 2  # both producers of the residual sum are listed
+    edited = PruningPlan({**plan.remove, "conv3": plan.remove["conv3"][1:]}, model_sha256=plan.model_sha256)
+    with pytest.raises(PlanError, match="group conv1 disagree: conv3 keeps channel"):
+        prune(first, plan=edited)
+    alone = PruningPlan(
+        {k: v for k, v in plan.remove.items() if k != "conv3"}
+    )  # one member of a tie is enough
+    assert np.array_equal(prune(first, plan=alone).removed, prune(first, plan=plan).removed)
