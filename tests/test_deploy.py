@@ -59,3 +59,51 @@ def test_hand_edited_plan_whose_tied_entries_disagree_is_refused(saved) -> None:
         {k: v for k, v in plan.remove.items() if k != "conv3"}
     )  # one member of a tie is enough
     assert np.array_equal(prune(first, plan=alone).removed, prune(first, plan=plan).removed)
+
+
+RUNTIMES = {"onnxruntime", "onnxruntime-gpu"}
+
+
+def resolved(extras: set[str]) -> dict[str, str]:
+    """Distribution names (with their version specifiers) pip installs for graphprune[extras] (base requirements are evaluated with no
+    extra, as pip does; each extra's requirements with that extra; self-references followed)."""
+    import tomllib
+
+    from packaging.requirements import Requirement
+
+    project = tomllib.loads((Path(__file__).parents[1] / "pyproject.toml").read_text())["project"]
+    names: dict[str, str] = {}
+    todo = [(text, "") for text in project["dependencies"]]
+    seen: set[str] = set()
+    for extra in extras:
+        todo += [(text, extra) for text in project["optional-dependencies"][extra]]
+    while todo:
+        text, extra = todo.pop()
+        requirement = Requirement(text)
+        if requirement.marker is not None and not requirement.marker.evaluate({"extra": extra}):
+            continue
+        if requirement.name != "graphprune":
+            names[requirement.name] = str(requirement.specifier)
+            continue
+        for sub in requirement.extras - seen:
+            seen.add(sub)
+            todo += [(t, sub) for t in project["optional-dependencies"][sub]]
+    return names
+
+
+@pytest.mark.parametrize("extras", [{"cpu"}, {"gpu"}, {"torch", "gpu"}, {"torch", "cpu"}, {"dev"}])
+def test_every_install_gets_exactly_one_onnxruntime(extras: set[str]) -> None:
+    names = resolved(extras)
+    assert len(names.keys() & RUNTIMES) == 1, names
+    assert "==" not in names.get("torch", ""), "torch is pinned to one version"
+
+
+def test_cuda_advice_names_the_swap_of_runtimes(monkeypatch) -> None:  # noqa: ANN001
+    from graphprune.errors import GraphPruneError
+    from graphprune.runtime import session
+
+    monkeypatch.setattr(session.ort, "get_available_providers", lambda: ["CPUExecutionProvider"])
+    with pytest.raises(
+        GraphPruneError, match=r"pip uninstall onnxruntime && pip install 'graphprune\[gpu\]'"
+    ):
+        session.make_session(residual(), provider="cuda")

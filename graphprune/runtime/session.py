@@ -69,7 +69,9 @@ def make_session(
     if provider == "cuda" and session.get_providers()[0] != _PROVIDERS["cuda"]:
         raise GraphPruneError(
             f"onnxruntime fell back to {session.get_providers()[0]} for {label} because CUDA could not be "
-            "initialised; check the CUDA and cuDNN libraries that onnxruntime-gpu needs."
+            f"initialised: onnxruntime-gpu {ort.__version__} needs the CUDA and cuDNN major versions it was "
+            "built for (1.31: CUDA 13, cuDNN 9; pip install 'onnxruntime-gpu[cuda,cudnn]' brings them, as "
+            "does a matching PyTorch in the same environment)."
         )
     return session
 
@@ -138,8 +140,9 @@ def _providers(provider: str) -> list[str]:
         return [_PROVIDERS["cpu"]]
     if _PROVIDERS["cuda"] not in ort.get_available_providers():
         raise GraphPruneError(
-            "The installed onnxruntime has no CUDAExecutionProvider; install onnxruntime-gpu "
-            "(pip install 'graphprune[gpu]') in place of onnxruntime, or use provider 'cpu'."
+            "The installed onnxruntime has no CUDAExecutionProvider; replace it by onnxruntime-gpu (both "
+            "provide the module onnxruntime: pip uninstall onnxruntime && pip install 'graphprune[gpu]'), "
+            "or use provider 'cpu'."
         )
     return [_PROVIDERS["cuda"], _PROVIDERS["cpu"]]
 
