@@ -107,3 +107,45 @@ def test_cuda_advice_names_the_swap_of_runtimes(monkeypatch) -> None:  # noqa: A
         GraphPruneError, match=r"pip uninstall onnxruntime && pip install 'graphprune\[gpu\]'"
     ):
         session.make_session(residual(), provider="cuda")
+
+
+BLOCKER = """
+import importlib.abc, sys
+
+class Blocker(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name.partition(".")[0] in {"torch", "torchvision", "onnx2torch"}:
+            raise ModuleNotFoundError(f"No module named {name!r}", name=name)
+
+sys.meta_path.insert(0, Blocker())
+"""
+
+
+@pytest.mark.parametrize(
+    "command",
+    [
+        ["export", "resnet20", "-o", "{tmp}/x.onnx"],
+        ["train", "--model", "resnet20", "--data", "synthetic:64", "-o", "{tmp}/x.onnx"],
+        ["finetune", "{model}", "-o", "{tmp}/x.onnx", "--data", "synthetic:64"],
+        ["demo", "--out", "{tmp}/demo"],
+        ["slim", "--model", "resnet20", "--data", "synthetic:64", "-o", "{tmp}/x.onnx"],
+        ["gate-decorator", "--onnx", "{model}", "--target-flops", "0.5", "-o", "{tmp}/x.onnx"],
+    ],
+    ids=lambda c: c[0],
+)
+def test_torch_commands_without_torch_say_what_to_install(command: list[str], tmp_path: Path) -> None:
+    import os
+    import subprocess
+    import sys
+
+    from graphprune.cli.demo import REFERENCE
+
+    (tmp_path / "sitecustomize.py").write_text(BLOCKER)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path), str(Path(__file__).parents[1])])}
+    argv = [part.format(tmp=tmp_path, model=REFERENCE) for part in command]
+    done = subprocess.run(
+        [sys.executable, "-m", "graphprune.cli", *argv], capture_output=True, text=True, env=env
+    )
+    assert done.returncode == 2, done.stderr
+    assert done.stderr.startswith("graphprune: error:") and "install graphprune[torch]" in done.stderr
+    assert len(done.stderr.strip().splitlines()) == 1 and not (tmp_path / "x.onnx").exists()

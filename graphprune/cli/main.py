@@ -17,6 +17,12 @@ from graphprune.cli import train as cli_train
 from graphprune.cli.console import console
 from graphprune.errors import GraphPruneError
 
+# Modules that only an extra installs, and what to install for them.
+OPTIONAL_MODULES = {
+    **dict.fromkeys(("torch", "torchvision", "onnx2torch", "onnxscript"), "graphprune[torch]"),
+    "onnxruntime": "graphprune[cpu] (or graphprune[gpu])",
+}
+
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="graphprune", description=__doc__.splitlines()[0])
@@ -44,6 +50,15 @@ def main(argv: list[str] | None = None) -> int:
         console.print(f"graphprune: error: {' '.join(str(exc).split())}", markup=False, soft_wrap=True)
         return 2
     except Exception as exc:
+        extra = OPTIONAL_MODULES.get((getattr(exc, "name", None) or "").partition(".")[0])
+        if isinstance(exc, ModuleNotFoundError) and extra is not None:
+            console.print(
+                f"graphprune: error: graphprune {args.command} needs {exc.name}, which is not installed; "
+                f"install {extra}.",
+                markup=False,
+                soft_wrap=True,
+            )
+            return 2
         if args.verbose:
             raise
         console.print(
