@@ -149,3 +149,52 @@ def test_torch_commands_without_torch_say_what_to_install(command: list[str], tm
     assert done.returncode == 2, done.stderr
     assert done.stderr.startswith("graphprune: error:") and "install graphprune[torch]" in done.stderr
     assert len(done.stderr.strip().splitlines()) == 1 and not (tmp_path / "x.onnx").exists()
+
+
+def quantized(style: str) -> onnx.ModelProto:
+    """A conv model quantized as QDQ (Q/DQ pairs around a float conv) or QOperator (QLinearConv)."""
+    net = Net()
+    scale, zero = net.const(0.05), net.const(0, dtype=np.uint8)
+    q = net.op("QuantizeLinear", [net.x, scale, zero])
+    if style == "QDQ":
+        y = net.conv(net.op("DequantizeLinear", [q, scale, zero]), 8)
+    else:
+        w = net.const(np.ones((8, 4, 3, 3)), dtype=np.int8)
+        wscale, wzero = net.const(0.01), net.const(0, dtype=np.int8)
+        y = net.op("DequantizeLinear", [
+            net.op("QLinearConv", [q, scale, zero, w, wscale, wzero, scale, zero], pads=[1] * 4), scale, zero
+        ])  # fmt: skip
+    return net.build(net.head(net.op("Relu", [y])))
+
+
+@pytest.mark.parametrize("style", ["QDQ", "QOperator"])
+def test_quantized_models_are_refused_saying_to_prune_before_quantization(style: str) -> None:
+    from graphprune.errors import UnsupportedModelError
+
+    with pytest.raises(UnsupportedModelError, match=f"quantized \\({style}.*prune the float model before"):
+        prune(quantized(style), PlanOptions(ratio=0.5))
+
+
+def to_fp16(model: onnx.ModelProto) -> onnx.ModelProto:
+    """The same model computing in float16 (weights, inputs and outputs)."""
+    from onnx import TensorProto, numpy_helper
+
+    for init in model.graph.initializer:
+        if init.data_type == TensorProto.FLOAT:
+            init.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(init).astype(np.float16), init.name))
+    for value in [*model.graph.input, *model.graph.output]:
+        value.type.tensor_type.elem_type = TensorProto.FLOAT16
+    return model
+
+
+def test_fp16_model_is_verified_at_an_fp16_tolerance_and_says_so() -> None:
+    net = Net(channels=16, size=16)
+    x = net.x
+    for _ in range(4):
+        x = net.op("Relu", [net.bn(net.conv(x, 32))])
+    result = prune(to_fp16(net.build(net.head(x))), PlanOptions(ratio=0.5))
+    report = result.verification
+    assert report.precision == "fp16" and report.tolerance == 1e-2
+    assert 1e-4 < report.max_rel_error < 1e-2  # fp16 round-off: above the fp32 tolerance, far below 1
+    exact = prune(residual(), PlanOptions(ratio=0.5)).verification
+    assert exact.precision == "fp32" and exact.tolerance == 1e-4

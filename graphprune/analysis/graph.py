@@ -18,6 +18,7 @@ import onnx
 from graphprune.analysis.atoms import AtomTable, Block
 from graphprune.analysis.context import ParamMember, Rewrite, RuleContext
 from graphprune.analysis.rules import RULES
+from graphprune.errors import UnsupportedModelError
 from graphprune.model_io import clean, initializer_arrays
 from graphprune.runtime.shapes import run_intermediates, tensor_shapes
 
@@ -79,7 +80,9 @@ class DependencyGraph:
 
 
 def analyze(model: onnx.ModelProto) -> DependencyGraph:
-    """Run every op rule over the (cleaned) graph in topological order and build the groups."""
+    """Run every op rule over the (cleaned) graph in topological order and build the groups; a quantized
+    model is refused (its channels are pruned in the float model, before quantization)."""
+    refuse_quantized(model)
     model = clean(model)
     shapes = tensor_shapes(model)
     constants = initializer_arrays(model)
@@ -123,6 +126,40 @@ def analyze(model: onnx.ModelProto) -> DependencyGraph:
         class_group,
         class_slot,
     )
+
+
+# Ops that only quantized models hold: QDQ pairs, and QOperator / integer kernels.
+QUANTIZED_OPS = {
+    "QuantizeLinear",
+    "DequantizeLinear",
+    "DynamicQuantizeLinear",
+    "QLinearConv",
+    "QLinearMatMul",
+    "ConvInteger",
+    "MatMulInteger",
+    "QGemm",
+    "QLinearAdd",
+    "QLinearMul",
+    "QLinearGlobalAveragePool",
+    "QLinearConcat",
+    "QLinearSigmoid",
+    "QLinearLeakyRelu",
+}
+
+
+def refuse_quantized(model: onnx.ModelProto) -> None:
+    """UnsupportedModelError naming the quantization when the model is QDQ or QOperator."""
+    found: dict[str, int] = {}
+    for node in model.graph.node:
+        if node.op_type in QUANTIZED_OPS:
+            found[node.op_type] = found.get(node.op_type, 0) + 1
+    if found:
+        style = "QOperator" if found.keys() - {"QuantizeLinear", "DequantizeLinear"} else "QDQ"
+        ops = ", ".join(f"{count} {op}" for op, count in sorted(found.items()))
+        raise UnsupportedModelError(
+            f"the model is quantized ({style}: {ops}); graphprune prunes float models: prune the float "
+            "model before quantization, then quantize the pruned one."
+        )
 
 
 # Inputs that hold sizes, bounds or indices rather than data, per op type.

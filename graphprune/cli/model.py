@@ -81,7 +81,8 @@ def cmd_prune(args: argparse.Namespace) -> int:
         report = result.verification
         console.print(
             f"verify     max rel err {report.max_rel_error:.2g} over {report.tensors} tensors x {report.seeds} "
-            "seeded inputs  ok"
+            f"seeded inputs  ok{_precision_note(report)}",
+            soft_wrap=True,
         )
     else:
         console.print(
@@ -111,6 +112,15 @@ def cmd_prune(args: argparse.Namespace) -> int:
     return 0
 
 
+def _precision_note(report) -> str:  # noqa: ANN001 - VerificationReport, imported lazily
+    """Says when a reduced-precision model was checked at a looser tolerance."""
+    if report.precision == "fp32":
+        return ""
+    return (
+        f" ({report.precision} model: checked at tolerance {report.tolerance:g}, fit for {report.precision})"
+    )
+
+
 def _with_latency(rows: dict, paths: list[str], threads: int | None) -> dict:
     from graphprune.runtime.bench import bench
 
@@ -135,6 +145,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
         )
     out.print(
         f"equal to the masked reference: max rel err {report.max_rel_error:.2g} over {report.tensors} tensors"
+        f"{_precision_note(report)}"
     )
     return 0
 
