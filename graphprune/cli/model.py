@@ -116,9 +116,7 @@ def _precision_note(report) -> str:  # noqa: ANN001 - VerificationReport, import
     """Says when a reduced-precision model was checked at a looser tolerance."""
     if report.precision == "fp32":
         return ""
-    return (
-        f" ({report.precision} model: checked at tolerance {report.tolerance:g}, fit for {report.precision})"
-    )
+    return f" ({report.precision} model: tolerance {report.tolerance:g})"
 
 
 def _with_latency(rows: dict, paths: list[str], threads: int | None) -> dict:
