@@ -18,9 +18,9 @@ from graphprune.planning import PlanOptions
 from graphprune.planning.plan import PruningPlan
 
 
-def residual(seed: int = 0) -> onnx.ModelProto:
+def residual(seed: int = 0, channels: int = 4) -> onnx.ModelProto:
     """conv a -> conv b, a + b: a residual group of two tied producers."""
-    net = Net(seed=seed)
+    net = Net(channels, seed=seed)
     a = net.op("Relu", [net.conv(net.x, 8)])
     b = net.conv(a, 8)
     return net.build(net.head(net.op("Add", [a, b])))
@@ -198,3 +198,38 @@ def test_fp16_model_is_verified_at_an_fp16_tolerance_and_says_so() -> None:
     assert 1e-4 < report.max_rel_error < 1e-2  # fp16 round-off: above the fp32 tolerance, far below 1
     exact = prune(residual(), PlanOptions(ratio=0.5)).verification
     assert exact.precision == "fp32" and exact.tolerance == 1e-4
+
+
+def label_free_sources(tmp_path: Path) -> dict[str, Path]:
+    """Calibration images without labels: an images-only .npz, an .npz keyed by the model's input name,
+    and a flat folder of image files (3x8x8 uint8 images, channels last)."""
+    from PIL import Image
+
+    images = np.random.default_rng(0).integers(0, 255, size=(12, 8, 8, 3), dtype=np.uint8)
+    np.savez(tmp_path / "images.npz", images=images)
+    np.savez(tmp_path / "by_input_name.npz", **{"input.1": images})
+    folder = tmp_path / "flat"
+    folder.mkdir()
+    for index, image in enumerate(images):
+        Image.fromarray(image, "RGB").save(folder / f"{index}.png")
+    return {
+        "images.npz": tmp_path / "images.npz",
+        "input-name.npz": tmp_path / "by_input_name.npz",
+        "flat": folder,
+    }
+
+
+def test_label_free_calibration_data_is_accepted_where_no_label_is_needed(tmp_path: Path) -> None:
+    from graphprune.data import load_dataset
+    from graphprune.errors import DataError
+
+    model = residual(channels=3)
+    for name, source in label_free_sources(tmp_path).items():
+        result = prune(
+            model, PlanOptions(ratio=0.5), criterion="mean_act", calib=str(source), calib_samples=8
+        )
+        assert result.removed.any(), name
+        with pytest.raises(DataError, match="needs labelled data"):
+            prune(model, PlanOptions(ratio=0.5), criterion="taylor", calib=str(source))
+        with pytest.raises(DataError):  # training and evaluation still need labels
+            load_dataset(str(source))

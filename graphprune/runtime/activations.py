@@ -295,11 +295,12 @@ def take_samples(data: ArrayDataset, samples: int | None, seed: int = 0) -> Arra
 
 
 def load_calibration(source: ArrayDataset | str, samples: int | None = None, seed: int = 0) -> ArrayDataset:
-    """Calibration images from a dataset spec (see graphprune.data.load_dataset) or an ArrayDataset."""
+    """Calibration images from a dataset spec (see graphprune.data.load_dataset; labels optional) or an
+    ArrayDataset."""
     if isinstance(source, str):
         from graphprune.data import load_dataset
 
-        return load_dataset(source, "train", limit=samples, seed=seed)
+        return load_dataset(source, "train", limit=samples, seed=seed, labels=False)
     return take_samples(source, samples, seed)
 
 
