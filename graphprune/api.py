@@ -22,7 +22,13 @@ from graphprune.planning import PlanOptions, RemovalPlanner
 from graphprune.planning.plan import PruningPlan
 from graphprune.runtime.activations import ActivationStats, collect_activations, load_calibration
 from graphprune.runtime.cost import CostReport, count_cost
-from graphprune.runtime.shapes import tensor_shapes
+from graphprune.runtime.shapes import (
+    InputShapes,
+    restore_inputs,
+    symbolic_spatial_inputs,
+    tensor_shapes,
+    with_input_shapes,
+)
 from graphprune.search import blend  # noqa: F401  (registers the 'blend' criterion)
 from graphprune.surgery.apply import apply_removal
 from graphprune.surgery.verify import VerificationReport, verify_pruning
@@ -32,9 +38,24 @@ log = logging.getLogger(__name__)
 ModelInput = LoadedModel | onnx.ModelProto | str | os.PathLike[str]
 
 
-def analyze_model(model: ModelInput) -> DependencyGraph:
-    """Channel-dependency analysis of a model file or proto."""
-    return analyze(as_loaded(model).proto)
+def analyze_model(model: ModelInput, input_shapes: InputShapes | None = None) -> DependencyGraph:
+    """Channel-dependency analysis of a model file or proto; `input_shapes` sizes symbolic input axes
+    (dynamic H/W), which are otherwise measured at 1."""
+    return analyze(_sized(as_loaded(model).proto, input_shapes))
+
+
+def _sized(model: onnx.ModelProto, input_shapes: InputShapes | None) -> onnx.ModelProto:
+    """The model with `input_shapes` applied; warns when spatial sizes stay symbolic (measured at 1)."""
+    sized = with_input_shapes(model, input_shapes or {})
+    symbolic = symbolic_spatial_inputs(sized)
+    if symbolic:
+        log.warning(
+            "input %s has symbolic spatial sizes, measured at 1 (MACs and verification too); give "
+            "--input-shape %s:1x3x224x224 (input_shapes=) with the real sizes",
+            symbolic[0],
+            symbolic[0],
+        )
+    return sized
 
 
 def model_cost(model: onnx.ModelProto) -> CostReport:
@@ -188,6 +209,7 @@ def prune(
     criterion_options: dict[str, object] | None = None,
     threads: int | None = None,
     force: bool = False,
+    input_shapes: InputShapes | None = None,
 ) -> PruneResult:
     """Prune a model by options (ratio, global ranking, MACs target) or by replaying a saved plan,
     and prove the result equal to the masked reference unless `verify` is False.
@@ -196,12 +218,17 @@ def prune(
     act_var, taylor, blend) take their calibration data from `calib` (see score_channels); the
     criterion's own report (the blend search's) comes back as `criterion_report`.  threads: onnxruntime
     intra-op threads of calibration and verification (default: onnxruntime's own choice).  A replayed
-    plan made for another model file is refused (PlanError) unless `force`, which only logs a warning."""
+    plan made for another model file is refused (PlanError) unless `force`, which only logs a warning.
+    input_shapes: sizes of symbolic input axes (dynamic H/W) for MACs, planning and verification; the
+    written model keeps its inputs symbolic.  A MACs target on symbolic spatial sizes is refused."""
     loaded = as_loaded(model)
     sha = sha256_file(loaded.path) if loaded.path is not None else None
     if plan is not None:
         plan.check_model(sha, _label(loaded), force=force)
-    dep = analyze(loaded.proto)
+    sized = _sized(loaded.proto, input_shapes)
+    if plan is None and options is not None and options.target_macs is not None:
+        _require_sizes(sized)
+    dep = analyze(sized)
     before = count_cost(dep.model, dep.shapes)
     criterion_report = None
     if plan is not None:
@@ -215,6 +242,7 @@ def prune(
     pruned = apply_removal(dep, removed)
     report = verify_pruning(dep, removed, pruned, tolerance=tolerance, threads=threads) if verify else None
     after = model_cost(pruned)
+    restore_inputs(pruned, loaded.proto)
     new_plan = PruningPlan.from_removed(
         dep, removed, criterion=plan.criterion if plan else criterion, settings=settings, model_sha256=sha
     )
@@ -230,15 +258,26 @@ def verify_plan(
     *,
     tolerance: float = 1e-4,
     force: bool = False,
+    input_shapes: InputShapes | None = None,
 ) -> VerificationReport:
     """Check an existing pruned model against the masked reference of `original` under `plan` (refused,
-    unless `force`, when the plan was made for another model file)."""
+    unless `force`, when the plan was made for another model file) on inputs sized by `input_shapes`."""
     loaded = as_loaded(original)
     if loaded.path is not None:
         plan.check_model(sha256_file(loaded.path), _label(loaded), force=force)
-    dep = analyze(loaded.proto)
+    dep = analyze(_sized(loaded.proto, input_shapes))
     return verify_pruning(dep, plan.removed_mask(dep), as_loaded(pruned).proto, tolerance=tolerance)
 
 
 def _label(loaded: LoadedModel) -> str:
     return loaded.path.name if loaded.path is not None else "the given model"
+
+
+def _require_sizes(model: onnx.ModelProto) -> None:
+    """A MACs target planned at 1x1 would be met on paper only: refuse it on symbolic spatial sizes."""
+    symbolic = symbolic_spatial_inputs(model)
+    if symbolic:
+        raise GraphPruneError(
+            f"input {symbolic[0]} has symbolic spatial sizes, so MACs would be counted at 1x1 and a MACs "
+            f"target planned on them; give the real sizes, e.g. --input-shape {symbolic[0]}:1x3x224x224."
+        )

@@ -233,3 +233,50 @@ def test_label_free_calibration_data_is_accepted_where_no_label_is_needed(tmp_pa
             prune(model, PlanOptions(ratio=0.5), criterion="taylor", calib=str(source))
         with pytest.raises(DataError):  # training and evaluation still need labels
             load_dataset(str(source))
+
+
+def dynamic_hw(model: onnx.ModelProto) -> onnx.ModelProto:
+    """The model with symbolic height and width on its input and output, as exported with dynamic axes."""
+    dynamic = onnx.ModelProto()
+    dynamic.CopyFrom(model)
+    for value in [*dynamic.graph.input, *dynamic.graph.output]:
+        for dim, name in zip(value.type.tensor_type.shape.dim[2:], ("H", "W"), strict=True):
+            dim.dim_param = name
+    return dynamic
+
+
+def test_dynamic_hw_is_measured_and_verified_at_the_given_input_shape(tmp_path: Path) -> None:
+    from graphprune.api import analyze_model, model_cost
+    from graphprune.cli import main
+    from graphprune.errors import GraphPruneError
+
+    static = residual()  # 4x8x8 input
+    model = dynamic_hw(static)
+    macs = model_cost(static).macs
+    assert model_cost(analyze_model(model).model).macs < macs / 32  # what 1x1 gives
+    sized = analyze_model(model, {"x": (1, 4, 8, 8)})
+    assert model_cost(sized.model).macs == macs
+    with pytest.raises(GraphPruneError, match="symbolic spatial sizes.*--input-shape x:1x3x224x224"):
+        prune(model, PlanOptions(target_macs=0.5))
+    result = prune(model, PlanOptions(target_macs=0.5), input_shapes={"": (1, 4, 8, 8)})
+    assert result.before.macs == macs and result.after.macs <= 0.5 * macs
+    assert [d.dim_param for d in result.model.graph.input[0].type.tensor_type.shape.dim[2:]] == ["H", "W"]
+    from graphprune.runtime.session import input_feed
+
+    assert input_feed(model, 2, shapes={"x": (1, 4, 8, 8)})["x"].shape == (2, 4, 8, 8)  # what bench feeds
+    path = tmp_path / "dyn.onnx"
+    onnx.save(model, path)
+    for command in (["analyze", path], ["bench", path, "--runs", "2"]):
+        assert main([*map(str, command), "--input-shape", "x:1x4x8x8"]) == 0
+    assert main(["prune", str(path), "-o", str(tmp_path / "out.onnx"), "--target-macs", "0.5"]) == 2
+    done = [
+        "prune",
+        str(path),
+        "-o",
+        str(tmp_path / "out.onnx"),
+        "--target-macs",
+        "0.5",
+        "--input-shape",
+        "1x4x8x8",
+    ]
+    assert main(done) == 0

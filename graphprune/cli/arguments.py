@@ -8,6 +8,37 @@ from typing import Any
 POOL_HELP = "comma-separated criteria (default: the blend's pool)"
 
 
+def parse_shape(text: str) -> tuple[int, ...]:
+    """Sizes written 1x3x224x224 or 1,3,224,224."""
+    parts = text.replace(",", "x").split("x")
+    if not all(p.strip().isdigit() and int(p) > 0 for p in parts):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a shape like 1x3x224x224")
+    return tuple(int(p) for p in parts)
+
+
+def parse_input_shape(text: str) -> tuple[str, tuple[int, ...]]:
+    """NAME:1x3x224x224 (the name may itself hold colons, as tf2onnx's input_1:0 does), or the sizes
+    alone for a model with one input."""
+    name, _, sizes = text.rpartition(":")
+    return name, parse_shape(sizes)
+
+
+def add_input_shape_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--input-shape",
+        type=parse_input_shape,
+        action="append",
+        default=[],
+        metavar="NAME:1x3x224x224",
+        help="sizes of an input whose height/width are dynamic (symbolic sizes are otherwise taken as 1); "
+        "repeat for several inputs; NAME may be left out when the model has one input",
+    )
+
+
+def input_shapes(args: argparse.Namespace) -> dict[str, tuple[int, ...]]:
+    return dict(args.input_shape)
+
+
 def set_threads(args: argparse.Namespace) -> None:
     import torch
 

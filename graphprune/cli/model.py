@@ -6,7 +6,13 @@ import argparse
 import json
 from pathlib import Path
 
-from graphprune.cli.arguments import add_calibration_arguments, calibration_kwargs
+from graphprune.cli.arguments import (
+    add_calibration_arguments,
+    add_input_shape_argument,
+    calibration_kwargs,
+    input_shapes,
+    parse_shape,
+)
 from graphprune.cli.console import console, out, stage
 from graphprune.errors import GraphPruneError
 
@@ -20,7 +26,7 @@ def cmd_analyze(args: argparse.Namespace) -> int:
     from graphprune.report.summary import analysis_summary, render_analysis
 
     with stage("analysis"):
-        dep = analyze_model(args.model)
+        dep = analyze_model(args.model, input_shapes(args))
     summary = analysis_summary(dep, Path(args.model).name)
     if args.json:
         out.print_json(json.dumps(summary))
@@ -75,6 +81,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
             tolerance=args.tolerance,
             threads=args.threads,
             force=args.force,
+            input_shapes=input_shapes(args),
             **calibration_kwargs(args),
         )
     if result.verification is not None:
@@ -92,7 +99,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
     result.save(output, plan_path)
     rows = cost_rows(result.before, result.after)
     if args.bench:
-        rows = _with_latency(rows, [args.model, str(output)], args.threads)
+        rows = _with_latency(rows, [args.model, str(output)], args.threads, input_shapes(args))
     out.print(render(comparison_table(rows)), end="")
     out.print(f"wrote {output}, plan {plan_path}")
     from graphprune.report.summary import conv_channels
@@ -119,12 +126,12 @@ def _precision_note(report) -> str:  # noqa: ANN001 - VerificationReport, import
     return f" ({report.precision} model: tolerance {report.tolerance:g})"
 
 
-def _with_latency(rows: dict, paths: list[str], threads: int | None) -> dict:
+def _with_latency(rows: dict, paths: list[str], threads: int | None, shapes: dict) -> dict:
     from graphprune.runtime.bench import bench
 
     for metrics, path in zip(rows.values(), paths, strict=True):
         metrics["latency_ms"] = bench(
-            path, batch=1, threads=threads, provider="cpu", warmup=20, runs=200
+            path, batch=1, threads=threads, provider="cpu", warmup=20, runs=200, input_shapes=shapes
         ).median_ms
     return rows
 
@@ -140,6 +147,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
             PruningPlan.load(args.plan),
             tolerance=args.tolerance,
             force=args.force,
+            input_shapes=input_shapes(args),
         )
     out.print(
         f"equal to the masked reference: max rel err {report.max_rel_error:.2g} over {report.tensors} tensors"
@@ -162,6 +170,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         provider=args.provider,
         warmup=args.warmup,
         runs=args.runs,
+        input_shapes=input_shapes(args),
     )
     table = Table(
         title=f"latency ({args.provider}, {args.threads or 'default'} threads)", box=box.SIMPLE_HEAD
@@ -190,11 +199,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     from graphprune.zoo import build, default_input_shape
 
     module = build(args.spec, in_channels=args.in_channels, num_classes=args.num_classes)
-    shape = (
-        tuple(_floats(args.input_shape))
-        if args.input_shape
-        else default_input_shape(args.spec, in_channels=args.in_channels)
-    )
+    shape = args.input_shape or default_input_shape(args.spec, in_channels=args.in_channels)
     with stage("export"):
         export(
             module,
@@ -212,6 +217,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("analyze", help="groups, prunable channels, blocked nodes and why, MACs/params")
     p.add_argument("model")
     p.add_argument("--json", action="store_true", help="machine-readable output")
+    add_input_shape_argument(p)
     p.set_defaults(func=cmd_analyze)
 
     p = sub.add_parser("prune", help="remove channels, verify against the masked reference, write the model")
@@ -251,6 +257,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--threads", type=int, default=None, help="onnxruntime threads of calibration, verification, --bench"
     )
+    add_input_shape_argument(p)
     p.set_defaults(func=cmd_prune)
     add_calibration_arguments(p)
 
@@ -271,6 +278,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--provider", default="cpu", choices=("cpu", "cuda"))
     p.add_argument("--warmup", type=int, default=10)
     p.add_argument("--runs", type=int, default=50)
+    add_input_shape_argument(p)
     p.set_defaults(func=cmd_bench)
 
     p = sub.add_parser(
@@ -278,7 +286,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("spec")
     p.add_argument("-o", "--output", required=True)
-    p.add_argument("--input-shape", help="e.g. 1,3,224,224 (default: the model's own)")
+    p.add_argument(
+        "--input-shape", type=parse_shape, help="sample input, e.g. 1x3x224x224 (default: the model's own)"
+    )
     p.add_argument("--in-channels", type=int, default=None)
     p.add_argument("--num-classes", type=int, default=None)
     p.add_argument("--exporter", default="legacy", choices=("legacy", "dynamo"))
