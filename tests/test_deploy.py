@@ -280,3 +280,42 @@ def test_dynamic_hw_is_measured_and_verified_at_the_given_input_shape(tmp_path: 
         "1x4x8x8",
     ]
     assert main(done) == 0
+
+
+def test_every_option_of_every_command_says_what_it_means_and_its_default() -> None:
+    import argparse
+
+    from graphprune.cli.main import build_parser
+
+    parser = build_parser()
+    commands = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices
+    for name, command in commands.items():
+        for action in command._actions:
+            if action.help != argparse.SUPPRESS:
+                assert action.help, f"graphprune {name} {action.option_strings or action.dest} has no help"
+    text = " ".join(commands["prune"].format_help().split())
+    assert "--max-ratio MAX_RATIO most of one group --global may remove (default: 0.9)" in text
+    assert all(name in parser.format_help() for name in commands)
+
+
+def test_one_name_per_idea_and_exclude_takes_one_value_per_flag(capsys) -> None:  # noqa: ANN001
+    from graphprune.cli.main import build_parser
+
+    parser = build_parser()
+    args = parser.parse_args(["prune", "--exclude", "conv1", "m.onnx", "-o", "o.onnx", "--exclude", "conv3"])
+    assert (args.model, args.exclude) == ("m.onnx", ["conv1", "conv3"])
+    assert (
+        parser.parse_args(["criteria", "m.onnx", "--calib", "d", "--calib-samples", "7"]).calib_samples == 7
+    )
+    assert parser.parse_args(["criteria", "m.onnx", "--calib", "d", "--samples", "7"]).calib_samples == 7
+    assert "--samples is deprecated; use --calib-samples" in capsys.readouterr().err
+    for command in (["finetune", "m.onnx"], ["train"], ["slim", "--model", "resnet20"]):
+        args = parser.parse_args(
+            [*command, "-o", "o.onnx", "--data", "d", "--train-limit", "5", "--val-limit", "3"]
+        )
+        assert (args.train_limit, args.val_limit) == (5, 3)
+    assert parser.parse_args(["finetune", "m", "-o", "o", "--data", "d", "--limit", "5"]).train_limit == 5
+    assert parser.parse_args(["demo", "--train-limit", "5"]).train_limit == 5
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--version"])
+    assert capsys.readouterr().out.startswith("graphprune 0.")

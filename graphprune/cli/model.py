@@ -215,14 +215,14 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("analyze", help="groups, prunable channels, blocked nodes and why, MACs/params")
-    p.add_argument("model")
+    p.add_argument("model", help="the ONNX model")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     add_input_shape_argument(p)
     p.set_defaults(func=cmd_analyze)
 
     p = sub.add_parser("prune", help="remove channels, verify against the masked reference, write the model")
-    p.add_argument("model")
-    p.add_argument("-o", "--output", required=True)
+    p.add_argument("model", help="the ONNX model (never modified)")
+    p.add_argument("-o", "--output", required=True, help="where the pruned model goes (written atomically)")
     how = p.add_mutually_exclusive_group()
     how.add_argument("--ratio", type=float, help="fraction of channels removed from every prunable group")
     how.add_argument("--target-macs", type=float, help="keep at most this fraction of the MACs")
@@ -247,8 +247,15 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-ratio", type=float, default=0.9, help="most of one group --global may remove")
     p.add_argument("--min-channels", type=int, default=1, help="channels every group keeps")
     p.add_argument("--round-to", type=int, default=1, help="kept channels a multiple of N (e.g. 8)")
-    p.add_argument("--exclude", nargs="*", metavar="NODE", help="nodes whose channels stay whole")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--exclude",
+        action="append",
+        metavar="NODE",
+        help="a node whose channels stay whole (repeat the flag for several)",
+    )
+    p.add_argument(
+        "--seed", type=int, default=0, help="seed of random choices (criterion random, calibration)"
+    )
     p.add_argument("--plan-out", help="where to write the plan (default OUT.plan.json)")
     p.add_argument("--no-verify", action="store_true", help="skip verification (not recommended)")
     p.add_argument("--tolerance", type=float, default=1e-4, help="relative tolerance of verification")
@@ -262,36 +269,42 @@ def register(sub: argparse._SubParsersAction) -> None:
     add_calibration_arguments(p)
 
     p = sub.add_parser("verify", help="check a pruned model against ORIGINAL masked by PLAN")
-    p.add_argument("original")
-    p.add_argument("pruned")
-    p.add_argument("--plan", required=True)
-    p.add_argument("--tolerance", type=float, default=1e-4)
+    p.add_argument("original", help="the model before pruning")
+    p.add_argument("pruned", help="the pruned model")
+    p.add_argument("--plan", required=True, help="the plan the pruned model was made with")
+    p.add_argument(
+        "--tolerance", type=float, default=1e-4, help="relative tolerance (fp16 models: at least 1e-2)"
+    )
     p.add_argument(
         "--force", action="store_true", help="check even if PLAN was made for another model (warns)"
     )
     p.set_defaults(func=cmd_verify)
 
     p = sub.add_parser("bench", help="onnxruntime latency of one or more models")
-    p.add_argument("models", nargs="+")
+    p.add_argument("models", nargs="+", help="ONNX models; speed-ups are relative to the first")
     p.add_argument("--batch", default="1", help="comma-separated batch sizes, e.g. 1,32")
-    p.add_argument("--threads", type=int, default=None)
-    p.add_argument("--provider", default="cpu", choices=("cpu", "cuda"))
-    p.add_argument("--warmup", type=int, default=10)
-    p.add_argument("--runs", type=int, default=50)
+    p.add_argument(
+        "--threads", type=int, default=None, help="onnxruntime intra-op threads (default: its own)"
+    )
+    p.add_argument(
+        "--provider", default="cpu", choices=("cpu", "cuda"), help="onnxruntime execution provider"
+    )
+    p.add_argument("--warmup", type=int, default=10, help="untimed runs first")
+    p.add_argument("--runs", type=int, default=50, help="timed runs (median and p90 over them)")
     add_input_shape_argument(p)
     p.set_defaults(func=cmd_bench)
 
     p = sub.add_parser(
         "export", help="export a zoo model, torchvision:NAME or module:callable to ONNX (BN kept)"
     )
-    p.add_argument("spec")
-    p.add_argument("-o", "--output", required=True)
+    p.add_argument("spec", help="a zoo name, torchvision:NAME or pkg.module:callable")
+    p.add_argument("-o", "--output", required=True, help="the ONNX file to write")
     p.add_argument(
         "--input-shape", type=parse_shape, help="sample input, e.g. 1x3x224x224 (default: the model's own)"
     )
-    p.add_argument("--in-channels", type=int, default=None)
-    p.add_argument("--num-classes", type=int, default=None)
-    p.add_argument("--exporter", default="legacy", choices=("legacy", "dynamo"))
+    p.add_argument("--in-channels", type=int, default=None, help="input channels (default: the model's own)")
+    p.add_argument("--num-classes", type=int, default=None, help="classes (default: the model's own)")
+    p.add_argument("--exporter", default="legacy", choices=("legacy", "dynamo"), help="torch.onnx exporter")
     p.add_argument("--external-data", action="store_true", help="weights in OUT.onnx.data")
     p.add_argument("--fold-bn", action="store_true", help="fold BatchNorm into convs (as often shipped)")
     p.set_defaults(func=cmd_export)
