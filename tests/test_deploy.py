@@ -147,8 +147,9 @@ def test_torch_commands_without_torch_say_what_to_install(command: list[str], tm
         [sys.executable, "-m", "graphprune.cli", *argv], capture_output=True, text=True, env=env
     )
     assert done.returncode == 2, done.stderr
-    assert done.stderr.startswith("graphprune: error:") and "install graphprune[torch]" in done.stderr
-    assert len(done.stderr.strip().splitlines()) == 1 and not (tmp_path / "x.onnx").exists()
+    last = done.stderr.strip().splitlines()[-1]  # after at most a stage's start line
+    assert last.startswith("graphprune: error:") and last.endswith("install graphprune[torch].")
+    assert "Traceback" not in done.stderr and not (tmp_path / "x.onnx").exists()
 
 
 def quantized(style: str) -> onnx.ModelProto:
@@ -319,3 +320,61 @@ def test_one_name_per_idea_and_exclude_takes_one_value_per_flag(capsys) -> None:
     with pytest.raises(SystemExit):
         parser.parse_args(["--version"])
     assert capsys.readouterr().out.startswith("graphprune 0.")
+
+
+def test_long_work_writes_plain_progress_lines_when_stderr_is_not_a_terminal() -> None:
+    import subprocess
+    import sys
+
+    from graphprune.cli.demo import REFERENCE
+
+    done = subprocess.run(
+        [sys.executable, "-m", "graphprune.cli", "bench", str(REFERENCE), "--runs", "20", "--warmup", "1"],
+        capture_output=True,
+        text=True,
+    )
+    assert done.returncode == 0, done.stderr
+    assert "\r" not in done.stderr
+    lines = done.stderr.splitlines()
+    assert any(line.startswith("bench resnet20_fmnist.onnx bs1: 100%") and "20/20" in line for line in lines)
+
+
+def test_progress_lines_are_whole_lines(capsys, monkeypatch) -> None:  # noqa: ANN001
+    from graphprune.runtime import progress
+
+    monkeypatch.setattr(progress, "PLAIN_INTERVAL", 0.0)
+    for _ in progress.progress(range(3), desc="work"):
+        pass
+    lines = capsys.readouterr().err.splitlines()
+    assert lines[-1].startswith("work: 100%") and "3/3" in lines[-1]
+    assert len(lines) == len(set(lines))  # no duplicate line
+
+
+def test_bench_table_fits_80_columns_and_tells_same_named_files_apart(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    paths = []
+    for folder in ("baseline-models-from-the-training-run", "pruned-models-after-finetuning"):
+        (tmp_path / folder).mkdir()
+        paths.append(tmp_path / folder / "resnet20_fashion_mnist_model.onnx")
+        onnx.save(residual(), paths[-1])
+    done = subprocess.run(
+        [sys.executable, "-m", "graphprune.cli", "bench", *map(str, paths), "--runs", "3", "--batch", "1,2"],
+        capture_output=True,
+        text=True,
+        env={**__import__("os").environ, "COLUMNS": "80"},
+    )
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.splitlines()
+    assert max(map(len, lines)) <= 80, done.stdout
+    rows = [line.split() for line in lines if line.strip().endswith("x")]
+    assert len(rows) == 4 and all(len(row) == 8 for row in rows), done.stdout  # one line per row
+    assert len({row[0] for row in rows}) == 2  # the two files are told apart
+
+
+def test_short_names_keep_just_enough_of_each_path() -> None:
+    from graphprune.report.tables import short_names
+
+    assert short_names(["a/m.onnx", "b/m.onnx", "c/x.onnx"]) == ["a/m.onnx", "b/m.onnx", "x.onnx"]
+    assert short_names(["m.onnx", "m.onnx"]) == ["m.onnx", "m.onnx"]

@@ -15,8 +15,9 @@ out = Console(highlight=False)
 
 @contextmanager
 def stage(label: str) -> Iterator[None]:
-    """A spinner while a stage runs, then its duration."""
+    """A line when a stage starts and one with its duration when it ends.  No spinner: a live display
+    re-prints the progress bars drawn under it (duplicate lines), and a log file gets nothing from it."""
     start = time.perf_counter()
-    with console.status(f"{label} ..."):
-        yield
+    console.print(f"{label:<10} ...")
+    yield
     console.print(f"{label:<10} done in {time.perf_counter() - start:.2f} s")

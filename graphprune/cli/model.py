@@ -16,6 +16,10 @@ from graphprune.cli.arguments import (
 from graphprune.cli.console import console, out, stage
 from graphprune.errors import GraphPruneError
 
+# The bench table fits a classic 80-column terminal or log: the numbers take 60 columns, and
+# longer model names are cut (never wrapped).
+BENCH_WIDTH = 80
+
 
 def _floats(text: str) -> list[int]:
     return [int(x) for x in text.split(",") if x]
@@ -160,7 +164,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     from rich import box
     from rich.table import Table
 
-    from graphprune.report.tables import fmt_ms, render
+    from graphprune.report.tables import fmt_ms, render, short_names
     from graphprune.runtime.bench import bench_many
 
     results = bench_many(
@@ -175,20 +179,22 @@ def cmd_bench(args: argparse.Namespace) -> int:
     table = Table(
         title=f"latency ({args.provider}, {args.threads or 'default'} threads)", box=box.SIMPLE_HEAD
     )
-    for column in ("model", "batch", "median", "p90", "throughput/s", "speed-up"):
-        table.add_column(column, justify="left" if column == "model" else "right")
+    table.add_column("model", no_wrap=True, overflow="ellipsis", max_width=BENCH_WIDTH - 60)
+    for column, width in (("batch", 5), ("median", 9), ("p90", 9), ("throughput/s", 12), ("speed-up", 8)):
+        table.add_column(column, justify="right", no_wrap=True, min_width=width)
+    names = dict(zip(args.models, short_names(args.models), strict=True))
     baseline: dict[int, float] = {}
     for result in results:
         first = baseline.setdefault(result.batch, result.median_ms)
         table.add_row(
-            Path(result.model).name,
+            names[result.model],
             str(result.batch),
             fmt_ms(result.median_ms),
             fmt_ms(result.p90_ms),
             f"{result.throughput_per_s:,.1f}",
             f"{first / result.median_ms:.2f}x",
         )
-    out.print(render(table), end="")
+    out.print(render(table, width=BENCH_WIDTH), end="", soft_wrap=True)
     return 0
 
 

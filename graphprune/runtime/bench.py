@@ -17,9 +17,9 @@ from pathlib import Path
 import numpy as np
 import onnx
 import onnxruntime as ort
-from tqdm import tqdm
 
 from graphprune.errors import GraphPruneError
+from graphprune.runtime.progress import progress
 from graphprune.runtime.session import ModelLike, input_feed, make_session
 from graphprune.runtime.shapes import InputShapes
 
@@ -99,7 +99,7 @@ def _measure(
     for _ in range(warmup):
         session.run(None, feed)
     times = np.empty(runs)
-    for index in tqdm(range(runs), desc=f"bench {Path(name).name} bs{batch}", disable=None, leave=False):
+    for index in progress(range(runs), desc=f"bench {Path(name).name} bs{batch}"):
         start = time.perf_counter()
         session.run(None, feed)
         times[index] = time.perf_counter() - start
