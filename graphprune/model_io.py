@@ -12,6 +12,7 @@ import onnx
 from onnx import numpy_helper
 
 from graphprune.errors import InvalidModelError
+from graphprune.onnxutil import plain_permissions
 
 
 @dataclass
@@ -131,9 +132,11 @@ def save_model(model: onnx.ModelProto, path: str | os.PathLike[str], *, external
                 location=data_name,
                 size_threshold=1024,
             )
+            plain_permissions(Path(tmp) / data_name)
             os.replace(Path(tmp) / data_name, target.parent / data_name)
         else:
             onnx.save_model(model, str(staged))
+        plain_permissions(staged)
         os.replace(staged, target)
     return target
 

@@ -378,3 +378,18 @@ def test_short_names_keep_just_enough_of_each_path() -> None:
 
     assert short_names(["a/m.onnx", "b/m.onnx", "c/x.onnx"]) == ["a/m.onnx", "b/m.onnx", "x.onnx"]
     assert short_names(["m.onnx", "m.onnx"]) == ["m.onnx", "m.onnx"]
+
+
+def test_external_data_is_written_with_the_models_permissions(tmp_path: Path) -> None:
+    import os
+    import stat
+
+    from graphprune.model_io import save_model
+
+    net = Net(channels=16)
+    model = net.build(net.head(net.conv(net.x, 32)))  # weights over the external-data threshold
+    save_model(model, tmp_path / "m.onnx", external_data=True)
+    modes = {stat.S_IMODE(os.stat(tmp_path / name).st_mode) for name in ("m.onnx", "m.onnx.data")}
+    umask = os.umask(0)
+    os.umask(umask)
+    assert modes == {0o666 & ~umask}
