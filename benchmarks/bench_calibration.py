@@ -90,8 +90,8 @@ def file_batches(path: Path, count: int, batch_size: int) -> Iterator[np.ndarray
 def child_memory(args: argparse.Namespace) -> dict[str, object]:
     from graphprune.api import analyze_model
     from graphprune.cli.demo import REFERENCE
+    from graphprune.criteria.tensors import collect_activations
     from graphprune.data import ArrayDataset
-    from graphprune.runtime.activations import collect_activations
 
     rss_imports = status_kb("VmRSS")
     dep = analyze_model(REFERENCE)
@@ -154,8 +154,8 @@ def child_throughput(args: argparse.Namespace) -> list[dict[str, object]]:
 
     from graphprune.api import analyze_model
     from graphprune.cli.demo import REFERENCE
+    from graphprune.criteria.tensors import collect_activations
     from graphprune.data import ArrayDataset
-    from graphprune.runtime.activations import collect_activations
     from graphprune.runtime.session import make_session
 
     count, batch = args.images, args.batch

@@ -63,7 +63,6 @@ from graphprune.api import model_cost, prune
 from graphprune.data import ArrayDataset, load_dataset
 from graphprune.onnxutil import atomic_write
 from graphprune.planning import PlanOptions
-from graphprune.runtime.activations import take_samples
 from graphprune.runtime.evaluate import evaluate_onnx
 from graphprune.search.blend import DEFAULT_POOL, BlendConfig
 from graphprune.search.blend.fitness import recalibrate_batchnorm
@@ -269,7 +268,7 @@ def taylor_gradients(module: nn.Module, batch: ArrayDataset) -> None:
 def tp_prune(row: Row, module: nn.Module, ctx: Context) -> onnx.ModelProto:
     """Torch-Pruning at matched MACs (see peer.prune_to_macs); Taylor gets fresh gradients each step."""
     torch.manual_seed(row.seed)  # RandomImportance draws from torch's generator
-    batch = take_samples(ctx.train, ctx.budget.batch_size, row.seed)
+    batch = ctx.train.sample(ctx.budget.batch_size, row.seed)
     result = prune_to_macs(
         module,
         TP_CRITERIA[row.criterion](),
@@ -728,8 +727,8 @@ def main() -> None:
     torch.set_num_interop_threads(budget.threads)
     train = load_dataset("fashion-mnist", "train")
     test = load_dataset("fashion-mnist", "test", limit=budget.test_samples, seed=0)
-    finetune_set = take_samples(train, budget.finetune_samples, budget.finetune_seed)
-    recal = take_samples(train, budget.recal_samples, seed=12345).images
+    finetune_set = train.sample(budget.finetune_samples, budget.finetune_seed)
+    recal = train.sample(budget.recal_samples, seed=12345).images
     path = args.out / f"criteria{reference.suffix}.json"
     payload = resumed(path, budget, reference) if args.resume else new_payload(budget, reference)
     run: dict[str, object] = payload["runs"][-1]  # type: ignore[index]

@@ -14,17 +14,19 @@ import onnx
 from graphprune.analysis.graph import DependencyGraph, analyze
 from graphprune.criteria import Criterion, ScoringInputs, get_criterion
 from graphprune.criteria.base import GateGradientSums
+from graphprune.criteria.tensors import ActivationStats, collect_activations
 from graphprune.data.dataset import ArrayDataset
+from graphprune.data.sources import load_calibration
 from graphprune.errors import GraphPruneError
-from graphprune.model_io import LoadedModel, as_loaded, save_model
+from graphprune.model_io import LoadedModel, as_loaded, clean, save_model
 from graphprune.onnxutil import sha256_file
 from graphprune.planning import PlanOptions, RemovalPlanner
 from graphprune.planning.plan import PruningPlan
-from graphprune.runtime.activations import ActivationStats, collect_activations, load_calibration
 from graphprune.runtime.cost import CostReport, count_cost
 from graphprune.runtime.shapes import (
     InputShapes,
     restore_inputs,
+    run_intermediates,
     symbolic_spatial_inputs,
     tensor_shapes,
     with_input_shapes,
@@ -39,9 +41,14 @@ ModelInput = LoadedModel | onnx.ModelProto | str | os.PathLike[str]
 
 
 def analyze_model(model: ModelInput, input_shapes: InputShapes | None = None) -> DependencyGraph:
-    """Channel-dependency analysis of a model file or proto; `input_shapes` sizes symbolic input axes
-    (dynamic H/W), which are otherwise measured at 1."""
-    return analyze(_sized(as_loaded(model).proto, input_shapes))
+    """Channel-dependency analysis of a model file or proto (cleaned first; shapes from onnxruntime);
+    `input_shapes` sizes symbolic input axes (dynamic H/W), which are otherwise measured at 1."""
+    return _analyze(_sized(as_loaded(model).proto, input_shapes))
+
+
+def _analyze(model: onnx.ModelProto) -> DependencyGraph:
+    cleaned = clean(model)
+    return analyze(cleaned, tensor_shapes(cleaned), run_intermediates)
 
 
 def _sized(model: onnx.ModelProto, input_shapes: InputShapes | None) -> onnx.ModelProto:
@@ -228,7 +235,7 @@ def prune(
     sized = _sized(loaded.proto, input_shapes)
     if plan is None and options is not None and options.target_macs is not None:
         _require_sizes(sized)
-    dep = analyze(sized)
+    dep = _analyze(sized)
     before = count_cost(dep.model, dep.shapes)
     criterion_report = None
     if plan is not None:
@@ -265,7 +272,7 @@ def verify_plan(
     loaded = as_loaded(original)
     if loaded.path is not None:
         plan.check_model(sha256_file(loaded.path), _label(loaded), force=force)
-    dep = analyze(_sized(loaded.proto, input_shapes))
+    dep = _analyze(_sized(loaded.proto, input_shapes))
     return verify_pruning(dep, plan.removed_mask(dep), as_loaded(pruned).proto, tolerance=tolerance)
 
 

@@ -12,7 +12,12 @@ import onnx
 from onnx import numpy_helper
 
 from graphprune.errors import InvalidModelError
-from graphprune.onnxutil import plain_permissions
+from graphprune.onnxutil import atomic_write
+
+# Nodes that only rearrange constants: clean() turns them into initializers.
+FOLDABLE_OPS = frozenset({"Constant", "Identity", "Transpose", "Unsqueeze", "Squeeze"})
+# With external data, tensors of at least this many bytes leave the model file.
+EXTERNAL_MIN_BYTES = 1024
 
 
 @dataclass
@@ -63,18 +68,8 @@ def clean(model: onnx.ModelProto) -> onnx.ModelProto:
     out = onnx.ModelProto()
     out.CopyFrom(model)
     graph = out.graph
-    values = {init.name: init for init in graph.initializer}
-    outputs = {value.name for value in graph.output}
-    kept = []
-    for node in graph.node:
-        tensor = None if node.output[0] in outputs else _fold(node, values)
-        if tensor is None:
-            kept.append(node)
-            continue
-        graph.initializer.append(tensor)
-        values[tensor.name] = tensor
-    del graph.node[:]
-    graph.node.extend(kept)
+    fold_constants(out, FOLDABLE_OPS)
+    values = {init.name for init in graph.initializer}
     inputs = [value for value in graph.input if value.name not in values]
     del graph.input[:]
     graph.input.extend(inputs)
@@ -84,6 +79,28 @@ def clean(model: onnx.ModelProto) -> onnx.ModelProto:
             node.name = f"{node.op_type}_{index}"
         seen.add(node.name)
     return out
+
+
+def fold_constants(model: onnx.ModelProto, op_types: frozenset[str]) -> int:
+    """In place: each node of `op_types` that only rearranges constants becomes an initializer named
+    after its output (so consumers are untouched and no two parameters share storage); nodes feeding a
+    graph output stay.  Returns how many were folded."""
+    graph = model.graph
+    values = {init.name: init for init in graph.initializer}
+    outputs = {value.name for value in graph.output}
+    kept = []
+    for node in graph.node:
+        tensor = None if node.op_type not in op_types or node.output[0] in outputs else _fold(node, values)
+        if tensor is None:
+            kept.append(node)
+            continue
+        graph.initializer.append(tensor)
+        values[tensor.name] = tensor
+    folded = len(graph.node) - len(kept)
+    if folded:
+        del graph.node[:]
+        graph.node.extend(kept)
+    return folded
 
 
 def _fold(node: onnx.NodeProto, values: dict[str, onnx.TensorProto]) -> onnx.TensorProto | None:
@@ -96,8 +113,6 @@ def _fold(node: onnx.NodeProto, values: dict[str, onnx.TensorProto]) -> onnx.Ten
         tensor.CopyFrom(attrs["value"])
         tensor.name = node.output[0]
         return tensor
-    if node.op_type not in ("Identity", "Transpose", "Unsqueeze", "Squeeze"):
-        return None
     if not node.input or any(name and name not in values for name in node.input):
         return None
     value = numpy_helper.to_array(values[node.input[0]])
@@ -115,29 +130,31 @@ def _fold(node: onnx.NodeProto, values: dict[str, onnx.TensorProto]) -> onnx.Ten
 
 
 def save_model(model: onnx.ModelProto, path: str | os.PathLike[str], *, external_data: bool = False) -> Path:
-    """Write atomically; with external_data the weights go to `<name>.data` beside the model."""
+    """Write atomically; with external_data the weights (tensors of EXTERNAL_MIN_BYTES or more) go to
+    `<name>.data` beside the model."""
     target = Path(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=target.parent, prefix=f".{target.name}.") as tmp:
-        staged = Path(tmp) / target.name
-        if external_data:
-            data_name = f"{target.name}.data"
-            copy = onnx.ModelProto()
-            copy.CopyFrom(model)
+    if not external_data:
+        with atomic_write(target) as tmp:
+            onnx.save_model(model, os.fspath(tmp))
+        return target
+    data_name = f"{target.name}.data"
+    # onnx writes external data next to the model under its final name, so save in a scratch folder
+    # and move both files into place: the data first, then the model that refers to it.
+    with atomic_write(target) as tmp_model, atomic_write(target.with_name(data_name)) as tmp_data:
+        with tempfile.TemporaryDirectory(dir=target.parent) as scratch:
+            scratch_model = Path(scratch) / target.name
             onnx.save_model(
-                copy,
-                str(staged),
+                model,
+                os.fspath(scratch_model),
                 save_as_external_data=True,
                 all_tensors_to_one_file=True,
                 location=data_name,
-                size_threshold=1024,
+                size_threshold=EXTERNAL_MIN_BYTES,
             )
-            plain_permissions(Path(tmp) / data_name)
-            os.replace(Path(tmp) / data_name, target.parent / data_name)
-        else:
-            onnx.save_model(model, str(staged))
-        plain_permissions(staged)
-        os.replace(staged, target)
+            os.replace(scratch_model, tmp_model)
+            scratch_data = Path(scratch) / data_name
+            if scratch_data.exists():  # absent when the model has no initializers: keep the empty file
+                os.replace(scratch_data, tmp_data)
     return target
 
 

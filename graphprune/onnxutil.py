@@ -1,4 +1,4 @@
-"""Small shared helpers: atomic writes and stable hashing."""
+"""The one place for small ONNX and file helpers: opset lookup, node attributes, atomic writes, hashing."""
 
 from __future__ import annotations
 
@@ -8,6 +8,25 @@ import os
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
+
+import onnx
+
+# The opset assumed when a model declares none for the default domain.
+DEFAULT_OPSET = 13
+
+
+def opset_of(model: onnx.ModelProto) -> int:
+    """The model's opset for the default ONNX domain."""
+    return next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), DEFAULT_OPSET)
+
+
+def attribute(node: onnx.NodeProto, name: str, default: Any = None) -> Any:
+    """A node attribute's value, or `default` when the node does not set it."""
+    for attr in node.attribute:
+        if attr.name == name:
+            return onnx.helper.get_attribute_value(attr)
+    return default
 
 
 @contextlib.contextmanager

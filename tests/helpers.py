@@ -18,8 +18,8 @@ import onnx
 import onnxruntime as ort
 from onnx import TensorProto, helper, numpy_helper
 
-from graphprune.analysis.graph import DependencyGraph, analyze
-from graphprune.api import PruneResult, prune
+from graphprune.analysis.graph import DependencyGraph
+from graphprune.api import PruneResult, analyze_model, prune
 from graphprune.planning import PlanOptions
 from graphprune.surgery.apply import masked_reference
 
@@ -244,7 +244,7 @@ def prune_checked(
 
 def structure(model: onnx.ModelProto) -> tuple[int, int]:
     """(number of prunable groups, number of prunable channels) of a model."""
-    dep = analyze(model)
+    dep = analyze_model(model)
     return len(dep.prunable_groups), prunable_channels(dep)
 
 

@@ -9,15 +9,11 @@ import pytest
 from helpers import Net
 from onnx import TensorProto, helper
 
-from graphprune.analysis.graph import analyze
+from graphprune.api import analyze_model
+from graphprune.criteria.tensors import activation_tensors, collect_activations
 from graphprune.data import ArrayDataset, load_dataset
 from graphprune.errors import CalibrationError
-from graphprune.runtime.activations import (
-    HISTOGRAM_MARGIN,
-    STATISTICS,
-    activation_tensors,
-    collect_activations,
-)
+from graphprune.runtime.activations import HISTOGRAM_MARGIN, STATISTICS
 from graphprune.runtime.session import make_session
 
 # The hand model: conv 1x1 (2 -> 3 channels) -> Relu -> GlobalAveragePool -> Flatten -> Gemm (3 -> 2).
@@ -73,16 +69,16 @@ def small_cnn(seed: int = 0) -> onnx.ModelProto:
 
 
 def test_judged_tensors_are_the_maps_after_bn_and_activation() -> None:
-    dep = analyze(small_cnn())
+    dep = analyze_model(small_cnn())
     judged = {dep.groups[index].name: tensors for index, tensors in activation_tensors(dep).items()}
     # The residual group is judged by the stem's map after BN/Relu and by the sum the branch's map
     # flows into (the stream the strided conv reads); the strided conv by its map after BN/Relu.
     assert judged == {"conv1": ["relu3", "add7"], "conv8": ["relu10"]}
-    assert activation_tensors(analyze(hand_model())) == {0: ["relu"]}
+    assert activation_tensors(analyze_model(hand_model())) == {0: ["relu"]}
 
 
 def test_hand_computed_statistics() -> None:
-    stats = collect_activations(analyze(hand_model()), hand_data(), bins=4, progress=False)
+    stats = collect_activations(analyze_model(hand_model()), hand_data(), bins=4, progress=False)
     relu = stats.tensors["relu"]
     assert stats.samples == 2 and relu.images == 2
     np.testing.assert_allclose(relu.value("mean_abs"), [1.0, 15 / 8, 19 / 8])
@@ -117,7 +113,7 @@ def in_memory_statistics(values: np.ndarray, first_batch: int, bins: int) -> dic
 
 
 def test_streaming_equals_all_in_memory() -> None:
-    dep = analyze(small_cnn())
+    dep = analyze_model(small_cnn())
     data = load_dataset("synthetic:256")
     batch, bins = 48, 16  # 5 full batches and a last one of 16
     stats = collect_activations(dep, data, batch_size=batch, bins=bins, rank_images=None, progress=False)
@@ -138,7 +134,7 @@ def test_streaming_equals_all_in_memory() -> None:
 
 
 def test_state_is_bounded_and_samples_limit_the_stream() -> None:
-    dep = analyze(small_cnn())
+    dep = analyze_model(small_cnn())
     data = load_dataset("synthetic:256")
     few = collect_activations(dep, data, samples=40, batch_size=32, progress=False)
     many = collect_activations(dep, data, batch_size=32, progress=False)
@@ -154,12 +150,12 @@ def test_state_is_bounded_and_samples_limit_the_stream() -> None:
 
 
 def test_only_requested_statistics_are_collected() -> None:
-    stats = collect_activations(analyze(hand_model()), hand_data(), statistics=["apoz"], progress=False)
+    stats = collect_activations(analyze_model(hand_model()), hand_data(), statistics=["apoz"], progress=False)
     assert stats.statistics == {"apoz"}
     with pytest.raises(CalibrationError, match="'hrank' .* was not collected"):
         stats.tensors["relu"].value("hrank")
     with pytest.raises(CalibrationError, match="unknown activation statistic"):
-        collect_activations(analyze(hand_model()), hand_data(), statistics=["median"], progress=False)
+        collect_activations(analyze_model(hand_model()), hand_data(), statistics=["median"], progress=False)
 
 
 @pytest.mark.parametrize(
@@ -174,9 +170,9 @@ def test_only_requested_statistics_are_collected() -> None:
 )
 def test_bad_calibration_data_is_one_clear_error(batches: list[np.ndarray], message: str) -> None:
     with pytest.raises(CalibrationError, match=message):
-        collect_activations(analyze(hand_model()), batches, progress=False)
+        collect_activations(analyze_model(hand_model()), batches, progress=False)
 
 
 def test_models_with_two_inputs_are_refused() -> None:
     with pytest.raises(CalibrationError, match="one image tensor, but the model has 2 inputs"):
-        collect_activations(analyze(hand_model(second_input=True)), hand_data(), progress=False)
+        collect_activations(analyze_model(hand_model(second_input=True)), hand_data(), progress=False)

@@ -13,8 +13,7 @@ from helpers import Net
 from onnx import numpy_helper
 from test_activations import hand_data, hand_model
 
-from graphprune.analysis.graph import analyze
-from graphprune.api import prune
+from graphprune.api import analyze_model, prune
 from graphprune.cli.criteria import register
 from graphprune.criteria.normalize import spearman_matrix
 from graphprune.data import ArrayDataset, load_dataset
@@ -44,7 +43,7 @@ def test_identical_criteria_merge_and_opposed_ones_separate() -> None:
 
 
 def test_layer_clusters_keep_one_representative() -> None:
-    dep = analyze(hand_model())
+    dep = analyze_model(hand_model())
     group = dep.prunable_groups[0]
     pool = PoolScores(
         {

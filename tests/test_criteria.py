@@ -7,8 +7,7 @@ import numpy as np
 import pytest
 from test_activations import HAND_V, hand_data, hand_model, small_cnn
 
-from graphprune.analysis.graph import analyze
-from graphprune.api import prune, score_channels
+from graphprune.api import analyze_model, prune, score_channels
 from graphprune.criteria import Criterion
 from graphprune.criteria.fpgm import distance_sums
 from graphprune.criteria.normalize import (
@@ -37,7 +36,7 @@ HAND = {
 
 
 def hand_scores(criterion: str, **options: object) -> np.ndarray:
-    dep = analyze(hand_model())
+    dep = analyze_model(hand_model())
     scores = score_channels(dep, criterion, calib=hand_data(), **options)
     assert list(scores) == [0]  # the conv's 3 channels; the Gemm output is never narrowed
     return scores[0]
@@ -63,7 +62,10 @@ def test_taylor_matches_the_analytic_gradient() -> None:
     per_image = means * (residual @ HAND_V.astype(np.float64))
     np.testing.assert_allclose(hand_scores("taylor"), np.abs(per_image.sum(axis=0)) / 2, rtol=1e-5)
     batch_abs = score_channels(
-        analyze(hand_model()), "taylor", calib=data, criterion_options={"mode": "batch", "batch_size": 1}
+        analyze_model(hand_model()),
+        "taylor",
+        calib=data,
+        criterion_options={"mode": "batch", "batch_size": 1},
     )[0]
     np.testing.assert_allclose(batch_abs, np.abs(per_image).sum(axis=0) / 2, rtol=1e-5)
 
@@ -74,7 +76,7 @@ def test_fpgm_distance_sums() -> None:
 
 
 def test_activation_criteria_need_calibration_data() -> None:
-    dep = analyze(hand_model())
+    dep = analyze_model(hand_model())
     with pytest.raises(CalibrationError, match="criterion 'apoz' reads activations; give calibration data"):
         score_channels(dep, "apoz")
     with pytest.raises(CalibrationError, match="'taylor' needs labelled calibration data"):
@@ -140,9 +142,9 @@ def test_hrank_alone_stops_after_its_images() -> None:
     import onnx
 
     from graphprune.cli.demo import REFERENCE
-    from graphprune.runtime.activations import collect_activations
+    from graphprune.criteria.tensors import collect_activations
 
-    dep = analyze(onnx.load(str(REFERENCE)))
+    dep = analyze_model(onnx.load(str(REFERENCE)))
     stats = collect_activations(
         dep, load_dataset("synthetic:96", "train"), statistics={"hrank"}, rank_images=32, progress=False
     )

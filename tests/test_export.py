@@ -13,7 +13,8 @@ from onnx import helper, numpy_helper
 from torch import nn
 
 from graphprune.errors import GraphPruneError
-from graphprune.torch_bridge.export import export, initializers_from_identities, remove_unused_initializers
+from graphprune.model_io import fold_constants
+from graphprune.torch_bridge.export import export, remove_unused_initializers
 from graphprune.zoo import build
 
 
@@ -176,7 +177,7 @@ def test_identity_on_initializer_becomes_a_named_initializer() -> None:
         [weight, unused],
     )
     model = helper.make_model(graph)
-    assert initializers_from_identities(model) == 1
+    assert fold_constants(model, frozenset({"Identity"})) == 1
     assert remove_unused_initializers(model) == 2  # "stale", and "bn.weight" now that nothing reads it
     assert _ops(model) == ["Mul"]
     (var,) = model.graph.initializer

@@ -17,8 +17,7 @@ import onnx
 import pytest
 from helpers import blocked_ops, export_torch, init_shape, prune_checked, sha256
 
-from graphprune.analysis.graph import analyze
-from graphprune.api import PruneResult, prune
+from graphprune.api import PruneResult, analyze_model, prune
 from graphprune.errors import VerificationError
 from graphprune.planning import PlanOptions
 from graphprune.surgery.verify import verify_pruning
@@ -179,7 +178,7 @@ def assert_catches_wrong_plan(path: Path, result: PruneResult) -> None:
 def test_prunes_exactly_or_leaves_whole(name: str, tmp_path: Path) -> None:
     path = exported(name, tmp_path)
     digest = sha256(path)
-    dep = analyze(onnx.load(str(path)))
+    dep = analyze_model(onnx.load(str(path)))
     results = [prune_checked(path, ratio, batch=3) for ratio in RATIOS]
     assert sha256(path) == digest  # the input file is never modified
     if name in LEFT_WHOLE:
@@ -250,7 +249,7 @@ def test_grouped_conv_after_shuffle_is_never_split_unevenly(tmp_path: Path) -> N
 
 def test_residual_concat_ties_branches(tmp_path: Path) -> None:
     """cat([a, b]) + c: c's channels are tied to a's and b's at the concat offsets (one group of 8)."""
-    dep = analyze(onnx.load(str(exported("concat_into_residual", tmp_path))))
+    dep = analyze_model(onnx.load(str(exported("concat_into_residual", tmp_path))))
     group = next(g for g in dep.prunable_groups if any(b.node == "/body/c/c.0/Conv" for b in g.blocks))
     assert {b.node for b in group.blocks} == {f"/body/{m}/{m}.0/Conv" for m in "abc"}
     assert group.size == group.prunable.size == 8

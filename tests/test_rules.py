@@ -16,8 +16,8 @@ import onnx
 import pytest
 from helpers import Net, blocked_ops, init_shape, prunable_channels, prune_checked, structure
 
-from graphprune.analysis.graph import DependencyGraph, analyze
-from graphprune.api import prune
+from graphprune.analysis.graph import DependencyGraph
+from graphprune.api import analyze_model, prune
 from graphprune.planning import PlanOptions
 
 RATIOS = (0.5, 0.3)
@@ -34,7 +34,7 @@ def check(
     batch: int = 3,
 ) -> DependencyGraph:
     """Assert (prunable groups, prunable channels) and the blocking op types, then prune at each ratio."""
-    dep = analyze(model)
+    dep = analyze_model(model)
     assert (len(dep.prunable_groups), prunable_channels(dep)) == expected
     assert blocked_ops(dep) == set(blocked)
     for ratio in RATIOS:
@@ -86,7 +86,7 @@ def test_grouped_conv_removes_equally_per_group() -> None:
 def test_grouped_conv_channels_not_divisible_by_ratio() -> None:
     net = Net()
     model = net.build(net.head(net.conv(net.stem(6), 6, group=3)))
-    dep = analyze(model)
+    dep = analyze_model(model)
     assert len(dep.prunable_groups) == 3
     small = pruned(model, 0.5)
     assert init_shape(small, "conv4.w") == (3, 1, 3, 3)  # one channel out of each group, both sides

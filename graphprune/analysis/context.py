@@ -46,13 +46,6 @@ class Rewrite:
     data: dict[str, Any] = field(default_factory=dict)
 
 
-def attribute(node: onnx.NodeProto, name: str, default: Any = None) -> Any:
-    for attr in node.attribute:
-        if attr.name == name:
-            return onnx.helper.get_attribute_value(attr)
-    return default
-
-
 class RuleContext:
     """The state op rules read (shapes, constants, views) and write (views, ties, members, rewrites)."""
 

@@ -9,6 +9,7 @@ together.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import networkx as nx
@@ -19,8 +20,8 @@ from graphprune.analysis.atoms import AtomTable, Block
 from graphprune.analysis.context import ParamMember, Rewrite, RuleContext
 from graphprune.analysis.rules import RULES
 from graphprune.errors import UnsupportedModelError
-from graphprune.model_io import clean, initializer_arrays
-from graphprune.runtime.shapes import run_intermediates, tensor_shapes
+from graphprune.model_io import initializer_arrays
+from graphprune.onnxutil import opset_of
 
 log = logging.getLogger(__name__)
 
@@ -79,15 +80,22 @@ class DependencyGraph:
         return [g for g in self.groups if g.prunable.size > 1]
 
 
-def analyze(model: onnx.ModelProto) -> DependencyGraph:
-    """Run every op rule over the (cleaned) graph in topological order and build the groups; a quantized
-    model is refused (its channels are pruned in the float model, before quantization)."""
+# Values (at batch 1) of the named tensors of a model: analysis runs nothing itself, so the caller
+# (graphprune.api, with graphprune.runtime.shapes.run_intermediates) supplies how to compute them.
+Evaluate = Callable[[onnx.ModelProto, list[str]], dict[str, np.ndarray]]
+
+
+def analyze(
+    model: onnx.ModelProto, shapes: dict[str, tuple[int, ...]], evaluate: Evaluate
+) -> DependencyGraph:
+    """Run every op rule over a cleaned graph (model_io.clean) in topological order and build the groups.
+
+    shapes: every tensor's shape at batch 1; evaluate: computes size/bound/index inputs that are not
+    constants (chunk bounds derived from Shape, say).  A quantized model is refused: its channels are
+    pruned in the float model, before quantization."""
     refuse_quantized(model)
-    model = clean(model)
-    shapes = tensor_shapes(model)
     constants = initializer_arrays(model)
-    opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 13)
-    ctx = RuleContext(shapes, constants, shape_arithmetic(model, constants), opset)
+    ctx = RuleContext(shapes, constants, shape_arithmetic(model, constants, evaluate), opset_of(model))
     for node in model.graph.node:
         if node.domain not in ("", "ai.onnx"):
             ctx.opaque(node, f"custom-domain op {node.domain}.{node.op_type}")
@@ -173,9 +181,11 @@ SHAPE_INPUTS = {
 }
 
 
-def shape_arithmetic(model: onnx.ModelProto, constants: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+def shape_arithmetic(
+    model: onnx.ModelProto, constants: dict[str, np.ndarray], evaluate: Evaluate
+) -> dict[str, np.ndarray]:
     """Values (at batch 1) of size/bound/index inputs computed at run time, e.g. chunk bounds derived
-    from Shape; one onnxruntime run fetches them all."""
+    from Shape; one evaluation fetches them all."""
     wanted = sorted(
         {
             node.input[i]
@@ -184,7 +194,7 @@ def shape_arithmetic(model: onnx.ModelProto, constants: dict[str, np.ndarray]) -
             if i < len(node.input) and node.input[i] and node.input[i] not in constants
         }
     )
-    return run_intermediates(model, wanted) if wanted else {}
+    return evaluate(model, wanted) if wanted else {}
 
 
 def _check_segments(ctx: RuleContext, node_name: str, parts: list[np.ndarray]) -> None:

@@ -13,7 +13,8 @@ import numpy as np
 import onnx
 
 from graphprune.analysis.atoms import compress, view_axes
-from graphprune.analysis.context import Role, RuleContext, attribute
+from graphprune.analysis.context import Role, RuleContext
+from graphprune.onnxutil import attribute
 
 Rule = Callable[[RuleContext, onnx.NodeProto], None]
 RULES: dict[str, Rule] = {}

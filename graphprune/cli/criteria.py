@@ -53,8 +53,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def cmd_criteria(args: argparse.Namespace) -> int:
     from graphprune.api import analyze_model, torch_gate_gradients
     from graphprune.cli.console import out, stage
+    from graphprune.data import load_calibration
     from graphprune.report.tables import render
-    from graphprune.runtime.activations import load_calibration
     from graphprune.search.blend.clustering import cluster_layers, mean_similarity
     from graphprune.search.blend.pool import pool_inputs, score_pool
 

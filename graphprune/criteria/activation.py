@@ -16,8 +16,8 @@ import numpy as np
 
 from graphprune.analysis.graph import DependencyGraph, Group
 from graphprune.criteria.base import Criterion, ScoringInputs, class_row, combine_rows
+from graphprune.criteria.tensors import position_atoms
 from graphprune.errors import CalibrationError
-from graphprune.runtime.activations import position_atoms
 
 
 class ActivationCriterion(Criterion):

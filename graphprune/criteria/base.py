@@ -19,8 +19,8 @@ from graphprune.analysis.graph import DependencyGraph, Group
 from graphprune.errors import PlanError
 
 if TYPE_CHECKING:
+    from graphprune.criteria.tensors import ActivationStats
     from graphprune.data.dataset import ArrayDataset
-    from graphprune.runtime.activations import ActivationStats
 
 AGGREGATIONS = ("sum", "mean", "max")
 

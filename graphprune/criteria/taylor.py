@@ -25,8 +25,8 @@ from onnx import TensorProto, helper
 from graphprune.analysis.graph import DependencyGraph, Group
 from graphprune.criteria.activation import tensor_scores
 from graphprune.criteria.base import Criterion, GateGradientSums, ScoringInputs
+from graphprune.criteria.tensors import activation_tensors, channel_axis
 from graphprune.errors import CalibrationError, GraphPruneError
-from graphprune.runtime.activations import activation_tensors, channel_axis
 
 log = logging.getLogger(__name__)
 

@@ -7,6 +7,13 @@ from __future__ import annotations
 
 from graphprune.data.dataset import ArrayDataset
 from graphprune.data.loader import torch_loader
-from graphprune.data.sources import FASHION_MNIST_MEAN, FASHION_MNIST_STD, load_dataset
+from graphprune.data.sources import FASHION_MNIST_MEAN, FASHION_MNIST_STD, load_calibration, load_dataset
 
-__all__ = ["FASHION_MNIST_MEAN", "FASHION_MNIST_STD", "ArrayDataset", "load_dataset", "torch_loader"]
+__all__ = [
+    "FASHION_MNIST_MEAN",
+    "FASHION_MNIST_STD",
+    "ArrayDataset",
+    "load_calibration",
+    "load_dataset",
+    "torch_loader",
+]

@@ -10,6 +10,15 @@ import numpy as np
 from graphprune.errors import DataError
 
 
+def seeded_indices(total: int, count: int | None, seed: int) -> np.ndarray | None:
+    """Sorted indices of a seeded random choice of `count` out of `total`, or None when all are kept."""
+    if count is not None and count < 1:
+        raise DataError(f"A sample needs at least 1 item, got {count}; pass a positive count.")
+    if count is None or count >= total:
+        return None
+    return np.sort(np.random.default_rng(seed).choice(total, size=count, replace=False))
+
+
 @dataclass
 class ArrayDataset:
     """Normalised float32 images [N,C,H,W] with int64 labels [N] in 0..num_classes-1; a label-free set
@@ -82,6 +91,12 @@ class ArrayDataset:
     def subset(self, indices: np.ndarray) -> ArrayDataset:
         """A new dataset holding the samples at `indices` (copied)."""
         return ArrayDataset(self.images[indices], self.labels[indices], self.num_classes, self.name)
+
+    def sample(self, count: int | None, seed: int = 0) -> ArrayDataset:
+        """A seeded random subset of `count` samples kept in their original order (the whole set when
+        `count` is None or not smaller)."""
+        chosen = seeded_indices(len(self), count, seed)
+        return self if chosen is None else self.subset(chosen)
 
     def split(self, fraction: float, seed: int = 0) -> tuple[ArrayDataset, ArrayDataset]:
         """Split at random into (`fraction` of the samples, the rest); each part keeps the original order."""

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from graphprune.data.dataset import ArrayDataset
+from graphprune.data.dataset import ArrayDataset, seeded_indices
 from graphprune.errors import DataError
 
 SPLITS = ("train", "test")
@@ -63,15 +63,7 @@ def load_dataset(
                 f"Dataset '{spec}' is neither 'fashion-mnist', 'synthetic[:N]', an existing .npz file nor a "
                 "folder of class sub-folders; check the spelling or the path."
             )
-    chosen = _choose(len(dataset), limit, seed)
-    return dataset if chosen is None else dataset.subset(chosen)
-
-
-def _choose(count: int, limit: int | None, seed: int) -> np.ndarray | None:
-    """Sorted indices of a seeded random subset of size `limit`, or None when everything is kept."""
-    if limit is None or limit >= count:
-        return None
-    return np.sort(np.random.default_rng(seed).choice(count, size=limit, replace=False))
+    return dataset.sample(limit, seed)
 
 
 # Fashion-MNIST ---------------------------------------------------------------------------------------
@@ -274,7 +266,7 @@ def load_image_folder(
             f"Folder {root} has no images in class sub-folders; lay it out as {root}/<class>/<image>"
             + (" (or, for calibration, put the images in it directly)." if not labels else ".")
         )
-    chosen = _choose(len(files), limit, seed)
+    chosen = seeded_indices(len(files), limit, seed)
     if chosen is not None:
         files = [files[i] for i in chosen]
     try:
@@ -299,3 +291,11 @@ def load_image_folder(
         return ArrayDataset.unlabelled(_standardise(images), root.name)
     targets = np.array([label for _, label in files])
     return ArrayDataset(_standardise(images), targets, len(classes), root.name)
+
+
+def load_calibration(source: ArrayDataset | str, samples: int | None = None, seed: int = 0) -> ArrayDataset:
+    """Calibration images: a seeded subset of `samples` from a dataset spec's training split (see
+    load_dataset; labels optional) or from an ArrayDataset."""
+    if isinstance(source, str):
+        return load_dataset(source, "train", limit=samples, seed=seed, labels=False)
+    return source.sample(samples, seed)

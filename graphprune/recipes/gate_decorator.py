@@ -428,9 +428,7 @@ class GateDecoratorResult(RecipeResult):
 
 def _tick_set(train: ArrayDataset, fraction: float, seed: int) -> ArrayDataset:
     """A seeded random share of the training set for one Tick."""
-    count = max(1, round(fraction * len(train)))
-    chosen = np.sort(np.random.default_rng(seed).choice(len(train), count, replace=False))
-    return train.subset(chosen)
+    return train.sample(max(1, round(fraction * len(train))), seed)
 
 
 def folded_copy(module: nn.Module) -> nn.Module:

@@ -8,6 +8,7 @@ from typing import Any
 import onnx
 
 from graphprune.analysis.graph import DependencyGraph
+from graphprune.onnxutil import opset_of
 from graphprune.report.tables import fmt_count
 from graphprune.runtime.cost import CostReport, count_cost
 
@@ -32,7 +33,7 @@ def analysis_summary(dep: DependencyGraph, name: str) -> dict[str, Any]:
         )
     return {
         "model": name,
-        "opset": next((o.version for o in dep.model.opset_import if o.domain in ("", "ai.onnx")), None),
+        "opset": opset_of(dep.model),
         "macs": cost.macs,
         "params": cost.params,
         "dynamic_batch": dynamic,

@@ -1,12 +1,7 @@
 """Per-channel activation statistics from calibration data, streamed through onnxruntime.
 
-Which tensors judge a group: for every producer of the group's channels (a Conv, ConvTranspose, Gemm or
-MatMul whose output weights follow them, depthwise convs included) the feature map the next layer
-reads: the producer's output followed through BatchNormalization / InstanceNormalization, unary
-activations and channel-preserving Add / Sum / Mul (a residual sum, an SE scaling) for as long as each
-tensor has that op as its only consumer and the channels stay the same classes.  So a plain conv is
-judged after its BN and ReLU, and a residual stream by the maps after each sum and its ReLU (where
-APoZ and HRank are defined), and the fetched maps are the ones onnxruntime materialises anyway.
+Which tensors are judged is decided above this layer (graphprune.criteria.tensors); here they are plain
+`JudgedTensor` descriptions, so the runtime knows nothing of groups or atoms.
 
 Capture happens in one session run per batch, in a worker thread, so onnxruntime computes the next
 batch while the last one is folded.  The per-image, per-channel means the statistics need
@@ -25,7 +20,6 @@ whatever the number of samples.  Every image weighs the same (calibration images
 from __future__ import annotations
 
 import logging
-from collections import defaultdict
 from collections.abc import Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -36,10 +30,8 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 from onnxruntime import InferenceSession, NodeArg
 
-from graphprune.analysis.atoms import view_axes
-from graphprune.analysis.context import Role
-from graphprune.analysis.graph import DependencyGraph, Group
 from graphprune.errors import CalibrationError
+from graphprune.onnxutil import opset_of
 from graphprune.runtime.progress import progress as progress_bar
 from graphprune.runtime.session import make_session
 
@@ -51,14 +43,6 @@ log = logging.getLogger(__name__)
 STATISTICS = ("mean_abs", "apoz", "variance", "entropy", "hrank")
 # The per-image channel means (computed in the graph) each statistic is folded from.
 REDUCTIONS = {"mean_abs": ("abs",), "apoz": ("zeros",), "variance": ("mean", "square"), "entropy": ("mean",)}
-# Ops whose output is never negative, so mean |a| is the mean of a (Clip counts when its min is >= 0).
-NONNEGATIVE_OPS = frozenset({"Relu", "Sigmoid", "HardSigmoid", "Softplus", "Abs"})
-# Ops a producer's output is followed through to reach the feature map the next layer reads.
-CHANNEL_TAIL_OPS = frozenset(
-    "BatchNormalization InstanceNormalization Relu LeakyRelu PRelu Clip Sigmoid HardSigmoid HardSwish Tanh "
-    "Elu Selu Celu Gelu Softplus Mish Swish Identity Dropout Add Sum Mul".split()
-)
-PRODUCER_KINDS = frozenset({"conv_out", "linear_out"})
 # Entropy histograms span the first batch's range widened by this many spans on each side; values
 # beyond land in the end bins, so a histogram has (1 + 2 * HISTOGRAM_MARGIN) * bins bins at most.
 HISTOGRAM_MARGIN = 2
@@ -72,6 +56,18 @@ POSITIVE_SCALE, NONZERO_MARK = 2.0**127, 2.0**-22
 KINDS = ("mean", "abs", "square", "zeros")
 _ZERO, _UNIT_AXES, _MARK = "graphprune_stats_zero", "graphprune_stats_unit", "graphprune_stats_mark"
 _ORT_DTYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(double)": np.float64}
+
+
+@dataclass(frozen=True)
+class JudgedTensor:
+    """A feature map whose channels are measured: its channel axis, rank and channel count, and whether
+    the op producing it never outputs a negative value (graphprune.criteria.tensors chooses them)."""
+
+    name: str
+    axis: int
+    rank: int
+    channels: int
+    nonnegative: bool
 
 
 @dataclass
@@ -226,96 +222,8 @@ def _as_slice(index: np.ndarray) -> slice | np.ndarray:
     return slice(first, first + index.size) if np.array_equal(index, first + np.arange(index.size)) else index
 
 
-@dataclass
-class ActivationStats:
-    """Statistics of every judged tensor, and which tensors judge which group."""
-
-    tensors: dict[str, ChannelStats]
-    groups: dict[int, list[str]]
-    samples: int
-    statistics: frozenset[str]
-
-    def group_tensors(self, group: Group) -> list[str]:
-        return self.groups.get(group.index, [])
-
-
-def channel_axis(dep: DependencyGraph, tensor: str) -> int | None:
-    """The one axis along which `tensor` carries channels, or None."""
-    view = dep.views.get(tensor)
-    axes = view_axes(view) if view is not None else ()
-    return axes[0] if len(axes) == 1 else None
-
-
-def activation_tensors(dep: DependencyGraph) -> dict[int, list[str]]:
-    """Per prunable group, the feature maps its channels are judged by (see the module docstring)."""
-    consumers: dict[str, list] = defaultdict(list)
-    for node in dep.model.graph.node:
-        for name in node.input:
-            consumers[name].append(node)
-    nodes = {node.name: node for node in dep.model.graph.node}
-    outputs = {value.name for value in dep.model.graph.output}
-
-    def same_channels(a: str, b: str) -> bool:
-        return b in dep.views and np.array_equal(dep.roots[dep.views[a]], dep.roots[dep.views[b]])
-
-    def tail(tensor: str) -> str:
-        while tensor not in outputs and len(consumers[tensor]) == 1:
-            (node,) = consumers[tensor]
-            if node.op_type not in CHANNEL_TAIL_OPS or not same_channels(tensor, node.output[0]):
-                break
-            tensor = node.output[0]
-        return tensor
-
-    result: dict[int, list[str]] = {}
-    for group in dep.prunable_groups:
-        tensors: list[str] = []
-        for member in group.members:
-            if member.kind not in PRODUCER_KINDS or member.role is not Role.PRODUCER:
-                continue
-            tensor = tail(nodes[member.node].output[0])
-            if tensor not in tensors and channel_axis(dep, tensor) is not None:
-                tensors.append(tensor)
-        if tensors:
-            result[group.index] = tensors
-    return result
-
-
-def position_atoms(dep: DependencyGraph, tensor: str) -> np.ndarray:
-    """The atom of each channel position of a judged tensor."""
-    return dep.views[tensor].ravel()
-
-
-def take_samples(data: ArrayDataset, samples: int | None, seed: int = 0) -> ArrayDataset:
-    """A seeded random subset of `samples` images (kept in order), or the whole set."""
-    if samples is not None and samples < 1:
-        raise CalibrationError(f"the calibration sample count must be at least 1, got {samples}.")
-    if samples is None or samples >= len(data):
-        return data
-    return data.subset(np.sort(np.random.default_rng(seed).choice(len(data), size=samples, replace=False)))
-
-
-def load_calibration(source: ArrayDataset | str, samples: int | None = None, seed: int = 0) -> ArrayDataset:
-    """Calibration images from a dataset spec (see graphprune.data.load_dataset; labels optional) or an
-    ArrayDataset."""
-    if isinstance(source, str):
-        from graphprune.data import load_dataset
-
-        return load_dataset(source, "train", limit=samples, seed=seed, labels=False)
-    return take_samples(source, samples, seed)
-
-
-def nonnegative(dep: DependencyGraph, tensor: str) -> bool:
-    """Whether the op producing `tensor` never outputs a negative value."""
-    node = next((n for n in dep.model.graph.node if tensor in n.output), None)
-    if node is None:
-        return False
-    if node.op_type == "Clip" and len(node.input) > 1 and node.input[1] in dep.constants:
-        return float(np.min(dep.constants[node.input[1]])) >= 0.0
-    return node.op_type in NONNEGATIVE_OPS
-
-
 def summary_model(
-    dep: DependencyGraph, tensors: list[str], kinds: frozenset[str]
+    source: onnx.ModelProto, judged: list[JudgedTensor], kinds: frozenset[str]
 ) -> tuple[onnx.ModelProto, dict[str, np.ndarray], np.ndarray]:
     """A copy of the analysed model with one more output, STATS_OUTPUT [N, columns, 1, 1]: per judged
     tensor, the per-image channel means of `kinds` (mean: a, abs: |a|, square: a^2, zeros: a == 0)
@@ -329,13 +237,11 @@ def summary_model(
     onnxruntime's blocked (NCHWc) layout, where Equal and Cast would first copy it back to NCHW; the
     pooled means are concatenated as they come, [N, C, 1, 1], since a Flatten would convert each too.
     """
-    opset = next((o.version for o in dep.model.opset_import if o.domain in ("", "ai.onnx")), 13)
+    opset = opset_of(source)
     # Judged maps have their producer's element type, so all-float32 weights mean float32 maps.
-    float32 = all(
-        a.dtype == np.float32 for a in dep.constants.values() if np.issubdtype(a.dtype, np.floating)
-    )
+    float32 = all(init.data_type == TensorProto.FLOAT for init in source.graph.initializer if _floating(init))
     model = onnx.ModelProto()
-    model.CopyFrom(dep.model)
+    model.CopyFrom(source)
     model.graph.initializer.extend(
         [
             numpy_helper.from_array(np.array(0.0, dtype=np.float32), _ZERO),
@@ -343,14 +249,15 @@ def summary_model(
             numpy_helper.from_array(np.array(NONZERO_MARK, dtype=np.float32), _MARK),
         ]
     )
-    widths = {tensor: dep.shapes[tensor][channel_axis(dep, tensor)] for tensor in tensors}
+    tensors = [t.name for t in judged]
+    widths = {t.name: t.channels for t in judged}
     nodes: list[onnx.NodeProto] = []
     pooled: dict[tuple[str, str], str] = {}  # (kind, tensor) -> its per-image channel means [N, C, 1, 1]
     marked = set()
-    for index, tensor in enumerate(tensors):
-        p = f"graphprune_stats_{index}"
-        x, rank = _channels_first(dep, tensor, p, nodes)
-        signed = not nonnegative(dep, tensor)
+    for index, spec in enumerate(judged):
+        tensor, p = spec.name, f"graphprune_stats_{index}"
+        x, rank = _channels_first(spec, p, nodes)
+        signed = not spec.nonnegative
         sources = {}  # kind -> the tensor GlobalAveragePool reads for it
         if kinds & {"mean", "square"} or ("abs" in kinds and not signed):
             sources["mean"] = x
@@ -421,12 +328,14 @@ def _zero_marks(
     return [conv, clip], scale
 
 
-def _channels_first(
-    dep: DependencyGraph, tensor: str, prefix: str, nodes: list[onnx.NodeProto]
-) -> tuple[str, int]:
-    """`tensor` with its channel axis moved to 1 and a rank-2 tensor given unit spatial axes (the nodes
+def _floating(init: onnx.TensorProto) -> bool:
+    return np.issubdtype(onnx.helper.tensor_dtype_to_np_dtype(init.data_type), np.floating)
+
+
+def _channels_first(spec: JudgedTensor, prefix: str, nodes: list[onnx.NodeProto]) -> tuple[str, int]:
+    """The tensor with its channel axis moved to 1 and a rank-2 tensor given unit spatial axes (the nodes
     doing so appended to `nodes`), and its rank then."""
-    axis, rank = channel_axis(dep, tensor), len(dep.shapes[tensor])
+    tensor, axis, rank = spec.name, spec.axis, spec.rank
     if axis != 1:
         perm = [0, axis, *(a for a in range(1, rank) if a != axis)]
         nodes.append(helper.make_node("Transpose", [tensor], [f"{prefix}_t"], perm=perm))
@@ -437,8 +346,9 @@ def _channels_first(
     return tensor, rank
 
 
-def collect_activations(
-    dep: DependencyGraph,
+def stream_statistics(
+    source: onnx.ModelProto,
+    judged: list[JudgedTensor],
     data: ArrayDataset | Iterable[np.ndarray | tuple[np.ndarray, ...]],
     *,
     statistics: Iterable[str] = STATISTICS,
@@ -449,8 +359,9 @@ def collect_activations(
     provider: str = "cpu",
     threads: int | None = None,
     progress: bool = True,
-) -> ActivationStats:
-    """Stream calibration data through the model once and return the statistics of every judged tensor.
+) -> tuple[dict[str, ChannelStats], int]:
+    """Stream calibration data through the model once; the statistics of every judged tensor, and the
+    number of images seen.
 
     data: an ArrayDataset, or any iterable of image batches (arrays, or tuples whose first item is the
     images).  samples: stop after this many images.  rank_images: images HRank looks at (None: all).
@@ -463,23 +374,13 @@ def collect_activations(
         raise CalibrationError(
             f"unknown activation statistic(s) {sorted(unknown)}; choose from {', '.join(STATISTICS)}."
         )
-    groups = activation_tensors(dep)
-    names = list(dict.fromkeys(t for tensors in groups.values() for t in tensors))
-    stats = {
-        name: ChannelStats(
-            name,
-            channel_axis(dep, name),
-            dep.shapes[name][channel_axis(dep, name)],
-            wanted,
-            rank_images,
-        )
-        for name in names
-    }
+    names = [t.name for t in judged]
+    stats = {t.name: ChannelStats(t.name, t.axis, t.channels, wanted, rank_images) for t in judged}
     if not names:
         log.warning("no prunable group has a judged feature map; activation statistics are empty")
-        return ActivationStats(stats, groups, 0, wanted)
+        return stats, 0
     kinds = frozenset(kind for statistic in wanted for kind in REDUCTIONS.get(statistic, ()))
-    model, columns, marked = summary_model(dep, names, kinds)
+    model, columns, marked = summary_model(source, judged, kinds)
     streaming = StreamingStats([stats[name] for name in names], columns, marked, wanted, bins)
     reduced = [STATS_OUTPUT] if kinds else []
     lean = make_session(model, provider=provider, threads=threads, extra_outputs=reduced)
@@ -527,7 +428,7 @@ def collect_activations(
     if not seen:
         raise CalibrationError("the calibration data holds no image; pass a non-empty dataset.")
     log.info("calibration: %d images, %d tensors, statistics %s", seen, len(names), sorted(wanted))
-    return ActivationStats(stats, groups, seen, wanted)
+    return stats, seen
 
 
 def _outputs(run: Future[list[np.ndarray]], x: np.ndarray) -> list[np.ndarray]:

@@ -16,6 +16,7 @@ import onnx_graphsurgeon as gs
 from graphprune.analysis.context import ParamMember, Rewrite, Role
 from graphprune.analysis.graph import DependencyGraph
 from graphprune.errors import PlanError, VerificationError
+from graphprune.onnxutil import opset_of
 
 
 def check_removal(dep: DependencyGraph, removed: np.ndarray) -> None:
@@ -204,7 +205,7 @@ def _split(dep: DependencyGraph, node: gs.Node, rewrite: Rewrite, keep: np.ndarr
     axis = rewrite.data["axis"]
     sizes = [pruned_shape(dep, out.name, keep)[axis] for out in node.outputs]
     node.attrs.pop("num_outputs", None)
-    if dep.model.opset_import and _opset(dep) >= 13:
+    if dep.model.opset_import and opset_of(dep.model) >= 13:
         if len(node.inputs) > 1:
             _new_constant(node, 1, np.asarray(sizes, dtype=np.int64))
         else:
@@ -244,10 +245,6 @@ def _gather(dep: DependencyGraph, node: gs.Node, rewrite: Rewrite, keep: np.ndar
     new_position = np.cumsum(in_line) - 1
     indices = data["indices"].astype(np.int64) % in_line.size
     _new_constant(node, 1, new_position[indices[out_line]].astype(data["indices"].dtype))
-
-
-def _opset(dep: DependencyGraph) -> int:
-    return next((o.version for o in dep.model.opset_import if o.domain in ("", "ai.onnx")), 13)
 
 
 REWRITES: dict[str, Callable[[DependencyGraph, gs.Node, Rewrite, np.ndarray], None]] = {

@@ -26,9 +26,7 @@ import copy
 import io
 import logging
 import os
-import tempfile
 import warnings
-from pathlib import Path
 from typing import Literal
 
 import onnx
@@ -37,7 +35,7 @@ import torch
 from torch import nn
 
 from graphprune.errors import GraphPruneError, InvalidModelError, UnsupportedModelError
-from graphprune.onnxutil import atomic_write
+from graphprune.model_io import fold_constants, save_model
 
 logger = logging.getLogger(__name__)
 
@@ -50,7 +48,6 @@ DYNAMO_MIN_OPSET = 18
 PROTOBUF_LIMIT_BYTES = 2**31 - 2**26
 # Smaller tensors stay inline: onnxruntime's shape inference cannot read ReduceMean axes or Reshape
 # shapes from external data.
-EXTERNAL_MIN_BYTES = 1024
 
 
 def export(
@@ -82,12 +79,12 @@ def export(
             proto = _export_legacy(model, example, opset=opset, dynamic_batch=dynamic_batch)
         else:
             proto = _export_dynamo(model, example, opset=opset, dynamic_batch=dynamic_batch)
-    initializers_from_identities(proto)
+    fold_constants(proto, frozenset({"Identity"}))
     remove_unused_initializers(proto)
     _check_export(proto, model, fold_bn=fold_bn)
     if external_data is None:
         external_data = proto.ByteSize() > PROTOBUF_LIMIT_BYTES
-    _save(proto, Path(path), external_data=external_data)
+    save_model(proto, path, external_data=external_data)
     return onnx.load(os.fspath(path))
 
 
@@ -217,33 +214,6 @@ def _drop_zero_constant_conv_bias(model: onnx.ModelProto, state: set[str]) -> No
                 del node.input[2]
 
 
-def initializers_from_identities(model: onnx.ModelProto) -> int:
-    """Replace each `Identity(initializer)` by an initializer named after its output; return how many.
-
-    The copy keeps the Identity output's name (the parameter the exporter de-duplicated away), so
-    consumers are untouched and no two parameters share storage. Identities feeding a graph output stay.
-    """
-    graph = model.graph
-    initializers = {init.name: init for init in graph.initializer}
-    outputs = {out.name for out in graph.output}
-    kept: list[onnx.NodeProto] = []
-    replaced = 0
-    for node in graph.node:
-        if node.op_type == "Identity" and node.input[0] in initializers and node.output[0] not in outputs:
-            tensor = copy.deepcopy(initializers[node.input[0]])
-            tensor.name = node.output[0]
-            graph.initializer.append(tensor)
-            initializers[tensor.name] = tensor
-            replaced += 1
-        else:
-            kept.append(node)
-    if replaced:
-        del graph.node[:]
-        graph.node.extend(kept)
-        logger.debug("Replaced %d Identity nodes on initializers by named initializers.", replaced)
-    return replaced
-
-
 def remove_unused_initializers(model: onnx.ModelProto) -> int:
     """Drop initializers no node (or graph output) reads; return how many were dropped."""
     graph = model.graph
@@ -283,29 +253,3 @@ def _check_export(model: onnx.ModelProto, module: nn.Module, *, fold_bn: bool) -
             len(missing),
             ", ".join(missing[:5]),
         )
-
-
-def _save(model: onnx.ModelProto, path: Path, *, external_data: bool) -> None:
-    """Write `model` atomically; with external data the weights go to `<name>.data` beside it."""
-    if not external_data:
-        with atomic_write(path) as tmp:
-            onnx.save_model(model, os.fspath(tmp))
-        return
-    data_name = f"{path.name}.data"
-    # onnx writes external data next to the model under its final name, so save in a scratch folder
-    # and move both files into place: the data first, then the model that refers to it.
-    with atomic_write(path) as tmp_model, atomic_write(path.with_name(data_name)) as tmp_data:
-        with tempfile.TemporaryDirectory(dir=path.parent) as scratch:
-            scratch_model = Path(scratch) / path.name
-            onnx.save_model(
-                model,
-                os.fspath(scratch_model),
-                save_as_external_data=True,
-                all_tensors_to_one_file=True,
-                location=data_name,
-                size_threshold=EXTERNAL_MIN_BYTES,
-            )
-            os.replace(scratch_model, tmp_model)
-            scratch_data = Path(scratch) / data_name
-            if scratch_data.exists():  # absent when the model has no initializers: keep the empty file
-                os.replace(scratch_data, tmp_data)

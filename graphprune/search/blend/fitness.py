@@ -24,10 +24,10 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from graphprune.analysis.context import attribute
 from graphprune.analysis.graph import DependencyGraph
 from graphprune.criteria.base import RemovalFunction
 from graphprune.errors import CalibrationError, GraphPruneError
+from graphprune.onnxutil import attribute
 from graphprune.runtime.session import make_session
 from graphprune.surgery.apply import apply_removal
 

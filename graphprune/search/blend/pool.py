@@ -9,9 +9,9 @@ import numpy as np
 
 from graphprune.analysis.graph import DependencyGraph
 from graphprune.criteria.base import GateGradients, ScoringInputs, get_criterion
+from graphprune.criteria.tensors import collect_activations
 from graphprune.data.dataset import ArrayDataset
 from graphprune.errors import CalibrationError, PlanError
-from graphprune.runtime.activations import collect_activations
 
 log = logging.getLogger(__name__)
 
