@@ -16,6 +16,9 @@ from graphprune.onnxutil import atomic_write
 
 # Nodes that only rearrange constants: clean() turns them into initializers.
 FOLDABLE_OPS = frozenset({"Constant", "Identity", "Transpose", "Unsqueeze", "Squeeze"})
+FLOAT_TYPES = frozenset(
+    {onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.DOUBLE, onnx.TensorProto.BFLOAT16}
+)
 # With external data, tensors of at least this many bytes leave the model file.
 EXTERNAL_MIN_BYTES = 1024
 
@@ -63,12 +66,14 @@ def as_loaded(model: LoadedModel | onnx.ModelProto | str | os.PathLike[str]) -> 
 def clean(model: onnx.ModelProto) -> onnx.ModelProto:
     """A copy ready for analysis: Constant nodes and layout ops on initializers (Transpose, Unsqueeze,
     Squeeze) become initializers; each Identity-on-initializer becomes its own copy of the initializer
-    (the exporter shares equal tensors between layers that are not tied); initializers leave the graph
-    inputs; every node gets a unique name."""
+    (the exporter shares equal tensors between layers that are not tied), and so does each further
+    reader of an initializer whose values are all equal (see unshare_uniform); initializers leave the
+    graph inputs; every node gets a unique name."""
     out = onnx.ModelProto()
     out.CopyFrom(model)
     graph = out.graph
     fold_constants(out, FOLDABLE_OPS)
+    unshare_uniform(graph)
     values = {init.name for init in graph.initializer}
     inputs = [value for value in graph.input if value.name not in values]
     del graph.input[:]
@@ -79,6 +84,37 @@ def clean(model: onnx.ModelProto) -> onnx.ModelProto:
             node.name = f"{node.op_type}_{index}"
         seen.add(node.name)
     return out
+
+
+def unshare_uniform(graph: onnx.GraphProto) -> int:
+    """In place: every node input after the first that reads a float initializer of equal values (zero
+    biases, unit scales) reads its own copy instead.  Simplifiers (onnxslim, ultralytics' export)
+    deduplicate equal constants across layers; read as a shared weight, such a tensor would tie layers
+    that hold the same numbers by chance, up to a whole network in one group.  Returns the copies made."""
+    values = {init.name: init for init in graph.initializer}
+    readers: dict[str, list[tuple[onnx.NodeProto, int]]] = {}
+    for node in graph.node:
+        for index, name in enumerate(node.input):
+            if name in values:
+                readers.setdefault(name, []).append((node, index))
+    names = set(values) | {out for node in graph.node for out in node.output}
+    copies = 0
+    for name, uses in readers.items():
+        init = values[name]
+        if len(uses) < 2 or init.data_type not in FLOAT_TYPES or int(np.prod(init.dims)) < 2:
+            continue
+        array = numpy_helper.to_array(init)
+        if not np.all(array == array.flat[0]):
+            continue
+        for node, index in uses[1:]:
+            copies += 1
+            fresh = f"{name}__{copies}"
+            while fresh in names:
+                fresh += "_"
+            names.add(fresh)
+            graph.initializer.append(numpy_helper.from_array(array, fresh))
+            node.input[index] = fresh
+    return copies
 
 
 def fold_constants(model: onnx.ModelProto, op_types: frozenset[str]) -> int:

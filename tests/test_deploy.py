@@ -393,3 +393,23 @@ def test_external_data_is_written_with_the_models_permissions(tmp_path: Path) ->
     umask = os.umask(0)
     os.umask(umask)
     assert modes == {0o666 & ~umask}
+
+
+def test_equal_constants_deduplicated_across_layers_do_not_tie_them() -> None:
+    """The YOLO11 / yolov8n-seg pattern after ultralytics' export (onnxslim): every randomly initialised
+    conv's folded bias is zero, the simplifier keeps one zero tensor for all of them, and reading it as a
+    shared weight tied the whole network into one group, which the detection head's blocked channels
+    (here a Softmax across channels) then kept whole.  Each layer must keep its own groups."""
+    from helpers import prune_checked
+
+    from graphprune.api import analyze_model
+
+    net = Net()
+    zeros = net.const(np.zeros(8), "zeros")
+    conv = lambda x: net.op("Conv", [x, net.random(8, net.channels(x), 3, 3), zeros], pads=[1] * 4)  # noqa: E731
+    head = net.op("Softmax", [conv(net.x)], axis=1)  # blocks its own channels only
+    body = net.op("Relu", [conv(net.op("Relu", [conv(net.x)]))])
+    model = net.build(net.op("Add", [head, net.conv(body, 8)]))
+    dep = analyze_model(model)
+    assert len(dep.prunable_groups) == 2 and "Softmax" in " ".join(dep.blocked_nodes)
+    prune_checked(model, 0.5)
