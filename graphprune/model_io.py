@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import tempfile
 from dataclasses import dataclass
@@ -11,8 +12,10 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
-from graphprune.errors import InvalidModelError
+from graphprune.errors import GraphPruneError, InvalidModelError
 from graphprune.onnxutil import atomic_write
+
+log = logging.getLogger(__name__)
 
 # Nodes that only rearrange constants: clean() turns them into initializers.
 FOLDABLE_OPS = frozenset({"Constant", "Identity", "Transpose", "Unsqueeze", "Squeeze"})
@@ -46,12 +49,34 @@ def load_model(path: str | os.PathLike[str]) -> LoadedModel:
     external = any(init.data_location == onnx.TensorProto.EXTERNAL for init in header.graph.initializer)
     try:
         proto = onnx.load(str(file), load_external_data=True) if external else header
-        onnx.checker.check_model(proto)
     except Exception as exc:  # noqa: BLE001
-        raise InvalidModelError(
-            f"{file}: the model fails onnx.checker or its external data is missing ({exc})."
-        ) from exc
+        raise InvalidModelError(f"{file}: its external data is missing or unreadable ({exc}).") from exc
+    _check(proto, file)
     return LoadedModel(proto, file, external)
+
+
+def _check(model: onnx.ModelProto, file: Path) -> None:
+    """onnx.checker, forgiving where onnxruntime is not: converters (tf2onnx, say) write models the
+    checker objects to (nodes out of topological order, ...) that onnxruntime runs, and those are
+    analysed with a warning; a model neither accepts is refused with both objections."""
+    try:
+        onnx.checker.check_model(model)
+        return
+    except Exception as exc:  # noqa: BLE001 - the checker raises ValidationError and friends
+        objection = " ".join(str(exc).split())
+    from graphprune.runtime.session import make_session
+
+    try:
+        make_session(file)
+    except GraphPruneError as exc:
+        unknown = sorted({n.op_type for n in model.graph.node if not onnx.defs.has(n.op_type, n.domain)})
+        hint = (
+            f"; {', '.join(unknown)} are no ONNX ops (left unconverted by the exporter?)" if unknown else ""
+        )
+        raise InvalidModelError(
+            f"{file}: the model fails onnx.checker ({objection}) and onnxruntime cannot run it either{hint}."
+        ) from exc
+    log.warning("%s fails onnx.checker (%s), but onnxruntime runs it: analysing it anyway", file, objection)
 
 
 def as_loaded(model: LoadedModel | onnx.ModelProto | str | os.PathLike[str]) -> LoadedModel:
@@ -68,10 +93,11 @@ def clean(model: onnx.ModelProto) -> onnx.ModelProto:
     Squeeze) become initializers; each Identity-on-initializer becomes its own copy of the initializer
     (the exporter shares equal tensors between layers that are not tied), and so does each further
     reader of an initializer whose values are all equal (see unshare_uniform); initializers leave the
-    graph inputs; every node gets a unique name."""
+    graph inputs; every node gets a unique name; nodes come in topological order."""
     out = onnx.ModelProto()
     out.CopyFrom(model)
     graph = out.graph
+    toposort(graph)
     fold_constants(out, FOLDABLE_OPS)
     unshare_uniform(graph)
     values = {init.name for init in graph.initializer}
@@ -84,6 +110,32 @@ def clean(model: onnx.ModelProto) -> onnx.ModelProto:
             node.name = f"{node.op_type}_{index}"
         seen.add(node.name)
     return out
+
+
+def toposort(graph: onnx.GraphProto) -> None:
+    """In place: order nodes so that each comes after the producers of its inputs (stable; converters
+    such as tf2onnx may write them out of order, which op rules read in order could not follow)."""
+    ready = {value.name for value in graph.input} | {init.name for init in graph.initializer} | {""}
+    pending = list(graph.node)
+    ordered: list[onnx.NodeProto] = []
+    while pending:
+        waiting = []
+        for node in pending:
+            if set(node.input) <= ready:
+                ordered.append(node)
+                ready.update(node.output)
+            else:
+                waiting.append(node)
+        if len(waiting) == len(pending):  # a cycle or a dangling input: left as it was (checks will say)
+            ordered.extend(waiting)
+            break
+        pending = waiting
+    if [id(n) for n in ordered] != [id(n) for n in graph.node]:
+        copies = [onnx.NodeProto() for _ in ordered]
+        for copy, node in zip(copies, ordered, strict=True):
+            copy.CopyFrom(node)
+        del graph.node[:]
+        graph.node.extend(copies)
 
 
 def unshare_uniform(graph: onnx.GraphProto) -> int:

@@ -413,3 +413,29 @@ def test_equal_constants_deduplicated_across_layers_do_not_tie_them() -> None:
     dep = analyze_model(model)
     assert len(dep.prunable_groups) == 2 and "Softmax" in " ".join(dep.blocked_nodes)
     prune_checked(model, 0.5)
+
+
+def test_a_model_the_checker_rejects_but_onnxruntime_runs_is_analysed_with_a_warning(
+    tmp_path: Path, caplog
+) -> None:  # noqa: ANN001
+    """tf2onnx (Keras ConvNeXt) may write nodes out of topological order: onnx.checker refuses that,
+    onnxruntime sorts them itself.  Analyse (sorted), warn; refuse only what neither accepts."""
+    from helpers import prune_checked
+
+    from graphprune.errors import InvalidModelError
+
+    model = residual()
+    nodes = list(model.graph.node)
+    del model.graph.node[:]
+    model.graph.node.extend(reversed(nodes))
+    with pytest.raises(onnx.checker.ValidationError, match="topologically sorted"):
+        onnx.checker.check_model(model)
+    path = tmp_path / "unsorted.onnx"
+    onnx.save(model, path)
+    with caplog.at_level(logging.WARNING):
+        prune_checked(path, 0.5)
+    assert "fails onnx.checker" in caplog.text and "onnxruntime runs it" in caplog.text
+    model.graph.node[0].op_type = "PartitionedCall"  # an op tf2onnx left unconverted
+    onnx.save(model, path)
+    with pytest.raises(InvalidModelError, match="PartitionedCall are no ONNX ops"):
+        prune(path, PlanOptions(ratio=0.5))
