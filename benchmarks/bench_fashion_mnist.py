@@ -63,9 +63,9 @@ from tqdm import tqdm
 
 from graphprune.api import model_cost, prune
 from graphprune.data import ArrayDataset, load_dataset
+from graphprune.onnxutil import conv_channels
 from graphprune.planning import PlanOptions
 from graphprune.report.plots import plot_accuracy_vs_macs
-from graphprune.report.summary import conv_channels
 from graphprune.runtime.bench import bench
 from graphprune.runtime.evaluate import evaluate_onnx
 from graphprune.torch_bridge.foldback import apply_to_module, verify_foldback

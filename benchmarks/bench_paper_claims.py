@@ -36,9 +36,9 @@ from peer import Reference
 
 from graphprune.api import model_cost
 from graphprune.data import ArrayDataset, load_dataset
+from graphprune.onnxutil import conv_channels
 from graphprune.recipes.workspace import RecipeResult, Start
 from graphprune.report.plots import plot_accuracy_vs_macs
-from graphprune.report.summary import conv_channels
 from graphprune.runtime.evaluate import evaluate_onnx
 from graphprune.torch_bridge.train import TrainConfig
 

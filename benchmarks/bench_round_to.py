@@ -23,8 +23,8 @@ from tqdm import tqdm
 
 from graphprune.api import prune
 from graphprune.cli.demo import REFERENCE
+from graphprune.onnxutil import conv_channels
 from graphprune.planning import PlanOptions
-from graphprune.report.summary import conv_channels
 from graphprune.runtime.bench import bench
 
 log = logging.getLogger("bench_round_to")

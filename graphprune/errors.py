@@ -15,6 +15,10 @@ class UnsupportedModelError(GraphPruneError):
     """The model uses something graphprune cannot prune exactly (names the node and op)."""
 
 
+class AnalysisRuleError(GraphPruneError):
+    """An op's channel rule broke its contract (strict analysis, as in the tests): a bug to report."""
+
+
 class PlanError(GraphPruneError):
     """A pruning plan or planning option is invalid (ratio out of range, unknown node, stale plan)."""
 

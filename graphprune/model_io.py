@@ -12,13 +12,15 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
-from graphprune.errors import GraphPruneError, InvalidModelError
+from graphprune.errors import InvalidModelError
 from graphprune.onnxutil import atomic_write
+from graphprune.ops import OPS
+
+# Nodes that only rearrange constants (their OpSpec can fold them): clean() turns them into initializers.
+FOLDABLE_OPS = frozenset(name for name, spec in OPS.items() if spec.fold is not None)
 
 log = logging.getLogger(__name__)
 
-# Nodes that only rearrange constants: clean() turns them into initializers.
-FOLDABLE_OPS = frozenset({"Constant", "Identity", "Transpose", "Unsqueeze", "Squeeze"})
 FLOAT_TYPES = frozenset(
     {onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.DOUBLE, onnx.TensorProto.BFLOAT16}
 )
@@ -64,18 +66,16 @@ def _check(model: onnx.ModelProto, file: Path) -> None:
         return
     except Exception as exc:  # noqa: BLE001 - the checker raises ValidationError and friends
         objection = " ".join(str(exc).split())
-    from graphprune.runtime.session import make_session
-
-    try:
-        make_session(file)
-    except GraphPruneError as exc:
+    refusal = _onnxruntime_refusal(file)
+    if refusal is not None:
         unknown = sorted({n.op_type for n in model.graph.node if not onnx.defs.has(n.op_type, n.domain)})
         hint = (
             f"; {', '.join(unknown)} are no ONNX ops (left unconverted by the exporter?)" if unknown else ""
         )
         raise InvalidModelError(
-            f"{file}: the model fails onnx.checker ({objection}) and onnxruntime cannot run it either{hint}."
-        ) from exc
+            f"{file}: the model fails onnx.checker ({objection}) and onnxruntime cannot open it either "
+            f"({refusal}){hint}."
+        )
     log.warning("%s fails onnx.checker (%s), but onnxruntime runs it: analysing it anyway", file, objection)
 
 
@@ -110,6 +110,20 @@ def clean(model: onnx.ModelProto) -> onnx.ModelProto:
             node.name = f"{node.op_type}_{index}"
         seen.add(node.name)
     return out
+
+
+def _onnxruntime_refusal(file: Path) -> str | None:
+    """Why onnxruntime cannot open the model file, or None when it can (only opened here: everything
+    that runs a model goes through graphprune.runtime.session, a layer above this one)."""
+    import onnxruntime
+
+    options = onnxruntime.SessionOptions()
+    options.log_severity_level = 3
+    try:
+        onnxruntime.InferenceSession(str(file), options, providers=["CPUExecutionProvider"])
+    except Exception as exc:  # noqa: BLE001 - onnxruntime raises its own untyped errors
+        return " ".join(str(exc).split())[:300]
+    return None
 
 
 def toposort(graph: onnx.GraphProto) -> None:
@@ -192,29 +206,13 @@ def fold_constants(model: onnx.ModelProto, op_types: frozenset[str]) -> int:
 
 
 def _fold(node: onnx.NodeProto, values: dict[str, onnx.TensorProto]) -> onnx.TensorProto | None:
-    """The initializer a node reduces to when it only rearranges constants, or None."""
-    attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
-    if node.op_type == "Constant":
-        if set(attrs) != {"value"}:
-            return None
-        tensor = onnx.TensorProto()
-        tensor.CopyFrom(attrs["value"])
-        tensor.name = node.output[0]
-        return tensor
-    if not node.input or any(name and name not in values for name in node.input):
+    """The initializer a node reduces to when it only rearranges constants (its OpSpec's `fold`), or None."""
+    if any(name and name not in values for name in node.input):
         return None
-    value = numpy_helper.to_array(values[node.input[0]])
-    axes = attrs.get("axes")
-    if len(node.input) > 1 and node.input[1]:
-        axes = numpy_helper.to_array(values[node.input[1]]).tolist()
-    if node.op_type == "Transpose":
-        value = np.transpose(value, attrs.get("perm"))
-    elif node.op_type == "Squeeze":
-        value = np.squeeze(value, axis=None if axes is None else tuple(axes))
-    elif node.op_type == "Unsqueeze":
-        rank = value.ndim + len(axes)
-        value = np.expand_dims(value, tuple(sorted(a % rank for a in axes)))
-    return numpy_helper.from_array(np.ascontiguousarray(value), node.output[0])
+    inputs = [numpy_helper.to_array(values[name]) if name else None for name in node.input]
+    attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+    value = OPS[node.op_type].fold(inputs, attrs)
+    return None if value is None else numpy_helper.from_array(np.ascontiguousarray(value), node.output[0])
 
 
 def save_model(model: onnx.ModelProto, path: str | os.PathLike[str], *, external_data: bool = False) -> Path:

@@ -62,3 +62,11 @@ def sha256_file(path: str | os.PathLike[str]) -> str:
         for chunk in iter(lambda: handle.read(1 << 20), b""):
             digest.update(chunk)
     return digest.hexdigest()
+
+
+def conv_channels(model: onnx.ModelProto) -> dict[str, int]:
+    """Output channels of every Conv, by node name (names survive pruning)."""
+    dims = {init.name: list(init.dims) for init in model.graph.initializer}
+    return {
+        n.name: dims[n.input[1]][0] for n in model.graph.node if n.op_type == "Conv" and n.input[1] in dims
+    }

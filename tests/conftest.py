@@ -17,6 +17,8 @@ import pytest
 # One thread per test process, set before anything imports torch: small models train several times
 # faster single-threaded, above all when the cores are shared (pytest -n 2 on 2 cores).
 os.environ.setdefault("OMP_NUM_THREADS", "1")
+# Every analysis in the tests checks each op rule's contract (graphprune.analysis.graph._check_rule_outputs).
+os.environ["GRAPHPRUNE_STRICT_RULES"] = "1"
 
 TORCHVISION = "torchvision:"
 # Extra constructor arguments for torchvision models that need them (googlenet: no auxiliary heads,

@@ -67,7 +67,7 @@ def test_prune_threads_reach_calibration_and_verification(tmp_path: Path, monkey
 def test_demo_runs_end_to_end_on_synthetic_data(tmp_path: Path) -> None:
     import onnx
 
-    from graphprune.report.summary import conv_channels
+    from graphprune.onnxutil import conv_channels
 
     done = run("demo", "--out", tmp_path, "--data", "synthetic:128", "--train-limit", "64")
     assert done.returncode == 0, done.stderr

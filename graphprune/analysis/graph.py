@@ -9,6 +9,7 @@ together.
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -16,14 +17,16 @@ import networkx as nx
 import numpy as np
 import onnx
 
-from graphprune.analysis.atoms import AtomTable, Block
-from graphprune.analysis.context import ParamMember, Rewrite, RuleContext
-from graphprune.analysis.rules import RULES
-from graphprune.errors import UnsupportedModelError
+from graphprune.errors import AnalysisRuleError, UnsupportedModelError
 from graphprune.model_io import initializer_arrays
 from graphprune.onnxutil import opset_of
+from graphprune.ops import OPS
+from graphprune.ops.atoms import AtomTable, Block
+from graphprune.ops.context import ParamMember, Rewrite, RuleContext
 
 log = logging.getLogger(__name__)
+
+STRICT_ENV = "GRAPHPRUNE_STRICT_RULES"
 
 
 @dataclass
@@ -86,25 +89,35 @@ Evaluate = Callable[[onnx.ModelProto, list[str]], dict[str, np.ndarray]]
 
 
 def analyze(
-    model: onnx.ModelProto, shapes: dict[str, tuple[int, ...]], evaluate: Evaluate
+    model: onnx.ModelProto,
+    shapes: dict[str, tuple[int, ...]],
+    evaluate: Evaluate,
+    *,
+    strict: bool | None = None,
 ) -> DependencyGraph:
     """Run every op rule over a cleaned graph (model_io.clean) in topological order and build the groups.
 
     shapes: every tensor's shape at batch 1; evaluate: computes size/bound/index inputs that are not
-    constants (chunk bounds derived from Shape, say).  A quantized model is refused: its channels are
+    constants (chunk bounds derived from Shape, say).  strict: after each rule, check that it accounted
+    for every channel reaching the node (see _check_rule_outputs); by default on when the environment
+    sets GRAPHPRUNE_STRICT_RULES=1, as the tests do.  A quantized model is refused: its channels are
     pruned in the float model, before quantization."""
     refuse_quantized(model)
+    if strict is None:
+        strict = os.environ.get(STRICT_ENV) == "1"
     constants = initializer_arrays(model)
     ctx = RuleContext(shapes, constants, shape_arithmetic(model, constants, evaluate), opset_of(model))
     for node in model.graph.node:
         if node.domain not in ("", "ai.onnx"):
             ctx.opaque(node, f"custom-domain op {node.domain}.{node.op_type}")
             continue
-        handler = RULES.get(node.op_type)
-        if handler is None:
+        spec = OPS.get(node.op_type)
+        if spec is None or spec.rule is None:
             ctx.opaque(node, f"no channel rule for {node.op_type}")
             continue
-        handler(ctx, node)
+        spec.rule(ctx, node)
+        if strict:
+            _check_rule_outputs(ctx, node)
     for output in model.graph.output:
         ctx.block(ctx.view(output.name), f"output {output.name}", "model outputs are never narrowed")
     for node_name, parts in ctx.segments:
@@ -170,17 +183,6 @@ def refuse_quantized(model: onnx.ModelProto) -> None:
         )
 
 
-# Inputs that hold sizes, bounds or indices rather than data, per op type.
-SHAPE_INPUTS = {
-    "Slice": (1, 2, 3, 4),
-    "Reshape": (1,),
-    "Split": (1,),
-    "Resize": (2, 3),
-    "Pad": (1, 3),
-    "Gather": (1,),
-}
-
-
 def shape_arithmetic(
     model: onnx.ModelProto, constants: dict[str, np.ndarray], evaluate: Evaluate
 ) -> dict[str, np.ndarray]:
@@ -190,11 +192,28 @@ def shape_arithmetic(
         {
             node.input[i]
             for node in model.graph.node
-            for i in SHAPE_INPUTS.get(node.op_type, ())
+            for i in (OPS[node.op_type].size_inputs if node.op_type in OPS else ())
             if i < len(node.input) and node.input[i] and node.input[i] not in constants
         }
     )
     return evaluate(model, wanted) if wanted else {}
+
+
+def _check_rule_outputs(ctx: RuleContext, node: onnx.NodeProto) -> None:
+    """A rule must account for the channels reaching its node: every output that is data (not shape
+    arithmetic) carries a view, or the channels were blocked.  A rule that forgets would let surgery
+    narrow a tensor it never told the consumers about."""
+    viewed = [ctx.view(name) for name in node.input if name and ctx.view(name) is not None]
+    if not viewed or node.op_type in ("Shape", "Size"):
+        return
+    if all(ctx.table.all_blocked(view) for view in viewed):
+        return
+    missing = [out for out in node.output if out and ctx.view(out) is None]
+    if missing:
+        raise AnalysisRuleError(
+            f"the channel rule of {node.op_type} (node {node.name}) left output {missing[0]} without a "
+            "channel view while its input carries prunable channels; the rule must pass them on or block them."
+        )
 
 
 def _check_segments(ctx: RuleContext, node_name: str, parts: list[np.ndarray]) -> None:

@@ -15,9 +15,9 @@ import onnx
 from graphprune.api import PruneResult, model_cost, prune
 from graphprune.cli.arguments import add_alias
 from graphprune.cli.console import out, stage
+from graphprune.onnxutil import conv_channels
 from graphprune.planning import PlanOptions
 from graphprune.report.plots import plot_accuracy_vs_macs, plot_channels
-from graphprune.report.summary import conv_channels
 from graphprune.runtime.bench import bench
 
 log = logging.getLogger(__name__)

@@ -10,7 +10,7 @@ import argparse
 import logging
 from collections.abc import Callable
 
-from graphprune import __version__
+import graphprune
 from graphprune.cli import criteria as cli_criteria
 from graphprune.cli import demo, model
 from graphprune.cli import methods as cli_methods
@@ -35,7 +35,7 @@ def build_parser() -> argparse.ArgumentParser:
         "reference. Every command below has its own --help.",
     )
     parser.add_argument("-v", "--verbose", action="store_true", help="log what each stage does")
-    parser.add_argument("--version", action="version", version=f"graphprune {__version__}")
+    parser.add_argument("--version", action="version", version=f"graphprune {graphprune.__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", title="commands")
     for family in (model, cli_criteria, cli_train, cli_methods, demo):
         family.register(sub)

@@ -26,12 +26,15 @@ def _floats(text: str) -> list[int]:
 
 
 def cmd_analyze(args: argparse.Namespace) -> int:
+    from graphprune.analysis.summary import analysis_summary
     from graphprune.api import analyze_model
-    from graphprune.report.summary import analysis_summary, render_analysis
+    from graphprune.report.summary import render_analysis
+    from graphprune.runtime.cost import count_cost
 
     with stage("analysis"):
         dep = analyze_model(args.model, input_shapes(args))
-    summary = analysis_summary(dep, Path(args.model).name)
+    cost = count_cost(dep.model, dep.shapes)
+    summary = analysis_summary(dep, Path(args.model).name, cost.macs, cost.params)
     if args.json:
         out.print_json(json.dumps(summary))
     else:
@@ -106,7 +109,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
         rows = _with_latency(rows, [args.model, str(output)], args.threads, input_shapes(args))
     out.print(render(comparison_table(rows)), end="")
     out.print(f"wrote {output}, plan {plan_path}")
-    from graphprune.report.summary import conv_channels
+    from graphprune.onnxutil import conv_channels
 
     before, after = conv_channels(result.dep.model), conv_channels(result.model)
     if plan is None and args.round_to == 1 and any(after[n] != before[n] and after[n] % 8 for n in after):

@@ -14,9 +14,9 @@ from typing import TYPE_CHECKING, Any, ClassVar
 import numpy as np
 import onnx
 
-from graphprune.analysis.context import ParamMember
 from graphprune.analysis.graph import DependencyGraph, Group
 from graphprune.errors import PlanError
+from graphprune.ops.context import ParamMember
 
 if TYPE_CHECKING:
     from graphprune.criteria.tensors import ActivationStats

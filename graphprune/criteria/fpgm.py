@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from graphprune.analysis.context import ParamMember
 from graphprune.criteria.base import MemberCriterion
+from graphprune.ops.context import MemberKind, ParamMember
 
 
 def distance_sums(filters: np.ndarray) -> np.ndarray:
@@ -28,7 +28,7 @@ class FPGM(MemberCriterion):
     """Sum of distances from each filter to the other filters of its layer (per producer weight)."""
 
     name = "fpgm"
-    kinds = frozenset({"conv_out", "linear_out"})
+    kinds = frozenset({MemberKind.CONV_OUT, MemberKind.LINEAR_OUT})
 
     def position_scores(self, values: np.ndarray, member: ParamMember) -> np.ndarray:
         filters = np.moveaxis(values, member.axis, 0)

@@ -19,22 +19,16 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from graphprune.analysis.atoms import view_axes
-from graphprune.analysis.context import Role
 from graphprune.analysis.graph import DependencyGraph, Group
+from graphprune.ops import OPS
+from graphprune.ops.atoms import view_axes
+from graphprune.ops.context import MemberKind, Role
 from graphprune.runtime.activations import STATISTICS, ChannelStats, JudgedTensor, stream_statistics
 
 if TYPE_CHECKING:
     from graphprune.data.dataset import ArrayDataset
 
-# Ops whose output is never negative, so mean |a| is the mean of a (Clip counts when its min is >= 0).
-NONNEGATIVE_OPS = frozenset({"Relu", "Sigmoid", "HardSigmoid", "Softplus", "Abs"})
-# Ops a producer's output is followed through to reach the feature map the next layer reads.
-CHANNEL_TAIL_OPS = frozenset(
-    "BatchNormalization InstanceNormalization Relu LeakyRelu PRelu Clip Sigmoid HardSigmoid HardSwish Tanh "
-    "Elu Selu Celu Gelu Softplus Mish Swish Identity Dropout Add Sum Mul".split()
-)
-PRODUCER_KINDS = frozenset({"conv_out", "linear_out"})
+PRODUCER_KINDS = frozenset({MemberKind.CONV_OUT, MemberKind.LINEAR_OUT})
 
 
 @dataclass
@@ -72,7 +66,8 @@ def activation_tensors(dep: DependencyGraph) -> dict[int, list[str]]:
     def tail(tensor: str) -> str:
         while tensor not in outputs and len(consumers[tensor]) == 1:
             (node,) = consumers[tensor]
-            if node.op_type not in CHANNEL_TAIL_OPS or not same_channels(tensor, node.output[0]):
+            spec = OPS.get(node.op_type)
+            if spec is None or not spec.judged_through or not same_channels(tensor, node.output[0]):
                 break
             tensor = node.output[0]
         return tensor
@@ -103,7 +98,7 @@ def nonnegative(dep: DependencyGraph, tensor: str) -> bool:
         return False
     if node.op_type == "Clip" and len(node.input) > 1 and node.input[1] in dep.constants:
         return float(np.min(dep.constants[node.input[1]])) >= 0.0
-    return node.op_type in NONNEGATIVE_OPS
+    return node.op_type in OPS and OPS[node.op_type].nonnegative
 
 
 def judged_tensor(dep: DependencyGraph, tensor: str) -> JudgedTensor:

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import numpy as np
 
-from graphprune.analysis.context import ParamMember
 from graphprune.analysis.graph import Group
 from graphprune.criteria.base import Criterion, MemberCriterion, ScoringInputs, position_norms
 from graphprune.errors import PlanError
+from graphprune.ops.context import MemberKind, ParamMember
 
-WEIGHT_KINDS = frozenset({"conv_out", "conv_in", "linear_out", "linear_in"})
+WEIGHT_KINDS = frozenset(
+    {MemberKind.CONV_OUT, MemberKind.CONV_IN, MemberKind.LINEAR_OUT, MemberKind.LINEAR_IN}
+)
 
 
 class L1(MemberCriterion):
@@ -37,10 +39,10 @@ class BNScale(MemberCriterion):
     are left whole; a model without any BN is refused with the reason."""
 
     name = "bn"
-    kinds = frozenset({"bn_scale"})
+    kinds = frozenset({MemberKind.BN_SCALE})
 
     def prepare(self, inputs: ScoringInputs) -> None:
-        if not any(m.kind == "bn_scale" for m in inputs.dep.members.values()):
+        if not any(m.kind is MemberKind.BN_SCALE for m in inputs.dep.members.values()):
             raise PlanError(
                 "criterion 'bn' reads BatchNormalization gamma, but this model has no BatchNormalization node "
                 "(BN was probably folded into the convs at export); use l1 or l2, or export with BN kept."

@@ -11,10 +11,10 @@ from typing import Any
 
 import numpy as np
 
-from graphprune.analysis.atoms import Block
 from graphprune.analysis.graph import DependencyGraph, Group
 from graphprune.errors import PlanError
 from graphprune.onnxutil import atomic_write
+from graphprune.ops.atoms import Block
 
 PLAN_FORMAT = "graphprune-plan/1"
 
@@ -67,7 +67,7 @@ class PruningPlan:
     def removed_mask(self, dep: DependencyGraph) -> np.ndarray:
         """Boolean mask over the analysed model's atoms (closed over ties); refuses a plan whose entries
         for tied channels disagree (a hand edit applied to one producer of a residual group only)."""
-        prunable = {b.node: b for b in dep.table.blocks if not b.name.endswith(":fixed")}
+        prunable = {b.node: b for b in dep.table.blocks if not b.fixed}
         chosen: list[int] = []
         for node, indices in self.remove.items():
             block = prunable.get(node)

@@ -15,8 +15,6 @@ from graphprune.runtime.cost import CostReport
 
 log = logging.getLogger(__name__)
 
-WEIGHTED_OPS = {"Conv", "ConvTranspose", "Gemm", "MatMul"}
-
 
 @dataclass
 class PlanOptions:
@@ -269,7 +267,8 @@ def kept_fraction(dep: DependencyGraph, tensor: str, keep: np.ndarray) -> float:
 
 
 def predicted_macs(dep: DependencyGraph, cost: CostReport, removed: np.ndarray) -> float:
-    """MACs after removal without doing surgery: each node's count scales with its kept channels."""
+    """MACs after removal without doing surgery: a node's mixing MACs scale with its kept input and
+    output channels, the rest with its kept output channels (graphprune.ops.spec.Macs)."""
     keep = ~removed
     total = 0.0
     for node in dep.model.graph.node:
@@ -277,21 +276,7 @@ def predicted_macs(dep: DependencyGraph, cost: CostReport, removed: np.ndarray) 
         if node_cost is None or not node_cost.macs:
             continue
         out_scale = kept_fraction(dep, node.output[0], keep)
-        if node.op_type in WEIGHTED_OPS and not _is_depthwise(dep, node):
-            bias = _bias_macs(dep, node)
-            in_scale = kept_fraction(dep, node.input[0], keep)
-            total += (node_cost.macs - bias) * out_scale * in_scale + bias * out_scale
-        else:
-            total += node_cost.macs * out_scale
+        mixing = node_cost.mixing_macs
+        in_scale = kept_fraction(dep, node.input[0], keep) if mixing else 0.0
+        total += mixing * in_scale * out_scale + (node_cost.macs - mixing) * out_scale
     return total
-
-
-def _bias_macs(dep: DependencyGraph, node: object) -> int:
-    """The cost counter adds one MAC per output element for a bias; that part does not read inputs."""
-    has_bias = node.op_type != "MatMul" and len(node.input) > 2 and bool(node.input[2])
-    return int(np.prod(dep.shapes[node.output[0]])) if has_bias else 0
-
-
-def _is_depthwise(dep: DependencyGraph, node: object) -> bool:
-    groups = next((a.i for a in node.attribute if a.name == "group"), 1)
-    return node.op_type == "Conv" and groups > 1 and groups == dep.shapes[node.input[0]][1]

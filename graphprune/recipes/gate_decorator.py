@@ -54,6 +54,7 @@ from graphprune.analysis.graph import DependencyGraph
 from graphprune.api import PruneResult, analyze_model, model_cost, prune
 from graphprune.data import ArrayDataset
 from graphprune.errors import GraphPruneError, UnsupportedModelError
+from graphprune.ops.context import MemberKind
 from graphprune.planning import predicted_macs
 from graphprune.planning.plan import PruningPlan
 from graphprune.recipes.workspace import (
@@ -269,7 +270,9 @@ class GateMap:
         groups = []
         for group in dep.prunable_groups:
             members = [
-                m for m in group.members if m.kind == "bn_scale" and m.name.removesuffix(".weight") in layers
+                m
+                for m in group.members
+                if m.kind is MemberKind.BN_SCALE and m.name.removesuffix(".weight") in layers
             ]
             if not members:
                 continue
@@ -362,7 +365,7 @@ def _penalty_inputs(
     result = {}
     for member in dep.members.values():
         name = member.name.removesuffix(".weight")
-        if member.kind != "bn_scale" or name not in layers:
+        if member.kind is not MemberKind.BN_SCALE or name not in layers:
             continue
         bn = nodes[member.node]
         area = float(np.prod(dep.shapes[bn.output[0]][2:]))

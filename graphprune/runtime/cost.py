@@ -1,11 +1,11 @@
 """MACs and parameter counts of an ONNX graph, on Torch-Pruning's scale.
 
 Convention (that of `torch_pruning.utils.count_ops_and_params`, itself ptflops', so numbers here and
-in Torch-Pruning papers and READMEs line up; torchvision ResNet-18 at 224x224 gives 1.82 G / 11.69 M):
+in Torch-Pruning papers and READMEs line up; torchvision ResNet-18 at 224x224 gives 1.82 G / 11.69 M);
+each op's formula is its OpSpec's `macs` in graphprune.ops:
 
 - Conv: out_elems * (Cin / groups) * prod(kernel), plus out_elems when there is a bias.
-- ConvTranspose: in_elems * (Cout / groups) * prod(kernel), plus out_elems for a bias (the true count;
-  ptflops multiplies by output rather than input positions, which overstates strided transposed convs).
+- ConvTranspose: in_elems * (Cout / groups) * prod(kernel), plus out_elems for a bias.
 - Gemm: M * N * K, plus M * N when C is given. MatMul: out_elems * K, batch dims broadcast.
 - BatchNormalization, InstanceNormalization, GroupNormalization: 2 * in_elems (affine normalisation).
 - Relu, PRelu, LeakyRelu, Elu, Gelu, Clip (ReLU6): out_elems.
@@ -30,6 +30,7 @@ from dataclasses import dataclass
 import onnx
 
 from graphprune.errors import GraphPruneError
+from graphprune.ops import OPS, Macs
 
 log = logging.getLogger(__name__)
 
@@ -43,17 +44,17 @@ _FLOAT_TYPES = frozenset(
         onnx.TensorProto.BFLOAT16,
     }
 )
-# Input positions holding PyTorch buffers rather than parameters.
-_BUFFER_INPUTS = {"BatchNormalization": frozenset({3, 4})}
 
 
 @dataclass(frozen=True)
 class NodeCost:
-    """What one node costs: its op type, MACs and the parameters attributed to it."""
+    """What one node costs: its op type, MACs (of which `mixing_macs` read every input channel for
+    every output channel; see graphprune.ops.spec.Macs) and the parameters attributed to it."""
 
     op: str
     macs: int
     params: int
+    mixing_macs: int = 0
 
 
 @dataclass(frozen=True)
@@ -89,64 +90,6 @@ class _Node:
         return default
 
 
-def _conv(node: _Node) -> int:
-    weight = node.in_shape(1)  # [Cout, Cin / groups, *kernel]
-    out = math.prod(node.out_shape())
-    return out * math.prod(weight[1:]) + (out if node.has_input(2) else 0)
-
-
-def _conv_transpose(node: _Node) -> int:
-    weight = node.in_shape(1)  # [Cin, Cout / groups, *kernel]
-    bias = math.prod(node.out_shape()) if node.has_input(2) else 0
-    return math.prod(node.in_shape(0)) * math.prod(weight[1:]) + bias
-
-
-def _gemm(node: _Node) -> int:
-    a = node.in_shape(0)
-    k = a[0] if node.attr("transA", 0) else a[1]
-    out = math.prod(node.out_shape())
-    return out * k + (out if node.has_input(2) else 0)
-
-
-def _matmul(node: _Node) -> int:
-    return math.prod(node.out_shape()) * node.in_shape(0)[-1]
-
-
-def _normalisation(node: _Node) -> int:
-    return 2 * math.prod(node.in_shape(0))
-
-
-def _input_elements(node: _Node) -> int:
-    return math.prod(node.in_shape(0))
-
-
-def _output_elements(node: _Node) -> int:
-    return math.prod(node.out_shape())
-
-
-_MAC_RULES: dict[str, Callable[[_Node], int]] = {
-    "Conv": _conv,
-    "ConvTranspose": _conv_transpose,
-    "Gemm": _gemm,
-    "MatMul": _matmul,
-    "BatchNormalization": _normalisation,
-    "InstanceNormalization": _normalisation,
-    "GroupNormalization": _normalisation,
-    "Relu": _output_elements,
-    "PRelu": _output_elements,
-    "LeakyRelu": _output_elements,
-    "Elu": _output_elements,
-    "Gelu": _output_elements,
-    "Clip": _output_elements,
-    "MaxPool": _input_elements,
-    "AveragePool": _input_elements,
-    "GlobalAveragePool": _input_elements,
-    "GlobalMaxPool": _input_elements,
-    "Resize": _output_elements,
-    "Upsample": _output_elements,
-}
-
-
 def count_cost(model: onnx.ModelProto, shapes: Mapping[str, Shape]) -> CostReport:
     """Count MACs and parameters of `model` (convention in the module docstring).
 
@@ -170,16 +113,16 @@ def count_cost(model: onnx.ModelProto, shapes: Mapping[str, Shape]) -> CostRepor
     per_node: dict[str, NodeCost] = {}
     for index, proto in enumerate(graph.node):
         key = _node_key(proto, index, per_node)
-        rule = _MAC_RULES.get(proto.op_type)
-        macs = rule(_Node(proto, key, shape_of)) if rule else 0
+        spec = OPS.get(proto.op_type)
+        macs = spec.macs(_Node(proto, key, shape_of)) if spec is not None and spec.macs else Macs()
         params = 0
         if proto.op_type != "Identity":
-            buffers = _BUFFER_INPUTS.get(proto.op_type, frozenset())
+            buffers = spec.buffer_inputs if spec is not None else frozenset()
             for position, name in enumerate(proto.input):
                 if name in param_sizes and name not in counted and position not in buffers:
                     counted.add(name)
                     params += param_sizes[name]
-        per_node[key] = NodeCost(op=proto.op_type, macs=int(macs), params=params)
+        per_node[key] = NodeCost(proto.op_type, int(macs.total), params, int(macs.mixing))
     report = CostReport(
         macs=sum(cost.macs for cost in per_node.values()),
         params=sum(cost.params for cost in per_node.values()),

@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
 from enum import StrEnum
-from typing import Any
+from typing import Protocol
 
 import numpy as np
 import onnx
+import onnx_graphsurgeon as gs
 
-from graphprune.analysis.atoms import AtomTable, channel_view, view_axes
+from graphprune.ops.atoms import AtomTable, channel_view, view_axes
 
 
 class Role(StrEnum):
@@ -23,6 +25,22 @@ class Role(StrEnum):
     CONSUMER = "consumer"
 
 
+class MemberKind(StrEnum):
+    """What a sliced initializer is to its node: criteria pick the kinds they read (filters for L1,
+    BN scales for Network Slimming)."""
+
+    CONV_IN = "conv_in"
+    CONV_OUT = "conv_out"
+    LINEAR_IN = "linear_in"
+    LINEAR_OUT = "linear_out"
+    BIAS = "bias"
+    BN_SCALE = "bn_scale"
+    BN_BIAS = "bn_bias"
+    BN_MEAN = "bn_mean"
+    BN_VAR = "bn_var"
+    ELEMENTWISE = "elementwise"
+
+
 @dataclass
 class ParamMember:
     """Initializer `name` follows `atoms` along `axis` (for a grouped conv input, per group)."""
@@ -33,17 +51,35 @@ class ParamMember:
     role: Role
     node: str
     op: str
-    kind: str
+    kind: MemberKind
     conv_groups: int = 1
 
 
-@dataclass
-class Rewrite:
-    """A node whose attributes or constant inputs must be recomputed after pruning."""
+class Sizes(Protocol):
+    """What a rewrite may ask surgery about tensor sizes after the removal."""
+
+    opset: int
+
+    def shape(self, tensor: str) -> tuple[int, ...]:
+        """The tensor's shape before pruning (batch 1)."""
+
+    def pruned_shape(self, tensor: str) -> list[int]:
+        """The tensor's shape after pruning (batch 1)."""
+
+    def kept(self, tensor: str, axis: int) -> np.ndarray:
+        """Which positions along `axis` of the tensor survive (boolean)."""
+
+
+@dataclass(frozen=True)
+class Rewrite(ABC):
+    """A node whose attributes or constant inputs must be recomputed after pruning: each op module
+    defines its own typed subclass next to the rule that records it."""
 
     node: str
-    kind: str
-    data: dict[str, Any] = field(default_factory=dict)
+
+    @abstractmethod
+    def apply(self, node: gs.Node, sizes: Sizes) -> None:
+        """Update the (onnx-graphsurgeon) node for the pruned sizes."""
 
 
 class RuleContext:
@@ -119,7 +155,7 @@ class RuleContext:
         return atoms
 
     def blocked_source(self, node: onnx.NodeProto, size: int, why: str) -> np.ndarray:
-        atoms = self.table.new_block(f"{node.name}:fixed", node.name, node.op_type, size)
+        atoms = self.table.new_block(f"{node.name}:fixed", node.name, node.op_type, size, fixed=True)
         self.table.block(atoms, f"{node.name} ({node.op_type}): {why}")
         return atoms
 
@@ -140,7 +176,7 @@ class RuleContext:
         axis: int,
         atoms: np.ndarray,
         role: Role,
-        kind: str,
+        kind: MemberKind,
         conv_groups: int = 1,
     ) -> None:
         """Record that initializer `name` is sliced along `axis` by `atoms`; a shared initializer ties."""
@@ -159,8 +195,8 @@ class RuleContext:
         """A grouped conv needs the same number of channels removed from each of its groups."""
         self.segments.append((node.name, np.split(atoms, groups)))
 
-    def rewrite(self, node: onnx.NodeProto, kind: str, **data: Any) -> None:
-        self.rewrites.append(Rewrite(node.name, kind, data))
+    def rewrite(self, rewrite: Rewrite) -> None:
+        self.rewrites.append(rewrite)
 
     def opaque(self, node: onnx.NodeProto, why: str) -> None:
         """The op is not understood here: every channel reaching it is kept whole; its outputs are opaque."""

@@ -26,6 +26,7 @@ class Block:
     start: int
     size: int
     param: str | None = None
+    fixed: bool = False  # channels the node passes on but nothing may remove (blocked at creation)
 
     def atoms(self) -> np.ndarray:
         return np.arange(self.start, self.start + self.size, dtype=np.int64)
@@ -52,10 +53,12 @@ class AtomTable:
         self._blocked: dict[int, str] = {}
         self._tied_pairs: set[tuple[int, int]] = set()
 
-    def new_block(self, name: str, node: str, op: str, size: int, param: str | None = None) -> np.ndarray:
+    def new_block(
+        self, name: str, node: str, op: str, size: int, param: str | None = None, *, fixed: bool = False
+    ) -> np.ndarray:
         """Create `size` fresh atoms owned by a new block and return their ids."""
         start = len(self.parent)
-        block = Block(len(self.blocks), name, node, op, start, size, param)
+        block = Block(len(self.blocks), name, node, op, start, size, param, fixed)
         self.blocks.append(block)
         self.parent.extend(range(start, start + size))
         self.block_of.extend([block.index] * size)
@@ -98,6 +101,11 @@ class AtomTable:
         for atom in np.unique(atoms):
             root = self.find(int(atom))
             self._blocked.setdefault(root, reason)
+
+    def all_blocked(self, atoms: np.ndarray) -> bool:
+        """Whether every one of `atoms` is blocked."""
+        blocked = {self.find(root) for root in self._blocked}
+        return all(self.find(int(atom)) in blocked for atom in np.unique(atoms))
 
     def roots(self) -> np.ndarray:
         """Class (root atom) of every atom, as one array."""

@@ -1,0 +1,40 @@
+"""What `analyze` reports about a model, as a JSON-ready dict."""
+
+from __future__ import annotations
+
+from collections import Counter
+from typing import Any
+
+from graphprune.analysis.graph import DependencyGraph
+from graphprune.onnxutil import opset_of
+
+
+def analysis_summary(dep: DependencyGraph, name: str, macs: int, params: int) -> dict[str, Any]:
+    """Groups, prunable channels, blocked nodes with reasons, and the model's MACs and params (counted by
+    the caller: graphprune.api.model_cost)."""
+    graph_inputs = dep.model.graph.input
+    dynamic = any(not d.HasField("dim_value") for v in graph_inputs for d in v.type.tensor_type.shape.dim[:1])
+    groups = []
+    for group in dep.groups:
+        kinds = Counter(m.kind for m in group.members)
+        groups.append(
+            {
+                "group": group.name,
+                "channels": group.size,
+                "prunable": int(group.prunable.size),
+                "blocks": [b.node for b in group.blocks],
+                "members": dict(kinds),
+                "blocked_by": sorted(set(group.blocked.values())),
+            }
+        )
+    return {
+        "model": name,
+        "opset": opset_of(dep.model),
+        "macs": macs,
+        "params": params,
+        "dynamic_batch": dynamic,
+        "prunable_groups": sum(1 for g in groups if g["prunable"] > 1),
+        "prunable_channels": sum(g["prunable"] for g in groups if g["prunable"] > 1),
+        "blocked_nodes": dict(sorted(dep.blocked_nodes.items())),
+        "groups": groups,
+    }
