@@ -439,3 +439,49 @@ def test_a_model_the_checker_rejects_but_onnxruntime_runs_is_analysed_with_a_war
     onnx.save(model, path)
     with pytest.raises(InvalidModelError, match="PartitionedCall are no ONNX ops"):
         prune(path, PlanOptions(ratio=0.5))
+
+
+@pytest.mark.parametrize("exporter", ["legacy", "dynamo"])
+def test_group_norm_prunes_whole_groups_exactly(exporter: str, tmp_path: Path) -> None:
+    """torch exports GroupNorm as Reshape [N, G, -1] -> InstanceNormalization -> Reshape -> Mul -> Add:
+    whole groups go (the group count shrinks), the others are normalised exactly as before."""
+    import torch
+    from helpers import prune_checked
+
+    torch.manual_seed(0)
+    module = torch.nn.Sequential(
+        torch.nn.Conv2d(3, 16, 3, padding=1),
+        torch.nn.GroupNorm(4, 16),
+        torch.nn.ReLU(),
+        torch.nn.Conv2d(16, 8, 3, padding=1),
+    ).eval()
+    with torch.no_grad():
+        module[1].weight.uniform_(0.5, 1.5)
+        module[1].bias.uniform_(-0.5, 0.5)
+    path = tmp_path / "gn.onnx"
+    torch.onnx.export(module, (torch.randn(1, 3, 8, 8),), str(path), dynamo=exporter == "dynamo")
+    result = prune_checked(path, 0.5, batch=1)  # exported with a static batch
+    norms = [n for n in result.model.graph.node if n.op_type == "InstanceNormalization"]
+    scale = next(i for i in result.model.graph.initializer if i.name == norms[0].input[1])
+    assert tuple(scale.dims) == (2,)  # 2 of the 4 groups are left
+    conv = next(i for i in result.model.graph.initializer if tuple(i.dims)[1:] == (8, 3, 3))
+    assert conv.dims[0] == 8
+
+
+def test_group_normalization_op_prunes_whole_groups_and_updates_num_groups() -> None:
+    """Scale and bias per channel (opset 21) or per group (opset 18, which onnx.checker calls deprecated
+    but onnxruntime runs)."""
+    from helpers import BATCH
+
+    for opset, params in ((18, 4), (21, 16)):
+        net = Net(opset=opset)
+        y = net.conv(net.x, 16)
+        scale, bias = net.random(params, low=0.5, high=1.5), net.random(params)
+        y = net.op("Relu", [net.op("GroupNormalization", [y, scale, bias], num_groups=4, epsilon=1e-5)])
+        out = net.head(y)
+        result = prune(net.model(out, shapes=((BATCH, 6, 8, 8),)), PlanOptions(ratio=0.5))
+        assert result.verification.ok and result.removed.any()
+        node = next(n for n in result.model.graph.node if n.op_type == "GroupNormalization")
+        attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+        kept = next(i for i in result.model.graph.initializer if i.name == node.input[1])
+        assert attrs["num_groups"] == 2 and tuple(kept.dims) == (params // 2,), opset
