@@ -287,6 +287,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--force", action="store_true", help="check even if PLAN was made for another model (warns)"
     )
+    add_input_shape_argument(p)
     p.set_defaults(func=cmd_verify)
 
     p = sub.add_parser("bench", help="onnxruntime latency of one or more models")
