@@ -25,7 +25,14 @@ from graphprune.planning.latency import LatencyModel, layer_specs
 from graphprune.planning.plan import PruningPlan
 from graphprune.runtime.cost import CostReport, count_cost
 from graphprune.runtime.profile import LatencyTable, Timing, measure_wholes, profile_model
-from graphprune.runtime.shapes import run_intermediates, tensor_shapes
+from graphprune.runtime.shapes import (
+    InputShapes,
+    restore_inputs,
+    run_intermediates,
+    symbolic_spatial_inputs,
+    tensor_shapes,
+    with_input_shapes,
+)
 from graphprune.search import blend  # noqa: F401  (registers the 'blend' criterion)
 from graphprune.surgery.apply import apply_removal
 from graphprune.surgery.recover import METHODS, RecoveryConfig, RecoveryReport, agreement, recover_model
@@ -37,10 +44,29 @@ ModelInput = LoadedModel | onnx.ModelProto | str | os.PathLike[str]
 RECOVERY_HOLDOUT = 256  # calibration images kept apart to measure a recovery, never fitted on
 
 
-def analyze_model(model: ModelInput) -> DependencyGraph:
-    """Channel-dependency analysis of a model file or proto (cleaned first; shapes from onnxruntime)."""
-    cleaned = clean(as_loaded(model).proto)
+def analyze_model(model: ModelInput, input_shapes: InputShapes | None = None) -> DependencyGraph:
+    """Channel-dependency analysis of a model file or proto (cleaned first; shapes from onnxruntime);
+    `input_shapes` sizes symbolic input axes (dynamic H/W), which are otherwise measured at 1."""
+    return _analyze(_sized(as_loaded(model).proto, input_shapes))
+
+
+def _analyze(model: onnx.ModelProto) -> DependencyGraph:
+    cleaned = clean(model)
     return analyze(cleaned, tensor_shapes(cleaned), run_intermediates)
+
+
+def _sized(model: onnx.ModelProto, input_shapes: InputShapes | None) -> onnx.ModelProto:
+    """The model with `input_shapes` applied; warns when spatial sizes stay symbolic (measured at 1)."""
+    sized = with_input_shapes(model, input_shapes or {})
+    symbolic = symbolic_spatial_inputs(sized)
+    if symbolic:
+        log.warning(
+            "input %s has symbolic spatial sizes, measured at 1 (MACs and verification too); give "
+            "--input-shape %s:1x3x224x224 (input_shapes=) with the real sizes",
+            symbolic[0],
+            symbolic[0],
+        )
+    return sized
 
 
 def model_cost(model: onnx.ModelProto) -> CostReport:
@@ -260,6 +286,8 @@ def prune(
     threads: int | None = None,
     recover: str | None = None,
     latency: LatencySource | None = None,
+    force: bool = False,
+    input_shapes: InputShapes | None = None,
 ) -> PruneResult:
     """Prune a model by options (ratio, global ranking, MACs or latency target) or by replaying a saved
     plan, and prove the result equal to the masked reference unless `verify` is False.
@@ -267,7 +295,10 @@ def prune(
     Criteria that read activations, gradients or a held-out split (mean_act, apoz, hrank, entropy,
     act_var, taylor, blend) take their calibration data from `calib` (see score_channels); the
     criterion's own report (the blend search's) comes back as `criterion_report`.  threads: onnxruntime
-    intra-op threads of calibration and verification (default: onnxruntime's own choice).
+    intra-op threads of calibration and verification (default: onnxruntime's own choice).  A replayed
+    plan made for another model file is refused (PlanError) unless `force`, which only logs a warning.
+    input_shapes: sizes of symbolic input axes (dynamic H/W) for MACs, planning and verification; the
+    written model keeps its inputs symbolic.  A MACs target on symbolic spatial sizes is refused.
 
     recover: "none", "bn" or "lsq" (see graphprune.surgery.recover; default "bn" when `calib` is given,
     else "none"), applied after verification on `calib_samples` calibration images; how close the
@@ -283,9 +314,14 @@ def prune(
             "the blend scored its candidates with BN recalibrated, but recover='none' writes them without"
         )
     loaded = as_loaded(model)
-    dep = analyze_model(loaded)
-    before = count_cost(dep.model, dep.shapes)
     sha = model_sha256(loaded.path) if loaded.path is not None else None
+    if plan is not None:
+        plan.check_model(sha, _label(loaded), force=force)
+    sized = _sized(loaded.proto, input_shapes)
+    if plan is None and options is not None and options.target_macs is not None:
+        _require_sizes(sized)
+    dep = _analyze(sized)
+    before = count_cost(dep.model, dep.shapes)
     criterion_report = None
     options = options or PlanOptions(ratio=0.5)
     if latency is None and plan is None and options.target_latency is not None:
@@ -306,6 +342,7 @@ def prune(
         pruned, recovery = _recover(dep, removed, pruned, calib, method, calib_samples, seed, threads)
         settings["recovery"] = recovery.as_dict()
     after = model_cost(pruned)
+    restore_inputs(pruned, loaded.proto)
     new_plan = PruningPlan.from_removed(
         dep,
         removed,
@@ -420,14 +457,38 @@ def _predicted(model: LatencyModel | None, removed: np.ndarray) -> dict[str, obj
 
 
 def verify_plan(
-    original: ModelInput, pruned: ModelInput, plan: PruningPlan, *, tolerance: float = 1e-4
+    original: ModelInput,
+    pruned: ModelInput,
+    plan: PruningPlan,
+    *,
+    tolerance: float = 1e-4,
+    force: bool = False,
+    input_shapes: InputShapes | None = None,
 ) -> VerificationReport:
-    """Check an existing pruned model against the masked reference of `original` under `plan`."""
+    """Check an existing pruned model against the masked reference of `original` under `plan` (refused,
+    unless `force`, when the plan was made for another model file) on inputs sized by `input_shapes`."""
     method = plan.settings.get("recovery", {}).get("method", "none")
     if method != "none":
         raise VerificationError(
             f"the plan says the model was recovered ({method!r}) after verification, so it no longer equals "
             "the masked reference; prune with --recover none to get a model that verify can check."
         )
-    dep = analyze_model(original)
+    loaded = as_loaded(original)
+    if loaded.path is not None:
+        plan.check_model(model_sha256(loaded.path), _label(loaded), force=force)
+    dep = _analyze(_sized(loaded.proto, input_shapes))
     return verify_pruning(dep, plan.removed_mask(dep), as_loaded(pruned).proto, tolerance=tolerance)
+
+
+def _label(loaded: LoadedModel) -> str:
+    return loaded.path.name if loaded.path is not None else "the given model"
+
+
+def _require_sizes(model: onnx.ModelProto) -> None:
+    """A MACs target planned at 1x1 would be met on paper only: refuse it on symbolic spatial sizes."""
+    symbolic = symbolic_spatial_inputs(model)
+    if symbolic:
+        raise GraphPruneError(
+            f"input {symbolic[0]} has symbolic spatial sizes, so MACs would be counted at 1x1 and a MACs "
+            f"target planned on them; give the real sizes, e.g. --input-shape {symbolic[0]}:1x3x224x224."
+        )

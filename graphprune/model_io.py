@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 import tempfile
 from dataclasses import dataclass
@@ -19,6 +20,11 @@ from graphprune.ops import OPS
 # Nodes that only rearrange constants (their OpSpec can fold them): clean() turns them into initializers.
 FOLDABLE_OPS = frozenset(name for name, spec in OPS.items() if spec.fold is not None)
 
+log = logging.getLogger(__name__)
+
+FLOAT_TYPES = frozenset(
+    {onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.DOUBLE, onnx.TensorProto.BFLOAT16}
+)
 # With external data, tensors of at least this many bytes leave the model file.
 EXTERNAL_MIN_BYTES = 1024
 
@@ -46,12 +52,32 @@ def load_model(path: str | os.PathLike[str]) -> LoadedModel:
     external = any(init.data_location == onnx.TensorProto.EXTERNAL for init in header.graph.initializer)
     try:
         proto = onnx.load(str(file), load_external_data=True) if external else header
-        onnx.checker.check_model(proto)
     except Exception as exc:  # noqa: BLE001
-        raise InvalidModelError(
-            f"{file}: the model fails onnx.checker or its external data is missing ({exc})."
-        ) from exc
+        raise InvalidModelError(f"{file}: its external data is missing or unreadable ({exc}).") from exc
+    _check(proto, file)
     return LoadedModel(proto, file, external)
+
+
+def _check(model: onnx.ModelProto, file: Path) -> None:
+    """onnx.checker, forgiving where onnxruntime is not: converters (tf2onnx, say) write models the
+    checker objects to (nodes out of topological order, ...) that onnxruntime runs, and those are
+    analysed with a warning; a model neither accepts is refused with both objections."""
+    try:
+        onnx.checker.check_model(model)
+        return
+    except Exception as exc:  # noqa: BLE001 - the checker raises ValidationError and friends
+        objection = " ".join(str(exc).split())
+    refusal = _onnxruntime_refusal(file)
+    if refusal is not None:
+        unknown = sorted({n.op_type for n in model.graph.node if not onnx.defs.has(n.op_type, n.domain)})
+        hint = (
+            f"; {', '.join(unknown)} are no ONNX ops (left unconverted by the exporter?)" if unknown else ""
+        )
+        raise InvalidModelError(
+            f"{file}: the model fails onnx.checker ({objection}) and onnxruntime cannot open it either "
+            f"({refusal}){hint}."
+        )
+    log.warning("%s fails onnx.checker (%s), but onnxruntime runs it: analysing it anyway", file, objection)
 
 
 def as_loaded(model: LoadedModel | onnx.ModelProto | str | os.PathLike[str]) -> LoadedModel:
@@ -85,12 +111,15 @@ def model_sha256(path: str | os.PathLike[str]) -> str:
 def clean(model: onnx.ModelProto) -> onnx.ModelProto:
     """A copy ready for analysis: Constant nodes and layout ops on initializers (Transpose, Unsqueeze,
     Squeeze) become initializers; each Identity-on-initializer becomes its own copy of the initializer
-    (the exporter shares equal tensors between layers that are not tied); initializers leave the graph
-    inputs; every node gets a unique name."""
+    (the exporter shares equal tensors between layers that are not tied), and so does each further
+    reader of an initializer whose values are all equal (see unshare_uniform); initializers leave the
+    graph inputs; every node gets a unique name; nodes come in topological order."""
     out = onnx.ModelProto()
     out.CopyFrom(model)
     graph = out.graph
+    toposort(graph)
     fold_constants(out, FOLDABLE_OPS)
+    unshare_uniform(graph)
     values = {init.name for init in graph.initializer}
     inputs = [value for value in graph.input if value.name not in values]
     del graph.input[:]
@@ -101,6 +130,77 @@ def clean(model: onnx.ModelProto) -> onnx.ModelProto:
             node.name = f"{node.op_type}_{index}"
         seen.add(node.name)
     return out
+
+
+def _onnxruntime_refusal(file: Path) -> str | None:
+    """Why onnxruntime cannot open the model file, or None when it can (only opened here: everything
+    that runs a model goes through graphprune.runtime.session, a layer above this one)."""
+    import onnxruntime
+
+    options = onnxruntime.SessionOptions()
+    options.log_severity_level = 3
+    try:
+        onnxruntime.InferenceSession(str(file), options, providers=["CPUExecutionProvider"])
+    except Exception as exc:  # noqa: BLE001 - onnxruntime raises its own untyped errors
+        return " ".join(str(exc).split())[:300]
+    return None
+
+
+def toposort(graph: onnx.GraphProto) -> None:
+    """In place: order nodes so that each comes after the producers of its inputs (stable; converters
+    such as tf2onnx may write them out of order, which op rules read in order could not follow)."""
+    ready = {value.name for value in graph.input} | {init.name for init in graph.initializer} | {""}
+    pending = list(graph.node)
+    ordered: list[onnx.NodeProto] = []
+    while pending:
+        waiting = []
+        for node in pending:
+            if set(node.input) <= ready:
+                ordered.append(node)
+                ready.update(node.output)
+            else:
+                waiting.append(node)
+        if len(waiting) == len(pending):  # a cycle or a dangling input: left as it was (checks will say)
+            ordered.extend(waiting)
+            break
+        pending = waiting
+    if [id(n) for n in ordered] != [id(n) for n in graph.node]:
+        copies = [onnx.NodeProto() for _ in ordered]
+        for copy, node in zip(copies, ordered, strict=True):
+            copy.CopyFrom(node)
+        del graph.node[:]
+        graph.node.extend(copies)
+
+
+def unshare_uniform(graph: onnx.GraphProto) -> int:
+    """In place: every node input after the first that reads a float initializer of equal values (zero
+    biases, unit scales) reads its own copy instead.  Simplifiers (onnxslim, ultralytics' export)
+    deduplicate equal constants across layers; read as a shared weight, such a tensor would tie layers
+    that hold the same numbers by chance, up to a whole network in one group.  Returns the copies made."""
+    values = {init.name: init for init in graph.initializer}
+    readers: dict[str, list[tuple[onnx.NodeProto, int]]] = {}
+    for node in graph.node:
+        for index, name in enumerate(node.input):
+            if name in values:
+                readers.setdefault(name, []).append((node, index))
+    names = set(values) | {out for node in graph.node for out in node.output}
+    copies = 0
+    for name, uses in readers.items():
+        init = values[name]
+        if len(uses) < 2 or init.data_type not in FLOAT_TYPES or int(np.prod(init.dims)) < 2:
+            continue
+        array = numpy_helper.to_array(init)
+        if not np.all(array == array.flat[0]):
+            continue
+        for node, index in uses[1:]:
+            copies += 1
+            fresh = f"{name}__{copies}"
+            while fresh in names:
+                fresh += "_"
+            names.add(fresh)
+            graph.initializer.append(numpy_helper.from_array(array, fresh))
+            node.input[index] = fresh
+    return copies
 
 
 def fold_constants(model: onnx.ModelProto, op_types: frozenset[str]) -> int:

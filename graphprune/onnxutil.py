@@ -40,13 +40,19 @@ def atomic_write(path: str | os.PathLike[str]) -> Iterator[Path]:
     tmp = Path(tmp_name)
     try:
         yield tmp
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)
+        plain_permissions(tmp)
         os.replace(tmp, target)
     finally:
         if tmp.exists():
             tmp.unlink()
+
+
+def plain_permissions(path: str | os.PathLike[str]) -> None:
+    """Give a file the permissions a plainly created one gets (0666 less the umask): temporary files
+    and onnx's external-data writer use 0600."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(path, 0o666 & ~umask)
 
 
 def sha256_file(path: str | os.PathLike[str]) -> str:

@@ -69,7 +69,7 @@ def test_demo_runs_end_to_end_on_synthetic_data(tmp_path: Path) -> None:
 
     from graphprune.onnxutil import conv_channels
 
-    done = run("demo", "--out", tmp_path, "--data", "synthetic:128", "--samples", "64")
+    done = run("demo", "--out", tmp_path, "--data", "synthetic:128", "--train-limit", "64")
     assert done.returncode == 0, done.stderr
     for name in ("resnet20_pruned_finetuned.onnx", "channels_per_layer.png", "accuracy_vs_macs.png"):
         assert (tmp_path / name).stat().st_size > 0

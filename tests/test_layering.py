@@ -73,6 +73,7 @@ ALLOWED: dict[str, set[str]] = {
         "data",
         "zoo",
         "report",
+        "__init__",  # the version (--version) has one home, graphprune.__version__
     },
     "__init__": BASE | {"api", "planning", "torch_bridge"},
 }

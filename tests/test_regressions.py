@@ -142,7 +142,6 @@ CASES: dict[str, Callable[[], tuple[nn.Module, int]]] = {
 # Cases whose stem channels must be left whole, with the op type that blocks them.
 LEFT_WHOLE = {
     "strided_channels": "Slice",
-    "group_norm": "InstanceNormalization",
     "layer_norm_over_channels": "LayerNormalization",
     "layer_norm_chw": "LayerNormalization",
     "softmax_over_channels": "Softmax",

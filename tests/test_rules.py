@@ -607,7 +607,6 @@ def test_layer_norm_over_channels_blocks() -> None:
 @pytest.mark.parametrize(
     ("op_type", "params", "opset", "attrs"),
     [
-        ("GroupNormalization", 2, 21, {"num_groups": 2}),
         ("DepthToSpace", 0, 17, {"blocksize": 2}),
         ("SpaceToDepth", 0, 17, {"blocksize": 2}),
         ("LpNormalization", 0, 17, {"axis": 1}),

@@ -198,7 +198,7 @@ def test_cli_train_prune_finetune_resume_eval(tmp_path: Path, capsys: pytest.Cap
     from graphprune.planning import PlanOptions
 
     base, pruned, tuned = tmp_path / "base.onnx", tmp_path / "pruned.onnx", tmp_path / "tuned.onnx"
-    data = ("--data", "synthetic:128", "--eval-limit", "64", "--batch-size", "64", "--epochs", "1")
+    data = ("--data", "synthetic:128", "--val-limit", "64", "--batch-size", "64", "--epochs", "1")
     assert _cli("train", "--model", "resnet20", "-o", str(base), *data) == 0
     assert (tmp_path / "base.ckpt" / "last.pt").is_file()
     prune(base, PlanOptions(ratio=0.5)).save(pruned)

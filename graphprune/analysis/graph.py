@@ -17,7 +17,7 @@ import networkx as nx
 import numpy as np
 import onnx
 
-from graphprune.errors import AnalysisRuleError
+from graphprune.errors import AnalysisRuleError, UnsupportedModelError
 from graphprune.model_io import initializer_arrays
 from graphprune.onnxutil import opset_of
 from graphprune.ops import OPS
@@ -100,7 +100,9 @@ def analyze(
     shapes: every tensor's shape at batch 1; evaluate: computes size/bound/index inputs that are not
     constants (chunk bounds derived from Shape, say).  strict: after each rule, check that it accounted
     for every channel reaching the node (see _check_rule_outputs); by default on when the environment
-    sets GRAPHPRUNE_STRICT_RULES=1, as the tests do."""
+    sets GRAPHPRUNE_STRICT_RULES=1, as the tests do.  A quantized model is refused: its channels are
+    pruned in the float model, before quantization."""
+    refuse_quantized(model)
     if strict is None:
         strict = os.environ.get(STRICT_ENV) == "1"
     constants = initializer_arrays(model)
@@ -145,6 +147,40 @@ def analyze(
         class_group,
         class_slot,
     )
+
+
+# Ops that only quantized models hold: QDQ pairs, and QOperator / integer kernels.
+QUANTIZED_OPS = {
+    "QuantizeLinear",
+    "DequantizeLinear",
+    "DynamicQuantizeLinear",
+    "QLinearConv",
+    "QLinearMatMul",
+    "ConvInteger",
+    "MatMulInteger",
+    "QGemm",
+    "QLinearAdd",
+    "QLinearMul",
+    "QLinearGlobalAveragePool",
+    "QLinearConcat",
+    "QLinearSigmoid",
+    "QLinearLeakyRelu",
+}
+
+
+def refuse_quantized(model: onnx.ModelProto) -> None:
+    """UnsupportedModelError naming the quantization when the model is QDQ or QOperator."""
+    found: dict[str, int] = {}
+    for node in model.graph.node:
+        if node.op_type in QUANTIZED_OPS:
+            found[node.op_type] = found.get(node.op_type, 0) + 1
+    if found:
+        style = "QOperator" if found.keys() - {"QuantizeLinear", "DequantizeLinear"} else "QDQ"
+        ops = ", ".join(f"{count} {op}" for op, count in sorted(found.items()))
+        raise UnsupportedModelError(
+            f"the model is quantized ({style}: {ops}); graphprune prunes float models: prune the float "
+            "model before quantization, then quantize the pruned one."
+        )
 
 
 def shape_arithmetic(

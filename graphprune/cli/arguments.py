@@ -1,4 +1,5 @@
-"""Arguments shared by several command families: calibration and blend options, torch threads."""
+"""Arguments shared by several command families: calibration and blend options, input shapes, torch
+threads; the help formatter and deprecated aliases."""
 
 from __future__ import annotations
 
@@ -8,7 +9,69 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from graphprune.torch_bridge.distill import Teacher
 
-POOL_HELP = "comma-separated criteria (default: the blend's pool)"
+POOL_HELP = "comma-separated criteria"
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows each option's default, except where there is none to show (None, False, empty)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        if action.default in (None, False, []) or "default" in (action.help or ""):
+            return action.help
+        return super()._get_help_string(action)
+
+
+class _DeprecatedAlias(argparse.Action):
+    """An old spelling that still works (hidden from --help) and says which to use instead."""
+
+    def __init__(self, option_strings: list[str], dest: str, replacement: str, **kwargs: Any) -> None:
+        super().__init__(option_strings, dest, default=argparse.SUPPRESS, help=argparse.SUPPRESS, **kwargs)
+        self.replacement = replacement
+
+    def __call__(
+        self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, values: Any, option: Any = None
+    ) -> None:
+        from graphprune.cli.console import console
+
+        console.print(f"graphprune: warning: {option} is deprecated; use {self.replacement}.", markup=False)
+        setattr(namespace, self.dest, values)
+
+
+def add_alias(parser: argparse.ArgumentParser, old: str, new: str, **kwargs: Any) -> None:
+    """Keep `old` working as a hidden, deprecated spelling of the option `new` (same dest and type)."""
+    dest = new.lstrip("-").replace("-", "_")
+    parser.add_argument(old, dest=dest, action=_DeprecatedAlias, replacement=new, **kwargs)
+
+
+def parse_shape(text: str) -> tuple[int, ...]:
+    """Sizes written 1x3x224x224 or 1,3,224,224."""
+    parts = text.replace(",", "x").split("x")
+    if not all(p.strip().isdigit() and int(p) > 0 for p in parts):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a shape like 1x3x224x224")
+    return tuple(int(p) for p in parts)
+
+
+def parse_input_shape(text: str) -> tuple[str, tuple[int, ...]]:
+    """NAME:1x3x224x224 (the name may itself hold colons, as tf2onnx's input_1:0 does), or the sizes
+    alone for a model with one input."""
+    name, _, sizes = text.rpartition(":")
+    return name, parse_shape(sizes)
+
+
+def add_input_shape_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--input-shape",
+        type=parse_input_shape,
+        action="append",
+        default=[],
+        metavar="NAME:1x3x224x224",
+        help="sizes of an input whose height/width are dynamic (symbolic sizes are otherwise taken as 1); "
+        "repeat for several inputs; NAME may be left out when the model has one input",
+    )
+
+
+def input_shapes(args: argparse.Namespace) -> dict[str, tuple[int, ...]]:
+    return dict(args.input_shape)
 
 
 def set_threads(args: argparse.Namespace) -> None:
@@ -23,9 +86,7 @@ def add_calibration_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--calib", help="calibration data for activation/taylor/blend criteria (dataset spec)"
     )
-    parser.add_argument(
-        "--calib-samples", type=int, default=1024, help="calibration images drawn (default 1024)"
-    )
+    parser.add_argument("--calib-samples", type=int, default=1024, help="calibration images drawn (seeded)")
     parser.add_argument(
         "--recover",
         choices=("none", "bn", "lsq"),
@@ -36,12 +97,19 @@ def add_calibration_arguments(parser: argparse.ArgumentParser) -> None:
         "to the original's outputs, then BN; a few seconds more, much better at strong pruning",
     )
     blend = parser.add_argument_group("blend (--criterion blend)")
-    blend.add_argument("--blend-pool", help=POOL_HELP)
+    blend.add_argument("--blend-pool", help=POOL_HELP + " (default: the blend's pool)")
     blend.add_argument("--blend-similarity", type=float, default=0.9, help="Spearman threshold for clusters")
-    blend.add_argument("--blend-normalize", default="rank", choices=("rank", "scale"))
-    blend.add_argument("--blend-population", type=int, default=12)
-    blend.add_argument("--blend-generations", type=int, default=8)
-    blend.add_argument("--blend-workers", type=int, default=2, help="evaluation processes (default 2)")
+    blend.add_argument(
+        "--blend-normalize",
+        default="rank",
+        choices=("rank", "scale"),
+        help="how pooled scores are made comparable",
+    )
+    blend.add_argument("--blend-population", type=int, default=12, help="candidate blends per generation")
+    blend.add_argument(
+        "--blend-generations", type=int, default=8, help="generations of the evolutionary search"
+    )
+    blend.add_argument("--blend-workers", type=int, default=2, help="evaluation processes")
     blend.add_argument("--blend-report", help="folder for blend_report.json and blend_fitness.png")
 
 

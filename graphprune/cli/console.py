@@ -3,6 +3,7 @@ module that every command module imports, so command modules never import each o
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -10,13 +11,22 @@ from contextlib import contextmanager
 from rich.console import Console
 
 console = Console(stderr=True, highlight=False)
+# Seconds a stage runs before it says so.
+STAGE_NOTICE_S = 2.0
 out = Console(highlight=False)
 
 
 @contextmanager
 def stage(label: str) -> Iterator[None]:
-    """A spinner while a stage runs, then its duration."""
+    """A line when a stage has run for STAGE_NOTICE_S (long work shows it is alive, a quick failure
+    stays one line) and one with its duration when it ends.  No spinner: a live display re-prints the
+    progress bars drawn under it (duplicate lines), and a log file gets nothing from it."""
     start = time.perf_counter()
-    with console.status(f"{label} ..."):
+    notice = threading.Timer(STAGE_NOTICE_S, console.print, (f"{label:<10} ...",))
+    notice.daemon = True
+    notice.start()
+    try:
         yield
+    finally:
+        notice.cancel()
     console.print(f"{label:<10} done in {time.perf_counter() - start:.2f} s")

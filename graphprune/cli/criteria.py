@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from graphprune.cli.arguments import POOL_HELP
+from graphprune.cli.arguments import POOL_HELP, add_alias
 
 if TYPE_CHECKING:
     from rich.table import Table
@@ -34,19 +34,18 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
         "criteria", help="Spearman rank correlation between criteria, per layer (table and heatmap)"
     )
-    p.add_argument("model")
+    p.add_argument("model", help="the ONNX model")
     p.add_argument(
         "--calib", required=True, help="calibration data: fashion-mnist, synthetic[:N], .npz, folder"
     )
-    p.add_argument("--samples", type=int, default=512, help="calibration images drawn (seeded; default 512)")
+    p.add_argument("--calib-samples", type=int, default=512, help="calibration images drawn (seeded)")
+    add_alias(p, "--samples", "--calib-samples", type=int)
     p.add_argument("--criteria", default=",".join(DEFAULT_POOL), help=POOL_HELP)
     p.add_argument(
         "--aggregate", default="sum", choices=("sum", "mean", "max"), help="group score from members"
     )
-    p.add_argument(
-        "--similarity", type=float, default=0.9, help="Spearman threshold for clusters (default 0.9)"
-    )
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--similarity", type=float, default=0.9, help="Spearman threshold for clusters")
+    p.add_argument("--seed", type=int, default=0, help="seed of the calibration subset")
     p.add_argument("--out", help="folder for criteria_spearman.json and heatmap PNGs")
     p.set_defaults(func=cmd_criteria)
 
@@ -62,7 +61,7 @@ def cmd_criteria(args: argparse.Namespace) -> int:
     names = [name.strip() for name in args.criteria.split(",") if name.strip()]
     with stage("analysis"):
         dep = analyze_model(args.model)
-    data = load_calibration(args.calib, args.samples, args.seed)
+    data = load_calibration(args.calib, args.calib_samples, args.seed)
     inputs = pool_inputs(dep, data, names, seed=args.seed, gate_gradients=torch_gate_gradients)
     with stage("criteria"):
         pool = score_pool(inputs, names, args.aggregate)

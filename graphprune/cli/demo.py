@@ -14,6 +14,7 @@ from pathlib import Path
 import onnx
 
 from graphprune.api import PruneResult, model_cost, prune
+from graphprune.cli.arguments import add_alias
 from graphprune.cli.console import out, stage
 from graphprune.onnxutil import conv_channels
 from graphprune.planning import PlanOptions
@@ -131,7 +132,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
         target_macs=args.target_macs,
         round_to=args.round_to,
         finetune_epochs=args.epochs,
-        finetune_samples=args.samples,
+        finetune_samples=args.train_limit,
         recover=args.recover,
         teacher=args.teacher,
         data=args.data,
@@ -151,8 +152,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "demo", help="the main job: prune the shipped Fashion-MNIST ResNet-20 to half its MACs"
     )
-    p.add_argument("--out", default="out/demo")
-    p.add_argument("--target-macs", type=float, default=0.5)
+    p.add_argument("--out", default="out/demo", help="folder for the models, table and plots")
+    p.add_argument("--target-macs", type=float, default=0.5, help="keep at most this fraction of the MACs")
     p.add_argument(
         "--round-to",
         type=int,
@@ -172,7 +173,8 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="distil the fine-tune from the original model",
     )
     p.add_argument("--epochs", type=int, default=1, help="fine-tune epochs")
-    p.add_argument("--samples", type=int, default=15000, help="training images used for fine-tuning")
+    p.add_argument("--train-limit", type=int, default=15000, help="training images used for fine-tuning")
+    add_alias(p, "--samples", "--train-limit", type=int)
     p.add_argument("--data", default="fashion-mnist", help="dataset spec (synthetic for a quick check)")
-    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--threads", type=int, default=2, help="threads of onnxruntime and torch")
     p.set_defaults(func=cmd_demo)

@@ -28,7 +28,7 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--train-limit", type=int, help="use a seeded subset of this many training samples")
     p.add_argument("--val-limit", type=int, help="use a seeded subset of this many test samples")
     p.add_argument("-o", "--output", required=True, help="where the pruned, fine-tuned ONNX model goes")
-    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--batch-size", type=int, default=128, help="per process under torchrun")
     p.add_argument("--lr", type=float, default=0.1, help="learning rate of (sparsity / baseline) training")
     p.add_argument("--finetune-lr", type=float, default=0.01, help="learning rate of fine-tuning")
     p.add_argument(
@@ -37,9 +37,9 @@ def _common(p: argparse.ArgumentParser) -> None:
         choices=("cosine", "one-cycle", "constant"),
         help="schedule of every phase",
     )
-    p.add_argument("--weight-decay", type=float, default=5e-4)
+    p.add_argument("--weight-decay", type=float, default=5e-4, help="L2 weight decay")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1 ...")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="seed of data order, augmentation and subsets")
     p.add_argument("--workdir", help="keep intermediate models here (default: a temporary folder)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     distillation_arguments(p)

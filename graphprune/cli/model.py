@@ -6,9 +6,19 @@ import argparse
 import json
 from pathlib import Path
 
-from graphprune.cli.arguments import add_calibration_arguments, calibration_kwargs
+from graphprune.cli.arguments import (
+    add_calibration_arguments,
+    add_input_shape_argument,
+    calibration_kwargs,
+    input_shapes,
+    parse_shape,
+)
 from graphprune.cli.console import console, out, stage
 from graphprune.errors import GraphPruneError
+
+# The bench table fits a classic 80-column terminal or log: the numbers take 60 columns, and
+# longer model names are cut (never wrapped).
+BENCH_WIDTH = 80
 
 
 def _floats(text: str) -> list[int]:
@@ -22,7 +32,7 @@ def cmd_analyze(args: argparse.Namespace) -> int:
     from graphprune.runtime.cost import count_cost
 
     with stage("analysis"):
-        dep = analyze_model(args.model)
+        dep = analyze_model(args.model, input_shapes(args))
     cost = count_cost(dep.model, dep.shapes)
     summary = analysis_summary(dep, Path(args.model).name, cost.macs, cost.params)
     if args.json:
@@ -87,13 +97,16 @@ def cmd_prune(args: argparse.Namespace) -> int:
             tolerance=args.tolerance,
             threads=args.threads,
             latency=latency,
+            force=args.force,
+            input_shapes=input_shapes(args),
             **calibration_kwargs(args),
         )
     if result.verification is not None:
         report = result.verification
         console.print(
             f"verify     max rel err {report.max_rel_error:.2g} over {report.tensors} tensors x {report.seeds} "
-            "seeded inputs  ok"
+            f"seeded inputs  ok{_precision_note(report)}",
+            soft_wrap=True,
         )
     else:
         console.print(
@@ -110,7 +123,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
         rows["after"]["predicted_ms"] = predicted["predicted_ms"]
     if args.bench:
         where = predicted or {"provider": args.provider, "batch": args.batch, "threads": args.threads}
-        rows = _with_latency(rows, [args.model, str(output)], where)
+        rows = _with_latency(rows, [args.model, str(output)], where, input_shapes(args))
     if args.json:
         report = result.verification
         verification = (
@@ -178,7 +191,14 @@ def _print_recovery(report) -> None:  # noqa: ANN001 - RecoveryReport, imported 
         console.print(f"           left as is: {node}: {reason}", markup=False)
 
 
-def _with_latency(rows: dict, paths: list[str], where: dict) -> dict:
+def _precision_note(report) -> str:  # noqa: ANN001 - VerificationReport, imported lazily
+    """Says when a reduced-precision model was checked at a looser tolerance."""
+    if report.precision == "fp32":
+        return ""
+    return f" ({report.precision} model: tolerance {report.tolerance:g})"
+
+
+def _with_latency(rows: dict, paths: list[str], where: dict, shapes: dict) -> dict:
     """Measured latency of each model, with the latency table's provider, batch and threads when the
     plan was made with one (so predicted and measured compare)."""
     from graphprune.runtime.bench import bench
@@ -191,6 +211,7 @@ def _with_latency(rows: dict, paths: list[str], where: dict) -> dict:
             provider=where["provider"],
             warmup=20,
             runs=200,
+            input_shapes=shapes,
         ).median_ms
     return rows
 
@@ -236,10 +257,16 @@ def cmd_verify(args: argparse.Namespace) -> int:
 
     with stage("verify"):
         report = verify_plan(
-            args.original, args.pruned, PruningPlan.load(args.plan), tolerance=args.tolerance
+            args.original,
+            args.pruned,
+            PruningPlan.load(args.plan),
+            tolerance=args.tolerance,
+            force=args.force,
+            input_shapes=input_shapes(args),
         )
     out.print(
         f"equal to the masked reference: max rel err {report.max_rel_error:.2g} over {report.tensors} tensors"
+        f"{_precision_note(report)}"
     )
     return 0
 
@@ -248,7 +275,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     from rich import box
     from rich.table import Table
 
-    from graphprune.report.tables import fmt_ms, render
+    from graphprune.report.tables import fmt_ms, render, short_names
     from graphprune.runtime.bench import bench_many
 
     results = bench_many(
@@ -258,6 +285,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         provider=args.provider,
         warmup=args.warmup,
         runs=args.runs,
+        input_shapes=input_shapes(args),
     )
     if args.json:
         from dataclasses import asdict
@@ -267,20 +295,22 @@ def cmd_bench(args: argparse.Namespace) -> int:
     table = Table(
         title=f"latency ({args.provider}, {args.threads or 'default'} threads)", box=box.SIMPLE_HEAD
     )
-    for column in ("model", "batch", "median", "p90", "throughput/s", "speed-up"):
-        table.add_column(column, justify="left" if column == "model" else "right")
+    table.add_column("model", no_wrap=True, overflow="ellipsis", max_width=BENCH_WIDTH - 60)
+    for column, width in (("batch", 5), ("median", 9), ("p90", 9), ("throughput/s", 12), ("speed-up", 8)):
+        table.add_column(column, justify="right", no_wrap=True, min_width=width)
+    names = dict(zip(args.models, short_names(args.models), strict=True))
     baseline: dict[int, float] = {}
     for result in results:
         first = baseline.setdefault(result.batch, result.median_ms)
         table.add_row(
-            Path(result.model).name,
+            names[result.model],
             str(result.batch),
             fmt_ms(result.median_ms),
             fmt_ms(result.p90_ms),
             f"{result.throughput_per_s:,.1f}",
             f"{first / result.median_ms:.2f}x",
         )
-    out.print(render(table), end="")
+    out.print(render(table, width=BENCH_WIDTH), end="", soft_wrap=True)
     return 0
 
 
@@ -291,11 +321,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     from graphprune.zoo import build, default_input_shape
 
     module = build(args.spec, in_channels=args.in_channels, num_classes=args.num_classes)
-    shape = (
-        tuple(_floats(args.input_shape))
-        if args.input_shape
-        else default_input_shape(args.spec, in_channels=args.in_channels)
-    )
+    shape = args.input_shape or default_input_shape(args.spec, in_channels=args.in_channels)
     with stage("export"):
         export(
             module,
@@ -311,13 +337,14 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("analyze", help="groups, prunable channels, blocked nodes and why, MACs/params")
-    p.add_argument("model")
+    p.add_argument("model", help="the ONNX model")
     p.add_argument("--json", action="store_true", help="machine-readable output")
+    add_input_shape_argument(p)
     p.set_defaults(func=cmd_analyze)
 
     p = sub.add_parser("prune", help="remove channels, verify against the masked reference, write the model")
-    p.add_argument("model")
-    p.add_argument("-o", "--output", required=True)
+    p.add_argument("model", help="the ONNX model (never modified)")
+    p.add_argument("-o", "--output", required=True, help="where the pruned model goes (written atomically)")
     how = p.add_mutually_exclusive_group()
     how.add_argument("--ratio", type=float, help="fraction of channels removed from every prunable group")
     how.add_argument("--target-macs", type=float, help="keep at most this fraction of the MACs")
@@ -327,6 +354,9 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="keep at most this fraction of the measured latency (profiles the model unless --latency-lut)",
     )
     p.add_argument("--plan", help="replay a saved plan instead of planning")
+    p.add_argument(
+        "--force", action="store_true", help="replay --plan even if it was made for another model (warns)"
+    )
     p.add_argument(
         "--criterion",
         default="l1",
@@ -358,8 +388,15 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-ratio", type=float, default=0.9, help="most of one group --global may remove")
     p.add_argument("--min-channels", type=int, default=1, help="channels every group keeps")
     p.add_argument("--round-to", type=int, default=1, help="kept channels a multiple of N (e.g. 8)")
-    p.add_argument("--exclude", nargs="*", metavar="NODE", help="nodes whose channels stay whole")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--exclude",
+        action="append",
+        metavar="NODE",
+        help="a node whose channels stay whole (repeat the flag for several)",
+    )
+    p.add_argument(
+        "--seed", type=int, default=0, help="seed of random choices (criterion random, calibration)"
+    )
     p.add_argument("--plan-out", help="where to write the plan (default OUT.plan.json)")
     p.add_argument("--no-verify", action="store_true", help="skip verification (not recommended)")
     p.add_argument("--tolerance", type=float, default=1e-4, help="relative tolerance of verification")
@@ -373,6 +410,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--threads", type=int, default=None, help="onnxruntime threads of calibration, verification, --bench"
     )
+    add_input_shape_argument(p)
     p.set_defaults(func=cmd_prune)
     add_calibration_arguments(p)
 
@@ -390,31 +428,44 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=cmd_profile)
 
     p = sub.add_parser("verify", help="check a pruned model against ORIGINAL masked by PLAN")
-    p.add_argument("original")
-    p.add_argument("pruned")
-    p.add_argument("--plan", required=True)
-    p.add_argument("--tolerance", type=float, default=1e-4)
+    p.add_argument("original", help="the model before pruning")
+    p.add_argument("pruned", help="the pruned model")
+    p.add_argument("--plan", required=True, help="the plan the pruned model was made with")
+    p.add_argument(
+        "--tolerance", type=float, default=1e-4, help="relative tolerance (fp16 models: at least 1e-2)"
+    )
+    p.add_argument(
+        "--force", action="store_true", help="check even if PLAN was made for another model (warns)"
+    )
+    add_input_shape_argument(p)
     p.set_defaults(func=cmd_verify)
 
     p = sub.add_parser("bench", help="onnxruntime latency of one or more models")
-    p.add_argument("models", nargs="+")
+    p.add_argument("models", nargs="+", help="ONNX models; speed-ups are relative to the first")
     p.add_argument("--batch", default="1", help="comma-separated batch sizes, e.g. 1,32")
-    p.add_argument("--threads", type=int, default=None)
-    p.add_argument("--provider", default="cpu", choices=("cpu", "cuda"))
-    p.add_argument("--warmup", type=int, default=10)
-    p.add_argument("--runs", type=int, default=50)
+    p.add_argument(
+        "--threads", type=int, default=None, help="onnxruntime intra-op threads (default: its own)"
+    )
+    p.add_argument(
+        "--provider", default="cpu", choices=("cpu", "cuda"), help="onnxruntime execution provider"
+    )
+    p.add_argument("--warmup", type=int, default=10, help="untimed runs first")
+    p.add_argument("--runs", type=int, default=50, help="timed runs (median and p90 over them)")
+    add_input_shape_argument(p)
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(func=cmd_bench)
 
     p = sub.add_parser(
         "export", help="export a zoo model, torchvision:NAME or module:callable to ONNX (BN kept)"
     )
-    p.add_argument("spec")
-    p.add_argument("-o", "--output", required=True)
-    p.add_argument("--input-shape", help="e.g. 1,3,224,224 (default: the model's own)")
-    p.add_argument("--in-channels", type=int, default=None)
-    p.add_argument("--num-classes", type=int, default=None)
-    p.add_argument("--exporter", default="legacy", choices=("legacy", "dynamo"))
+    p.add_argument("spec", help="a zoo name, torchvision:NAME or pkg.module:callable")
+    p.add_argument("-o", "--output", required=True, help="the ONNX file to write")
+    p.add_argument(
+        "--input-shape", type=parse_shape, help="sample input, e.g. 1x3x224x224 (default: the model's own)"
+    )
+    p.add_argument("--in-channels", type=int, default=None, help="input channels (default: the model's own)")
+    p.add_argument("--num-classes", type=int, default=None, help="classes (default: the model's own)")
+    p.add_argument("--exporter", default="legacy", choices=("legacy", "dynamo"), help="torch.onnx exporter")
     p.add_argument("--external-data", action="store_true", help="weights in OUT.onnx.data")
     p.add_argument("--fold-bn", action="store_true", help="fold BatchNorm into convs (as often shipped)")
     p.set_defaults(func=cmd_export)

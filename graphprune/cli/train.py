@@ -17,7 +17,7 @@ import contextlib
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from graphprune.cli.arguments import distillation_arguments, set_threads, teacher
+from graphprune.cli.arguments import add_alias, distillation_arguments, set_threads, teacher
 from graphprune.errors import GraphPruneError
 
 if TYPE_CHECKING:
@@ -31,15 +31,15 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     """Add the `train`, `finetune` and `eval` commands."""
     p = subparsers.add_parser("train", help="train a zoo model (a baseline) and export it with BN kept")
     p.add_argument("--model", default="resnet20", help="zoo name, torchvision:NAME or pkg.module:callable")
-    p.add_argument("-o", "--output", required=True)
+    p.add_argument("-o", "--output", required=True, help="the trained model, exported to ONNX with BN kept")
     _training_arguments(p, epochs=8, lr=0.1, schedule="one-cycle")
     p.set_defaults(func=cmd_train)
 
     p = subparsers.add_parser(
         "finetune", help="fold a (pruned) ONNX model back into torch, fine-tune, export"
     )
-    p.add_argument("model")
-    p.add_argument("-o", "--output", required=True)
+    p.add_argument("model", help="the (pruned) ONNX model")
+    p.add_argument("-o", "--output", required=True, help="the fine-tuned model, re-exported to ONNX")
     p.add_argument(
         "--module",
         help="fold back onto this module (zoo name or pkg.module:callable, parameters named as in the "
@@ -49,30 +49,43 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.set_defaults(func=cmd_finetune)
 
     p = subparsers.add_parser("eval", help="top-1 accuracy of an ONNX classifier through onnxruntime")
-    p.add_argument("model")
+    p.add_argument("model", help="the ONNX classifier")
     p.add_argument("--data", required=True, help="fashion-mnist, synthetic[:N], FILE.npz or an image folder")
-    p.add_argument("--split", default="test", choices=("train", "test"))
+    p.add_argument("--split", default="test", choices=("train", "test"), help="which split to evaluate")
     p.add_argument("--limit", type=int, default=None, help="evaluate a seeded subset of N samples")
-    p.add_argument("--batch-size", type=int, default=256)
-    p.add_argument("--threads", type=int, default=None)
-    p.add_argument("--provider", default="cpu", choices=("cpu", "cuda"))
+    p.add_argument("--batch-size", type=int, default=256, help="images per onnxruntime run")
+    p.add_argument(
+        "--threads", type=int, default=None, help="onnxruntime intra-op threads (default: its own)"
+    )
+    p.add_argument(
+        "--provider", default="cpu", choices=("cpu", "cuda"), help="onnxruntime execution provider"
+    )
     p.set_defaults(func=cmd_eval)
 
 
 def _training_arguments(p: argparse.ArgumentParser, *, epochs: int, lr: float, schedule: str) -> None:
     """Options shared by train and finetune (defaults: ANCHORS.md's recipe)."""
     p.add_argument("--data", required=True, help="fashion-mnist, synthetic[:N], FILE.npz or an image folder")
-    p.add_argument("--epochs", type=int, default=epochs)
+    p.add_argument("--epochs", type=int, default=epochs, help="passes over the training set")
     p.add_argument("--batch-size", type=int, default=128, help="per process under torchrun")
     p.add_argument("--lr", type=float, default=lr, help="peak (one-cycle) or initial (cosine) learning rate")
-    p.add_argument("--schedule", default=schedule, choices=("cosine", "one-cycle", "constant"))
-    p.add_argument("--momentum", type=float, default=0.9)
-    p.add_argument("--no-nesterov", action="store_true")
-    p.add_argument("--weight-decay", type=float, default=5e-4)
+    p.add_argument(
+        "--schedule",
+        default=schedule,
+        choices=("cosine", "one-cycle", "constant"),
+        help="learning-rate schedule",
+    )
+    p.add_argument("--momentum", type=float, default=0.9, help="SGD momentum")
+    p.add_argument("--no-nesterov", action="store_true", help="plain momentum instead of Nesterov's")
+    p.add_argument("--weight-decay", type=float, default=5e-4, help="L2 weight decay")
     p.add_argument("--no-augment", action="store_true", help="no pad-2 random crop + horizontal flip")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--limit", type=int, default=None, help="train on a seeded subset of N samples")
-    p.add_argument("--eval-limit", type=int, default=None, help="evaluate on a seeded subset of N samples")
+    p.add_argument("--seed", type=int, default=0, help="seed of data order, augmentation and subsets")
+    p.add_argument("--train-limit", type=int, default=None, help="train on a seeded subset of N samples")
+    add_alias(p, "--limit", "--train-limit", type=int)
+    p.add_argument(
+        "--val-limit", type=int, default=None, help="evaluate on a seeded subset of N test samples"
+    )
+    add_alias(p, "--eval-limit", "--val-limit", type=int)
     p.add_argument("--checkpoint-dir", help="where to checkpoint each epoch (default OUT.ckpt/)")
     p.add_argument("--resume", action="store_true", help="continue from the last checkpoint")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda")
@@ -109,8 +122,8 @@ def _datasets(args: argparse.Namespace) -> tuple[ArrayDataset, ArrayDataset]:
     """(train split, test split) of --data, each optionally limited."""
     from graphprune.data import load_dataset
 
-    train = load_dataset(args.data, "train", limit=args.limit, seed=args.seed)
-    test = load_dataset(args.data, "test", limit=args.eval_limit, seed=args.seed)
+    train = load_dataset(args.data, "train", limit=args.train_limit, seed=args.seed)
+    test = load_dataset(args.data, "test", limit=args.val_limit, seed=args.seed)
     return train, test
 
 

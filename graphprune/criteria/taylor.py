@@ -102,6 +102,7 @@ class Taylor(Criterion):
             raise CalibrationError(
                 "criterion 'taylor' needs labelled calibration data; give --calib DATA (calib= in Python)."
             )
+        inputs.calibration.require_labels("criterion 'taylor' (loss gradients)")
         if inputs.gate_gradients is None:
             raise GraphPruneError(
                 "criterion 'taylor' needs ScoringInputs.gate_gradients; score it through graphprune.api."

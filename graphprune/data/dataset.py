@@ -21,7 +21,8 @@ def seeded_indices(total: int, count: int | None, seed: int) -> np.ndarray | Non
 
 @dataclass
 class ArrayDataset:
-    """Normalised float32 images [N,C,H,W] with int64 labels [N] in 0..num_classes-1."""
+    """Normalised float32 images [N,C,H,W] with int64 labels [N] in 0..num_classes-1; a label-free set
+    (calibration images only) has num_classes 0 and every label -1 (see `unlabelled`)."""
 
     images: np.ndarray
     labels: np.ndarray
@@ -36,9 +37,32 @@ class ArrayDataset:
                 f"Dataset '{self.name}' needs images [N,C,H,W] and labels [N], got {self.images.shape} "
                 f"and {self.labels.shape}; fix the arrays."
             )
-        if len(self.labels) and (self.labels.min() < 0 or self.labels.max() >= self.num_classes):
+        if not self.labelled and np.any(self.labels != -1):
+            raise DataError(f"Dataset '{self.name}' has no classes, so every label must be -1.")
+        if (
+            self.labelled
+            and len(self.labels)
+            and (self.labels.min() < 0 or self.labels.max() >= self.num_classes)
+        ):
             raise DataError(
                 f"Dataset '{self.name}' has labels outside 0..{self.num_classes - 1}; fix the labels or num_classes."
+            )
+
+    @classmethod
+    def unlabelled(cls, images: np.ndarray, name: str) -> ArrayDataset:
+        """Images without labels: enough for label-free criteria and recovery."""
+        return cls(images, np.full(len(images), -1), 0, name)
+
+    @property
+    def labelled(self) -> bool:
+        return self.num_classes > 0
+
+    def require_labels(self, purpose: str) -> None:
+        """DataError unless the set has labels (`purpose` says what needs them)."""
+        if not self.labelled:
+            raise DataError(
+                f"{purpose} needs labelled data and '{self.name}' has images only; give an .npz with a "
+                "y/labels array or a folder of class sub-folders."
             )
 
     def __len__(self) -> int:

@@ -35,11 +35,14 @@ GRAY_MODES = frozenset({"1", "L", "LA", "I", "I;16", "F"})
 IDX_DTYPES = {0x08: ">u1", 0x09: ">i1", 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
 
 
-def load_dataset(spec: str, split: str = "train", *, limit: int | None = None, seed: int = 0) -> ArrayDataset:
+def load_dataset(
+    spec: str, split: str = "train", *, limit: int | None = None, seed: int = 0, labels: bool = True
+) -> ArrayDataset:
     """Load "fashion-mnist", "synthetic[:N]", an .npz file or an image-folder tree as an ArrayDataset.
 
     `limit` keeps a seeded random subset of that many samples (in their original order); `seed` also
-    seeds the synthetic generator.
+    seeds the synthetic generator.  With `labels` False, images without labels are accepted too (an
+    .npz holding images only, a flat folder of images) and come back unlabelled.
     """
     if split not in SPLITS:
         raise DataError(f"Unknown split '{split}'; use one of {', '.join(SPLITS)}.")
@@ -52,9 +55,9 @@ def load_dataset(spec: str, split: str = "train", *, limit: int | None = None, s
     else:
         path = Path(spec)
         if path.is_dir():
-            return load_image_folder(path, split, limit=limit, seed=seed)
+            return load_image_folder(path, split, limit=limit, seed=seed, labels=labels)
         if path.suffix == ".npz" and path.is_file():
-            dataset = load_npz(path, split)
+            dataset = load_npz(path, split, labels=labels)
         else:
             raise DataError(
                 f"Dataset '{spec}' is neither 'fashion-mnist', 'synthetic[:N]', an existing .npz file nor a "
@@ -177,8 +180,10 @@ def synthetic(count: int, *, split: str = "train", seed: int = 0) -> ArrayDatase
 # Files ------------------------------------------------------------------------------------------------
 
 
-def load_npz(path: Path, split: str = "train") -> ArrayDataset:
-    """Arrays from an .npz: x_<split>/y_<split> if present, else x or images with y or labels.
+def load_npz(path: Path, split: str = "train", *, labels: bool = True) -> ArrayDataset:
+    """Arrays from an .npz: x_<split>/y_<split> if present, else x or images with y or labels.  With
+    `labels` False the labels may be missing, and an archive holding one array under any other key (the
+    model's input name, say) is taken as images.
 
     Images may be [N,H,W], [N,C,H,W] or [N,H,W,C] (C of 1 or 3); see the module docstring for scaling.
     """
@@ -187,16 +192,21 @@ def load_npz(path: Path, split: str = "train") -> ArrayDataset:
             arrays = {key: archive[key] for key in archive.files}
     except (OSError, ValueError) as exc:
         raise DataError(f"Cannot read {path} as an .npz archive ({exc}); check the file.") from exc
-    images = _first(arrays, (f"x_{split}", f"images_{split}", "x", "images"), path)
-    labels = _first(arrays, (f"y_{split}", f"labels_{split}", "y", "labels"), path)
-    images = _to_nchw(images, path)
+    image_keys = (f"x_{split}", f"images_{split}", "x", "images")
+    label_keys = (f"y_{split}", f"labels_{split}", "y", "labels")
+    if not labels and len(arrays) == 1:
+        image_keys += tuple(arrays)
+    images = _to_nchw(_first(arrays, image_keys, path), path)
     if np.issubdtype(images.dtype, np.integer):
         images = _standardise(images)
-    if not np.issubdtype(labels.dtype, np.integer) or labels.ndim != 1 or len(labels) == 0:
+    if not labels and not arrays.keys() & set(label_keys):
+        return ArrayDataset.unlabelled(images, path.stem)
+    targets = _first(arrays, label_keys, path)
+    if not np.issubdtype(targets.dtype, np.integer) or targets.ndim != 1 or len(targets) == 0:
         raise DataError(
-            f"Labels in {path} must be a non-empty 1-D integer array, got {labels.dtype} {labels.shape}."
+            f"Labels in {path} must be a non-empty 1-D integer array, got {targets.dtype} {targets.shape}."
         )
-    return ArrayDataset(images, labels, int(labels.max()) + 1, path.stem)
+    return ArrayDataset(images, targets, int(targets.max()) + 1, path.stem)
 
 
 def _first(arrays: dict[str, np.ndarray], keys: tuple[str, ...], path: Path) -> np.ndarray:
@@ -229,9 +239,10 @@ def _standardise(images: np.ndarray) -> np.ndarray:
 
 
 def load_image_folder(
-    root: Path, split: str = "train", *, limit: int | None = None, seed: int = 0
+    root: Path, split: str = "train", *, limit: int | None = None, seed: int = 0, labels: bool = True
 ) -> ArrayDataset:
-    """Images under root/<class>/ (or root/<split>/<class>/ when that exists), one label per sub-folder.
+    """Images under root/<class>/ (or root/<split>/<class>/ when that exists), one label per sub-folder;
+    with `labels` False, a flat folder of images is read unlabelled.
 
     All images become grayscale if every file is grayscale, RGB otherwise, resized to the most common
     size. With `limit` only the chosen files are decoded.
@@ -247,9 +258,13 @@ def load_image_folder(
         for path in sorted((root / name).iterdir())
         if path.suffix.lower() in IMAGE_SUFFIXES
     ]
+    flat = not files and not labels
+    if flat:
+        files = [(path, -1) for path in sorted(root.iterdir()) if path.suffix.lower() in IMAGE_SUFFIXES]
     if not files:
         raise DataError(
-            f"Folder {root} has no images in class sub-folders; lay it out as {root}/<class>/<image>."
+            f"Folder {root} has no images in class sub-folders; lay it out as {root}/<class>/<image>"
+            + (" (or, for calibration, put the images in it directly)." if not labels else ".")
         )
     chosen = seeded_indices(len(files), limit, seed)
     if chosen is not None:
@@ -272,13 +287,15 @@ def load_image_folder(
         raise DataError(f"Cannot read an image under {root} ({exc}); remove or fix the file.") from exc
     stacked = np.stack(pixels)
     images = stacked[:, None] if gray else stacked.transpose(0, 3, 1, 2)
-    labels = np.array([label for _, label in files])
-    return ArrayDataset(_standardise(images), labels, len(classes), root.name)
+    if flat:
+        return ArrayDataset.unlabelled(_standardise(images), root.name)
+    targets = np.array([label for _, label in files])
+    return ArrayDataset(_standardise(images), targets, len(classes), root.name)
 
 
 def load_calibration(source: ArrayDataset | str, samples: int | None = None, seed: int = 0) -> ArrayDataset:
     """Calibration images: a seeded subset of `samples` from a dataset spec's training split (see
-    load_dataset) or from an ArrayDataset."""
+    load_dataset; labels optional) or from an ArrayDataset."""
     if isinstance(source, str):
-        return load_dataset(source, "train", limit=samples, seed=seed)
+        return load_dataset(source, "train", limit=samples, seed=seed, labels=False)
     return source.sample(samples, seed)

@@ -288,13 +288,23 @@ def reshape(ctx: RuleContext, node: onnx.NodeProto) -> None:
     new_view = compress(np.broadcast_to(view, in_shape).reshape(out_shape))
     axes = view_axes(new_view)
     if len(axes) > 1:
-        keep_axis = max(axes, key=lambda a: (new_view.shape[a], a))
+        # An axis that flattens channels with space ([N, G, C/G*H*W], GroupNorm as torch exports it)
+        # holds whole groups of channels: each of its lines becomes one class.  Otherwise (a channel
+        # shuffle) the longer axis is kept and channels are tied across the other.
+        flat = {a for a in axes if _repeats_along(new_view, a)}
+        keep_axis = max(axes, key=lambda a: (a not in flat, new_view.shape[a], a))
         for index in range(new_view.shape[keep_axis]):
             line = new_view.take(index, axis=keep_axis).ravel()
             ctx.merge(line[:1], line, node)
     ctx.set_view(out, new_view)
     if node.op_type == "Reshape":
         ctx.rewrite(ReshapeShape(node.name, out))
+
+
+def _repeats_along(view: np.ndarray, axis: int) -> bool:
+    """Whether some line of the view along `axis` names one channel at several positions."""
+    lines = np.moveaxis(view, axis, -1).reshape(-1, view.shape[axis])
+    return any(np.unique(line).size < line.size for line in lines)
 
 
 @op("Pad", size_inputs=(1, 3))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -10,11 +11,14 @@ from typing import Any
 
 import numpy as np
 
-from graphprune.analysis.graph import DependencyGraph
+from graphprune.analysis.graph import DependencyGraph, Group
 from graphprune.errors import PlanError
 from graphprune.onnxutil import atomic_write
+from graphprune.ops.atoms import Block
 
 PLAN_FORMAT = "graphprune-plan/1"
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -49,8 +53,22 @@ class PruningPlan:
                 summary.append({"group": group.name, "channels": group.size, "removed": gone})
         return cls(remove=remove, summary=summary, **info)
 
+    def check_model(self, sha256: str | None, label: str, *, force: bool = False) -> None:
+        """Refuse (or with `force`, warn) when the plan was made for a model other than the file whose
+        SHA-256 is `sha256`; nothing to compare when either side has no hash."""
+        if self.model_sha256 is None or sha256 is None or self.model_sha256 == sha256:
+            return
+        message = (
+            f"the plan was made for another model (sha256 {self.model_sha256[:12]}..., "
+            f"{label} is {sha256[:12]}...)"
+        )
+        if not force:
+            raise PlanError(f"{message}; replay it on the model it was made for, or pass --force.")
+        log.warning("%s; replaying it anyway (--force).", message)
+
     def removed_mask(self, dep: DependencyGraph) -> np.ndarray:
-        """Boolean mask over the analysed model's atoms (closed over ties)."""
+        """Boolean mask over the analysed model's atoms (closed over ties); refuses a plan whose entries
+        for tied channels disagree (a hand edit applied to one producer of a residual group only)."""
         prunable = {b.node: b for b in dep.table.blocks if not b.fixed}
         chosen: list[int] = []
         for node, indices in self.remove.items():
@@ -65,7 +83,18 @@ class PruningPlan:
                     f"the plan removes channel {bad[0]} of {node}, which has {block.size} channels."
                 )
             chosen.extend(block.start + i for i in indices)
-        return np.isin(dep.roots, dep.roots[np.asarray(chosen, dtype=np.int64)])
+        removed = np.isin(dep.roots, dep.roots[np.asarray(chosen, dtype=np.int64)])
+        for node, indices in self.remove.items():
+            block = prunable[node]
+            closed = np.flatnonzero(removed[block.start : block.start + block.size])
+            extra = sorted(set(closed.tolist()) - set(indices))
+            if extra:
+                raise PlanError(
+                    f"the plan's entries for group {_group_of(dep, block).name} disagree: {node} keeps "
+                    f"channel {extra[0]}, which a tied entry removes; edit every listed member of the group "
+                    "alike (or list the group under one node only)."
+                )
+        return removed
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -106,3 +135,7 @@ class PruningPlan:
             data.get("summary", []),
             data.get("latency"),
         )
+
+
+def _group_of(dep: DependencyGraph, block: Block) -> Group:
+    return next(g for g in dep.groups if block in g.blocks)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 from collections.abc import Mapping
+from pathlib import PurePath
 
 from rich import box
 from rich.console import Console
@@ -70,6 +71,19 @@ def comparison_table(rows: Mapping[str, Metrics], *, title: str | None = None) -
     for label, metrics in rows.items():
         table.add_row(label, *(_cell(key, metrics, baseline) for key, _ in columns))
     return table
+
+
+def short_names(paths: list[str]) -> list[str]:
+    """Each path's shortest trailing part that no other (different) path shares: a/m.onnx, b/m.onnx."""
+    parts = [PurePath(p).parts for p in paths]
+    names = []
+    for own in parts:
+        others = {other for other in parts if other != own}
+        depth = 1
+        while depth < len(own) and any(other[-depth:] == own[-depth:] for other in others):
+            depth += 1
+        names.append(str(PurePath(*own[-depth:])))
+    return names
 
 
 def render(table: Table, width: int = 120) -> str:

@@ -29,10 +29,10 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 from onnxruntime import InferenceSession, NodeArg
-from tqdm import tqdm
 
 from graphprune.errors import CalibrationError
 from graphprune.onnxutil import opset_of
+from graphprune.runtime.progress import progress as progress_bar
 from graphprune.runtime.session import make_session
 
 if TYPE_CHECKING:
@@ -402,7 +402,7 @@ def stream_statistics(
 
     # onnxruntime runs batch k+1 in a worker thread (it releases the GIL) while batch k is folded here.
     with (
-        tqdm(total=total, unit="img", desc="calibration", disable=None if progress else True) as bar,
+        progress_bar(total=total, unit="img", desc="calibration", enabled=progress) as bar,
         ThreadPoolExecutor(max_workers=1) as runner,
     ):
         pending: tuple[np.ndarray, list[str], Future[list[np.ndarray]]] | None = None

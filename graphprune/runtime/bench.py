@@ -18,10 +18,11 @@ from pathlib import Path
 import numpy as np
 import onnx
 import onnxruntime as ort
-from tqdm import tqdm
 
 from graphprune.errors import GraphPruneError
+from graphprune.runtime.progress import progress
 from graphprune.runtime.session import ModelLike, input_feed, make_session
+from graphprune.runtime.shapes import InputShapes
 
 log = logging.getLogger(__name__)
 
@@ -47,11 +48,13 @@ def bench(
     provider: str = "cpu",
     warmup: int = 10,
     runs: int = 50,
+    input_shapes: InputShapes | None = None,
 ) -> LatencyResult:
-    """Median / p90 latency and throughput of one model at one batch size."""
+    """Median / p90 latency and throughput of one model at one batch size (symbolic input sizes other
+    than the batch from `input_shapes`, else 1)."""
     _check_counts(warmup, runs)
     session = make_session(model_path, provider=provider, threads=threads)
-    return _measure(session, model_path, batch, threads, provider, warmup, runs)
+    return _measure(session, model_path, batch, threads, provider, warmup, runs, input_shapes)
 
 
 def bench_many(
@@ -61,6 +64,7 @@ def bench_many(
     provider: str = "cpu",
     warmup: int = 10,
     runs: int = 50,
+    input_shapes: InputShapes | None = None,
 ) -> list[LatencyResult]:
     """Benchmark every model at every batch size (one session per model), in path-major order."""
     _check_counts(warmup, runs)
@@ -69,7 +73,7 @@ def bench_many(
     for path in paths:
         session = make_session(path, provider=provider, threads=threads)
         for batch in batch_sizes:
-            results.append(_measure(session, path, batch, threads, provider, warmup, runs))
+            results.append(_measure(session, path, batch, threads, provider, warmup, runs, input_shapes))
     return results
 
 
@@ -81,11 +85,12 @@ def _measure(
     provider: str,
     warmup: int,
     runs: int,
+    input_shapes: InputShapes | None,
 ) -> LatencyResult:
     if batch < 1:
         raise GraphPruneError(f"Batch size {batch} is invalid; pass a positive number.")
     name = model.graph.name if isinstance(model, onnx.ModelProto) else os.fspath(model)
-    feed = input_feed(model, batch, seed=0)
+    feed = input_feed(model, batch, seed=0, shapes=input_shapes)
     leading = {array.shape[0] for array in feed.values() if array.ndim}
     if leading and batch not in leading:
         raise GraphPruneError(
@@ -96,7 +101,7 @@ def _measure(
     for _ in range(warmup):
         run()
     times = np.empty(runs)
-    for index in tqdm(range(runs), desc=f"bench {Path(name).name} bs{batch}", disable=None, leave=False):
+    for index in progress(range(runs), desc=f"bench {Path(name).name} bs{batch}"):
         start = time.perf_counter()
         run()
         times[index] = time.perf_counter() - start

@@ -28,6 +28,7 @@ def evaluate_onnx(
     """
     if len(ds) == 0:
         raise DataError(f"Dataset '{ds.name}' is empty; evaluate on a dataset with samples.")
+    ds.require_labels("accuracy")
     session = make_session(model, provider=provider, threads=threads)
     graph_input = session.get_inputs()[0]
     fixed = graph_input.shape[0] if isinstance(graph_input.shape[0], int) else None

@@ -69,17 +69,20 @@ def make_session(
     if provider == "cuda" and session.get_providers()[0] != _PROVIDERS["cuda"]:
         raise GraphPruneError(
             f"onnxruntime fell back to {session.get_providers()[0]} for {label} because CUDA could not be "
-            "initialised; onnxruntime-gpu 1.31.1 needs the CUDA 13 libraries (libcudart.so.13, libcublas.so.13) "
-            "and cuDNN 9: pip install 'onnxruntime-gpu[cuda]==1.31.1', or a CUDA 13 PyTorch in the same environment."
+            f"initialised: onnxruntime-gpu {ort.__version__} needs the CUDA and cuDNN major versions it was "
+            "built for (1.31: CUDA 13, cuDNN 9; pip install 'onnxruntime-gpu[cuda,cudnn]' brings them, as "
+            "does a matching PyTorch in the same environment)."
         )
     return session
 
 
-def input_feed(model: ModelLike, batch: int = 1, seed: int = 0) -> dict[str, np.ndarray]:
+def input_feed(
+    model: ModelLike, batch: int = 1, seed: int = 0, shapes: dict[str, tuple[int, ...]] | None = None
+) -> dict[str, np.ndarray]:
     """Seeded random inputs for every graph input of `model` (initialisers listed as inputs are skipped).
 
-    A symbolic or unknown first dimension becomes `batch`; any other symbolic dimension becomes 1, so a
-    model with dynamic spatial sizes gets the smallest input and should be fed explicitly instead.
+    A symbolic or unknown first dimension becomes `batch`; any other symbolic dimension takes its size
+    from `shapes` (by input name), else 1 (the smallest input: give `shapes` for dynamic H/W).
     Float inputs are standard normal, integer inputs uniform in [0, 8), booleans fair coin flips.
     """
     proto = model if isinstance(model, onnx.ModelProto) else _load_graph_only(Path(model))
@@ -95,7 +98,7 @@ def input_feed(model: ModelLike, batch: int = 1, seed: int = 0) -> dict[str, np.
             )
         tensor_type = value.type.tensor_type
         dtype = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(tensor_type.elem_type))
-        shape = _concrete_shape(tensor_type, batch)
+        shape = _concrete_shape(tensor_type, batch, (shapes or {}).get(value.name))
         if np.issubdtype(dtype, np.floating):
             feed[value.name] = rng.standard_normal(shape).astype(dtype)
         elif np.issubdtype(dtype, np.integer):
@@ -109,8 +112,10 @@ def input_feed(model: ModelLike, batch: int = 1, seed: int = 0) -> dict[str, np.
     return feed
 
 
-def _concrete_shape(tensor_type: onnx.TypeProto.Tensor, batch: int) -> tuple[int, ...]:
-    """Resolve symbolic dims: the leading one to `batch`, the others to 1."""
+def _concrete_shape(
+    tensor_type: onnx.TypeProto.Tensor, batch: int, given: tuple[int, ...] | None
+) -> tuple[int, ...]:
+    """Resolve symbolic dims: the leading one to `batch`, the others to `given`'s sizes, else 1."""
     if not tensor_type.HasField("shape"):
         raise UnsupportedModelError("A graph input has no shape at all, so its rank is unknown; give it one.")
     dims = []
@@ -118,7 +123,7 @@ def _concrete_shape(tensor_type: onnx.TypeProto.Tensor, batch: int) -> tuple[int
         if dim.HasField("dim_value") and dim.dim_value > 0:
             dims.append(dim.dim_value)
         else:
-            dims.append(batch if axis == 0 else 1)
+            dims.append(batch if axis == 0 else given[axis] if given and axis < len(given) else 1)
     return tuple(dims)
 
 

@@ -12,9 +12,77 @@ import logging
 import numpy as np
 import onnx
 
-from graphprune.errors import InvalidModelError
+from graphprune.errors import GraphPruneError, InvalidModelError
 
 log = logging.getLogger(__name__)
+
+# Concrete sizes for named graph inputs (e.g. {"input": (1, 3, 224, 224)}), for models whose spatial
+# sizes are symbolic.
+InputShapes = dict[str, tuple[int, ...]]
+
+
+def data_inputs(model: onnx.ModelProto) -> list[onnx.ValueInfoProto]:
+    """Graph inputs that are not initialisers."""
+    initialisers = {init.name for init in model.graph.initializer}
+    return [value for value in model.graph.input if value.name not in initialisers]
+
+
+def symbolic_spatial_inputs(model: onnx.ModelProto) -> list[str]:
+    """Names of graph inputs with a symbolic or unknown size on an axis other than the batch."""
+    return [
+        value.name
+        for value in data_inputs(model)
+        if any(not d.HasField("dim_value") for d in value.type.tensor_type.shape.dim[1:])
+    ]
+
+
+def with_input_shapes(model: onnx.ModelProto, shapes: InputShapes) -> onnx.ModelProto:
+    """A copy whose named inputs (the name "" means the only input) take the given sizes on every
+    symbolic axis but the batch (which stays as it is); refuses unknown names, wrong ranks and sizes
+    that contradict a static one."""
+    if not shapes:
+        return model
+    inputs = {value.name: value for value in data_inputs(model)}
+    if "" in shapes:  # sizes given without a name: the model's only input
+        if len(inputs) != 1:
+            raise GraphPruneError(
+                f"the model has inputs {', '.join(inputs)}; name the one --input-shape sizes (NAME:1x3x224x224)."
+            )
+        shapes = {next(iter(inputs)): shapes[""], **{k: v for k, v in shapes.items() if k}}
+    unknown = sorted(set(shapes) - set(inputs))
+    if unknown:
+        raise GraphPruneError(
+            f"--input-shape names {unknown[0]!r}, which is not an input of the model; its inputs are "
+            f"{', '.join(inputs)}."
+        )
+    fixed = onnx.ModelProto()
+    fixed.CopyFrom(model)
+    for value in fixed.graph.input:
+        shape = shapes.get(value.name)
+        if shape is None:
+            continue
+        dims = value.type.tensor_type.shape.dim
+        if len(dims) != len(shape):
+            raise GraphPruneError(
+                f"--input-shape gives {value.name} rank {len(shape)}, but the model's input has rank {len(dims)}."
+            )
+        for axis, (dim, size) in enumerate(zip(dims, shape, strict=True)):
+            if dim.HasField("dim_value") and dim.dim_value != size:
+                raise GraphPruneError(
+                    f"--input-shape gives {value.name} size {size} on axis {axis}, where the model fixes "
+                    f"{dim.dim_value}."
+                )
+            if axis and not dim.HasField("dim_value"):
+                dim.dim_value = size
+    return fixed
+
+
+def restore_inputs(model: onnx.ModelProto, original: onnx.ModelProto) -> None:
+    """Give `model`'s graph inputs the types (symbolic sizes included) they have in `original`."""
+    types = {value.name: value.type for value in original.graph.input}
+    for value in model.graph.input:
+        if value.name in types:
+            value.type.CopyFrom(types[value.name])
 
 
 def _static_dims(type_proto: onnx.TypeProto) -> tuple[int, ...] | None:

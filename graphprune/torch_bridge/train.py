@@ -56,13 +56,13 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import BatchSampler, DataLoader, DistributedSampler, TensorDataset
-from tqdm import tqdm
 
 from graphprune.data import ArrayDataset, torch_loader
 from graphprune.data.loader import CROP_PADDING, PadCropFlip
 from graphprune.errors import DataError, GraphPruneError
 from graphprune.onnxutil import atomic_write
 from graphprune.runtime.evaluate import EVAL_BATCH
+from graphprune.runtime.progress import progress
 from graphprune.torch_bridge.distill import Teacher, kd_loss
 
 logger = logging.getLogger(__name__)
@@ -575,12 +575,11 @@ def _train_epoch(
     loader = _train_loader(train_ds, config, state.epoch, info)
     totals = torch.zeros(3, dtype=torch.float64)  # loss sum, correct, samples
     lr = state.optimizer.param_groups[0]["lr"]
-    bar = tqdm(
+    bar = progress(
         loader,
         desc=f"epoch {state.epoch}/{config.epochs}",
         unit="batch",
-        leave=False,
-        disable=None if config.progress and info.is_main else True,
+        enabled=config.progress and info.is_main,
     )
     for inputs, targets in bar:
         state.inputs, state.targets = inputs.to(state.device), targets.to(state.device)

@@ -105,6 +105,7 @@ class Blend(Criterion):
                 "criterion 'blend' judges blends by held-out accuracy: give calibration data (--calib DATA) "
                 "and use it through prune(), which supplies the plan options."
             )
+        inputs.calibration.require_labels("criterion 'blend' (held-out accuracy)")
         config = self.config
         pool = score_pool(inputs, config.pool, self.aggregate)
         layers = cluster_layers(pool, inputs.dep.prunable_groups, config.similarity)

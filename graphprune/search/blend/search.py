@@ -17,9 +17,9 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
-from tqdm import tqdm
 
 from graphprune.errors import PlanError
+from graphprune.runtime.progress import progress as progress_bar
 
 log = logging.getLogger(__name__)
 
@@ -118,9 +118,7 @@ def evolve(
     population = initial_population(dims, config.population, rng)
     history = []
     generations = config.generations if dims > 1 else 0
-    with tqdm(
-        total=generations + 1, desc="blend search", unit="gen", disable=None if progress else True
-    ) as bar:
+    with progress_bar(total=generations + 1, desc="blend search", unit="gen", enabled=progress) as bar:
         for index in range(generations + 1):
             scores, fresh = fitness(population)
             history.append(Generation(index, max(scores), float(np.mean(scores)), fresh))
