@@ -104,7 +104,7 @@ def test_cuda_advice_names_the_swap_of_runtimes(monkeypatch) -> None:  # noqa: A
 
     monkeypatch.setattr(session.ort, "get_available_providers", lambda: ["CPUExecutionProvider"])
     with pytest.raises(
-        GraphPruneError, match=r"pip uninstall onnxruntime && pip install 'graphprune\[gpu\]'"
+        GraphPruneError, match=r"pip uninstall -y onnxruntime && pip install 'graphprune\[gpu\]'"
     ):
         session.make_session(residual(), provider="cuda")
 

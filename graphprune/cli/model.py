@@ -417,11 +417,15 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "profile", help="latency lookup table: each layer's latency per kept width, and the whole"
     )
-    p.add_argument("model")
+    p.add_argument("model", help="the ONNX model to profile")
     p.add_argument("-o", "--output", required=True, help="the table (JSON)")
-    p.add_argument("--provider", default="cpu", choices=("cpu", "cuda"))
-    p.add_argument("--batch", type=int, default=1)
-    p.add_argument("--threads", type=int, default=None)
+    p.add_argument(
+        "--provider", default="cpu", choices=("cpu", "cuda"), help="onnxruntime execution provider"
+    )
+    p.add_argument("--batch", type=int, default=1, help="batch size to measure at")
+    p.add_argument(
+        "--threads", type=int, default=None, help="onnxruntime intra-op threads (default: its own)"
+    )
     p.add_argument("--runs", type=int, default=15, help="timed runs per point and round")
     p.add_argument("--rounds", type=int, default=3, help="rounds over each layer's points (fastest wins)")
     p.add_argument("--json", action="store_true", help="machine-readable summary")

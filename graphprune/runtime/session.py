@@ -144,9 +144,10 @@ def _providers(provider: str) -> list[str]:
         return [_PROVIDERS["cpu"]]
     if _PROVIDERS["cuda"] not in ort.get_available_providers():
         raise GraphPruneError(
-            "The installed onnxruntime has no CUDAExecutionProvider; replace it with the GPU build "
-            "(pip uninstall -y onnxruntime && pip install 'onnxruntime-gpu[cuda]==1.31.1', built for CUDA 13), "
-            "or use provider 'cpu'."
+            "The installed onnxruntime has no CUDAExecutionProvider; replace it with the GPU build (both "
+            "provide the module onnxruntime): pip uninstall -y onnxruntime && pip install 'graphprune[gpu]', "
+            "or, with the CUDA 13 libraries it needs, pip uninstall -y onnxruntime && pip install "
+            "'onnxruntime-gpu[cuda]==1.31.1'; or use provider 'cpu'."
         )
     return [_PROVIDERS["cuda"], _PROVIDERS["cpu"]]
 
