@@ -11,6 +11,7 @@ import onnx
 import pytest
 import torch
 from onnx import helper
+from test_train import tiny_cnn
 from torch import nn
 
 from graphprune.api import PruneResult, prune
@@ -168,18 +169,7 @@ def test_verify_foldback_catches_a_wrong_module(tmp_path: Path) -> None:
 def _tiny_bn_cnn() -> nn.Module:
     """Conv-BN-ReLU twice, global average pooling (ReduceMean-18 from the dynamo exporter), a head;
     its BN statistics are moved away from (0, 1) so that a wrong BN fold would show."""
-    torch.manual_seed(0)
-    module = nn.Sequential(
-        nn.Conv2d(1, 8, 3, stride=2, padding=1, bias=False),
-        nn.BatchNorm2d(8),
-        nn.ReLU(),
-        nn.Conv2d(8, 16, 3, stride=2, padding=1, bias=False),
-        nn.BatchNorm2d(16),
-        nn.ReLU(),
-        nn.AdaptiveAvgPool2d(1),
-        nn.Flatten(),
-        nn.Linear(16, 10),
-    ).train()
+    module = tiny_cnn(0).train()
     with torch.no_grad():
         module(torch.randn(8, 1, 28, 28) * 2 + 0.5)
     return module.eval()
