@@ -7,7 +7,7 @@ import onnx
 
 from graphprune.ops.atoms import view_axes
 from graphprune.ops.context import MemberKind, Role, RuleContext
-from graphprune.ops.spec import input_elements, output_elements, register
+from graphprune.ops.spec import MacFormula, input_elements, output_elements, register
 
 UNARY_OPS = (
     "Relu LeakyRelu Sigmoid HardSigmoid HardSwish Tanh Elu Selu Celu Gelu Softplus Softsign Mish Erf Abs Neg "
@@ -75,7 +75,7 @@ def _fold_identity(inputs: list[np.ndarray | None], attrs: dict[str, object]) ->
     return inputs[0]
 
 
-def _macs(op_type: str):  # noqa: ANN202 - a MacFormula or None
+def _macs(op_type: str) -> MacFormula | None:
     if op_type in COUNTED_ACTIVATIONS:
         return output_elements
     return input_elements if op_type in COUNTED_POOLS else None

@@ -328,5 +328,5 @@ def pad(ctx: RuleContext, node: onnx.NodeProto) -> None:
 
 register("Transpose", rule=transpose, fold=_fold_transpose)
 register("Flatten", rule=reshape)
-register("Squeeze", rule=reshape, size_inputs=(1,), fold=_fold_squeeze)
-register("Unsqueeze", rule=reshape, size_inputs=(1,), fold=_fold_unsqueeze)
+register("Squeeze", rule=reshape, fold=_fold_squeeze)
+register("Unsqueeze", rule=reshape, fold=_fold_unsqueeze)

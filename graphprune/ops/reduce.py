@@ -14,7 +14,7 @@ from graphprune.ops.spec import op
 REDUCE_OPS = "ReduceMean ReduceMax ReduceMin ReduceSum ReduceL1 ReduceL2 ReduceLogSumExp ReduceProd ReduceSumSquare".split()
 
 
-@op(*REDUCE_OPS, size_inputs=(1,))
+@op(*REDUCE_OPS)
 def reduce(ctx: RuleContext, node: onnx.NodeProto) -> None:
     """Reductions over space keep channels; a reduction across channels mixes them and blocks."""
     x = node.input[0]
