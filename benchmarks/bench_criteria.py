@@ -22,6 +22,10 @@ with BN statistics recalibrated on 256 training images (the blend's fitness prot
 every model). The seed-0 model of every criterion is then fine-tuned once (1 epoch on a seeded
 5,000-image training subset, SGD lr 0.01 cosine, torch threads 1), exported and evaluated again.
 
+`--recover lsq` adds a column: graphprune's models least-squares recovered (graphprune.recover, BN
+included) on their seed's calibration draw, and their fine-tune starts from that model; Torch-Pruning's
+models have no plan to recover by and stay as they are. Such a run writes criteria[_MODEL]_lsq.*.
+
 Writes results/criteria[_MODEL].json (rewritten after every row), .md and .png; `--device cuda` runs the
 fine-tunes on a GPU (onnxruntime stays on the CPU), `--threads N` sizes torch and onnxruntime.
 """
@@ -50,14 +54,17 @@ from peer import TP_MAX_RATIO, TP_STEPS, Reference, reference_text, tp
 from torch import nn
 from tqdm import tqdm
 
+from graphprune.api import PruneResult, recover
 from graphprune.data import ArrayDataset, load_dataset
 from graphprune.onnxutil import atomic_write
 from graphprune.runtime.evaluate import evaluate_onnx
 from graphprune.search.blend import DEFAULT_POOL, BlendConfig
 from graphprune.surgery.recover import recalibrate_batchnorm
+from graphprune.torch_bridge.foldback import onnx_to_module
 from graphprune.torch_bridge.train import TrainConfig
 
 log = logging.getLogger("bench_criteria")
+DEFAULT_SEARCH = (BlendConfig.population, BlendConfig.generations)  # the library's search size
 
 # act_var is not in the brief's list but is in the blend's default pool, so the claim needs it.
 GRAPHPRUNE_CRITERIA = (
@@ -96,10 +103,12 @@ SIZING = (
     "lr",
     "batch_size",
     "test_samples",
+    "recovery",
 )
 METRICS = {
     "acc_raw": "no FT, as pruned",
     "acc_recal": "no FT, BN recalibrated",
+    "acc_lsq": "no FT, lsq recovered",
     "acc_ft": "after FT (seed 0)",
 }
 
@@ -125,6 +134,9 @@ class Budget:
     threads: int = 1
     device: str = "cpu"
     minutes: float = 40.0
+    recovery: str = (
+        "none"  # "lsq": graphprune's models are also least-squares recovered, and fine-tuned from that
+    )
 
     def train_config(self) -> TrainConfig:
         return TrainConfig(
@@ -157,6 +169,7 @@ class Row(protocol.Row):
     model_sha: str | None = None
     acc_raw: float | None = None
     acc_recal: float | None = None
+    acc_lsq: float | None = None
     acc_ft: float | None = None
 
 
@@ -218,12 +231,35 @@ def run_graphprune(row: Row, ctx: Context) -> None:
         calib=ctx.train,
         calib_samples=budget.calib_samples + (budget.holdout if blend else 0),
         criterion_options={"config": budget.blend_config()} if blend else None,
+        recover="none",  # calib is for the criteria: "as pruned" means surgery's output
     )
     if result.criterion_report is not None:
         row.details["blend"] = blend_summary(result.criterion_report)
     evaluate(row, result.model, ctx)
+    start = recovered_lsq(row, result, ctx) if budget.recovery == "lsq" else None
     if row.seed == budget.finetune_seed:
-        finetune(row, ctx.reference.module(result.model), ctx)
+        # least squares may give convs a bias the zoo module lacks: onnx2torch builds what the graph says
+        module = ctx.reference.module(result.model) if start is None else onnx_to_module(start)
+        finetune(row, module, ctx)
+
+
+def recovered_lsq(row: Row, result: PruneResult, ctx: Context) -> onnx.ModelProto:
+    """graphprune's pruned model recovered by least squares on the row's calibration draw, its test
+    accuracy recorded as acc_lsq."""
+    budget = ctx.budget
+    recovered = recover(
+        ctx.reference.onnx,
+        result.model,
+        ctx.train,
+        plan=result.plan,
+        method="lsq",
+        calib_samples=budget.calib_samples,
+        seed=row.seed,
+        threads=budget.threads,
+    )
+    row.details["lsq_seconds"] = round(recovered.report.seconds, 2)
+    row.acc_lsq = evaluate_onnx(recovered.model, ctx.test, threads=budget.threads)
+    return recovered.model
 
 
 def taylor_gradients(module: nn.Module, batch: ArrayDataset) -> None:
@@ -298,7 +334,7 @@ def cells(rows: list[dict[str, object]]) -> list[Cell]:
     for tool, criterion, target in keys:
         mine = [r for r in rows if (r["tool"], r["criterion"], r["target"]) == (tool, criterion, target)]
         done = [r for r in mine if r["failure"] is None and r["acc_raw"] is not None]
-        values = {m: [r[m] for r in done if r[m] is not None] for m in METRICS}
+        values = {m: [r[m] for r in done if r.get(m) is not None] for m in METRICS}
         times = [r["prune_s"] for r in done if r["prune_s"] is not None]
         result.append(
             Cell(
@@ -375,6 +411,7 @@ def render(payload: dict[str, object]) -> str:
     table = cells(rows)
     base = next((r for r in rows if r["tool"] == "baseline" and r["failure"] is None), None)
     title, description = reference_text(payload)
+    lsq = budget.get("recovery") == "lsq"
     lines = [
         f"# Criteria on the Fashion-MNIST {title}: graphprune's criteria, the blend, Torch-Pruning's\n",
         *render_runs(payload),
@@ -395,8 +432,13 @@ def render(payload: dict[str, object]) -> str:
         f"{budget['holdout']:,} seeded training images: the pool's statistics are computed on all of them, "
         f"{budget['holdout']:,} are held out as the search's fitness set (accuracy after BN recalibration on "
         f"{budget['recal_samples']} of the others, no fine-tuning); evolutionary search population "
-        f"{budget['population']}, {budget['generations']} generations, {budget['workers']} workers (the "
-        "library's defaults are 12 x 8; shrunk to fit the session). Never sees the test set.",
+        f"{budget['population']}, {budget['generations']} generations, {budget['workers']} workers"
+        + (
+            " (the library's defaults)."
+            if (budget["population"], budget["generations"]) == DEFAULT_SEARCH
+            else f" (the library's defaults are {DEFAULT_SEARCH[0]} x {DEFAULT_SEARCH[1]}; shrunk to fit the session)."
+        )
+        + " Never sees the test set.",
         f"- **Torch-Pruning 1.6.1**: `MetaPruner(importance, pruning_ratio={TP_MAX_RATIO}, "
         f"iterative_steps={TP_STEPS}, ignored_layers=[fc])`, local, stepped (0.5% per step) until its own MACs "
         "count and graphprune's cost of the export meet the target. `MagnitudeImportance(p=1|2)`, "
@@ -406,9 +448,19 @@ def render(payload: dict[str, object]) -> str:
         f"- **No fine-tune**: top-1 on {'the full 10,000-image test set' if budget['test_samples'] is None else str(budget['test_samples']) + ' test images'} "
         "through onnxruntime, (a) as pruned, (b) with BatchNorm statistics recalibrated on "
         f"{budget['recal_samples']} training images (the same images for every model; the blend's fitness "
-        "protocol). Mean ± sample standard deviation (min-max) over the seeds.",
+        "protocol)"
+        + (
+            f', (c) graphprune\'s models only: least-squares recovered (`recover(..., method="lsq", '
+            f"calib_samples={budget['calib_samples']}, seed=s)`, BN included; Torch-Pruning's have no plan to "
+            "recover by)"
+            if lsq
+            else ""
+        )
+        + ". Mean ± sample standard deviation (min-max) over the seeds.",
         f"- **Fine-tune, seed 0 only**: {budget['epochs']} epoch on a seeded {budget['finetune_samples']:,}-image "
-        f"training subset, SGD Nesterov momentum 0.9, weight decay 5e-4, lr {budget['lr']} cosine to 0, batch "
+        f"training subset"
+        + (", graphprune's from the lsq-recovered model (folded back with onnx2torch)" if lsq else "")
+        + f", SGD Nesterov momentum 0.9, weight decay 5e-4, lr {budget['lr']} cosine to 0, batch "
         f"{budget['batch_size']}, pad-crop + flip augmentation, torch threads and device of the run that measured the row (above); exported and "
         "evaluated through onnxruntime. One run per criterion: no spread.\n",
     ]
@@ -423,6 +475,7 @@ def render(payload: dict[str, object]) -> str:
         "MACs kept",
         "no FT, as pruned (%)",
         "no FT, BN recal. (%)",
+        *(["no FT, lsq (%)"] if lsq else []),
         "FT seed 0 (%)",
         "models",
         "prune (s)",
@@ -436,6 +489,7 @@ def render(payload: dict[str, object]) -> str:
                 "-" if c.macs_kept is None else f"{c.macs_kept:.3f}",
                 mean_sd(c, "acc_raw"),
                 mean_sd(c, "acc_recal"),
+                *([mean_sd(c, "acc_lsq")] if lsq else []),
                 pct(c.mean("acc_ft")),
                 f"{c.distinct_models}/{c.seeds}",
                 "-" if c.prune_s is None else f"{c.prune_s:.1f}",
@@ -492,8 +546,12 @@ def render_claim(payload: dict[str, object], table: list[Cell]) -> list[str]:
         "mean (pool: " + ", ".join(DEFAULT_POOL) + "); *holds* is yes when the blend is strictly above all "
         "of them, no when one pool criterion ties or beats it, undecided when it beats every criterion that "
         "produced a result but some pool criterion failed. "
-        "The paper's claim is about the fine-tuned network; here fine-tuning is 1 epoch and seed 0 only, and "
-        "the search is tiny, so this tests the claim under this session's budget only.\n",
+        "The paper's claim is about the fine-tuned network; here fine-tuning is 1 epoch and seed 0 only"
+        + (
+            ", so this tests the claim under this budget only.\n"
+            if (payload["budget"]["population"], payload["budget"]["generations"]) == DEFAULT_SEARCH
+            else ", and the search is tiny, so this tests the claim under this session's budget only.\n"
+        ),
     ]
     body = [
         [
@@ -552,10 +610,12 @@ def plot(payload: dict[str, object], path: Path) -> None:
     table = cells(payload["rows"])  # type: ignore[arg-type]
     fig = Figure(figsize=(16, 5.5), dpi=110, layout="constrained")
     FigureCanvasAgg(fig)
-    axes = fig.subplots(1, len(METRICS), sharex=True)
+    # the lsq panel only for runs that recovered (--recover lsq)
+    metrics = {m: t for m, t in METRICS.items() if m != "acc_lsq" or any(c.values[m] for c in table)}
+    axes = fig.subplots(1, len(metrics), sharex=True)
     names = list(dict.fromkeys((c.tool, c.criterion) for c in table))
     colours = [matplotlib.colormaps["tab20"](i % 20) for i in range(len(names))]
-    for ax, (metric, title) in zip(axes, METRICS.items(), strict=True):
+    for ax, (metric, title) in zip(axes, metrics.items(), strict=True):
         for (tool, criterion), colour in zip(names, colours, strict=True):
             mine = sorted(
                 (
@@ -589,9 +649,15 @@ def plot(payload: dict[str, object], path: Path) -> None:
         fig.savefig(tmp, format="png")
 
 
+def results_stem(suffix: str, recovery: str) -> str:
+    """criteria[_MODEL][_lsq]: a run with recovery is another protocol, kept beside the plain one."""
+    return f"criteria{suffix}" + ("" if recovery == "none" else f"_{recovery}")
+
+
 def save(payload: dict[str, object], out: Path) -> None:
     payload["claim"] = claim(cells(payload["rows"]))  # type: ignore[arg-type]
-    protocol.save_results(payload, out, f"criteria{payload.get('suffix', '')}", render, plot)
+    stem = results_stem(payload.get("suffix", ""), payload["budget"].get("recovery", "none"))  # type: ignore[union-attr]
+    protocol.save_results(payload, out, stem, render, plot)
 
 
 def run_record(budget: Budget) -> dict[str, object]:
@@ -658,6 +724,12 @@ def main() -> None:
     parser.add_argument("--minutes", type=float, default=Budget.minutes, help="start no row after this")
     parser.add_argument("--workers", type=int, default=Budget.workers, help="blend search processes")
     parser.add_argument("--resume", action="store_true", help="complete the results file of a run cut short")
+    parser.add_argument(
+        "--recover",
+        choices=("none", "lsq"),
+        default="none",
+        help="lsq: also least-squares recover graphprune's models and fine-tune from that (criteria_lsq.md)",
+    )
     args = parser.parse_args()
     reference = protocol.start(args)
     budget = Budget(
@@ -671,12 +743,13 @@ def main() -> None:
         threads=args.threads,
         device=args.device,
         minutes=args.minutes,
+        recovery=args.recover,
     )
     train = load_dataset("fashion-mnist", "train")
     test = load_dataset("fashion-mnist", "test", limit=budget.test_samples, seed=0)
     finetune_set = train.sample(budget.finetune_samples, budget.finetune_seed)
     recal = train.sample(budget.recal_samples, seed=12345).images
-    path = args.out / f"criteria{reference.suffix}.json"
+    path = args.out / f"{results_stem(reference.suffix, budget.recovery)}.json"
     payload = resumed(path, budget, reference) if args.resume else new_payload(budget, reference)
     run: dict[str, object] = payload["runs"][-1]  # type: ignore[index]
     done = {(r["tool"], r["criterion"], r["target"], r["seed"]) for r in payload["rows"] if not r["failure"]}  # type: ignore[union-attr]
@@ -709,7 +782,7 @@ def main() -> None:
             run["rows"] = int(run["rows"]) + 1  # type: ignore[call-overload]
             run["wall_s"] = round(time.perf_counter() - start, 1)
             save(payload, args.out)
-    log.info("wrote %s", args.out / f"criteria{reference.suffix}.md")
+    log.info("wrote %s", path.with_suffix(".md"))
 
 
 if __name__ == "__main__":
