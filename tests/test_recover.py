@@ -119,6 +119,32 @@ def test_patches_times_weights_is_the_conv() -> None:
     np.testing.assert_allclose(rows, np.moveaxis(y, 1, -1).reshape(-1, 5), rtol=1e-4, atol=1e-5)
 
 
+def test_patches_at_positions_are_those_rows_of_every_image() -> None:
+    x = images(3, (2, 7, 6))
+    node = helper.make_node("Conv", ["x", "w"], ["y"], strides=[2, 1], pads=[1, 1, 1, 1], name="conv")
+    shape = conv_geometry(node, np.zeros((4, 2, 3, 3), np.float32), (7, 6))
+    every = patches(x, shape)
+    positions = np.array([0, 5, 17, 23])
+    want = every.reshape(3, -1, every.shape[1])[:, positions].reshape(-1, every.shape[1])
+    np.testing.assert_array_equal(patches(x, shape, positions), want)
+
+
+def test_lsq_position_sample_is_seeded_and_a_cap_above_the_positions_samples_nothing() -> None:
+    pruned = prune(conv_net(), PlanOptions(ratio=0.5), recover="none")
+    x = images(24, (1, 12, 12))
+
+    def fit(**options: int) -> dict[str, np.ndarray]:
+        config = RecoveryConfig("lsq", batch_size=8, **options)
+        return inits(recover_model(pruned.dep, pruned.removed, pruned.model, x, config)[0])
+
+    sampled, again, other = fit(positions=20), fit(positions=20), fit(positions=20, seed=1)
+    assert all(np.array_equal(sampled[name], value) for name, value in again.items())
+    assert not all(np.array_equal(sampled[name], value) for name, value in other.items())
+    every, capped = fit(positions=10**6), fit(positions=12 * 12)  # 144: the most a conv here has
+    assert all(np.array_equal(every[name], value) for name, value in capped.items())
+    assert not all(np.array_equal(every[name], value) for name, value in sampled.items())
+
+
 def test_grouped_convs_are_fitted_per_group_and_depthwise_ones_named() -> None:
     net = Net(channels=1, size=10, seed=3)
     grouped = net.conv(net.stem(8), 8, group=2)  # conv4

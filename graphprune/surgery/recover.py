@@ -9,21 +9,26 @@
 * Least-squares reconstruction (He et al. 2017, ThiNet): an affected Conv (grouped ones group by group),
   Gemm or MatMul re-fits its kept weights and bias so that its output matches the original's at the
   same tensor, by ridge least squares on its inputs in the pruned model (im2col patches for convs),
-  shrunk towards the surgically sliced weights.
+  shrunk towards the surgically sliced weights.  A conv fits on a fixed, seeded sample of at most
+  `positions` output positions per image (ThiNet and He et al. sample a few locations per image too).
 
 "Affected" means downstream of a removal: the consumers that lost input channels and every node that
 reads their results.  Passes run level by level in topological order, each level in eval mode on the
 model as the levels before left it, so each fit sees the inputs the final model will see and errors
-do not pile up.  Every statistic is a running sum over batches (X^T X, X^T Y, channel moments): memory
-does not depend on the number of images, and several batches give what one batch would.
+do not pile up.  The original model's targets come from one pass before the levels, each reduced to
+what its step needs (sampled positions, channel means) and kept on disk in a temporary file.  Every
+statistic is a running sum over batches (X^T X, X^T Y, channel moments): memory does not depend on the
+number of images, and several batches give what one batch would.
 """
 
 from __future__ import annotations
 
 import logging
+import tempfile
 import time
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 
 import numpy as np
 import onnx
@@ -47,10 +52,14 @@ FITTED_OPS = ("Conv", "Gemm", "MatMul")
 class RecoveryConfig:
     """method: "none", "bn" (BN recalibration + bias correction) or "lsq" (least-squares reconstruction
     + BN recalibration).  ridge: shrinkage towards the sliced weights, relative to the mean diagonal of
-    X^T X.  batch_size: images per onnxruntime run.  threads: onnxruntime intra-op threads."""
+    X^T X.  positions: most output positions per image a conv's least squares fits on (a seeded
+    sample; all of them when there are no more).  batch_size: images per onnxruntime run.  threads:
+    onnxruntime intra-op threads."""
 
     method: str = "bn"
     ridge: float = 1e-3
+    positions: int = 64
+    seed: int = 0
     batch_size: int = 128
     threads: int | None = None
 
@@ -59,8 +68,8 @@ class RecoveryConfig:
             raise GraphPruneError(
                 f"recovery method must be one of {', '.join(METHODS)}, got {self.method!r}."
             )
-        if self.ridge < 0 or self.batch_size < 1:
-            raise GraphPruneError("recovery needs ridge >= 0 and batch_size >= 1.")
+        if self.ridge < 0 or self.batch_size < 1 or self.positions < 1:
+            raise GraphPruneError("recovery needs ridge >= 0, positions >= 1 and batch_size >= 1.")
 
 
 @dataclass
@@ -237,7 +246,8 @@ class _Params:
 
 
 class _Step:
-    """One node's recovery: which tensors it reads per batch, what it accumulates, what it writes."""
+    """One node's recovery: which tensors it reads per batch, what it accumulates, what it writes.
+    `target` reduces a batch of the original model's tensors to what `add` needs, one row per image."""
 
     def __init__(self, node: onnx.NodeProto) -> None:
         self.node = node
@@ -248,7 +258,10 @@ class _Step:
     def original_tensors(self) -> list[str]:
         return []
 
-    def add(self, pruned: dict[str, np.ndarray], original: dict[str, np.ndarray]) -> None:
+    def target(self, original: dict[str, np.ndarray]) -> np.ndarray:
+        raise NotImplementedError
+
+    def add(self, pruned: dict[str, np.ndarray], target: np.ndarray | None) -> None:
         raise NotImplementedError
 
     def finish(self, params: _Params) -> None:
@@ -289,7 +302,7 @@ class _BatchNorm(_Step):
     def pruned_tensors(self) -> list[str]:
         return [self.node.input[0]]
 
-    def add(self, pruned: dict[str, np.ndarray], original: dict[str, np.ndarray]) -> None:
+    def add(self, pruned: dict[str, np.ndarray], target: np.ndarray | None) -> None:
         self.moments.add(pruned[self.node.input[0]])
 
     def finish(self, params: _Params) -> None:
@@ -304,7 +317,7 @@ class _Bias(_Step):
         super().__init__(node)
         self.keep = keep
         self.pruned = _Moments(np.zeros(int(keep.sum())))
-        self.original = _Moments(np.zeros(int(keep.sum())))
+        self.original_sum, self.images = np.zeros(int(keep.sum())), 0
 
     def pruned_tensors(self) -> list[str]:
         return [self.node.output[0]]
@@ -312,13 +325,20 @@ class _Bias(_Step):
     def original_tensors(self) -> list[str]:
         return [self.node.output[0]]
 
-    def add(self, pruned: dict[str, np.ndarray], original: dict[str, np.ndarray]) -> None:
+    def target(self, original: dict[str, np.ndarray]) -> np.ndarray:
+        """Per image, the mean of each kept channel (every image has as many positions)."""
+        y = original[self.node.output[0]][:, self.keep]
+        return y.reshape(*y.shape[:2], -1).mean(axis=2, dtype=np.float64)
+
+    def add(self, pruned: dict[str, np.ndarray], target: np.ndarray | None) -> None:
         self.pruned.add(pruned[self.node.output[0]])
-        self.original.add(original[self.node.output[0]][:, self.keep])
+        self.original_sum += target.sum(axis=0)
+        self.images += len(target)
 
     def finish(self, params: _Params) -> None:
         name = params.bias(self.node, 2, int(self.keep.sum()))
-        params.set(name, params.get(name) + self.original.mean() - self.pruned.mean())
+        original = self.original_sum / self.images
+        params.set(name, params.get(name) + original - self.pruned.mean())
 
 
 @dataclass(frozen=True)
@@ -351,15 +371,18 @@ def conv_geometry(node: onnx.NodeProto, weight: np.ndarray, spatial: tuple[int, 
     return ConvGeometry(kernel, strides, dilations, pads)
 
 
-def patches(x: np.ndarray, shape: ConvGeometry) -> np.ndarray:
-    """im2col: one row per output position, columns ordered (channel, kernel row, kernel column) like
-    a conv weight's [C, kh, kw] slice."""
+def patches(x: np.ndarray, shape: ConvGeometry, positions: np.ndarray | None = None) -> np.ndarray:
+    """im2col: one row per output position (per image, only the flat indices `positions` when given),
+    columns ordered (channel, kernel row, kernel column) like a conv weight's [C, kh, kw] slice."""
     (kh, kw), (sh, sw), (dh, dw) = shape.kernel, shape.strides, shape.dilations
     top, left, bottom, right = shape.pads
     x = np.pad(x, ((0, 0), (0, 0), (top, bottom), (left, right)))
     windows = sliding_window_view(x, ((kh - 1) * dh + 1, (kw - 1) * dw + 1), axis=(2, 3))
     windows = windows[:, :, ::sh, ::sw, ::dh, ::dw]
-    return windows.transpose(0, 2, 3, 1, 4, 5).reshape(-1, x.shape[1] * kh * kw)
+    if positions is None:
+        return windows.transpose(0, 2, 3, 1, 4, 5).reshape(-1, x.shape[1] * kh * kw)
+    rows, columns = np.divmod(positions, windows.shape[3])
+    return windows[:, :, rows, columns].transpose(0, 2, 1, 3, 4).reshape(-1, x.shape[1] * kh * kw)
 
 
 class _LeastSquares(_Step):
@@ -367,9 +390,18 @@ class _LeastSquares(_Step):
 
     Per group g the unknowns theta_g [d (+1 for the bias), outputs] solve
     (X^T X + lam D) theta = X^T Y + lam D theta0, with D the identity on weights (0 on the bias) and
-    theta0 the sliced weights, from sums accumulated over batches."""
+    theta0 the sliced weights, from sums accumulated over batches.  A conv's rows are the output
+    positions `rng` picks (at most `cap`), the same for every image."""
 
-    def __init__(self, node: onnx.NodeProto, params: _Params, keep: np.ndarray, ridge: float) -> None:
+    def __init__(  # noqa: PLR0913
+        self,
+        node: onnx.NodeProto,
+        params: _Params,
+        keep: np.ndarray,
+        ridge: float,
+        cap: int,
+        rng: np.random.Generator,
+    ) -> None:
         super().__init__(node)
         self.keep, self.ridge = keep, ridge
         self.weight = params.get(node.input[1])
@@ -380,6 +412,8 @@ class _LeastSquares(_Step):
         self.conv: ConvGeometry | None = None
         self.groups = int(attribute(node, "group", 1)) if node.op_type == "Conv" else 1
         self.xtx: np.ndarray | None = None
+        self.cap, self.rng = cap, rng
+        self.positions: np.ndarray | None = None  # sampled flat output positions; None: all
         self.batchnorm: onnx.NodeProto | None = None  # a BN reading only this output, recalibrated here
 
     def pruned_tensors(self) -> list[str]:
@@ -388,20 +422,34 @@ class _LeastSquares(_Step):
     def original_tensors(self) -> list[str]:
         return [self.node.output[0]]
 
+    def target(self, original: dict[str, np.ndarray]) -> np.ndarray:
+        """The kept outputs per image as [positions, channels] (a conv's sampled positions only)."""
+        y = original[self.node.output[0]]
+        if self.node.op_type != "Conv":
+            y = y[:, self.keep] if self.node.op_type != "MatMul" else y[..., self.keep]
+            return y.reshape(len(y), -1, y.shape[-1])
+        y = y[:, self.keep].reshape(len(y), int(self.keep.sum()), -1)
+        if self.positions is None and y.shape[2] > self.cap:
+            self.positions = np.sort(self.rng.choice(y.shape[2], self.cap, replace=False))
+        if self.positions is not None:
+            y = y[:, :, self.positions]
+        return np.ascontiguousarray(y.transpose(0, 2, 1))
+
     def _rows(self, x: np.ndarray, y: np.ndarray) -> tuple[list[np.ndarray], list[np.ndarray]]:
-        """Per group: the inputs as rows of features and the target outputs as rows."""
-        y = y[:, self.keep] if self.node.op_type != "MatMul" else y[..., self.keep]
+        """Per group: the inputs as rows of features and the targets as rows."""
+        y = y.reshape(-1, y.shape[-1])
         if self.node.op_type == "Conv":
             if self.conv is None:
                 self.conv = conv_geometry(self.node, self.weight, x.shape[2:])
-            y = np.moveaxis(y, 1, -1).reshape(-1, y.shape[1])
             cin, cout = x.shape[1] // self.groups, y.shape[1] // self.groups
-            xs = [patches(x[:, g * cin : (g + 1) * cin], self.conv) for g in range(self.groups)]
+            xs = [
+                patches(x[:, g * cin : (g + 1) * cin], self.conv, self.positions) for g in range(self.groups)
+            ]
             return xs, [y[:, g * cout : (g + 1) * cout] for g in range(self.groups)]
-        return [x.reshape(-1, x.shape[-1])], [y.reshape(-1, y.shape[-1])]
+        return [x.reshape(-1, x.shape[-1])], [y]
 
-    def add(self, pruned: dict[str, np.ndarray], original: dict[str, np.ndarray]) -> None:
-        xs, ys = self._rows(pruned[self.node.input[0]], original[self.node.output[0]])
+    def add(self, pruned: dict[str, np.ndarray], target: np.ndarray | None) -> None:
+        xs, ys = self._rows(pruned[self.node.input[0]], target)
         if self.xtx is None:
             d, k = xs[0].shape[1], ys[0].shape[1]
             self.xtx = np.zeros((self.groups, d, d))
@@ -413,8 +461,8 @@ class _LeastSquares(_Step):
             x32, y32 = x.astype(np.float32, copy=False), y.astype(np.float32, copy=False)
             self.xtx[g] += x32.T @ x32
             self.xty[g] += x32.T @ y32
-            self.xsum[g] += x.sum(axis=0, dtype=np.float64)
-            self.ysum[g] += y.sum(axis=0, dtype=np.float64)
+            self.xsum[g] += x.sum(axis=0)
+            self.ysum[g] += y.sum(axis=0)
         self.count += len(xs[0])
 
     def _theta0(self) -> list[np.ndarray]:
@@ -535,7 +583,8 @@ def _steps(
         keep = np.ones(dep.shapes[node.output[0]][axis], dtype=bool) if keep is None else keep
         reason = _fit_reason(node, params)
         if config.method == "lsq" and reason is None:
-            steps.append(fit := _LeastSquares(node, params, keep, config.ridge))
+            rng = np.random.default_rng([config.seed, len(steps)])
+            steps.append(fit := _LeastSquares(node, params, keep, config.ridge, config.positions, rng))
             if fit.has_bias:
                 fitted_by_output[node.output[0]] = fit
             report.reconstructed.append(node.name)
@@ -565,6 +614,35 @@ def _levels(model: onnx.ModelProto, steps: list[_Step]) -> list[list[_Step]]:
     return [levels[k] for k in sorted(levels)]
 
 
+class _Targets:
+    """Every step's targets for every image, from one pass of the reference model, streamed to one
+    temporary file per step and read back batch by batch (memory holds a batch, not the images)."""
+
+    def __init__(self, folder: Path, reference: onnx.ModelProto, steps: list[_Step], threads: int | None):
+        self.files = {step: folder / f"{i}.bin" for i, step in enumerate(steps) if step.original_tensors()}
+        self.rows: dict[_Step, tuple[np.dtype, tuple[int, ...]]] = {}
+        wanted = [name for step in self.files for name in step.original_tensors()]
+        self.runner = _Runner(reference, wanted, threads) if wanted else None
+
+    def write(self, batches: Iterator[np.ndarray]) -> None:
+        for x in batches if self.runner else ():
+            original = self.runner(x)
+            for step, path in self.files.items():
+                target = step.target(original)
+                self.rows[step] = target.dtype, target.shape[1:]
+                with path.open("ab") as file:
+                    target.tofile(file)
+
+    def read(self, step: _Step, start: int, count: int) -> np.ndarray | None:
+        """The targets of `step` for images start .. start + count (None: it needs none)."""
+        if step not in self.files:
+            return None
+        dtype, shape = self.rows[step]
+        size = int(np.prod(shape))
+        values = np.fromfile(self.files[step], dtype, count * size, offset=start * size * dtype.itemsize)
+        return values.reshape(count, *shape)
+
+
 def _sweep(
     model: onnx.ModelProto,
     params: _Params,
@@ -575,16 +653,20 @@ def _sweep(
     threads: int | None,
 ) -> None:
     """Run the steps level by level: each level streams the images through `model` as the levels
-    before left it (and through `reference` for targets), then writes its results into `params`."""
-    for level in _levels(model, steps):
-        mine = _Runner(model, [n for s in level for n in s.pruned_tensors()], threads)
-        theirs = _Runner(reference, [n for s in level for n in s.original_tensors()], threads)
-        for x in _batches(model, images, batch_size):
-            got, want = mine(x), theirs(x)
+    before left it (with the targets `reference` gave in one pass), then writes into `params`."""
+    with tempfile.TemporaryDirectory(prefix="graphprune-recover-") as folder:
+        targets = _Targets(Path(folder), reference, steps, threads)
+        targets.write(_batches(model, images, batch_size))
+        for level in _levels(model, steps):
+            mine = _Runner(model, [n for s in level for n in s.pruned_tensors()], threads)
+            start = 0
+            for x in _batches(model, images, batch_size):
+                got = mine(x)
+                for step in level:
+                    step.add(got, targets.read(step, start, len(x)))
+                start += len(x)
             for step in level:
-                step.add(got, want)
-        for step in level:
-            step.finish(params)
+                step.finish(params)
 
 
 def recover_model(
