@@ -16,7 +16,9 @@
 reads their results.  Passes run level by level in topological order, each level in eval mode on the
 model as the levels before left it, so each fit sees the inputs the final model will see and errors
 do not pile up.  The original model's targets come from one pass before the levels, each reduced to
-what its step needs (sampled positions, channel means) and kept on disk in a temporary file.  Every
+what its step needs (sampled positions, channel means) and kept on disk in a temporary file; a level's
+run starts from the tensors the run before read or computed upstream of what that level rewrote (on
+disk too), so each run computes a few nodes rather than the whole prefix.  Every
 statistic is a running sum over batches (X^T X, X^T Y, channel moments): memory does not depend on the
 number of images, and several batches give what one batch would.
 """
@@ -33,7 +35,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 from numpy.lib.stride_tricks import sliding_window_view
-from onnx import numpy_helper
+from onnx import helper, numpy_helper
 
 from graphprune.analysis.graph import DependencyGraph
 from graphprune.errors import CalibrationError, GraphPruneError
@@ -118,40 +120,66 @@ def _image_input(model: onnx.ModelProto) -> tuple[str, int | None]:
 
 
 class _Runner:
-    """Runs a model cut down to what `names` need, returning those tensors (graph inputs included)."""
+    """Runs a model cut down to what `names` need from the image and the `given` tensors (fed per call),
+    returning `names` (the image and given ones included)."""
 
-    def __init__(self, model: onnx.ModelProto, names: list[str], threads: int | None) -> None:
-        self.names = list(dict.fromkeys(names))
+    def __init__(
+        self, model: onnx.ModelProto, names: list[str], threads: int | None, given: list[str] = ()
+    ) -> None:
+        self.model, self.threads = model, threads
+        self.names, self.given = list(dict.fromkeys(names)), list(given)
         self.input = _image_input(model)[0]
-        self.fetch = [n for n in self.names if n != self.input]
-        self.session = make_session(_truncated(model, self.fetch), threads=threads) if self.fetch else None
+        self.fetch = [n for n in self.names if n != self.input and n not in self.given]
+        self.session = None
 
-    def __call__(self, x: np.ndarray) -> dict[str, np.ndarray]:
-        values = (
-            dict(zip(self.fetch, self.session.run(self.fetch, {self.input: x}), strict=True))
-            if self.session
-            else {}
-        )
-        return {name: x if name == self.input else values[name] for name in self.names}
+    def __call__(self, x: np.ndarray, given: dict[str, np.ndarray] | None = None) -> dict[str, np.ndarray]:
+        feed = {self.input: x, **(given or {})}
+        if self.fetch and self.session is None:  # built at the first batch: the given tensors' types
+            cut = _truncated(self.model, self.fetch, {name: feed[name].dtype for name in self.given})
+            self.session = make_session(cut, threads=self.threads)
+        if self.session:
+            inputs = {i.name for i in self.session.get_inputs()}
+            feed.update(
+                zip(self.fetch, self.session.run(self.fetch, {k: feed[k] for k in inputs}), strict=True)
+            )
+        return {name: feed[name] for name in self.names}
 
 
-def _truncated(model: onnx.ModelProto, outputs: list[str]) -> onnx.ModelProto:
-    """The nodes `outputs` depend on, with `outputs` as the graph outputs (onnxruntime would otherwise
-    run the whole graph whatever is fetched)."""
-    needed, nodes = set(outputs), []
+def _prefix(model: onnx.ModelProto, outputs: list[str], given: set[str]) -> list[onnx.NodeProto]:
+    """The nodes `outputs` depend on when the `given` tensors are known, in graph order."""
+    needed, nodes = set(outputs) - given, []
     for node in reversed(model.graph.node):
         if needed.intersection(node.output):
             nodes.append(node)
-            needed.update(node.input)
+            needed.update(name for name in node.input if name not in given)
+    return nodes[::-1]
+
+
+def _truncated(
+    model: onnx.ModelProto, outputs: list[str], given: dict[str, np.dtype] | None = None
+) -> onnx.ModelProto:
+    """The nodes `outputs` depend on, with `outputs` as the graph outputs (onnxruntime would otherwise
+    run the whole graph whatever is fetched) and the `given` tensors (name: dtype) as graph inputs."""
+    given = given or {}
+    nodes = _prefix(model, outputs, set(given))
+    needed = {name for node in nodes for name in node.input}
     cut = onnx.ModelProto()
     cut.CopyFrom(model)
     del cut.graph.node[:]
-    cut.graph.node.extend(reversed(nodes))
+    cut.graph.node.extend(nodes)
     del cut.graph.output[:]
     cut.graph.output.extend(onnx.ValueInfoProto(name=name) for name in outputs)
     kept = [init for init in cut.graph.initializer if init.name in needed]
     del cut.graph.initializer[:]
     cut.graph.initializer.extend(kept)
+    inputs = [i for i in cut.graph.input if i.name in needed]
+    del cut.graph.input[:]
+    cut.graph.input.extend(inputs)
+    cut.graph.input.extend(
+        helper.make_tensor_value_info(name, helper.np_dtype_to_tensor_dtype(dtype), None)
+        for name, dtype in given.items()
+        if name in needed
+    )
     return cut
 
 
@@ -257,6 +285,10 @@ class _Step:
 
     def original_tensors(self) -> list[str]:
         return []
+
+    def written(self) -> list[str]:
+        """The nodes whose parameters `finish` writes."""
+        return [self.node.name]
 
     def target(self, original: dict[str, np.ndarray]) -> np.ndarray:
         raise NotImplementedError
@@ -434,6 +466,9 @@ class _LeastSquares(_Step):
         if self.positions is not None:
             y = y[:, :, self.positions]
         return np.ascontiguousarray(y.transpose(0, 2, 1))
+
+    def written(self) -> list[str]:
+        return [self.node.name] + ([self.batchnorm.name] if self.batchnorm is not None else [])
 
     def _rows(self, x: np.ndarray, y: np.ndarray) -> tuple[list[np.ndarray], list[np.ndarray]]:
         """Per group: the inputs as rows of features and the targets as rows."""
@@ -614,33 +649,52 @@ def _levels(model: onnx.ModelProto, steps: list[_Step]) -> list[list[_Step]]:
     return [levels[k] for k in sorted(levels)]
 
 
-class _Targets:
-    """Every step's targets for every image, from one pass of the reference model, streamed to one
-    temporary file per step and read back batch by batch (memory holds a batch, not the images)."""
+class _Spool:
+    """Arrays appended batch by batch under a key, one temporary file per key, read back by rows: what
+    every image gives held on disk, a batch at a time in memory."""
 
-    def __init__(self, folder: Path, reference: onnx.ModelProto, steps: list[_Step], threads: int | None):
-        self.files = {step: folder / f"{i}.bin" for i, step in enumerate(steps) if step.original_tensors()}
-        self.rows: dict[_Step, tuple[np.dtype, tuple[int, ...]]] = {}
-        wanted = [name for step in self.files for name in step.original_tensors()]
-        self.runner = _Runner(reference, wanted, threads) if wanted else None
+    def __init__(self, folder: Path, name: str) -> None:
+        self.folder, self.name = folder, name
+        self.files: dict[object, tuple[Path, np.dtype, tuple[int, ...]]] = {}
 
-    def write(self, batches: Iterator[np.ndarray]) -> None:
-        for x in batches if self.runner else ():
-            original = self.runner(x)
-            for step, path in self.files.items():
-                target = step.target(original)
-                self.rows[step] = target.dtype, target.shape[1:]
-                with path.open("ab") as file:
-                    target.tofile(file)
+    def __contains__(self, key: object) -> bool:
+        return key in self.files
 
-    def read(self, step: _Step, start: int, count: int) -> np.ndarray | None:
-        """The targets of `step` for images start .. start + count (None: it needs none)."""
-        if step not in self.files:
-            return None
-        dtype, shape = self.rows[step]
+    def append(self, key: object, values: np.ndarray) -> None:
+        path = self.files[key][0] if key in self.files else self.folder / f"{self.name}-{len(self.files)}"
+        self.files[key] = path, values.dtype, values.shape[1:]
+        with path.open("ab") as file:
+            np.ascontiguousarray(values).tofile(file)
+
+    def read(self, key: object, start: int, count: int) -> np.ndarray:
+        path, dtype, shape = self.files[key]
         size = int(np.prod(shape))
-        values = np.fromfile(self.files[step], dtype, count * size, offset=start * size * dtype.itemsize)
-        return values.reshape(count, *shape)
+        return np.fromfile(path, dtype, count * size, offset=start * size * dtype.itemsize).reshape(
+            count, *shape
+        )
+
+    def delete(self) -> None:
+        for path, _, _ in self.files.values():
+            path.unlink()
+
+
+def _carried(model: onnx.ModelProto, levels: list[list[_Step]]) -> list[list[str]]:
+    """Per level, the tensors its run takes from the run before: those the run before read or computed
+    upstream of what its level rewrote, so the next run can start from them instead of from the image."""
+    image = _image_input(model)[0]
+    available: set[str] = set()
+    carried = []
+    for level in levels:
+        fetch = [name for step in level for name in step.pruned_tensors()]
+        nodes = _prefix(model, fetch, available)
+        carried.append(sorted(available & {*fetch, *(name for node in nodes for name in node.input)}))
+        written = {name for step in level for name in step.written()}
+        stale: set[str] = set()
+        for node in nodes:
+            if node.name in written or stale.intersection(node.input):
+                stale.update(node.output)
+        available = {*carried[-1], *(name for node in nodes for name in node.output)} - stale - {image}
+    return carried
 
 
 def _sweep(
@@ -653,20 +707,34 @@ def _sweep(
     threads: int | None,
 ) -> None:
     """Run the steps level by level: each level streams the images through `model` as the levels
-    before left it (with the targets `reference` gave in one pass), then writes into `params`."""
+    before left it (with the targets `reference` gave in one pass), then writes into `params`.  A
+    level's run starts from the tensors the run before computed that its fits left unchanged."""
+    levels = _levels(model, steps)
+    carried = [*_carried(model, levels), []]
     with tempfile.TemporaryDirectory(prefix="graphprune-recover-") as folder:
-        targets = _Targets(Path(folder), reference, steps, threads)
-        targets.write(_batches(model, images, batch_size))
-        for level in _levels(model, steps):
-            mine = _Runner(model, [n for s in level for n in s.pruned_tensors()], threads)
-            start = 0
+        targets, cache = _Spool(Path(folder), "target"), _Spool(Path(folder), "level0")
+        wanted = [name for step in steps for name in step.original_tensors()]
+        theirs = _Runner(reference, wanted, threads)
+        for x in _batches(model, images, batch_size) if wanted else ():
+            original = theirs(x)
+            for step in steps:
+                if step.original_tensors():
+                    targets.append(step, step.target(original))
+        for k, level in enumerate(levels):
+            fetch = [name for step in level for name in step.pruned_tensors()]
+            mine = _Runner(model, fetch + carried[k + 1], threads, carried[k])
+            following, start = _Spool(Path(folder), f"level{k + 1}"), 0
             for x in _batches(model, images, batch_size):
-                got = mine(x)
+                got = mine(x, {name: cache.read(name, start, len(x)) for name in carried[k]})
                 for step in level:
-                    step.add(got, targets.read(step, start, len(x)))
+                    step.add(got, targets.read(step, start, len(x)) if step in targets else None)
+                for name in carried[k + 1]:
+                    following.append(name, got[name])
                 start += len(x)
             for step in level:
                 step.finish(params)
+            cache.delete()
+            cache = following
 
 
 def recover_model(
