@@ -60,7 +60,7 @@ class RecoveryConfig:
 
     method: str = "bn"
     ridge: float = 1e-3
-    positions: int = 64
+    positions: int = 128
     seed: int = 0
     batch_size: int = 128
     threads: int | None = None
