@@ -49,7 +49,8 @@ class Group:
 
     @property
     def prunable(self) -> np.ndarray:
-        return np.array([c for c in self.classes if int(c) not in self.blocked], dtype=np.int64)
+        blocked = np.fromiter(self.blocked, dtype=np.int64, count=len(self.blocked))
+        return self.classes[~np.isin(self.classes, blocked)].astype(np.int64, copy=False)
 
 
 @dataclass

@@ -110,10 +110,13 @@ class AtomTable:
         return all(self.find(int(atom)) in blocked for atom in np.unique(atoms))
 
     def roots(self) -> np.ndarray:
-        """Class (root atom) of every atom, as one array."""
-        return np.fromiter(
-            (self.find(a) for a in range(len(self.parent))), dtype=np.int64, count=len(self.parent)
-        )
+        """Class (root atom) of every atom, as one array (pointer jumping until every parent is a root)."""
+        parent = np.asarray(self.parent, dtype=np.int64)
+        while True:
+            grandparent = parent[parent]
+            if np.array_equal(grandparent, parent):
+                return parent
+            parent = grandparent
 
     def blocked_roots(self) -> dict[int, str]:
         """Blocked classes with their reasons, keyed by current root."""

@@ -112,11 +112,17 @@ class Planner:
         part they fall in for every grouped conv that reads or writes them (the finest common partition,
         so a group written by a g=2 conv and read by a g=3 conv is cut into six pieces)."""
         signatures: dict[int, dict[int, list[int]]] = {}
+        atoms = self.dep.roots.size
         for index, (_, parts) in enumerate(self.dep.segments):
-            for part_index, part in enumerate(parts):
-                for root in np.unique(self.dep.roots[part]).tolist():
-                    group = int(self.dep.class_group[root])
-                    signatures.setdefault(group, {}).setdefault(root, []).append(index * 1000 + part_index)
+            # distinct (part, root) pairs in part-then-root order, as one integer key each
+            part_of = np.repeat(np.arange(len(parts)), [part.size for part in parts])
+            keys = np.unique(part_of * atoms + self.dep.roots[np.concatenate(parts)])
+            part_indices, roots = np.divmod(keys, atoms)
+            groups = self.dep.class_group[roots]
+            for part_index, root, group in zip(
+                part_indices.tolist(), roots.tolist(), groups.tolist(), strict=True
+            ):
+                signatures.setdefault(group, {}).setdefault(root, []).append(index * 1000 + part_index)
         result: dict[int, list[np.ndarray]] = {}
         for group, by_class in signatures.items():
             pieces: dict[tuple[int, ...], list[int]] = {}

@@ -11,6 +11,7 @@ from __future__ import annotations
 import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
+from google.protobuf.message import Message
 
 from graphprune.analysis.graph import DependencyGraph
 from graphprune.errors import PlanError, VerificationError
@@ -122,19 +123,48 @@ def masked_reference(dep: DependencyGraph, removed: np.ndarray) -> onnx.ModelPro
     return model
 
 
+def _without_weights(model: onnx.ModelProto, names: set[str]) -> onnx.ModelProto:
+    """A copy of `model` whose initializers in `names` are data-free placeholders (name, type, dims)."""
+    light = onnx.ModelProto()
+    _copy_fields(model, light, skip="graph")
+    _copy_fields(model.graph, light.graph, skip="initializer")
+    for init in model.graph.initializer:
+        if init.name in names:
+            light.graph.initializer.add(name=init.name, data_type=init.data_type, dims=init.dims)
+        else:
+            light.graph.initializer.add().CopyFrom(init)
+    return light
+
+
+def _copy_fields(source: Message, target: Message, skip: str) -> None:
+    for field, value in source.ListFields():
+        if field.name == skip:
+            continue
+        if isinstance(value, Message):
+            getattr(target, field.name).CopyFrom(value)
+        elif hasattr(value, "extend"):
+            getattr(target, field.name).extend(value)
+        else:
+            setattr(target, field.name, value)
+
+
 def apply_removal(dep: DependencyGraph, removed: np.ndarray) -> onnx.ModelProto:
-    """A new, smaller model with the removed channels gone (the analysed model is not modified)."""
+    """A new, smaller model with the removed channels gone (the analysed model is not modified).
+
+    onnx-graphsurgeon works on a copy without the parameters' data; the parameters are sliced from the
+    analysis' arrays and the untouched ones are attached once, at the end.
+    """
     check_removal(dep, removed)
     keep = ~removed
-    graph = gs.import_onnx(dep.model)
+    params = {member.name for member in dep.members.values()}
+    graph = gs.import_onnx(_without_weights(dep.model, params))
     tensors = graph.tensors()
     members = sorted(dep.members.values(), key=lambda m: m.conv_groups > 1)
     sliced: dict[str, np.ndarray] = {}
     for member in members:
         if keep[member.atoms].all():
             continue
-        values = sliced.get(member.name)
-        values = np.asarray(tensors[member.name].values) if values is None else values
+        values = sliced.get(member.name, dep.constants[member.name])
         sliced[member.name] = slice_member(values, member, keep)
     for name, values in sliced.items():
         tensors[name].values = np.ascontiguousarray(values)
@@ -149,6 +179,10 @@ def apply_removal(dep: DependencyGraph, removed: np.ndarray) -> onnx.ModelProto:
             tensor.shape = None
     graph.cleanup().toposort()
     model = gs.export_onnx(graph, do_type_check=False)
+    originals = {init.name: init for init in dep.model.graph.initializer if init.name in params}
+    for init in model.graph.initializer:
+        if init.name in originals and init.name not in sliced:
+            init.CopyFrom(originals[init.name])
     model.ir_version = dep.model.ir_version
     del model.opset_import[:]
     model.opset_import.extend(dep.model.opset_import)

@@ -9,26 +9,33 @@
 * Least-squares reconstruction (He et al. 2017, ThiNet): an affected Conv (grouped ones group by group),
   Gemm or MatMul re-fits its kept weights and bias so that its output matches the original's at the
   same tensor, by ridge least squares on its inputs in the pruned model (im2col patches for convs),
-  shrunk towards the surgically sliced weights.
+  shrunk towards the surgically sliced weights.  A conv fits on a fixed, seeded sample of at most
+  `positions` output positions per image (ThiNet and He et al. sample a few locations per image too).
 
 "Affected" means downstream of a removal: the consumers that lost input channels and every node that
 reads their results.  Passes run level by level in topological order, each level in eval mode on the
 model as the levels before left it, so each fit sees the inputs the final model will see and errors
-do not pile up.  Every statistic is a running sum over batches (X^T X, X^T Y, channel moments): memory
-does not depend on the number of images, and several batches give what one batch would.
+do not pile up.  The original model's targets come from one pass before the levels, each reduced to
+what its step needs (sampled positions, channel means) and kept on disk in a temporary file; a level's
+run starts from the tensors the run before read or computed upstream of what that level rewrote (on
+disk too), so each run computes a few nodes rather than the whole prefix.  Every
+statistic is a running sum over batches (X^T X, X^T Y, channel moments): memory does not depend on the
+number of images, and several batches give what one batch would.
 """
 
 from __future__ import annotations
 
 import logging
+import tempfile
 import time
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 
 import numpy as np
 import onnx
 from numpy.lib.stride_tricks import sliding_window_view
-from onnx import numpy_helper
+from onnx import helper, numpy_helper
 
 from graphprune.analysis.graph import DependencyGraph
 from graphprune.errors import CalibrationError, GraphPruneError
@@ -47,10 +54,14 @@ FITTED_OPS = ("Conv", "Gemm", "MatMul")
 class RecoveryConfig:
     """method: "none", "bn" (BN recalibration + bias correction) or "lsq" (least-squares reconstruction
     + BN recalibration).  ridge: shrinkage towards the sliced weights, relative to the mean diagonal of
-    X^T X.  batch_size: images per onnxruntime run.  threads: onnxruntime intra-op threads."""
+    X^T X.  positions: most output positions per image a conv's least squares fits on (a seeded
+    sample; all of them when there are no more).  batch_size: images per onnxruntime run.  threads:
+    onnxruntime intra-op threads."""
 
     method: str = "bn"
     ridge: float = 1e-3
+    positions: int = 128
+    seed: int = 0
     batch_size: int = 128
     threads: int | None = None
 
@@ -59,8 +70,8 @@ class RecoveryConfig:
             raise GraphPruneError(
                 f"recovery method must be one of {', '.join(METHODS)}, got {self.method!r}."
             )
-        if self.ridge < 0 or self.batch_size < 1:
-            raise GraphPruneError("recovery needs ridge >= 0 and batch_size >= 1.")
+        if self.ridge < 0 or self.batch_size < 1 or self.positions < 1:
+            raise GraphPruneError("recovery needs ridge >= 0, positions >= 1 and batch_size >= 1.")
 
 
 @dataclass
@@ -109,40 +120,66 @@ def _image_input(model: onnx.ModelProto) -> tuple[str, int | None]:
 
 
 class _Runner:
-    """Runs a model cut down to what `names` need, returning those tensors (graph inputs included)."""
+    """Runs a model cut down to what `names` need from the image and the `given` tensors (fed per call),
+    returning `names` (the image and given ones included)."""
 
-    def __init__(self, model: onnx.ModelProto, names: list[str], threads: int | None) -> None:
-        self.names = list(dict.fromkeys(names))
+    def __init__(
+        self, model: onnx.ModelProto, names: list[str], threads: int | None, given: list[str] = ()
+    ) -> None:
+        self.model, self.threads = model, threads
+        self.names, self.given = list(dict.fromkeys(names)), list(given)
         self.input = _image_input(model)[0]
-        self.fetch = [n for n in self.names if n != self.input]
-        self.session = make_session(_truncated(model, self.fetch), threads=threads) if self.fetch else None
+        self.fetch = [n for n in self.names if n != self.input and n not in self.given]
+        self.session = None
 
-    def __call__(self, x: np.ndarray) -> dict[str, np.ndarray]:
-        values = (
-            dict(zip(self.fetch, self.session.run(self.fetch, {self.input: x}), strict=True))
-            if self.session
-            else {}
-        )
-        return {name: x if name == self.input else values[name] for name in self.names}
+    def __call__(self, x: np.ndarray, given: dict[str, np.ndarray] | None = None) -> dict[str, np.ndarray]:
+        feed = {self.input: x, **(given or {})}
+        if self.fetch and self.session is None:  # built at the first batch: the given tensors' types
+            cut = _truncated(self.model, self.fetch, {name: feed[name].dtype for name in self.given})
+            self.session = make_session(cut, threads=self.threads)
+        if self.session:
+            inputs = {i.name for i in self.session.get_inputs()}
+            feed.update(
+                zip(self.fetch, self.session.run(self.fetch, {k: feed[k] for k in inputs}), strict=True)
+            )
+        return {name: feed[name] for name in self.names}
 
 
-def _truncated(model: onnx.ModelProto, outputs: list[str]) -> onnx.ModelProto:
-    """The nodes `outputs` depend on, with `outputs` as the graph outputs (onnxruntime would otherwise
-    run the whole graph whatever is fetched)."""
-    needed, nodes = set(outputs), []
+def _prefix(model: onnx.ModelProto, outputs: list[str], given: set[str]) -> list[onnx.NodeProto]:
+    """The nodes `outputs` depend on when the `given` tensors are known, in graph order."""
+    needed, nodes = set(outputs) - given, []
     for node in reversed(model.graph.node):
         if needed.intersection(node.output):
             nodes.append(node)
-            needed.update(node.input)
+            needed.update(name for name in node.input if name not in given)
+    return nodes[::-1]
+
+
+def _truncated(
+    model: onnx.ModelProto, outputs: list[str], given: dict[str, np.dtype] | None = None
+) -> onnx.ModelProto:
+    """The nodes `outputs` depend on, with `outputs` as the graph outputs (onnxruntime would otherwise
+    run the whole graph whatever is fetched) and the `given` tensors (name: dtype) as graph inputs."""
+    given = given or {}
+    nodes = _prefix(model, outputs, set(given))
+    needed = {name for node in nodes for name in node.input}
     cut = onnx.ModelProto()
     cut.CopyFrom(model)
     del cut.graph.node[:]
-    cut.graph.node.extend(reversed(nodes))
+    cut.graph.node.extend(nodes)
     del cut.graph.output[:]
     cut.graph.output.extend(onnx.ValueInfoProto(name=name) for name in outputs)
     kept = [init for init in cut.graph.initializer if init.name in needed]
     del cut.graph.initializer[:]
     cut.graph.initializer.extend(kept)
+    inputs = [i for i in cut.graph.input if i.name in needed]
+    del cut.graph.input[:]
+    cut.graph.input.extend(inputs)
+    cut.graph.input.extend(
+        helper.make_tensor_value_info(name, helper.np_dtype_to_tensor_dtype(dtype), None)
+        for name, dtype in given.items()
+        if name in needed
+    )
     return cut
 
 
@@ -237,7 +274,8 @@ class _Params:
 
 
 class _Step:
-    """One node's recovery: which tensors it reads per batch, what it accumulates, what it writes."""
+    """One node's recovery: which tensors it reads per batch, what it accumulates, what it writes.
+    `target` reduces a batch of the original model's tensors to what `add` needs, one row per image."""
 
     def __init__(self, node: onnx.NodeProto) -> None:
         self.node = node
@@ -248,7 +286,14 @@ class _Step:
     def original_tensors(self) -> list[str]:
         return []
 
-    def add(self, pruned: dict[str, np.ndarray], original: dict[str, np.ndarray]) -> None:
+    def written(self) -> list[str]:
+        """The nodes whose parameters `finish` writes."""
+        return [self.node.name]
+
+    def target(self, original: dict[str, np.ndarray]) -> np.ndarray:
+        raise NotImplementedError
+
+    def add(self, pruned: dict[str, np.ndarray], target: np.ndarray | None) -> None:
         raise NotImplementedError
 
     def finish(self, params: _Params) -> None:
@@ -289,7 +334,7 @@ class _BatchNorm(_Step):
     def pruned_tensors(self) -> list[str]:
         return [self.node.input[0]]
 
-    def add(self, pruned: dict[str, np.ndarray], original: dict[str, np.ndarray]) -> None:
+    def add(self, pruned: dict[str, np.ndarray], target: np.ndarray | None) -> None:
         self.moments.add(pruned[self.node.input[0]])
 
     def finish(self, params: _Params) -> None:
@@ -304,7 +349,7 @@ class _Bias(_Step):
         super().__init__(node)
         self.keep = keep
         self.pruned = _Moments(np.zeros(int(keep.sum())))
-        self.original = _Moments(np.zeros(int(keep.sum())))
+        self.original_sum, self.images = np.zeros(int(keep.sum())), 0
 
     def pruned_tensors(self) -> list[str]:
         return [self.node.output[0]]
@@ -312,13 +357,20 @@ class _Bias(_Step):
     def original_tensors(self) -> list[str]:
         return [self.node.output[0]]
 
-    def add(self, pruned: dict[str, np.ndarray], original: dict[str, np.ndarray]) -> None:
+    def target(self, original: dict[str, np.ndarray]) -> np.ndarray:
+        """Per image, the mean of each kept channel (every image has as many positions)."""
+        y = original[self.node.output[0]][:, self.keep]
+        return y.reshape(*y.shape[:2], -1).mean(axis=2, dtype=np.float64)
+
+    def add(self, pruned: dict[str, np.ndarray], target: np.ndarray | None) -> None:
         self.pruned.add(pruned[self.node.output[0]])
-        self.original.add(original[self.node.output[0]][:, self.keep])
+        self.original_sum += target.sum(axis=0)
+        self.images += len(target)
 
     def finish(self, params: _Params) -> None:
         name = params.bias(self.node, 2, int(self.keep.sum()))
-        params.set(name, params.get(name) + self.original.mean() - self.pruned.mean())
+        original = self.original_sum / self.images
+        params.set(name, params.get(name) + original - self.pruned.mean())
 
 
 @dataclass(frozen=True)
@@ -351,15 +403,18 @@ def conv_geometry(node: onnx.NodeProto, weight: np.ndarray, spatial: tuple[int, 
     return ConvGeometry(kernel, strides, dilations, pads)
 
 
-def patches(x: np.ndarray, shape: ConvGeometry) -> np.ndarray:
-    """im2col: one row per output position, columns ordered (channel, kernel row, kernel column) like
-    a conv weight's [C, kh, kw] slice."""
+def patches(x: np.ndarray, shape: ConvGeometry, positions: np.ndarray | None = None) -> np.ndarray:
+    """im2col: one row per output position (per image, only the flat indices `positions` when given),
+    columns ordered (channel, kernel row, kernel column) like a conv weight's [C, kh, kw] slice."""
     (kh, kw), (sh, sw), (dh, dw) = shape.kernel, shape.strides, shape.dilations
     top, left, bottom, right = shape.pads
     x = np.pad(x, ((0, 0), (0, 0), (top, bottom), (left, right)))
     windows = sliding_window_view(x, ((kh - 1) * dh + 1, (kw - 1) * dw + 1), axis=(2, 3))
     windows = windows[:, :, ::sh, ::sw, ::dh, ::dw]
-    return windows.transpose(0, 2, 3, 1, 4, 5).reshape(-1, x.shape[1] * kh * kw)
+    if positions is None:
+        return windows.transpose(0, 2, 3, 1, 4, 5).reshape(-1, x.shape[1] * kh * kw)
+    rows, columns = np.divmod(positions, windows.shape[3])
+    return windows[:, :, rows, columns].transpose(0, 2, 1, 3, 4).reshape(-1, x.shape[1] * kh * kw)
 
 
 class _LeastSquares(_Step):
@@ -367,9 +422,18 @@ class _LeastSquares(_Step):
 
     Per group g the unknowns theta_g [d (+1 for the bias), outputs] solve
     (X^T X + lam D) theta = X^T Y + lam D theta0, with D the identity on weights (0 on the bias) and
-    theta0 the sliced weights, from sums accumulated over batches."""
+    theta0 the sliced weights, from sums accumulated over batches.  A conv's rows are the output
+    positions `rng` picks (at most `cap`), the same for every image."""
 
-    def __init__(self, node: onnx.NodeProto, params: _Params, keep: np.ndarray, ridge: float) -> None:
+    def __init__(  # noqa: PLR0913
+        self,
+        node: onnx.NodeProto,
+        params: _Params,
+        keep: np.ndarray,
+        ridge: float,
+        cap: int,
+        rng: np.random.Generator,
+    ) -> None:
         super().__init__(node)
         self.keep, self.ridge = keep, ridge
         self.weight = params.get(node.input[1])
@@ -380,6 +444,8 @@ class _LeastSquares(_Step):
         self.conv: ConvGeometry | None = None
         self.groups = int(attribute(node, "group", 1)) if node.op_type == "Conv" else 1
         self.xtx: np.ndarray | None = None
+        self.cap, self.rng = cap, rng
+        self.positions: np.ndarray | None = None  # sampled flat output positions; None: all
         self.batchnorm: onnx.NodeProto | None = None  # a BN reading only this output, recalibrated here
 
     def pruned_tensors(self) -> list[str]:
@@ -388,20 +454,37 @@ class _LeastSquares(_Step):
     def original_tensors(self) -> list[str]:
         return [self.node.output[0]]
 
+    def target(self, original: dict[str, np.ndarray]) -> np.ndarray:
+        """The kept outputs per image as [positions, channels] (a conv's sampled positions only)."""
+        y = original[self.node.output[0]]
+        if self.node.op_type != "Conv":
+            y = y[:, self.keep] if self.node.op_type != "MatMul" else y[..., self.keep]
+            return y.reshape(len(y), -1, y.shape[-1])
+        y = y[:, self.keep].reshape(len(y), int(self.keep.sum()), -1)
+        if self.positions is None and y.shape[2] > self.cap:
+            self.positions = np.sort(self.rng.choice(y.shape[2], self.cap, replace=False))
+        if self.positions is not None:
+            y = y[:, :, self.positions]
+        return np.ascontiguousarray(y.transpose(0, 2, 1))
+
+    def written(self) -> list[str]:
+        return [self.node.name] + ([self.batchnorm.name] if self.batchnorm is not None else [])
+
     def _rows(self, x: np.ndarray, y: np.ndarray) -> tuple[list[np.ndarray], list[np.ndarray]]:
-        """Per group: the inputs as rows of features and the target outputs as rows."""
-        y = y[:, self.keep] if self.node.op_type != "MatMul" else y[..., self.keep]
+        """Per group: the inputs as rows of features and the targets as rows."""
+        y = y.reshape(-1, y.shape[-1])
         if self.node.op_type == "Conv":
             if self.conv is None:
                 self.conv = conv_geometry(self.node, self.weight, x.shape[2:])
-            y = np.moveaxis(y, 1, -1).reshape(-1, y.shape[1])
             cin, cout = x.shape[1] // self.groups, y.shape[1] // self.groups
-            xs = [patches(x[:, g * cin : (g + 1) * cin], self.conv) for g in range(self.groups)]
+            xs = [
+                patches(x[:, g * cin : (g + 1) * cin], self.conv, self.positions) for g in range(self.groups)
+            ]
             return xs, [y[:, g * cout : (g + 1) * cout] for g in range(self.groups)]
-        return [x.reshape(-1, x.shape[-1])], [y.reshape(-1, y.shape[-1])]
+        return [x.reshape(-1, x.shape[-1])], [y]
 
-    def add(self, pruned: dict[str, np.ndarray], original: dict[str, np.ndarray]) -> None:
-        xs, ys = self._rows(pruned[self.node.input[0]], original[self.node.output[0]])
+    def add(self, pruned: dict[str, np.ndarray], target: np.ndarray | None) -> None:
+        xs, ys = self._rows(pruned[self.node.input[0]], target)
         if self.xtx is None:
             d, k = xs[0].shape[1], ys[0].shape[1]
             self.xtx = np.zeros((self.groups, d, d))
@@ -413,8 +496,8 @@ class _LeastSquares(_Step):
             x32, y32 = x.astype(np.float32, copy=False), y.astype(np.float32, copy=False)
             self.xtx[g] += x32.T @ x32
             self.xty[g] += x32.T @ y32
-            self.xsum[g] += x.sum(axis=0, dtype=np.float64)
-            self.ysum[g] += y.sum(axis=0, dtype=np.float64)
+            self.xsum[g] += x.sum(axis=0)
+            self.ysum[g] += y.sum(axis=0)
         self.count += len(xs[0])
 
     def _theta0(self) -> list[np.ndarray]:
@@ -535,7 +618,8 @@ def _steps(
         keep = np.ones(dep.shapes[node.output[0]][axis], dtype=bool) if keep is None else keep
         reason = _fit_reason(node, params)
         if config.method == "lsq" and reason is None:
-            steps.append(fit := _LeastSquares(node, params, keep, config.ridge))
+            rng = np.random.default_rng([config.seed, len(steps)])
+            steps.append(fit := _LeastSquares(node, params, keep, config.ridge, config.positions, rng))
             if fit.has_bias:
                 fitted_by_output[node.output[0]] = fit
             report.reconstructed.append(node.name)
@@ -565,6 +649,54 @@ def _levels(model: onnx.ModelProto, steps: list[_Step]) -> list[list[_Step]]:
     return [levels[k] for k in sorted(levels)]
 
 
+class _Spool:
+    """Arrays appended batch by batch under a key, one temporary file per key, read back by rows: what
+    every image gives held on disk, a batch at a time in memory."""
+
+    def __init__(self, folder: Path, name: str) -> None:
+        self.folder, self.name = folder, name
+        self.files: dict[object, tuple[Path, np.dtype, tuple[int, ...]]] = {}
+
+    def __contains__(self, key: object) -> bool:
+        return key in self.files
+
+    def append(self, key: object, values: np.ndarray) -> None:
+        path = self.files[key][0] if key in self.files else self.folder / f"{self.name}-{len(self.files)}"
+        self.files[key] = path, values.dtype, values.shape[1:]
+        with path.open("ab") as file:
+            np.ascontiguousarray(values).tofile(file)
+
+    def read(self, key: object, start: int, count: int) -> np.ndarray:
+        path, dtype, shape = self.files[key]
+        size = int(np.prod(shape))
+        return np.fromfile(path, dtype, count * size, offset=start * size * dtype.itemsize).reshape(
+            count, *shape
+        )
+
+    def delete(self) -> None:
+        for path, _, _ in self.files.values():
+            path.unlink()
+
+
+def _carried(model: onnx.ModelProto, levels: list[list[_Step]]) -> list[list[str]]:
+    """Per level, the tensors its run takes from the run before: those the run before read or computed
+    upstream of what its level rewrote, so the next run can start from them instead of from the image."""
+    image = _image_input(model)[0]
+    available: set[str] = set()
+    carried = []
+    for level in levels:
+        fetch = [name for step in level for name in step.pruned_tensors()]
+        nodes = _prefix(model, fetch, available)
+        carried.append(sorted(available & {*fetch, *(name for node in nodes for name in node.input)}))
+        written = {name for step in level for name in step.written()}
+        stale: set[str] = set()
+        for node in nodes:
+            if node.name in written or stale.intersection(node.input):
+                stale.update(node.output)
+        available = {*carried[-1], *(name for node in nodes for name in node.output)} - stale - {image}
+    return carried
+
+
 def _sweep(
     model: onnx.ModelProto,
     params: _Params,
@@ -575,16 +707,34 @@ def _sweep(
     threads: int | None,
 ) -> None:
     """Run the steps level by level: each level streams the images through `model` as the levels
-    before left it (and through `reference` for targets), then writes its results into `params`."""
-    for level in _levels(model, steps):
-        mine = _Runner(model, [n for s in level for n in s.pruned_tensors()], threads)
-        theirs = _Runner(reference, [n for s in level for n in s.original_tensors()], threads)
-        for x in _batches(model, images, batch_size):
-            got, want = mine(x), theirs(x)
+    before left it (with the targets `reference` gave in one pass), then writes into `params`.  A
+    level's run starts from the tensors the run before computed that its fits left unchanged."""
+    levels = _levels(model, steps)
+    carried = [*_carried(model, levels), []]
+    with tempfile.TemporaryDirectory(prefix="graphprune-recover-") as folder:
+        targets, cache = _Spool(Path(folder), "target"), _Spool(Path(folder), "level0")
+        wanted = [name for step in steps for name in step.original_tensors()]
+        theirs = _Runner(reference, wanted, threads)
+        for x in _batches(model, images, batch_size) if wanted else ():
+            original = theirs(x)
+            for step in steps:
+                if step.original_tensors():
+                    targets.append(step, step.target(original))
+        for k, level in enumerate(levels):
+            fetch = [name for step in level for name in step.pruned_tensors()]
+            mine = _Runner(model, fetch + carried[k + 1], threads, carried[k])
+            following, start = _Spool(Path(folder), f"level{k + 1}"), 0
+            for x in _batches(model, images, batch_size):
+                got = mine(x, {name: cache.read(name, start, len(x)) for name in carried[k]})
+                for step in level:
+                    step.add(got, targets.read(step, start, len(x)) if step in targets else None)
+                for name in carried[k + 1]:
+                    following.append(name, got[name])
+                start += len(x)
             for step in level:
-                step.add(got, want)
-        for step in level:
-            step.finish(params)
+                step.finish(params)
+            cache.delete()
+            cache = following
 
 
 def recover_model(
