@@ -30,9 +30,9 @@ from pathlib import Path
 from common import (
     RESULTS,
     Failure,
+    header,
     high_priority,
     machine,
-    machine_line,
     markdown_table,
     write_json,
     write_text,
@@ -254,11 +254,11 @@ def derive(records: list[dict]) -> None:
 def render(payload: dict[str, object]) -> str:
     settings = payload["settings"]
     lines = [
-        f"# Latency-aware planning ({settings['provider']}, {settings['threads']} threads)\n",
-        machine_line(payload["machine"]),
-        "",
-        __doc__.split("\n\n", 1)[1].rsplit("\n\n", 1)[0].strip(),
-        "",
+        *header(
+            f"Latency-aware planning ({settings['provider']}, {settings['threads']} threads)",
+            payload["machine"],
+            __doc__,
+        ),
         f"Timing: {settings['rounds']} interleaved rounds of {settings['runs']} runs, fastest round median. "
         "The 1-minute load average is given per model: the machine was shared, so compare rows of one model "
         "only. Pred. error compares predicted and measured latency; pred. speed-up error compares the "

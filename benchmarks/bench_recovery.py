@@ -71,6 +71,8 @@ PEERS = ("Magnitude p=1", "Magnitude p=2")
 # What identifies a row: a re-run replaces the saved rows with the same key and keeps the others.
 ROW_KEYS = ("criterion", "round_to", "target_macs", "method", "teacher", "ft_samples")
 DEMO_FT_SAMPLES = 15000
+# The short fine-tune every start gets (1 epoch, the demo's schedule), on the CPU.
+FINETUNE = TrainConfig(epochs=1, lr=0.01, schedule="cosine", seed=0, device="cpu", progress=False)
 
 
 def status_kb(field: str) -> int:
@@ -260,7 +262,6 @@ def finetune_rows(
     train = load_dataset(CALIB, "train", limit=args.ft_samples, seed=0)
     calib = load_dataset(CALIB, "train", limit=args.calib_samples + RECOVERY_HOLDOUT, seed=0, labels=False)
     teacher = OnnxTeacher(REFERENCE, threads=args.threads)
-    config = TrainConfig(epochs=1, lr=0.01, schedule="cosine", seed=0, device="cpu", progress=False)
     base_macs = model_cost(onnx.load(str(REFERENCE))).macs
     begin = [("baseline", "-", 1.0, "none", onnx.load(str(REFERENCE)))]
     rows: list[dict[str, object]] = []
@@ -280,11 +281,7 @@ def finetune_rows(
     for criterion, round_to, target, method, model in points():
         before = evaluate_onnx(model, test, threads=args.threads)
         for distilled in (False, True):
-            module = onnx_to_module(model)
-            verify_foldback(module, model)
-            clock = time.perf_counter()
-            fit(module, train, None, config, teacher=teacher if distilled else None)
-            tuned = export_trained(module, work / "finetuned.onnx", train.sample_shape)
+            tuned, seconds = finetune(model, train, teacher if distilled else None, work)
             row = {
                 "criterion": criterion,
                 "round_to": round_to,
@@ -295,11 +292,24 @@ def finetune_rows(
                 "ft_samples": args.ft_samples,
                 "accuracy_before": before,
                 "accuracy": evaluate_onnx(tuned, test, threads=args.threads),
-                "finetune_s": round(time.perf_counter() - clock, 1),
+                "finetune_s": seconds,
             }
             log.info("%s", row)
             rows.append(row)
             save(rows)
+
+
+def finetune(
+    model: onnx.ModelProto, train: ArrayDataset, teacher: OnnxTeacher | None, work: Path
+) -> tuple[onnx.ModelProto, float]:
+    """`model` folded back to torch (checked equal to its graph), fine-tuned by FINETUNE on `train`
+    (distilled from `teacher` when given) and re-exported; and the fine-tune's seconds."""
+    module = onnx_to_module(model)
+    verify_foldback(module, model)
+    clock = time.perf_counter()
+    fit(module, train, None, FINETUNE, teacher=teacher)
+    tuned = export_trained(module, work / "finetuned.onnx", train.sample_shape)
+    return tuned, round(time.perf_counter() - clock, 1)
 
 
 def render(payload: dict[str, object]) -> str:

@@ -71,6 +71,12 @@ def machine_line(info: Mapping[str, object]) -> str:
     return f"Machine: {info['cpu']}, {info['cores']} cores{gpu}, Python {info['python']}; {names}; {info['date']}."
 
 
+def header(title: str, info: Mapping[str, object], doc: str) -> list[str]:
+    """The opening lines of a results file: its title, the machine line, and the protocol, which is the
+    script's docstring without its first and last paragraphs (the summary line and how to run it)."""
+    return [f"# {title}\n", machine_line(info), "", doc.split("\n\n", 1)[1].rsplit("\n\n", 1)[0].strip(), ""]
+
+
 @contextlib.contextmanager
 def high_priority(enabled: bool) -> Iterator[None]:
     """Run the block with this process's scheduler group at nice -20, then restore it.

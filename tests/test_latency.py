@@ -249,3 +249,12 @@ def test_gpu_script_stops_at_once_without_the_cuda_provider(tmp_path: Path) -> N
     assert done.returncode == 2 and len(lines) == 1, done.stdout + done.stderr
     assert lines[0].startswith("bench_latency: error:") and "onnxruntime-gpu[cuda]==1.31.1" in lines[0]
     assert not (tmp_path / "out" / "gpu_latency.json").exists()
+
+
+def test_latency_accuracy_benchmark_refuses_a_target_outside_0_1_after_importing_its_peers() -> None:
+    done = subprocess.run(
+        [sys.executable, ROOT / "benchmarks" / "bench_latency_accuracy.py", "--targets", "1.5"],
+        capture_output=True,
+        text=True,
+    )
+    assert done.returncode == 2 and "--targets must lie in (0, 1)" in done.stderr, done.stderr
