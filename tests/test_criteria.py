@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from helpers import Net
+from onnx import numpy_helper
 from test_activations import HAND_V, hand_data, hand_model, small_cnn
 
 from graphprune.api import analyze_model, prune, score_channels
@@ -150,3 +152,20 @@ def test_hrank_alone_stops_after_its_images() -> None:
     )
     assert 32 <= stats.samples < 96
     assert stats.tensors
+
+
+@pytest.mark.parametrize("order", [1, 2])
+def test_magnitude_of_a_channel_read_by_a_grouped_conv_counts_its_group_slice_only(order: int) -> None:
+    """Channel c of a tensor a group-2 conv reads enters only the filters of c's group, at c's place."""
+    net = Net(channels=4, size=6)
+    first = net.conv(net.x, 8)
+    net.conv(net.op("Relu", [first]), 6, group=2)
+    model = net.build(net.nodes[-1].output[0])
+    weights = {init.name: np.abs(numpy_helper.to_array(init)) ** order for init in model.graph.initializer}
+    producer, reader = weights["conv1.w"], weights["conv3.w"]  # [8, 4, 3, 3] and [6, 4, 3, 3]
+    expected = producer.reshape(8, -1).sum(axis=1) + [
+        reader[(c // 4) * 3 : (c // 4 + 1) * 3, c % 4].sum() for c in range(8)
+    ]
+    scores = score_channels(analyze_model(model), f"l{order}")
+    assert list(scores) == [0]
+    np.testing.assert_allclose(scores[0], expected, rtol=1e-6)
