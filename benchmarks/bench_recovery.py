@@ -411,7 +411,7 @@ def render_finetune(payload: dict[str, object], tuned: list[dict[str, object]]) 
         )
         lines += [
             f"\n## After the same short fine-tune: 1 epoch on {samples:,} images ({label})\n",
-            f"Load average while running: {loads.get(str(samples), payload.get('finetune_load_average'))}. "
+            f"Load average while running: {loads.get(str(samples))}. "
             f"Fine-tune: 1 epoch on {samples:,} seeded training images, SGD Nesterov lr 0.01 cosine, "
             "batch 128, pad-crop + flip, seed 0, on the CPU; with the teacher: the original through "
             "onnxruntime, loss 0.5 CE + 0.5 T^2 KL at T = 4. Every start is folded back with onnx2torch "
