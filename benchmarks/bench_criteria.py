@@ -423,7 +423,7 @@ def render(payload: dict[str, object]) -> str:
         "(`PlanOptions(target_macs=F)`: local ratio per group, bisected on the ratio), counted by "
         "`graphprune.runtime.cost` on the ONNX for both tools.",
         f"- **graphprune**: `prune(..., criterion=NAME, seed=s, calib=<train set>, "
-        f"calib_samples={budget['calib_samples']})`, verified. Seeds {budget['seeds']}: the seed draws the "
+        f"calib_samples={budget['calib_samples']})`, verified. Seeds ({', '.join(map(str, budget['seeds']))}): the seed draws the "
         "calibration sample, the random scores and the blend's split and search. **l1, l2, fpgm and bn do "
         "not depend on the seed: their seeds all give the same model** (column *models*: distinct pruned "
         "models over the seeds), so their spread is 0 by construction. `act_var` (activation variance) "
@@ -553,6 +553,12 @@ def render_claim(payload: dict[str, object], table: list[Cell]) -> list[str]:
             else ", and the search is tiny, so this tests the claim under this session's budget only.\n"
         ),
     ]
+    if payload["budget"].get("recovery", "none") == "none":
+        lines.append(
+            "`--recover lsq` repeats this protocol with every graphprune model also least-squares "
+            "recovered (BN included) before its fine-tune; such a run is written to "
+            f"`{results_stem(payload.get('suffix', ''), 'lsq')}.md` when made.\n"
+        )
     body = [
         [
             v["target"],
