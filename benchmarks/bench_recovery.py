@@ -15,8 +15,9 @@ pruned (it has no recovery step), and with graphprune's BN recalibration (which 
 `--part finetune`: every starting point (the unpruned baseline as a control; graphprune l1 and blend
 with lsq recovery; Torch-Pruning as pruned) gets the same short fine-tune, with and without the
 original as a distillation teacher: 1 epoch on `--ft-samples` seeded training images (15,000: the
-demo's fine-tune; 60,000: a full epoch), SGD lr 0.01 cosine, batch 128, augmentation, torch on
-`--threads` threads, exported and evaluated on the 10,000 test images. Each budget is its own table.
+demo's fine-tune; 60,000: a full epoch), SGD at `--ft-lr` (0.01: the demo's) cosine, batch 128,
+augmentation, torch on `--threads` threads, exported and evaluated on the 10,000 test images. Each
+budget (images, learning rate) is its own table.
 
 Goals (reported, not asserted): at half the MACs >= 85% test accuracy with no training and, after the
 fine-tune, within 0.3 points of the baseline; at 0.3 >= 60% with no training and, after the fine-tune,
@@ -69,10 +70,9 @@ SAMPLE_SHAPE = (1, 28, 28)
 BLEND_HOLDOUT = 1000
 PEERS = ("Magnitude p=1", "Magnitude p=2")
 # What identifies a row: a re-run replaces the saved rows with the same key and keeps the others.
-ROW_KEYS = ("criterion", "round_to", "target_macs", "method", "teacher", "ft_samples")
+ROW_KEYS = ("criterion", "round_to", "target_macs", "method", "teacher", "ft_samples", "ft_lr")
 DEMO_FT_SAMPLES = 15000
-# The short fine-tune every start gets (1 epoch, the demo's schedule), on the CPU.
-FINETUNE = TrainConfig(epochs=1, lr=0.01, schedule="cosine", seed=0, device="cpu", progress=False)
+DEMO_FT_LR = 0.01
 
 
 def status_kb(field: str) -> int:
@@ -281,7 +281,7 @@ def finetune_rows(
     for criterion, round_to, target, method, model in points():
         before = evaluate_onnx(model, test, threads=args.threads)
         for distilled in (False, True):
-            tuned, seconds = finetune(model, train, teacher if distilled else None, work)
+            tuned, seconds = finetune(model, train, teacher if distilled else None, args.ft_lr, work)
             row = {
                 "criterion": criterion,
                 "round_to": round_to,
@@ -290,6 +290,7 @@ def finetune_rows(
                 "method": method,
                 "teacher": distilled,
                 "ft_samples": args.ft_samples,
+                "ft_lr": args.ft_lr,
                 "accuracy_before": before,
                 "accuracy": evaluate_onnx(tuned, test, threads=args.threads),
                 "finetune_s": seconds,
@@ -300,14 +301,16 @@ def finetune_rows(
 
 
 def finetune(
-    model: onnx.ModelProto, train: ArrayDataset, teacher: OnnxTeacher | None, work: Path
+    model: onnx.ModelProto, train: ArrayDataset, teacher: OnnxTeacher | None, lr: float, work: Path
 ) -> tuple[onnx.ModelProto, float]:
-    """`model` folded back to torch (checked equal to its graph), fine-tuned by FINETUNE on `train`
-    (distilled from `teacher` when given) and re-exported; and the fine-tune's seconds."""
+    """`model` folded back to torch (checked equal to its graph), fine-tuned on `train` for 1 epoch at
+    `lr` (cosine, the demo's schedule, on the CPU; distilled from `teacher` when given) and re-exported;
+    and the fine-tune's seconds."""
     module = onnx_to_module(model)
     verify_foldback(module, model)
     clock = time.perf_counter()
-    fit(module, train, None, FINETUNE, teacher=teacher)
+    config = TrainConfig(epochs=1, lr=lr, schedule="cosine", seed=0, device="cpu", progress=False)
+    fit(module, train, None, config, teacher=teacher)
     tuned = export_trained(module, work / "finetuned.onnx", train.sample_shape)
     return tuned, round(time.perf_counter() - clock, 1)
 
@@ -397,22 +400,31 @@ def pct(value: float) -> str:
     return f"{100 * value:.2f} %"
 
 
-def budgets(tuned: list[dict[str, object]]) -> list[int]:
-    """The fine-tune budgets (training images) measured, smallest first."""
-    return sorted({int(r["ft_samples"]) for r in tuned if "ft_samples" in r})
+def budgets(tuned: list[dict[str, object]]) -> list[tuple[int, float]]:
+    """The fine-tune budgets (training images, learning rate) measured, smallest first."""
+    return sorted({(int(r["ft_samples"]), float(r["ft_lr"])) for r in tuned if "ft_samples" in r})
+
+
+def budget_key(samples: int, lr: float) -> str:
+    """A budget's key in the results' per-budget records."""
+    return f"{samples} lr {lr:g}"
+
+
+def of_budget(tuned: list[dict[str, object]], samples: int, lr: float) -> list[dict[str, object]]:
+    return [r for r in tuned if r.get("ft_samples") == samples and r.get("ft_lr") == lr]
 
 
 def render_finetune(payload: dict[str, object], tuned: list[dict[str, object]]) -> list[str]:
     lines = []
     loads = payload.get("finetune_load_averages", {})
-    for samples in budgets(tuned):
+    for samples, lr in budgets(tuned):
         label = (
             "the demo's" if samples == DEMO_FT_SAMPLES else "a full epoch" if samples == 60000 else "a subset"
         )
         lines += [
-            f"\n## After the same short fine-tune: 1 epoch on {samples:,} images ({label})\n",
-            f"Load average while running: {loads.get(str(samples))}. "
-            f"Fine-tune: 1 epoch on {samples:,} seeded training images, SGD Nesterov lr 0.01 cosine, "
+            f"\n## After the same short fine-tune: 1 epoch on {samples:,} images ({label}), lr {lr:g}\n",
+            f"Load average while running: {loads.get(budget_key(samples, lr))}. "
+            f"Fine-tune: 1 epoch on {samples:,} seeded training images, SGD Nesterov lr {lr:g} cosine, "
             "batch 128, pad-crop + flip, seed 0, on the CPU; with the teacher: the original through "
             "onnxruntime, loss 0.5 CE + 0.5 T^2 KL at T = 4. Every start is folded back with onnx2torch "
             "(checked equal to its graph) and the fine-tuned module re-exported and evaluated through "
@@ -441,7 +453,7 @@ def render_finetune(payload: dict[str, object], tuned: list[dict[str, object]]) 
                         pct(distilled["accuracy"]) if distilled else "",
                         plain["finetune_s"],
                     ]
-                    for plain, distilled in pairs([r for r in tuned if r.get("ft_samples") == samples])
+                    for plain, distilled in pairs(of_budget(tuned, samples, lr))
                 ],
             ),
         ]
@@ -468,10 +480,8 @@ def goals(
                 f"- {target:.0%} of the MACs, >= {goal:.0%} without training: {verdict} (best "
                 f"{pct(best['accuracy'])}, {best['criterion']}, round-to {best['round_to']}, {best['method']})"
             )
-    for samples in budgets(tuned):
-        lines += finetune_goals(
-            [r for r in tuned if "accuracy" in r and r.get("ft_samples") == samples], samples
-        )
+    for samples, lr in budgets(tuned):
+        lines += finetune_goals([r for r in of_budget(tuned, samples, lr) if "accuracy" in r], samples, lr)
     lsq = [(r["seconds"], r["cpu_seconds"]) for r in rows if r.get("method") == "lsq"]
     if lsq:
         wall, cpu = [w for w, _ in lsq], [c for _, c in lsq]
@@ -484,10 +494,11 @@ def goals(
     return lines
 
 
-def finetune_goals(done: list[dict[str, object]], samples: int) -> list[str]:
+def finetune_goals(done: list[dict[str, object]], samples: int, lr: float) -> list[str]:
     """The two after-fine-tune goals, judged on the fine-tunes of one budget."""
     lines = []
-    budget = f"after the fine-tune on {samples:,} images"
+    budget = f"after the fine-tune on {samples:,} images at lr {lr:g}"
+    control = next((r for r in done if r["criterion"] == "baseline" and not r["teacher"]), None)
     baseline = max((r["accuracy"] for r in done if r["criterion"] == "baseline"), default=None)
     for target in GOALS:
         mine = [r for r in done if r["target_macs"] == target and not r["criterion"].startswith("Torch")]
@@ -501,7 +512,8 @@ def finetune_goals(done: list[dict[str, object]], samples: int) -> list[str]:
             lines.append(
                 f"- 50% of the MACs {budget}, within 0.3 points of the baseline fine-tuned alike "
                 f"({pct(baseline)}): {verdict} (best {pct(best['accuracy'])}, {best['criterion']} + "
-                f"{best['method']}, {teacher} teacher)"
+                f"{best['method']}, {teacher} teacher; the original before any fine-tune: "
+                f"{pct(control['accuracy_before']) if control else '-'})"
             )
         top_peer = max(peer, key=lambda r: r["accuracy"], default=None)
         if target == 0.3 and top_peer is not None:
@@ -536,6 +548,9 @@ def main() -> None:
     parser.add_argument(
         "--ft-samples", type=int, default=DEMO_FT_SAMPLES, help="fine-tune images (default: the demo's)"
     )
+    parser.add_argument(
+        "--ft-lr", type=float, default=DEMO_FT_LR, help="fine-tune learning rate (default: the demo's)"
+    )
     parser.add_argument("--memory-images", type=int, nargs="+", default=[1024, 10240])
     parser.add_argument("--memory-methods", nargs="+", default=["lsq"], choices=("bn", "lsq"))
     parser.add_argument("--threads", type=int, default=2)
@@ -568,9 +583,9 @@ def main() -> None:
             f"{part}_load_average": " / ".join(f"{v:.1f}" for v in os.getloadavg()),
         }
         if part == "finetune":
-            payload.setdefault("finetune_load_averages", {})[str(args.ft_samples)] = payload[
-                "finetune_load_average"
-            ]
+            payload.setdefault("finetune_load_averages", {})[budget_key(args.ft_samples, args.ft_lr)] = (
+                payload["finetune_load_average"]
+            )
         payload.setdefault("rows", [])
         write_json(path, payload)
         write_text(args.out / "recovery.md", render(payload))
