@@ -6,6 +6,7 @@ import hashlib
 import logging
 import os
 import tempfile
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -206,11 +207,14 @@ def unshare_uniform(graph: onnx.GraphProto) -> int:
 def fold_constants(model: onnx.ModelProto, op_types: frozenset[str]) -> int:
     """In place: each node of `op_types` that only rearranges constants becomes an initializer named
     after its output (so consumers are untouched and no two parameters share storage); nodes feeding a
-    graph output stay.  Returns how many were folded."""
+    graph output stay.  Initializers that only folded nodes read go (a Linear's weight behind its
+    folded Transpose was half of convnext_tiny's bytes, read and copied again by every later step).
+    Returns how many were folded."""
     graph = model.graph
     values = {init.name: init for init in graph.initializer}
     outputs = {value.name for value in graph.output}
-    kept = []
+    kept, folded_inputs = [], set()
+    folded = 0
     for node in graph.node:
         tensor = None if node.op_type not in op_types or node.output[0] in outputs else _fold(node, values)
         if tensor is None:
@@ -218,11 +222,29 @@ def fold_constants(model: onnx.ModelProto, op_types: frozenset[str]) -> int:
             continue
         graph.initializer.append(tensor)
         values[tensor.name] = tensor
-    folded = len(graph.node) - len(kept)
-    if folded:
-        del graph.node[:]
-        graph.node.extend(kept)
+        folded_inputs.update(node.input)
+        folded += 1
+    if not folded:
+        return 0
+    del graph.node[:]
+    graph.node.extend(kept)
+    needed = _names_read(kept) | outputs | {value.name for value in graph.input}
+    orphans = folded_inputs - needed
+    # deleted in place, last first: re-adding the live ones would copy every weight's bytes
+    for index in reversed([i for i, init in enumerate(graph.initializer) if init.name in orphans]):
+        del graph.initializer[index]
     return folded
+
+
+def _names_read(nodes: Iterable[onnx.NodeProto]) -> set[str]:
+    """Every tensor name the nodes read, inside their subgraphs (If / Loop / Scan bodies) too."""
+    names: set[str] = set()
+    for node in nodes:
+        names.update(node.input)
+        for attr in node.attribute:
+            for sub in [attr.g] if attr.type == onnx.AttributeProto.GRAPH else attr.graphs:
+                names |= _names_read(sub.node)
+    return names
 
 
 def _fold(node: onnx.NodeProto, values: dict[str, onnx.TensorProto]) -> onnx.TensorProto | None:

@@ -178,9 +178,49 @@ def test_identity_on_initializer_becomes_a_named_initializer() -> None:
     )
     model = helper.make_model(graph)
     assert fold_constants(model, frozenset({"Identity"})) == 1
-    assert remove_unused_initializers(model) == 2  # "stale", and "bn.weight" now that nothing reads it
+    assert [init.name for init in model.graph.initializer] == ["stale", "bn.running_var"]  # bn.weight went
+    assert remove_unused_initializers(model) == 1  # "stale": no folded node read it
     assert _ops(model) == ["Mul"]
     (var,) = model.graph.initializer
     assert var.name == "bn.running_var"
     np.testing.assert_array_equal(numpy_helper.to_array(var), np.ones(4, dtype=np.float32))
+    onnx.checker.check_model(model)
+
+
+def test_folding_keeps_an_initializer_that_another_node_or_a_subgraph_still_reads() -> None:
+    """Only initializers that nothing but folded nodes read leave with the fold; a reader elsewhere in
+    the graph, or inside an If branch, keeps it."""
+    shared = numpy_helper.from_array(np.ones((2, 3), dtype=np.float32), "w_shared")
+    branch_only = numpy_helper.from_array(np.ones((2, 3), dtype=np.float32), "w_branch")
+    alone = numpy_helper.from_array(np.ones((2, 3), dtype=np.float32), "w_alone")
+    branch = helper.make_graph(
+        [helper.make_node("Identity", ["w_branch"], ["b_out"])],
+        "branch",
+        [],
+        [helper.make_tensor_value_info("b_out", onnx.TensorProto.FLOAT, [2, 3])],
+    )
+    graph = helper.make_graph(
+        [
+            helper.make_node("Transpose", ["w_shared"], ["t_shared"], perm=[1, 0]),
+            helper.make_node("Transpose", ["w_branch"], ["t_branch"], perm=[1, 0]),
+            helper.make_node("Transpose", ["w_alone"], ["t_alone"], perm=[1, 0]),
+            helper.make_node("Add", ["w_shared", "x"], ["y0"]),
+            helper.make_node("If", ["c"], ["y1"], then_branch=branch, else_branch=branch),
+            helper.make_node("Concat", ["t_shared", "t_branch", "t_alone"], ["y2"], axis=0),
+        ],
+        "g",
+        [
+            helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [2, 3]),
+            helper.make_tensor_value_info("c", onnx.TensorProto.BOOL, []),
+        ],
+        [
+            helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, shape)
+            for name, shape in (("y0", [2, 3]), ("y1", [2, 3]), ("y2", [9, 2]))
+        ],
+        [shared, branch_only, alone],
+    )
+    model = helper.make_model(graph)
+    assert fold_constants(model, frozenset({"Transpose"})) == 3
+    names = [init.name for init in model.graph.initializer]
+    assert names == ["w_shared", "w_branch", "t_shared", "t_branch", "t_alone"]
     onnx.checker.check_model(model)
