@@ -12,6 +12,9 @@ tools/train_reference.py (the same optimiser, schedule and augmentation as the r
 phases), both evaluated on the full test set through onnxruntime. A claim holds here when the cut is
 at least the paper's (70% of BN channels; 70% of MACs) and the accuracy is at most 0.5 points below the
 baseline. Budgets are a few tens of epochs, not the papers' 160+, and the results say which.
+`--teacher` distils the unpruned baseline into every fine-tune (cross-entropy + KL, the library's
+defaults); `--passes N` (Network Slimming) prunes and fine-tunes N times, each pass removing the share
+of the channels left that makes the N passes remove 70% in all.
 
 Each claim writes results/paper_claims_CLAIM.json as soon as it ends; every run re-renders
 paper_claims.md and .png from all claim files present, so the claims can run in parallel processes:
@@ -25,6 +28,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -40,6 +44,7 @@ from graphprune.onnxutil import conv_channels
 from graphprune.recipes.workspace import RecipeResult, Start
 from graphprune.report.plots import plot_accuracy_vs_macs
 from graphprune.runtime.evaluate import evaluate_onnx
+from graphprune.torch_bridge.distill import OnnxTeacher
 from graphprune.torch_bridge.train import TrainConfig
 
 log = logging.getLogger("bench_paper_claims")
@@ -66,6 +71,13 @@ class Protocol:
     tick_share: float | None = None
     epochs_tock: int = 1
     train_limit: int | None = None
+    teacher: bool = False
+    passes: int = 1
+
+    @property
+    def pass_ratio(self) -> float:
+        """The share of the channels left that each slimming pass removes, CUT over all passes."""
+        return math.ceil((1 - (1 - CUT) ** (1 / self.passes)) * 1e4) / 1e4
 
     def train(self) -> TrainConfig:
         return TrainConfig(
@@ -89,11 +101,13 @@ class Claim:
         shared = (
             f"--batch-size {protocol.batch_size} --lr {protocol.lr} --finetune-lr {protocol.finetune_lr} "
             f"--schedule {protocol.schedule} --seed {protocol.seed} --device {protocol.device} -o {output.name}"
+            + (f" --teacher {reference.onnx.name}" if protocol.teacher else "")
         )
         if self.name == "slimming":
             return (
-                f"graphprune slim --model {reference.model} --lambda 1e-4 --ratio {CUT} "
-                f"--epochs-sparse {protocol.epochs_sparse} --epochs-finetune {protocol.epochs_finetune} {shared}"
+                f"graphprune slim --model {reference.model} --lambda 1e-4 --ratio {protocol.pass_ratio} "
+                + (f"--passes {protocol.passes} " if protocol.passes > 1 else "")
+                + f"--epochs-sparse {protocol.epochs_sparse} --epochs-finetune {protocol.epochs_finetune} {shared}"
             )
         return (
             f"graphprune gate-decorator --onnx {reference.onnx.name} --target-flops {1 - CUT:.1f} "
@@ -131,18 +145,20 @@ def run_recipe(claim: Claim, reference: Reference, protocol: Protocol, work: Pat
     from graphprune.recipes.slimming import SlimmingConfig, run_slimming
 
     output = work / f"{claim.name}.onnx"
+    teacher = OnnxTeacher(reference.onnx) if protocol.teacher else None
     if claim.name == "slimming":
         config = SlimmingConfig(
             start=Start(model=reference.model, train_limit=protocol.train_limit, seed=protocol.seed),
             output=output,
             lam=1e-4,
-            ratio=CUT,
+            ratio=protocol.pass_ratio,
+            passes=protocol.passes,
             epochs_sparse=protocol.epochs_sparse,
             epochs_finetune=protocol.epochs_finetune,
             train=protocol.train(),
             finetune_lr=protocol.finetune_lr,
         )
-        return run_slimming(config)
+        return run_slimming(config, teacher=teacher)
     config = GateDecoratorConfig(
         start=Start(onnx=str(reference.onnx), train_limit=protocol.train_limit, seed=protocol.seed),
         output=output,
@@ -156,7 +172,7 @@ def run_recipe(claim: Claim, reference: Reference, protocol: Protocol, work: Pat
         finetune_lr=protocol.finetune_lr,
     )
     # The zoo module carrying the baseline's weights (a trained user module: no baseline training).
-    return run_gate_decorator(config, module=reference.module().train())
+    return run_gate_decorator(config, module=reference.module().train(), teacher=teacher)
 
 
 def model_facts(model: onnx.ModelProto, test: ArrayDataset) -> dict[str, object]:
@@ -265,12 +281,17 @@ def budget(r: dict[str, object]) -> str:
     protocol = r["protocol"]
     training = r["reference"].get("training") or {}  # type: ignore[union-attr]
     base = f"baseline {training.get('epochs', '?')}"
+    distilled = " distilled from the baseline" if protocol.get("teacher") else ""  # type: ignore[union-attr]
     if r["claim"]["name"] == "slimming":  # type: ignore[index]
-        return f"{base}; sparsity {protocol['epochs_sparse']} + fine-tune {protocol['epochs_finetune']}"  # type: ignore[index]
+        passes = protocol.get("passes", 1)  # type: ignore[union-attr]
+        return (
+            f"{base}; sparsity {protocol['epochs_sparse']} + fine-tune {protocol['epochs_finetune']}{distilled}"  # type: ignore[index]
+            + (f", {passes} passes" if passes > 1 else "")
+        )
     rounds = sum("pruned" in s["label"] for s in r["stages"])  # type: ignore[union-attr]
     return (
-        f"{base}; {rounds} Tick-Tock rounds ({protocol['epochs_tock']} Tock epoch each but the last) "  # type: ignore[index]
-        f"+ fine-tune {protocol['epochs_finetune']}"  # type: ignore[index]
+        f"{base}; {rounds} Tick-Tock round{'s' if rounds != 1 else ''} ({protocol['epochs_tock']} Tock epoch "  # type: ignore[index]
+        f"each but the last) + fine-tune {protocol['epochs_finetune']}{distilled}"  # type: ignore[index]
     )
 
 
@@ -337,6 +358,8 @@ def main() -> None:
     parser.add_argument("--epochs-finetune", type=int, default=Protocol.epochs_finetune)
     parser.add_argument("--finetune-lr", type=float, default=Protocol.finetune_lr)
     parser.add_argument("--tick-share", type=float, help="Gate Decorator: share of channels masked per Tick")
+    parser.add_argument("--teacher", action="store_true", help="distil the baseline into every fine-tune")
+    parser.add_argument("--passes", type=int, default=1, help="Network Slimming: prune + fine-tune passes")
     parser.add_argument("--tag", default="", help="suffix of the claim's results file (several budgets)")
     parser.add_argument("--device", default=Protocol.device)
     parser.add_argument("--train-limit", type=int, help="train on a seeded subset (smoke runs only)")
@@ -359,6 +382,8 @@ def main() -> None:
             tick_share=args.tick_share,
             device=args.device,
             train_limit=args.train_limit,
+            teacher=args.teacher,
+            passes=args.passes,
         )
         args.work.mkdir(parents=True, exist_ok=True)
         record = judge_claim(CLAIMS[args.claim], Reference(model, args.baseline), protocol, args.work)

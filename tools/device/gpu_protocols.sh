@@ -3,8 +3,10 @@
 # Usage, after `source tools/device/setup.sh`:
 #   bash tools/device/gpu_protocols.sh WORKDIR RESULTS_DIR JOB...
 # Jobs (each trains the baseline it needs with tools/train_reference.py, seed 0):
-#   slimming-20 / slimming-30  VGG-11-BN baseline of 20 / 30 epochs, then the Network Slimming claim with
-#                              as many sparsity-training and fine-tune epochs (bench_paper_claims.py)
+#   slimming-E[-kd][-pN]       VGG-11-BN baseline of E epochs, then the Network Slimming claim with as many
+#                              sparsity-training and fine-tune epochs (bench_paper_claims.py); -kd distils
+#                              the baseline into the fine-tunes, -pN prunes in N passes (e.g. slimming-60,
+#                              slimming-60-kd: about 6 + 12 minutes each on an H100, sharing the baseline)
 #   gate-decorator-MODEL       resnet56 / resnet20 baseline (15 epochs), then the Gate Decorator claim
 #   vgg-baseline               VGG-11-BN baseline (20 epochs), sent back in 15 MB parts (cat them to rebuild)
 #   compare                    VGG-11-BN baseline (20 epochs), graphprune vs Torch-Pruning (bench_fashion_mnist.py)
@@ -30,9 +32,13 @@ baseline() { # MODEL EPOCHS: train once (the first job to ask trains, the others
 job() {
   case $1 in
     slimming-*)
-      local epochs=${1#slimming-}
+      local spec=${1#slimming-} extra=() tag
+      local epochs=${spec%%-*}
+      tag="${epochs}ep"
+      if [[ $spec == *-kd* ]]; then extra+=(--teacher); tag+="_kd"; fi
+      if [[ $spec =~ -p([0-9]+) ]]; then extra+=(--passes "${BASH_REMATCH[1]}"); tag+="_p${BASH_REMATCH[1]}"; fi
       $claims --claim slimming --baseline "$(baseline vgg11_bn "$epochs")" --epochs-sparse "$epochs" \
-        --epochs-finetune "$epochs" --tag "${epochs}ep" --work "$work/$1" ;;
+        --epochs-finetune "$epochs" "${extra[@]}" --tag "$tag" --work "$work/$1" ;;
     gate-decorator-*)
       local model=${1#gate-decorator-}
       $claims --claim gate-decorator --model "$model" --baseline "$(baseline "$model" 15)" --tick-share 0.01 \
