@@ -578,10 +578,11 @@ def main() -> None:
         payload |= {
             "machine": machine(),
             "calib_samples": args.calib_samples,
-            "threads": args.threads,
             part: merged(loaded.get(part, []), value) if part != "memory" else value,
             f"{part}_load_average": " / ".join(f"{v:.1f}" for v in os.getloadavg()),
         }
+        if part == "rows":  # the recovery times in the header are the rows' own
+            payload["threads"] = args.threads
         if part == "finetune":
             payload.setdefault("finetune_load_averages", {})[budget_key(args.ft_samples, args.ft_lr)] = (
                 payload["finetune_load_average"]
