@@ -21,6 +21,7 @@ GPU (CUDA EP): tools/device/gpu_latency.sh (writes gpu_latency.json/.md).
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import tempfile
@@ -259,9 +260,9 @@ def render(payload: dict[str, object]) -> str:
             payload["machine"],
             __doc__,
         ),
-        f"Timing: {settings['rounds']} interleaved rounds of {settings['runs']} runs, fastest round median. "
-        "The 1-minute load average is given per model: the machine was shared, so compare rows of one model "
-        "only. Pred. error compares predicted and measured latency; pred. speed-up error compares the "
+        "Timing: interleaved rounds (their count and runs per round are given per model and batch), fastest "
+        "round median. The 1-minute load average is given per model: the machine was shared, so compare rows "
+        "of one model only. Pred. error compares predicted and measured latency; pred. speed-up error compares the "
         "predicted speed-up over the original with the measured one, which cancels a load that differed "
         "between the profile and the timing.\n",
     ]
@@ -275,10 +276,12 @@ def render(payload: dict[str, object]) -> str:
             continue
         profile, rows = record["profile"], record["rows"]
         loads = ", ".join(f"{x:.1f}" for x in record.get("loads", []))
+        timing = record["timing"]
         lines.append(
             f"**{name}, batch {batch}** ({record['macs'] / 1e9:.2f} GMACs; profile {profile['seconds']:.0f} s, "
             f"{profile['signatures']} signatures; layers sum {profile['layers_sum_ms']:.2f} ms vs whole "
-            f"{profile['end_to_end_ms']:.2f} ms, {100 * profile['sum_error']:+.0f}%; load {loads})\n"
+            f"{profile['end_to_end_ms']:.2f} ms, {100 * profile['sum_error']:+.0f}%; timed in {timing['rounds']} "
+            f"rounds of {timing['runs']} runs, {timing['date']}; load {loads})\n"
         )
         table = []
         for key in ROWS:
@@ -387,17 +390,37 @@ def main(argv: list[str] | None = None) -> int:
                     )
                 )
         time_models([p for p in planned if p[1]], args)
-    settings = {
-        k: v
-        for k, v in vars(args).items()
-        if k in ("batches", "threads", "provider", "ratio", "runs", "rounds", "priority")
-    }
-    payload = {"machine": machine(), "settings": settings, "records": [r for r, _ in planned]}
+    settings = {k: v for k, v in vars(args).items() if k in ("threads", "provider", "ratio", "priority")}
+    info = machine()
+    for record, _ in planned:
+        record["timing"] = {"runs": args.runs, "rounds": args.rounds, "date": info["date"]}
+    path = args.results / f"{args.out}.json"
+    records = earlier_records(path, settings, set(matrix)) + [r for r, _ in planned]
+    order = {name: i for i, name in enumerate(GPU_MODELS if args.provider == "cuda" else MODELS)}
+    records.sort(key=lambda r: (r["batch"], order.get(r["model"], len(order))))
+    payload = {"machine": info, "settings": settings, "records": records}
     args.results.mkdir(parents=True, exist_ok=True)
-    write_json(args.results / f"{args.out}.json", _plain(payload))
+    write_json(path, _plain(payload))
     write_text(args.results / f"{args.out}.md", render(payload))
     print((args.results / f"{args.out}.md").read_text())
     return 0
+
+
+def earlier_records(path: Path, settings: dict[str, object], matrix: set[tuple[str, int]]) -> list[dict]:
+    """The records of an earlier run of the same protocol (provider, threads, ratio) for the models and
+    batches this run leaves alone, so that batch sizes can be measured in separate runs."""
+    if not path.exists():
+        return []
+    earlier = json.loads(path.read_text())
+    if any(earlier["settings"].get(k) != settings[k] for k in ("provider", "threads", "ratio")):
+        return []
+    for record in earlier["records"]:  # files from before timing was kept per record
+        record.setdefault(
+            "timing",
+            {k: earlier["settings"].get(k) for k in ("runs", "rounds")}
+            | {"date": earlier["machine"]["date"]},
+        )
+    return [r for r in earlier["records"] if (r["model"], r["batch"]) not in matrix]
 
 
 def _plain(value: object) -> object:

@@ -23,7 +23,7 @@ from graphprune.api import LatencySource, analyze_model
 from graphprune.onnxutil import sha256_file
 from graphprune.planning import Planner, PlanOptions
 from graphprune.planning.latency import LatencyModel, layer_specs
-from graphprune.runtime.profile import LatencyTable, Timing, profile_model
+from graphprune.runtime.profile import LatencyTable, Timing, kernel_times, profile_model
 
 Cost = Callable[[int, int], float]
 
@@ -203,6 +203,26 @@ def test_profile_command_writes_a_table_prune_can_use(tmp_path: Path) -> None:
     done = run_cli("prune", path, "-o", tmp_path / "out.onnx", "--ratio", "0.5", "--latency-lut", lut)
     assert done.returncode == 0, done.stderr
     assert json.loads((tmp_path / "out.plan.json").read_text())["latency"]["predicted_ms"] > 0
+
+
+def test_a_profiled_run_counts_the_layers_kernels_not_layout_reorders() -> None:
+    """On the CPU an isolated layer's run time is the sum of its node kernels bar onnxruntime's layout
+    reorders, each kernel counted in the run it started in, never below the profiler's microsecond."""
+    events = [
+        {"cat": "Session", "name": "session_initialization", "ts": 0, "dur": 900},
+        {"cat": "Session", "name": "model_run", "ts": 1000, "dur": 100},
+        {"cat": "Node", "name": "r_kernel_time", "ts": 1005, "dur": 40, "args": {"op_name": "ReorderInput"}},
+        {"cat": "Node", "name": "c_fence_before", "ts": 1049, "dur": 1, "args": {"op_name": "Conv"}},
+        {"cat": "Node", "name": "c_kernel_time", "ts": 1050, "dur": 30, "args": {"op_name": "Conv"}},
+        {"cat": "Session", "name": "model_run", "ts": 1200, "dur": 100},
+        {"cat": "Node", "name": "m_kernel_time", "ts": 1210, "dur": 20, "args": {"op_name": "MatMul"}},
+        {"cat": "Node", "name": "a_kernel_time", "ts": 1240, "dur": 4, "args": {"op_name": "Add"}},
+        {"cat": "Session", "name": "model_run", "ts": 1400, "dur": 10},
+        {"cat": "Node", "name": "g_kernel_time", "ts": 1401, "dur": 0, "args": {"op_name": "Gemm"}},
+    ]
+    assert kernel_times(events, 3).tolist() == pytest.approx([0.030, 0.024, 0.001])
+    with pytest.raises(RuntimeError, match="3 runs, 4 were made"):
+        kernel_times(events, 4)
 
 
 @pytest.mark.skipif("CUDAExecutionProvider" in ort.get_available_providers(), reason="CUDA is installed")

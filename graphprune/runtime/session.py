@@ -37,15 +37,20 @@ def make_session(
     provider: str = "cpu",
     threads: int | None = None,
     extra_outputs: Iterable[str] = (),
+    profile_prefix: str | os.PathLike[str] | None = None,
 ) -> ort.InferenceSession:
     """Open an onnxruntime session on a ModelProto or an .onnx path.
 
     provider: "cpu" or "cuda" (CUDA with CPU fallback for ops it lacks). threads: intra-op threads
     (None: onnxruntime's default). extra_outputs: names of intermediate tensors to fetch as well; they
     are added as graph outputs on a copy, never on the caller's model or file. Models stored with
-    external data work when given as a path (weights are read from beside the file).
+    external data work when given as a path (weights are read from beside the file). profile_prefix:
+    record onnxruntime's per-node profile to a file starting with it (`end_profiling()` names it).
     """
     options = _session_options(threads)
+    if profile_prefix is not None:
+        options.enable_profiling = True
+        options.profile_file_prefix = str(profile_prefix)
     providers = _providers(provider)
     extra = list(dict.fromkeys(extra_outputs))
     if isinstance(model_or_path, onnx.ModelProto):
