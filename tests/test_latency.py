@@ -255,6 +255,28 @@ def test_latency_benchmark_matrix_defaults_to_the_gpu_protocol_on_cuda() -> None
     assert bad.returncode == 2 and "--ratio" in bad.stderr
 
 
+def test_latency_benchmark_keeps_the_records_of_batches_it_did_not_run(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A batch-32 run merges into the batch-1 results of the same protocol, never into another's."""
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    from bench_latency import earlier_records
+
+    path = tmp_path / "latency.json"
+    settings = {"provider": "cpu", "threads": 2, "ratio": 0.5}
+    records = [{"model": "resnet50", "batch": 1}, {"model": "resnet50", "batch": 32}]
+    earlier = {
+        "machine": {"date": "then"},
+        "settings": settings | {"runs": 30, "rounds": 5},
+        "records": records,
+    }
+    path.write_text(json.dumps(earlier))
+    kept = earlier_records(path, settings, {("resnet50", 32)})
+    assert kept == [{"model": "resnet50", "batch": 1, "timing": {"runs": 30, "rounds": 5, "date": "then"}}]
+    assert earlier_records(path, settings | {"threads": 1}, {("resnet50", 32)}) == []
+    assert earlier_records(tmp_path / "none.json", settings, set()) == []
+
+
 @pytest.mark.skipif("CUDAExecutionProvider" in ort.get_available_providers(), reason="CUDA is installed")
 def test_gpu_script_stops_at_once_without_the_cuda_provider(tmp_path: Path) -> None:
     env = {**os.environ, "PYTHON": sys.executable}
