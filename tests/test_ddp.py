@@ -31,6 +31,7 @@ from graphprune.torch_bridge.train import History, TrainConfig, checkpoint_path,
 SAMPLES = 64
 GLOBAL_BATCH = 16
 WORLD = 2
+TEARDOWN_ABORT = "terminate called without an active exception"
 
 
 def tiny_net() -> nn.Module:
@@ -84,9 +85,15 @@ def torchrun(*args: str) -> None:
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
     env["OMP_NUM_THREADS"] = "1"
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={WORLD}"]
-    result = subprocess.run(
-        [*command, __file__, *args], capture_output=True, text=True, timeout=180, env=env, check=False
-    )
+    for _ in range(2):
+        result = subprocess.run(
+            [*command, __file__, *args], capture_output=True, text=True, timeout=180, env=env, check=False
+        )
+        # Known, rare, not yet understood: on a loaded 2-core machine a rank sometimes aborts in
+        # process teardown ("terminate called without an active exception") after its work is done;
+        # one rerun, so that the comparison below still judges a complete run.
+        if result.returncode == 0 or TEARDOWN_ABORT not in result.stderr:
+            break
     assert result.returncode == 0, result.stderr[-3000:]
 
 
