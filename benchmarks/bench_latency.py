@@ -414,12 +414,6 @@ def earlier_records(path: Path, settings: dict[str, object], matrix: set[tuple[s
     earlier = json.loads(path.read_text())
     if any(earlier["settings"].get(k) != settings[k] for k in ("provider", "threads", "ratio")):
         return []
-    for record in earlier["records"]:  # files from before timing was kept per record
-        record.setdefault(
-            "timing",
-            {k: earlier["settings"].get(k) for k in ("runs", "rounds")}
-            | {"date": earlier["machine"]["date"]},
-        )
     return [r for r in earlier["records"] if (r["model"], r["batch"]) not in matrix]
 
 
