@@ -5,10 +5,15 @@ Per torchvision model (random init, 3x224x224, exported with BatchNorm kept) and
 1. `graphprune profile` (the latency table, its time and how well the layers' sum predicts the whole);
 2. Torch-Pruning at `--ratio` (MetaPruner, L1, classifier kept), exported: its MACs kept is the anchor;
 3. graphprune `--target-macs` at Torch-Pruning's MACs (L1, local; usually the very same widths);
-4. graphprune `--target-latency F --global --objective latency` twice: with F at the latency the table
-   predicts for (3) ("equal latency": more MACs kept is better), and with F bisected until the MACs kept
-   match Torch-Pruning's ("same MACs": more speed-up is better);
+4. graphprune `--target-latency F --global --objective latency` twice: with F at (3)'s measured share
+   of the original's latency ("equal latency": more MACs kept is better), and with F bisected until the
+   MACs kept match Torch-Pruning's ("same MACs": more speed-up is better; every step of the bisection
+   plans with one round of feedback, `--latency-feedback 1`);
 5. graphprune `--target-latency F` (uniform ratio, widths snapped to the table's fast steps) at (4)'s F.
+
+Latency-targeted plans (4 and 5) are timed whole and planned again on the measured latency
+(`--latency-feedback 2`, the default; 1 for same MACs). "Table error" is the table's own prediction (before any
+feedback) against the measured latency; "pred. error" is what the plan records after feedback.
 
 Every graphprune model is verified against its masked reference. All models are then timed in
 interleaved rounds (graphprune.runtime.bench; a model's latency is its fastest round's median, since
@@ -44,7 +49,7 @@ from graphprune.errors import GraphPruneError
 from graphprune.planning import PlanOptions
 from graphprune.planning.latency import LatencyModel
 from graphprune.runtime.bench import bench
-from graphprune.runtime.profile import LatencyTable, LayerSpec, Timing, layer_graph
+from graphprune.runtime.profile import LatencyTable, LayerSpec, Timing, layer_graph, measure_wholes
 from graphprune.runtime.session import make_session
 
 log = logging.getLogger("bench_latency")
@@ -128,10 +133,12 @@ def torch_pruning(name: str, module: object, work: Path, ratio: float) -> Path:
 
 
 def ours(
-    original: Path, options: PlanOptions, table: LatencyTable | None, verify: bool = True
+    original: Path, options: PlanOptions, table: LatencyTable | None, verify: bool = True, feedback: int = 2
 ) -> api.PruneResult:
     latency = (
-        api.LatencySource(table, table.provider, table.batch, table.threads) if table is not None else None
+        api.LatencySource(table, table.provider, table.batch, table.threads, feedback)
+        if table is not None
+        else None
     )
     return api.prune(original, options, criterion="l1", verify=verify, latency=latency)
 
@@ -143,7 +150,7 @@ def same_macs(original: Path, table: LatencyTable, macs_kept: float, steps: int 
         middle = (low + high) / 2
         options = PlanOptions(target_latency=middle, global_ranking=True, objective="latency")
         try:
-            result = ours(original, options, table, verify=False)
+            result = ours(original, options, table, verify=False, feedback=1)
         except GraphPruneError:
             low = middle
             continue
@@ -190,31 +197,38 @@ def plan_models(name: str, batch: int, work: Path, args: argparse.Namespace) -> 
     }
     target_macs = ours(original, PlanOptions(target_macs=tp_kept), None)
     model = LatencyModel(target_macs.dep, table)
-    # capped at the whole model: ragged widths can be predicted slower than the original (regnet)
-    equal = min(1.0, model.predict(target_macs.removed) / table.end_to_end_ms)
-    fractions = {"latency_equal": equal, "latency_same_macs": same_macs(original, table, tp_kept)}
+    # the latency (4) and (5) aim at: the MACs plan's, measured as their feedback measures (capped at
+    # the whole model: ragged widths can run slower than the original)
+    macs_ms, original_ms = measure_wholes(
+        [target_macs.model, original], provider=args.provider, batch=batch, threads=args.threads
+    )
+    equal = min(1.0, macs_ms / original_ms)
+    same = same_macs(original, table, tp_kept)
     results = {"target_macs": target_macs}
     plans = {
-        key: PlanOptions(target_latency=f, global_ranking=True, objective="latency")
-        for key, f in fractions.items()
+        "latency_equal": (PlanOptions(target_latency=equal, global_ranking=True, objective="latency"), 2),
+        "latency_same_macs": (PlanOptions(target_latency=same, global_ranking=True, objective="latency"), 1),
+        "latency_uniform": (PlanOptions(target_latency=equal), 2),
     }
-    plans["latency_uniform"] = PlanOptions(target_latency=equal)
-    for key, options in plans.items():
+    for key, (options, feedback) in plans.items():
         try:
-            results[key] = ours(original, options, table)
+            results[key] = ours(original, options, table, feedback=feedback)
         except GraphPruneError as exc:  # a target the allowed widths cannot reach is a result too
             sides[key] = {"failure": str(exc)}
     for key, result in results.items():
         path = work / f"{name}_b{batch}_{key}.onnx"
         result.save(path)
         paths[key] = path
+        planned = result.plan.latency or {}
         sides[key] = {
             "macs_kept": result.after.macs / result.before.macs,
-            "predicted_ms": model.predict(result.removed),
+            "predicted_ms": planned.get("predicted_ms", model.predict(result.removed)),
+            "table_predicted_ms": model.predict(result.removed),
+            "feedback": planned.get("feedback", []),
             "max_rel_error": result.verification.max_rel_error if result.verification else None,
             "settings": result.plan.settings,
         }
-    sides["original"]["predicted_ms"] = table.end_to_end_ms
+    sides["original"]["predicted_ms"] = sides["original"]["table_predicted_ms"] = table.end_to_end_ms
     record["rows"] = sides
     return record, paths
 
@@ -245,6 +259,8 @@ def derive(records: list[dict]) -> None:
         rows = record["rows"]
         for side in (s for s in rows.values() if "latency_ms" in s):
             side["speedup"] = rows["original"]["latency_ms"] / side["latency_ms"]
+            if "table_predicted_ms" in side:
+                side["table_prediction_error"] = side["table_predicted_ms"] / side["latency_ms"] - 1
             if "predicted_ms" in side:
                 side["prediction_error"] = side["predicted_ms"] / side["latency_ms"] - 1
                 # relative to the original's prediction: free of the load's drift between profile and timing
@@ -287,7 +303,7 @@ def render(payload: dict[str, object]) -> str:
         for key in ROWS:
             side = rows[key]
             if "failure" in side:
-                table.append([LABELS[key], f"failed: {side['failure']}", "", "", "", "", ""])
+                table.append([LABELS[key], f"failed: {side['failure']}", "", "", "", "", "", ""])
                 continue
             predicted = side.get("predicted_ms")
             table.append(
@@ -297,6 +313,9 @@ def render(payload: dict[str, object]) -> str:
                     f"{predicted:.2f}" if predicted is not None else "-",
                     f"{side['latency_ms']:.2f}",
                     f"{side['speedup']:.2f}x",
+                    f"{100 * side['table_prediction_error']:+.0f}%"
+                    if "table_prediction_error" in side
+                    else "-",
                     f"{100 * side['prediction_error']:+.0f}%" if "prediction_error" in side else "-",
                     f"{100 * side['speedup_error']:+.0f}%" if "speedup_error" in side else "-",
                 ]
@@ -309,6 +328,7 @@ def render(payload: dict[str, object]) -> str:
                     "predicted ms",
                     "measured ms",
                     "speed-up",
+                    "table error",
                     "pred. error",
                     "pred. speed-up error",
                 ],
@@ -327,7 +347,8 @@ def render(payload: dict[str, object]) -> str:
                 if "speedup" in equal
                 else "failed",
                 f"{max(abs(s['prediction_error']) for s in rows.values() if 'prediction_error' in s):.0%} / "
-                f"{max(abs(s['speedup_error']) for s in rows.values() if 'speedup_error' in s):.0%}",
+                f"{max(abs(s['speedup_error']) for s in rows.values() if 'speedup_error' in s):.0%} / "
+                f"{max(abs(s.get('table_prediction_error', 0)) for s in rows.values()):.0%}",
             ]
         )
     lines.append("## Summary\n")
@@ -348,7 +369,7 @@ def render(payload: dict[str, object]) -> str:
                 "batch",
                 "same MACs: speed-up over TP's (MACs kept)",
                 "equal latency: MACs kept, ours vs TP",
-                "worst error: latency / speed-up",
+                "worst error: latency / speed-up / table alone",
             ],
             summary,
         )

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -181,12 +181,19 @@ class PruneResult:
 @dataclass(frozen=True)
 class LatencySource:
     """Where a latency target's table comes from: a saved one (`table`, refused when it was measured on
-    another model or provider), or else a profile taken now with these settings."""
+    another model or provider), or else a profile taken now with these settings.  feedback: how many
+    times a latency-targeted plan is timed whole and planned again on the measured latency (0: trust
+    the table alone)."""
 
     table: LatencyTable | str | os.PathLike[str] | None = None
     provider: str = "cpu"
     batch: int = 1
     threads: int | None = None
+    feedback: int = 2
+
+    def __post_init__(self) -> None:
+        if self.feedback < 0:
+            raise GraphPruneError(f"--latency-feedback must be 0 or more, got {self.feedback}.")
 
 
 def profile_latency(
@@ -221,7 +228,7 @@ def _profile(
     copies = [apply_removal(dep, removed) for removed in removals]
     whole, *measured = measure_wholes([dep.model, *copies], timing=timing, **where)
     table.end_to_end_ms = min(table.end_to_end_ms, whole)
-    points = [(model.layers_ms(r), ms) for r, ms in zip(removals, measured, strict=True)]
+    points = [(model.kernels_ms(r), ms) for r, ms in zip(removals, measured, strict=True)]
     table.calibration, table.check_point = points[:-1], points[-1]
     log.info("latency fit %s; check point off by %+.1f%%", table.fit, 100 * (table.check_error or 0))
     return table
@@ -261,13 +268,55 @@ def _plan(
     cost: CostReport | None,
     scoring: Scoring,
     latency: LatencyModel | None = None,
+    feedback: int = 0,
 ) -> tuple[np.ndarray, dict[str, object] | None]:
     options.validate()  # before scoring: a blend's search is long
     planner = RemovalPlanner(options, cost, latency)
     scores, scorer = scoring.run(dep, planner=planner)
     if not scores:
         log.warning("criterion %s has no opinion on any group: nothing will be removed", scoring.criterion)
-    return planner(dep, scores), scorer.summary()
+    removed = planner(dep, scores)
+    if latency is not None:
+        removed = _measured_feedback(dep, latency, removed, lambda: planner(dep, scores), feedback)
+    return removed, scorer.summary()
+
+
+# A plan timed whole within this share of its prediction is kept without planning again.
+FEEDBACK_TOLERANCE = 0.03
+FEEDBACK_TIMING = Timing(rounds=2)
+
+
+def _measured_feedback(
+    dep: DependencyGraph,
+    model: LatencyModel,
+    removed: np.ndarray,
+    replan: Callable[[], np.ndarray],
+    rounds: int,
+) -> np.ndarray:
+    """Time the plan whole beside the original, as the table's copies were timed, and while it measures
+    off its prediction plan again on the line through the measured points (the table's layers are
+    timed alone, and a plan that cuts layers unevenly strays from the uniform copies its fit saw).  A
+    plan's latency counts as its share of the original's in the same rounds, times the table's whole,
+    so a machine that got slower or faster since the profile does not move the target."""
+    table = model.table
+    for _ in range(rounds):
+        original_ms, measured = measure_wholes(
+            [dep.model, apply_removal(dep, removed)],
+            provider=table.provider,
+            batch=table.batch,
+            threads=table.threads,
+            timing=FEEDBACK_TIMING,
+        )
+        check = model.add_timing(removed, table.end_to_end_ms * measured / original_ms)
+        log.info(
+            "latency feedback: predicted %.3f ms, measured %.3f ms",
+            check["predicted_ms"],
+            check["measured_ms"],
+        )
+        if abs(check["predicted_ms"] / check["measured_ms"] - 1.0) <= FEEDBACK_TOLERANCE:
+            break
+        removed = replan()
+    return removed
 
 
 def prune(
@@ -332,7 +381,8 @@ def prune(
         settings = plan.settings
     else:
         scoring = Scoring(criterion, aggregate, seed, calib, calib_samples, criterion_options, threads)
-        removed, criterion_report = _plan(dep, options, before, scoring, latency_model)
+        feedback = latency.feedback if latency is not None and options.target_latency is not None else 0
+        removed, criterion_report = _plan(dep, options, before, scoring, latency_model, feedback)
         settings = {k: v for k, v in vars(options).items() if v not in (None, [], False)}
     pruned = apply_removal(dep, removed)
     report = verify_pruning(dep, removed, pruned, tolerance=tolerance, threads=threads) if verify else None
@@ -452,6 +502,8 @@ def _predicted(model: LatencyModel | None, removed: np.ndarray) -> dict[str, obj
         "threads": table.threads,
         "original_ms": table.end_to_end_ms,
         "predicted_ms": model.predict(removed),
+        "table_predicted_ms": table.whole_ms(model.kernels_ms(removed)),
+        "feedback": model.checks,
         "layers_sum_error": table.sum_error,
     }
 

@@ -23,7 +23,13 @@ from graphprune.api import LatencySource, analyze_model
 from graphprune.onnxutil import sha256_file
 from graphprune.planning import Planner, PlanOptions
 from graphprune.planning.latency import LatencyModel, layer_specs
-from graphprune.runtime.profile import LatencyTable, Timing, kernel_times, profile_model
+from graphprune.runtime.profile import (
+    WEIGHTED_KERNELS,
+    LatencyTable,
+    Timing,
+    kernel_times,
+    profile_model,
+)
 
 Cost = Callable[[int, int], float]
 
@@ -37,7 +43,7 @@ def chain() -> onnx.ModelProto:
 
 
 def fake_table(
-    model: onnx.ModelProto, costs: dict[tuple[int, int], Cost], sha: str | None = None
+    model: onnx.ModelProto, costs: dict[tuple[int, int], Cost], sha: str | None = None, block: int = 1
 ) -> LatencyTable:
     """A latency table whose layer of full widths (in, out) costs costs[(in, out)](kept_in, kept_out) ms;
     the whole model costs the sum of its layers."""
@@ -51,7 +57,7 @@ def fake_table(
 
     dep = analyze_model(model)
     return profile_model(
-        dep.model, layer_specs(dep), model_sha256=sha, measure=measure, timing=Timing(block=1)
+        dep.model, layer_specs(dep), model_sha256=sha, measure=measure, timing=Timing(block=block)
     )
 
 
@@ -106,12 +112,60 @@ def test_widths_snap_to_the_profiles_fast_steps() -> None:
         PlanOptions(target_latency=0.7),
         PlanOptions(target_latency=0.5, global_ranking=True, objective="latency"),
     ):
-        result = prune_checked(model, options, latency=LatencySource(table))
+        result = prune_checked(model, options, latency=LatencySource(table, feedback=0))
         widths = kept_widths(result.model)
         assert all(w % 8 == 0 for w in widths) and widths != (16, 24), widths
         assert result.plan.latency["predicted_ms"] <= options.target_latency * table.end_to_end_ms
     ragged = prune_checked(model, PlanOptions(target_macs=0.5))
     assert any(w % 8 for w in kept_widths(ragged.model))  # what the snapping prevents
+
+
+def test_grouped_conv_widths_are_timed_at_whole_blocks_per_conv_group() -> None:
+    """32 channels written into a conv of 4 groups lose equal counts per group: the group and its
+    neighbours are timed at multiples of 4, and with a 4-channel kernel block at whole blocks per conv
+    group (multiples of 16), where a ragged conv group would fall off the blocked kernels."""
+    net = Net(channels=8, size=8)
+    x = net.op("Relu", [net.bn(net.conv(net.x, 32, k=1))])
+    x = net.op("Relu", [net.bn(net.conv(x, 32, group=4))])
+    model = net.build(net.conv(x, 6, k=1))
+    dep = analyze_model(model)
+    cost = linear(0.01)
+    for block, allowed in ((1, list(range(4, 33, 4))), (4, [16, 32])):
+        table = fake_table(model, {(8, 32): cost, (32, 32): cost, (32, 6): cost}, block=block)
+        latency = LatencyModel(dep, table)
+        by_size = {g.size: latency.group_widths(g).tolist() for g in dep.prunable_groups}
+        assert by_size[32] == allowed, block
+        result = prune_checked(
+            model, PlanOptions(target_latency=0.5), latency=LatencySource(table, feedback=0)
+        )
+        assert init_shape(result.model, "conv1.w")[0] in allowed[:-1]
+
+
+def test_other_ops_cost_follows_the_channels_they_keep() -> None:
+    """The time measured outside the weighted layers is shared among the other ops by output size and
+    shrinks with the channels each keeps: cutting a wide activation saves more than the layers show."""
+    net = Net(channels=8, size=8)
+    x = net.conv(net.x, 16)
+    x = net.op("Mul", [x, net.op("Sigmoid", [x])])  # a Swish onnxruntime does not fold into the conv
+    x = net.op("Relu", [net.bn(net.conv(x, 24))])  # folded into the conv: no share
+    model = net.build(net.conv(x, 6))
+    table = fake_table(model, {(8, 16): linear(0.01), (16, 24): linear(0.01), (24, 6): linear(0.01)})
+    dep = analyze_model(model)
+    assert LatencyModel(dep, table).others == []  # nothing measured (a CUDA table): nothing shared
+    table.other_ms = 2.0
+    latency = LatencyModel(dep, table)
+    assert sorted(op.node for op in latency.others) == ["mul3", "sigmoid2"]
+    assert sum(op.full_ms for op in latency.others) == pytest.approx(2.0)
+    assert latency.kernels_ms(np.zeros(dep.roots.size, bool)) == pytest.approx(table.kernels_ms)
+    swish = next(g for g in dep.prunable_groups if g.size == 16)
+    half = np.zeros(dep.roots.size, bool)
+    half[np.isin(dep.roots, swish.classes[:8])] = True
+    saved = table.kernels_ms - latency.kernels_ms(half)
+    removed_class = np.zeros(dep.roots.size, bool)
+    removed_class[dep.roots[half]] = True
+    layers = sum(layer.latency(*latency.widths(layer, removed_class)) for layer in latency.layers)
+    layers_saved = table.layers_sum_ms - layers
+    assert saved == pytest.approx(layers_saved + 1.0)
 
 
 def test_latency_targeted_plans_are_verified_and_record_the_prediction(tmp_path: Path) -> None:
@@ -122,12 +176,52 @@ def test_latency_targeted_plans_are_verified_and_record_the_prediction(tmp_path:
         PlanOptions(target_latency=0.5, global_ranking=True),
         PlanOptions(target_latency=0.5, global_ranking=True, objective="latency"),
     ):
-        result = prune_checked(model, options, latency=LatencySource(table))
+        result = prune_checked(model, options, latency=LatencySource(table, feedback=0))
         recorded = result.plan.latency
         assert recorded["original_ms"] == table.end_to_end_ms
         assert recorded["predicted_ms"] <= 0.5 * table.end_to_end_ms
         result.plan.save(tmp_path / "p.json")
         assert json.loads((tmp_path / "p.json").read_text())["latency"] == recorded
+
+
+@pytest.mark.parametrize("truth", [1.0, 1.5])
+def test_a_latency_plan_is_timed_whole_and_planned_again_when_it_measures_off(
+    truth: float, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Feedback: the plan is timed whole; measured `truth` x slower than the table predicts, it is
+    planned again on the line through the measurement, and ends predicted within the target on it."""
+    model = chain()
+    cost = linear(1.0)
+    table = fake_table(model, {(8, 16): cost, (16, 24): cost, (24, 6): cost})
+
+    def measure_wholes(models: list[onnx.ModelProto], **_: object) -> list[float]:
+        """Made-up latencies on a machine twice as slow as when the table was made: the original as
+        the table says, pruned models `truth` x slower than it predicts."""
+        times = []
+        for pruned in models:
+            first, second = kept_widths(pruned)
+            off = 1.0 if (first, second) == (16, 24) else truth
+            times.append(2.0 * off * (cost(8, first) + cost(first, second) + cost(second, 6)))
+        return times
+
+    monkeypatch.setattr("graphprune.api.measure_wholes", measure_wholes)
+    options = PlanOptions(target_latency=0.5, global_ranking=True, objective="latency")
+    trusted = prune_checked(model, options, latency=LatencySource(table, feedback=0))
+    checked = prune_checked(model, options, latency=LatencySource(table, feedback=2))
+    recorded = checked.plan.latency
+    first = recorded["feedback"][0]
+    # the original is timed beside the plan: its drift since the profile cancels
+    assert first["measured_ms"] == pytest.approx(truth * first["predicted_ms"])
+    assert first["predicted_ms"] == pytest.approx(trusted.plan.latency["predicted_ms"])
+    if truth == 1.0:  # on the mark: one timing, the same plan
+        assert len(recorded["feedback"]) == 1 and kept_widths(checked.model) == kept_widths(trusted.model)
+    else:
+        assert len(recorded["feedback"]) == 2
+        assert sum(kept_widths(checked.model)) < sum(kept_widths(trusted.model))
+        target = 0.5 * table.end_to_end_ms
+        assert recorded["table_predicted_ms"] < recorded["predicted_ms"] <= target
+        assert measure_wholes([trusted.model])[0] / 2 > 1.1 * target  # the table alone misses it
+        assert measure_wholes([checked.model])[0] / 2 <= 1.1 * target
 
 
 def test_whole_model_latency_is_fitted_through_the_calibration_points() -> None:
@@ -173,7 +267,10 @@ def test_tables_of_other_models_or_providers_are_refused_in_one_line(tmp_path: P
         run_cli(*args, tmp_path / "own.json", "--provider", "cuda")
     )
     assert not (tmp_path / "out.onnx").exists()
-    done = run_cli(*args, tmp_path / "own.json", "--bench", "--threads", "1", "--json")
+    assert "0 or more" in one_line_error(run_cli(*args, tmp_path / "own.json", "--latency-feedback", "-1"))
+    # a made-up table: timing the plan whole would only measure how far it is from this machine
+    own = [*args, tmp_path / "own.json", "--latency-feedback", "0"]
+    done = run_cli(*own, "--bench", "--threads", "1", "--json")
     assert done.returncode == 0, done.stderr
     numbers = json.loads(done.stdout)
     assert numbers["before"]["predicted_ms"] == pytest.approx(8 * 16 + 16 * 24 + 24 * 6)
@@ -221,6 +318,8 @@ def test_a_profiled_run_counts_the_layers_kernels_not_layout_reorders() -> None:
         {"cat": "Node", "name": "g_kernel_time", "ts": 1401, "dur": 0, "args": {"op_name": "Gemm"}},
     ]
     assert kernel_times(events, 3).tolist() == pytest.approx([0.030, 0.024, 0.001])
+    # the whole model's other ops: everything but the weighted layers' kernels
+    assert kernel_times(events, 3, exclude=WEIGHTED_KERNELS).tolist() == pytest.approx([0.040, 0.004, 0.001])
     with pytest.raises(RuntimeError, match="3 runs, 4 were made"):
         kernel_times(events, 4)
 

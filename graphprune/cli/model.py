@@ -84,7 +84,9 @@ def cmd_prune(args: argparse.Namespace) -> int:
     if args.latency_lut or (options is not None and options.target_latency is not None):
         from graphprune.api import LatencySource
 
-        latency = LatencySource(args.latency_lut, args.provider, args.batch, args.threads)
+        latency = LatencySource(
+            args.latency_lut, args.provider, args.batch, args.threads, feedback=args.latency_feedback
+        )
     with stage("prune"):
         result = prune(
             loaded,
@@ -114,10 +116,19 @@ def cmd_prune(args: argparse.Namespace) -> int:
         )
     if result.recovery is not None:
         _print_recovery(result.recovery)
+    predicted = result.plan.latency
+    if predicted is not None and predicted["feedback"]:
+        timed = ", ".join(
+            f"{c['measured_ms']:.3f} ms (predicted {c['predicted_ms']:.3f})" for c in predicted["feedback"]
+        )
+        console.print(
+            f"latency    table alone {predicted['table_predicted_ms']:.3f} ms; timed whole: {timed}; "
+            f"final plan predicted {predicted['predicted_ms']:.3f} ms",
+            soft_wrap=True,
+        )
     plan_path = Path(args.plan_out) if args.plan_out else output.with_suffix(".plan.json")
     result.save(output, plan_path)
     rows = cost_rows(result.before, result.after)
-    predicted = result.plan.latency
     if predicted is not None:
         rows["before"]["predicted_ms"] = predicted["original_ms"]
         rows["after"]["predicted_ms"] = predicted["predicted_ms"]
@@ -134,6 +145,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
             **rows,
             "verification": verification,
             "recovery": recovery,
+            "latency": predicted,
             "output": str(output),
             "plan": str(plan_path),
         }
@@ -241,7 +253,8 @@ def cmd_profile(args: argparse.Namespace) -> int:
     slope, intercept = table.fit
     out.print(
         f"whole model {fmt_ms(table.end_to_end_ms)}, layers sum to {fmt_ms(table.layers_sum_ms)} "
-        f"({100 * table.sum_error:+.1f}%); whole = {slope:.2f} x sum {intercept:+.3f} ms"
+        f"({100 * table.sum_error:+.1f}%), other ops {fmt_ms(table.other_ms)}; "
+        f"whole = {slope:.2f} x kernels {intercept:+.3f} ms"
     )
     if table.check_error is not None:
         out.print(
@@ -378,6 +391,14 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="--global ranks channels by score (channels) or by score per ms saved (latency, HALP-like)",
     )
     p.add_argument("--latency-lut", help="latency table from graphprune profile (default: profile now)")
+    p.add_argument(
+        "--latency-feedback",
+        type=int,
+        default=2,
+        metavar="N",
+        help="--target-latency: time the plan whole and plan again on the measured latency, up to N times "
+        "(0: trust the table alone)",
+    )
     p.add_argument(
         "--provider",
         default="cpu",

@@ -6,6 +6,8 @@ channels by importance per unit of latency (greedy, in the spirit of HALP, Shen 
 from __future__ import annotations
 
 import logging
+import math
+from collections import Counter
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -33,9 +35,22 @@ def layer_specs(dep: DependencyGraph) -> list[LayerSpec]:
     for group in dep.prunable_groups:
         prunable[group.prunable] = True
 
+    # grouped convs remove equal counts per conv group, so their groups' widths keep a multiple
+    group_multiple: dict[int, int] = {}
+    for _, parts in dep.segments:
+        for group in np.unique(dep.class_group[dep.roots[np.concatenate(parts)]]).tolist():
+            group_multiple[group] = math.lcm(group_multiple.get(group, 1), len(parts))
+
     def swept(tensor: str) -> bool:
         view = dep.views.get(tensor)
         return view is not None and bool(prunable[dep.roots[view.ravel()]].any())
+
+    def multiple(tensor: str) -> int:
+        view = dep.views.get(tensor)
+        if view is None:
+            return 1
+        groups = np.unique(dep.class_group[dep.roots[view.ravel()]]).tolist()
+        return math.lcm(1, *(group_multiple.get(g, 1) for g in groups))
 
     specs = []
     for node in dep.model.graph.node:
@@ -45,7 +60,13 @@ def layer_specs(dep: DependencyGraph) -> list[LayerSpec]:
         attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
         x = dep.shapes[node.input[0]]
         bias = len(node.input) > 2 and bool(node.input[2])
-        common = {"node": node.name, "sweep_in": swept(node.input[0]), "sweep_out": swept(node.output[0])}
+        common = {
+            "node": node.name,
+            "sweep_in": swept(node.input[0]),
+            "sweep_out": swept(node.output[0]),
+            "in_multiple": multiple(node.input[0]),
+            "out_multiple": multiple(node.output[0]),
+        }
         if node.op_type == "Conv":
             group = int(attrs.pop("group", 1))
             attributes = tuple(sorted((k, _plain(v)) for k, v in attrs.items()))
@@ -86,15 +107,110 @@ def _plain(value: object) -> object:
 
 @dataclass
 class _Layer:
+    """A weighted layer: its measured curve over (input, output) widths."""
+
     spec: LayerSpec
     curve: LayerCurve
     in_classes: np.ndarray | None
     out_classes: np.ndarray | None
 
+    @property
+    def channels(self) -> tuple[int, int]:
+        return self.spec.in_channels, self.spec.out_channels
+
+    @property
+    def tied(self) -> bool:
+        """Whether the input width follows the output's (a depthwise conv)."""
+        return self.spec.depthwise
+
+    def latency(self, kept_in: int, kept_out: int) -> float:
+        return self.curve.latency(kept_in, kept_out)
+
+
+@dataclass
+class _OtherOp:
+    """An op between the weighted layers (activation, elementwise, pooling): its share of the model's
+    measured other-op time, shrinking with the channels its output keeps."""
+
+    node: str
+    full_ms: float
+    out_classes: np.ndarray | None
+    size: int
+    in_classes: None = None
+    tied: bool = True
+
+    @property
+    def channels(self) -> tuple[int, int]:
+        return self.size, self.size
+
+    def latency(self, kept_in: int, kept_out: int) -> float:
+        return self.full_ms * kept_out / self.size
+
+
+# Ops without a kernel worth timing (shape arithmetic, views), and those onnxruntime folds into the
+# conv before them (its CPU fusions of BatchNormalization and simple activations).
+NO_KERNEL_OPS = frozenset(
+    {
+        "Constant",
+        "ConstantOfShape",
+        "Shape",
+        "Gather",
+        "Reshape",
+        "Flatten",
+        "Squeeze",
+        "Unsqueeze",
+        "Identity",
+        "Dropout",
+        "Cast",
+        "Range",
+    }
+)
+FOLDED_AFTER_CONV = frozenset(
+    {"BatchNormalization", "Relu", "Clip", "LeakyRelu", "HardSigmoid", "Sigmoid", "Tanh"}
+)
+
+
+def other_ops(dep: DependencyGraph, total_ms: float) -> list[_OtherOp]:
+    """The model's ops outside its weighted layers, each given a share of `total_ms` (their measured
+    kernel time) in proportion to the size of its output (a per-op split the profiler cannot give,
+    since onnxruntime fuses and renames them)."""
+    producer = {out: node for node in dep.model.graph.node for out in node.output}
+    readers = Counter(name for node in dep.model.graph.node for name in node.input)
+
+    def folded(node: onnx.NodeProto) -> bool:
+        """A BatchNormalization or activation that is the only reader of a conv (or folded BN) output."""
+        if node.op_type not in FOLDED_AFTER_CONV or not node.input or readers[node.input[0]] != 1:
+            return False
+        source = producer.get(node.input[0])
+        if source is not None and source.op_type == "BatchNormalization":
+            return folded(source)
+        return source is not None and source.op_type == "Conv"
+
+    picked = []
+    for node in dep.model.graph.node:
+        shape = dep.shapes.get(node.output[0]) if node.output else None
+        if (
+            node.op_type in PROFILED_OPS
+            or node.op_type in NO_KERNEL_OPS
+            or shape is None
+            or len(shape) < 2
+            or folded(node)
+        ):
+            continue
+        view = dep.views.get(node.output[0])
+        classes = None if view is None else dep.roots[view.ravel()]
+        picked.append((node.name, classes, int(np.prod(shape[1:]))))
+    volume = sum(elements for *_, elements in picked) or 1
+    return [
+        _OtherOp(name, total_ms * elements / volume, classes, 1 if classes is None else classes.size)
+        for name, classes, elements in picked
+    ]
+
 
 class LatencyModel:
-    """Predicted latency (ms) of a removal: each layer's curve at its kept widths, summed, and mapped
-    to the whole by the table's fit."""
+    """Predicted latency (ms) of a removal: each layer's curve at its kept widths and the other ops'
+    shares, summed, and mapped to the whole by the table's fit, or, once plans were timed whole
+    (`timed`), by the broken line through the measured model and them."""
 
     def __init__(self, dep: DependencyGraph, table: LatencyTable) -> None:
         self.dep = dep
@@ -114,6 +230,10 @@ class LatencyModel:
                     spec, table.curves[signature], self._classes(node.input[0]), self._classes(node.output[0])
                 )
             )
+        self.others = other_ops(dep, table.other_ms) if table.other_ms > 0 else []
+        # (predicted kernel ms, measured whole ms) of plans timed whole, and the predictions they checked
+        self.timed: list[tuple[float, float]] = []
+        self.checks: list[dict[str, float]] = []
         self._widths: dict[int, np.ndarray | None] = {}
 
     def _classes(self, tensor: str) -> np.ndarray | None:
@@ -124,23 +244,52 @@ class LatencyModel:
     def original_ms(self) -> float:
         return self.table.end_to_end_ms
 
-    def widths(self, layer: _Layer, removed_class: np.ndarray) -> tuple[int, int]:
-        """Kept (input, output) widths of a layer under a per-class removal mask."""
-        spec = layer.spec
-        kept_out = _kept(layer.out_classes, removed_class, spec.out_channels)
-        if spec.depthwise:
-            return kept_out, kept_out
-        return _kept(layer.in_classes, removed_class, spec.in_channels), kept_out
+    @property
+    def costs(self) -> list[_Layer | _OtherOp]:
+        """Everything the prediction sums: the weighted layers and the other ops."""
+        return [*self.layers, *self.others]
 
-    def layers_ms(self, removed: np.ndarray) -> float:
-        """Sum of the layers' latencies (ms) after removing the atoms of the boolean mask `removed`."""
+    @staticmethod
+    def widths(cost: _Layer | _OtherOp, removed_class: np.ndarray) -> tuple[int, int]:
+        """Kept (input, output) widths of a layer or op under a per-class removal mask."""
+        channels_in, channels_out = cost.channels
+        kept_out = _kept(cost.out_classes, removed_class, channels_out)
+        if cost.tied:
+            return kept_out, kept_out
+        return _kept(cost.in_classes, removed_class, channels_in), kept_out
+
+    def kernels_ms(self, removed: np.ndarray) -> float:
+        """Predicted kernel time (ms) after removing the atoms of the boolean mask `removed`: the
+        layers' latencies and the other ops' shares."""
         removed_class = np.zeros(self.dep.roots.size, dtype=bool)
         removed_class[self.dep.roots[removed]] = True
-        return sum(layer.curve.latency(*self.widths(layer, removed_class)) for layer in self.layers)
+        return sum(cost.latency(*self.widths(cost, removed_class)) for cost in self.costs)
 
     def predict(self, removed: np.ndarray) -> float:
         """Latency (ms) of the whole model after removing the atoms of `removed`."""
-        return self.table.whole_ms(self.layers_ms(removed))
+        return self.whole_ms(self.kernels_ms(removed))
+
+    def whole_ms(self, kernels_ms: float) -> float:
+        """Latency (ms) of the whole model whose predicted kernel time is `kernels_ms`."""
+        if not self.timed:
+            return self.table.whole_ms(kernels_ms)
+        anchor = (self.table.kernels_ms, self.table.end_to_end_ms)
+        points = sorted({x: y for x, y in [*self.timed, anchor]}.items())
+        xs, ys = np.asarray(points).T
+        if xs.size < 2:
+            return self.table.whole_ms(kernels_ms)
+        # inside the points the broken line; beyond them its end segment's slope
+        segment = min(max(int(np.searchsorted(xs, kernels_ms)), 1), xs.size - 1)
+        x0, x1, y0, y1 = xs[segment - 1], xs[segment], ys[segment - 1], ys[segment]
+        return float(y0 + (y1 - y0) / (x1 - x0) * (kernels_ms - x0))
+
+    def add_timing(self, removed: np.ndarray, measured_ms: float) -> dict[str, float]:
+        """Record a plan's measured whole latency (in the table's terms): later predictions follow it.
+        Returns the check: what was predicted for the plan, and what it measured."""
+        check = {"predicted_ms": self.predict(removed), "measured_ms": measured_ms}
+        self.checks.append(check)
+        self.timed.append((self.kernels_ms(removed), measured_ms))
+        return check
 
     def group_widths(self, group: Group) -> np.ndarray | None:
         """Kept widths of `group` worth choosing, ascending: the widths at which all of the group's own
@@ -204,14 +353,14 @@ def allocate(planner: Planner, model: LatencyModel, target_ms: float) -> dict[in
         ranked, normalised = planner.ranked(group)
         rank[ranked] = np.arange(ranked.size)
         loss[group.index] = np.concatenate([[0.0], np.cumsum(normalised)])
-    dims = [_Dims(layer, dep, rank) for layer in model.layers]
+    dims = [_Dims(cost, dep, rank) for cost in model.costs]
     by_group: dict[int, list[int]] = {}
     for index, dim in enumerate(dims):
         for group in dim.groups():
             by_group.setdefault(group, []).append(index)
     removed = dict.fromkeys(groups, 0)
     layer_ms = [dim.latency(removed) for dim in dims]
-    total = model.table.whole_ms(sum(layer_ms))
+    total = model.whole_ms(sum(layer_ms))
     options = {i: planner.allowed(g) for i, g in groups.items()}
 
     def move(index: int) -> tuple[float, int, list[float]] | None:
@@ -242,7 +391,7 @@ def allocate(planner: Planner, model: LatencyModel, target_ms: float) -> dict[in
         removed[index] = count
         for i, t in zip(by_group.get(index, []), times, strict=True):
             layer_ms[i] = t
-        total = model.table.whole_ms(sum(layer_ms))
+        total = model.whole_ms(sum(layer_ms))
         touched = {g for i in by_group.get(index, []) for g in dims[i].groups()} | {index}
         for group in touched & moves.keys():
             moves[group] = move(group)
@@ -251,11 +400,12 @@ def allocate(planner: Planner, model: LatencyModel, target_ms: float) -> dict[in
 
 
 class _Dims:
-    """A layer's input and output positions as (group, sorted removal ranks) for fast width updates."""
+    """A layer's (or op's) input and output positions as (group, sorted removal ranks) for fast width
+    updates."""
 
-    def __init__(self, layer: _Layer, dep: DependencyGraph, rank: np.ndarray) -> None:
-        self.layer = layer
-        self.parts = [self._split(c, dep, rank) for c in (layer.in_classes, layer.out_classes)]
+    def __init__(self, cost: _Layer | _OtherOp, dep: DependencyGraph, rank: np.ndarray) -> None:
+        self.cost = cost
+        self.parts = [self._split(c, dep, rank) for c in (cost.in_classes, cost.out_classes)]
 
     @staticmethod
     def _split(classes: np.ndarray | None, dep: DependencyGraph, rank: np.ndarray) -> dict[int, np.ndarray]:
@@ -270,16 +420,14 @@ class _Dims:
         return set(self.parts[0]) | set(self.parts[1])
 
     def latency(self, removed: dict[int, int]) -> float:
-        spec = self.layer.spec
         kept = []
-        for parts, classes, channels in (
-            (self.parts[0], self.layer.in_classes, spec.in_channels),
-            (self.parts[1], self.layer.out_classes, spec.out_channels),
+        for parts, classes, channels in zip(
+            self.parts, (self.cost.in_classes, self.cost.out_classes), self.cost.channels, strict=True
         ):
             if classes is None:
                 kept.append(channels)
                 continue
             gone = sum(int(np.searchsorted(r, removed.get(g, 0))) for g, r in parts.items())
             kept.append(max(1, round(channels * (1.0 - gone / classes.size))))
-        kin, kout = (kept[1], kept[1]) if spec.depthwise else kept
-        return self.layer.curve.latency(kin, kout)
+        kin, kout = (kept[1], kept[1]) if self.cost.tied else kept
+        return self.cost.latency(kin, kout)

@@ -36,7 +36,7 @@ from tqdm import tqdm
 from graphprune.errors import PlanError
 from graphprune.onnxutil import atomic_write
 from graphprune.runtime.bench import bench, runner
-from graphprune.runtime.session import ModelLike, make_session
+from graphprune.runtime.session import ModelLike, input_feed, make_session
 
 log = logging.getLogger(__name__)
 
@@ -50,6 +50,8 @@ class LayerSpec:
     op: Conv, Gemm or MatMul. leading: the input's dims other than batch and channels (a conv's spatial
     size, a MatMul's middle dims). attributes: the conv's attributes other than `group`, as sorted
     (name, value) pairs. sweep_in / sweep_out: whether that width can change (prunable channels).
+    in_multiple / out_multiple: the multiple that width keeps when pruned (a width read or written by
+    grouped convs loses equal counts per conv group).
     """
 
     node: str
@@ -62,6 +64,8 @@ class LayerSpec:
     bias: bool = True
     sweep_in: bool = True
     sweep_out: bool = True
+    in_multiple: int = 1
+    out_multiple: int = 1
 
     @property
     def depthwise(self) -> bool:
@@ -74,6 +78,8 @@ class LayerSpec:
         parts += [f"{k}={list(v) if isinstance(v, tuple) else v}" for k, v in self.attributes]
         parts += [f"in{list(self.leading)}", "bias" if self.bias else "nobias"]
         parts += [f"sweep{'i' if self.sweep_in else ''}{'o' if self.sweep_out else ''}"]
+        if (self.in_multiple, self.out_multiple) != (1, 1):
+            parts += [f"multiple{self.in_multiple}x{self.out_multiple}"]
         return " ".join(parts)
 
 
@@ -124,10 +130,16 @@ class LatencyTable:
     calibration: list[tuple[float, float]] = field(default_factory=list)
     check_point: tuple[float, float] | None = None
     block: int = 1
+    other_ms: float = 0.0
 
     @property
     def layers_sum_ms(self) -> float:
         return sum(self.curves[sig].full_ms for sig in self.layers.values())
+
+    @property
+    def kernels_ms(self) -> float:
+        """The model's predicted kernel time: its weighted layers' sum and its other ops' time."""
+        return self.layers_sum_ms + self.other_ms
 
     @property
     def sum_error(self) -> float:
@@ -136,24 +148,24 @@ class LatencyTable:
 
     @property
     def fit(self) -> tuple[float, float]:
-        """(slope, intercept) of the whole's latency against the layers' sum: the line through the
-        measured model whose slope fits the calibration points best (least squares), so the model
-        itself is predicted exactly; through the origin when there are no points or the line would
-        not rise."""
-        slope = self.end_to_end_ms / self.layers_sum_ms
+        """(slope, intercept) of the whole's latency against its predicted kernel time: the line
+        through the measured model whose slope fits the calibration points best (least squares), so
+        the model itself is predicted exactly; through the origin when there are no points or the line
+        would not rise."""
+        slope = self.end_to_end_ms / self.kernels_ms
         if self.calibration:
-            d_sum, d_whole = (np.asarray(self.calibration) - (self.layers_sum_ms, self.end_to_end_ms)).T
+            d_sum, d_whole = (np.asarray(self.calibration) - (self.kernels_ms, self.end_to_end_ms)).T
             # copies whose layers hardly shrank (most groups unprunable) say nothing about the slope
-            spread = np.abs(d_sum) >= MIN_SPREAD * self.layers_sum_ms
+            spread = np.abs(d_sum) >= MIN_SPREAD * self.kernels_ms
             d_sum, d_whole = d_sum[spread], d_whole[spread]
             fitted = float(d_sum @ d_whole / (d_sum @ d_sum)) if d_sum.size else 0.0
             slope = fitted if fitted > 0 else slope
-        return slope, self.end_to_end_ms - slope * self.layers_sum_ms
+        return slope, self.end_to_end_ms - slope * self.kernels_ms
 
-    def whole_ms(self, layers_sum_ms: float) -> float:
-        """Predicted latency of the whole model whose layers sum to `layers_sum_ms`."""
+    def whole_ms(self, kernels_ms: float) -> float:
+        """Predicted latency of the whole model whose predicted kernel time is `kernels_ms`."""
         slope, intercept = self.fit
-        return slope * layers_sum_ms + intercept
+        return slope * kernels_ms + intercept
 
     @property
     def check_error(self) -> float | None:
@@ -191,6 +203,7 @@ class LatencyTable:
             "block": self.block,
             "end_to_end_ms": self.end_to_end_ms,
             "layers_sum_ms": self.layers_sum_ms,
+            "other_ms": self.other_ms,
             "sum_error": self.sum_error,
             "calibration": self.calibration,
             "fit": self.fit,
@@ -224,16 +237,16 @@ class LatencyTable:
             machine=data.get("machine", {}),
             seconds=float(data.get("seconds", 0.0)),
             block=int(data.get("block", 1)),
+            other_ms=float(data.get("other_ms", 0.0)),
             calibration=[(float(a), float(b)) for a, b in data.get("calibration", [])],
             check_point=tuple(data["check_point"]) if data.get("check_point") else None,
         )
 
 
 def sweep_widths(channels: int, multiple: int = 1, points: int = 24) -> list[int]:
-    """Widths to time for a dimension of `channels`: multiples of a power-of-two step (a multiple of
-    `multiple`, for grouped convs) chosen so that about `points` widths are timed, and the full width."""
-    step = 1 << max(0, math.ceil(math.log2(max(channels / points, 1))))
-    step = math.lcm(step, multiple)
+    """Widths to time for a dimension of `channels`: multiples of `multiple` times a power of two,
+    chosen so that about `points` widths are timed (at most), and the full width."""
+    step = multiple << max(0, math.ceil(math.log2(max(channels / points / multiple, 1))))
     return sorted({*range(step, channels, step), channels})
 
 
@@ -287,6 +300,12 @@ def profile_model(
         for signature, spec in by_signature.items():
             curves[signature] = _curve(spec, provider, batch, threads, timing, measure, bar)
     whole.append(whole_ms(model, batch))
+    # CUDA kernels run asynchronously to the host: there the other ops are left to the whole's fit
+    other = (
+        other_kernels_ms(model, batch=batch, threads=threads, timing=timing)
+        if provider == "cpu" and measure is None
+        else 0.0
+    )
     loads.append(os.getloadavg()[0])
     table = LatencyTable(
         model_sha256=model_sha256,
@@ -295,6 +314,7 @@ def profile_model(
         threads=threads,
         end_to_end_ms=min(whole),
         block=timing.block or 1,
+        other_ms=other,
         layers={spec.node: spec.signature for spec in layers},
         curves=curves,
         machine={"host": platform.node(), "cpu": _cpu(), "cores": os.cpu_count(), "load_1min": loads},
@@ -313,14 +333,23 @@ def _points(spec: LayerSpec, timing: Timing) -> list[tuple[int, int]]:
     """(in_width, out_width) pairs to time; the full pair last."""
     full = (spec.in_channels, spec.out_channels)
     block, count = timing.block or 1, timing.points
+    # whole kernel blocks per conv group: onnxruntime's NCHWc kernels take a grouped conv only then, and
+    # otherwise surround it with layout reorders (RegNet's 16-channel conv groups cut to 8 cost more in
+    # reorders than they saved); a depthwise conv's group count is its width
+    per_group = block * (1 if spec.depthwise else spec.group)
+
+    def widths(channels: int, multiple: int) -> list[int]:
+        return sweep_widths(channels, math.lcm(per_group, multiple), count)
+
+    outs = widths(spec.out_channels, spec.out_multiple)
     if spec.depthwise:
-        return [(w, w) for w in sweep_widths(spec.out_channels, block, count)] if spec.sweep_out else [full]
-    multiple = math.lcm(spec.group, block)
+        return [(w, w) for w in outs] if spec.sweep_out else [full]
+    ins = widths(spec.in_channels, spec.in_multiple)
     pairs = []
     if spec.sweep_out:
-        pairs += [(spec.in_channels, w) for w in sweep_widths(spec.out_channels, multiple, count)[:-1]]
+        pairs += [(spec.in_channels, w) for w in outs[:-1]]
     if spec.sweep_in:
-        pairs += [(w, spec.out_channels) for w in sweep_widths(spec.in_channels, multiple, count)[:-1]]
+        pairs += [(w, spec.out_channels) for w in ins[:-1]]
     return [*pairs, full]
 
 
@@ -481,9 +510,10 @@ class _LayerTimer:
         return float(min(np.median(times[rounds == r]) for r in np.unique(rounds[rounds >= 0])))
 
 
-def kernel_times(events: list[dict[str, Any]], runs: int) -> np.ndarray:
-    """Per run, in order, the summed duration (ms) of its node kernels other than layout reorders, from
-    the events of an onnxruntime profile (a run is one `model_run` event; its nodes start inside it)."""
+def kernel_times(events: list[dict[str, Any]], runs: int, exclude: Sequence[str] = LAYOUT_OPS) -> np.ndarray:
+    """Per run, in order, the summed duration (ms) of its node kernels other than those of the `exclude`
+    ops, from the events of an onnxruntime profile (a run is one `model_run` event; its nodes start
+    inside it)."""
     starts = sorted(e["ts"] for e in events if e.get("cat") == "Session" and e.get("name") == "model_run")
     if len(starts) != runs:
         raise RuntimeError(f"the onnxruntime profile holds {len(starts)} runs, {runs} were made")
@@ -492,10 +522,29 @@ def kernel_times(events: list[dict[str, Any]], runs: int) -> np.ndarray:
         if (
             event.get("cat") == "Node"
             and event["name"].endswith("_kernel_time")
-            and event.get("args", {}).get("op_name") not in LAYOUT_OPS
+            and event.get("args", {}).get("op_name") not in exclude
         ):
             totals[int(np.searchsorted(starts, event["ts"], side="right")) - 1] += event["dur"]
     return np.maximum(totals, 1.0) / 1e3  # the profiler counts whole microseconds
+
+
+# onnxruntime's kernels of weighted layers (as its CPU profiler names them, fused or not).
+WEIGHTED_KERNELS = ("Conv", "FusedConv", "Gemm", "FusedGemm", "MatMul", "FusedMatMul")
+
+
+def other_kernels_ms(model: ModelLike, *, batch: int, threads: int | None, timing: Timing) -> float:
+    """The model's kernel time (ms) outside its weighted layers (activations, elementwise ops,
+    pooling, layout reorders), from onnxruntime's CPU profiler: the median run.  These ops scale with
+    the activations' size, not with the layers' time: an EfficientNet plan that keeps its wide
+    expansions keeps most of their Swish and squeeze-excite cost."""
+    warmup, runs = timing.warmup * 3, max(timing.runs, 20)
+    with tempfile.TemporaryDirectory(prefix="graphprune-profile-") as folder:
+        session = make_session(model, provider="cpu", threads=threads, profile_prefix=Path(folder) / "whole")
+        run = runner(session, input_feed(model, batch, seed=0), "cpu")
+        for _ in range(warmup + runs):
+            run()
+        events = json.loads(Path(session.end_profiling()).read_text())
+    return float(np.median(kernel_times(events, warmup + runs, exclude=WEIGHTED_KERNELS)[warmup:]))
 
 
 def _input_shape(spec: LayerSpec, batch: int, in_width: int) -> tuple[int, ...]:
