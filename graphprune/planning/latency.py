@@ -136,8 +136,8 @@ class _OtherOp:
     full_ms: float
     out_classes: np.ndarray | None
     size: int
-    in_classes: None = None
-    tied: bool = True
+    in_classes = None  # an op's one width is its output's
+    tied = True
 
     @property
     def channels(self) -> tuple[int, int]:

@@ -8,10 +8,11 @@ the rounds interleaving the points of a signature, because other jobs on a share
 slow a round down; on the CPU a run counts the layer's own kernels as onnxruntime's profiler records
 them, since the run's fixed cost and the layout reorders around an isolated layer are not paid by the
 layer inside a model.  The whole model is timed too (wall time), before and after the layers, and the
-table records how well the sum of its layers predicts it.  The layers' sum misses the ops between them
-(activations, adds, pooling, reorders at layout boundaries), so the whole is predicted from it by a
-line fitted through calibration points: the model itself and, when the caller measures them
-(graphprune.api does, on uniformly pruned copies), smaller versions of it.
+table records how well the sum of its layers predicts it.  On the CPU the ops between the layers
+(activations, adds, pooling, reorders at layout boundaries) are timed inside the whole model by the
+profiler (`other_ms`).  The whole is predicted from the layers and those ops by a line fitted through
+calibration points: the model itself and, when the caller measures them (graphprune.api does, on
+uniformly pruned copies), smaller versions of it.
 """
 
 from __future__ import annotations
@@ -262,6 +263,11 @@ class Timing:
     runs: int = 15
     rounds: int = 3
     budget_s: float = 0.25
+
+    @property
+    def whole_runs(self) -> tuple[int, int]:
+        """(warm-up, timed) runs of a whole model in a round: more than a layer's, its runs being few."""
+        return self.warmup * 3, max(self.runs, 20)
 
 
 def profile_model(
@@ -537,7 +543,7 @@ def other_kernels_ms(model: ModelLike, *, batch: int, threads: int | None, timin
     pooling, layout reorders), from onnxruntime's CPU profiler: the median run.  These ops scale with
     the activations' size, not with the layers' time: an EfficientNet plan that keeps its wide
     expansions keeps most of their Swish and squeeze-excite cost."""
-    warmup, runs = timing.warmup * 3, max(timing.runs, 20)
+    warmup, runs = timing.whole_runs
     with tempfile.TemporaryDirectory(prefix="graphprune-profile-") as folder:
         session = make_session(model, provider="cpu", threads=threads, profile_prefix=Path(folder) / "whole")
         run = runner(session, input_feed(model, batch, seed=0), "cpu")
@@ -596,6 +602,7 @@ def measure_wholes(
     burst of load on a shared machine cannot favour one model over another)."""
     timing = timing or Timing()
     best = [math.inf] * len(models)
+    warmup, runs = timing.whole_runs
     for _ in range(timing.rounds):
         for index, model in enumerate(models):
             result = bench(
@@ -603,8 +610,8 @@ def measure_wholes(
                 batch=batch,
                 threads=threads,
                 provider=provider,
-                warmup=timing.warmup * 3,
-                runs=max(timing.runs, 20),
+                warmup=warmup,
+                runs=runs,
             )
             best[index] = min(best[index], result.median_ms)
     return best
