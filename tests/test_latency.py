@@ -10,6 +10,7 @@ import math
 import os
 import subprocess
 import sys
+import weakref
 from collections.abc import Callable
 from pathlib import Path
 
@@ -18,11 +19,13 @@ import onnx
 import onnxruntime as ort
 import pytest
 from helpers import Net, init_shape, prune_checked
+from tqdm import tqdm
 
 from graphprune.api import LatencySource, analyze_model
 from graphprune.onnxutil import sha256_file
 from graphprune.planning import Planner, PlanOptions
 from graphprune.planning.latency import LatencyModel, layer_specs
+from graphprune.runtime import profile
 from graphprune.runtime.profile import (
     WEIGHTED_KERNELS,
     LatencyTable,
@@ -30,6 +33,7 @@ from graphprune.runtime.profile import (
     kernel_times,
     profile_model,
 )
+from graphprune.runtime.session import make_session
 
 Cost = Callable[[int, int], float]
 
@@ -394,3 +398,30 @@ def test_latency_accuracy_benchmark_refuses_a_target_outside_0_1_after_importing
         text=True,
     )
     assert done.returncode == 2 and "--targets must lie in (0, 1)" in done.stderr, done.stderr
+
+
+def test_cpu_profile_opens_one_layer_session_at_a_time(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Idle sessions' worker threads slow a 2-thread session to its 1-thread speed, so the CPU profile
+    times each layer's width pair in a session of its own, closed before the next opens (every pair
+    of every round still timed, in interleaved rounds)."""
+    open_sessions, most_open, opened = [0], [0], [0]
+
+    def counted(*args: object, **kwargs: object) -> ort.InferenceSession:
+        session = make_session(*args, **kwargs)
+        opened[0] += 1
+        open_sessions[0] += 1
+        most_open[0] = max(most_open[0], open_sessions[0])
+        weakref.finalize(session, lambda: open_sessions.__setitem__(0, open_sessions[0] - 1))
+        return session
+
+    monkeypatch.setattr(profile, "make_session", counted)
+    dep = analyze_model(chain())
+    specs = layer_specs(dep)
+    timing = Timing(points=4, block=4, warmup=1, runs=3, rounds=2, budget_s=0.0)
+    pairs = sum(len(profile._points(spec, timing)) for spec in {s.signature: s for s in specs}.values())
+    with tqdm(disable=True) as bar:
+        for spec in {s.signature: s for s in specs}.values():
+            curve = profile._curve(spec, "cpu", 1, 1, timing, None, bar)
+            assert curve.full_ms > 0
+    assert most_open[0] == 1
+    assert opened[0] == pairs * timing.rounds
