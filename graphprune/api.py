@@ -283,7 +283,10 @@ def _plan(
 
 # A plan timed whole within this share of its prediction is kept without planning again.
 FEEDBACK_TOLERANCE = 0.03
-FEEDBACK_TIMING = Timing(rounds=2)
+FEEDBACK_TIMING = Timing(rounds=3)
+# A plan timed this far off its prediction is timed again before the miss is trusted: on a shared
+# machine a neighbour's burst can slow every round of one model of the pair by 1.7x for seconds.
+FEEDBACK_RETIME = 0.2
 
 
 def _measured_feedback(
@@ -300,13 +303,11 @@ def _measured_feedback(
     so a machine that got slower or faster since the profile does not move the target."""
     table = model.table
     for _ in range(rounds):
-        original_ms, measured = measure_wholes(
-            [dep.model, apply_removal(dep, removed)],
-            provider=table.provider,
-            batch=table.batch,
-            threads=table.threads,
-            timing=FEEDBACK_TIMING,
-        )
+        pair = [dep.model, apply_removal(dep, removed)]
+        original_ms, measured = _time_whole(pair, table)
+        if abs(table.end_to_end_ms * measured / original_ms / model.predict(removed) - 1.0) > FEEDBACK_RETIME:
+            again = _time_whole(pair, table)
+            original_ms, measured = min(original_ms, again[0]), min(measured, again[1])
         check = model.add_timing(removed, table.end_to_end_ms * measured / original_ms)
         log.info(
             "latency feedback: predicted %.3f ms, measured %.3f ms",
@@ -317,6 +318,12 @@ def _measured_feedback(
             break
         removed = replan()
     return removed
+
+
+def _time_whole(models: list[onnx.ModelProto], table: LatencyTable) -> list[float]:
+    return measure_wholes(
+        models, provider=table.provider, batch=table.batch, threads=table.threads, timing=FEEDBACK_TIMING
+    )
 
 
 def prune(

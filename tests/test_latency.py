@@ -228,6 +228,35 @@ def test_a_latency_plan_is_timed_whole_and_planned_again_when_it_measures_off(
         assert measure_wholes([checked.model])[0] / 2 <= 1.1 * target
 
 
+def test_a_feedback_timing_far_off_is_timed_again_before_it_is_trusted(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A neighbour's burst slows the plan 1.7x in every round of its first timing: the miss is timed
+    again, the fastest of both counts, and the plan (on the mark) is kept as the table made it."""
+    model = chain()
+    cost = linear(1.0)
+    table = fake_table(model, {(8, 16): cost, (16, 24): cost, (24, 6): cost})
+    timings = []
+
+    def measure_wholes(models: list[onnx.ModelProto], **_: object) -> list[float]:
+        timings.append(len(timings))
+        burst = 1.7 if len(timings) == 1 else 1.0
+        times = []
+        for index, pruned in enumerate(models):
+            first, second = kept_widths(pruned)
+            times.append((burst if index else 1.0) * (cost(8, first) + cost(first, second) + cost(second, 6)))
+        return times
+
+    monkeypatch.setattr("graphprune.api.measure_wholes", measure_wholes)
+    options = PlanOptions(target_latency=0.5, global_ranking=True, objective="latency")
+    trusted = prune_checked(model, options, latency=LatencySource(table, feedback=0))
+    checked = prune_checked(model, options, latency=LatencySource(table, feedback=2))
+    (check,) = checked.plan.latency["feedback"]
+    assert len(timings) == 2
+    assert check["measured_ms"] == pytest.approx(check["predicted_ms"])
+    assert kept_widths(checked.model) == kept_widths(trusted.model)
+
+
 def test_whole_model_latency_is_fitted_through_the_calibration_points() -> None:
     """The whole is predicted on the line through the measured model whose slope fits the calibration
     points; the check point is scored against that line."""
