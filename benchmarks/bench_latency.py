@@ -7,13 +7,13 @@ Per torchvision model (random init, 3x224x224, exported with BatchNorm kept) and
 3. graphprune `--target-macs` at Torch-Pruning's MACs (L1, local; usually the very same widths);
 4. graphprune `--target-latency F --global --objective latency` twice: with F at (3)'s measured share
    of the original's latency ("equal latency": more MACs kept is better), and with F bisected until the
-   MACs kept match Torch-Pruning's ("same MACs": more speed-up is better; every step of the bisection
-   plans with one round of feedback, `--latency-feedback 1`);
+   MACs kept match Torch-Pruning's ("same MACs": more speed-up is better);
 5. graphprune `--target-latency F` (uniform ratio, widths snapped to the table's fast steps) at (4)'s F.
 
 Latency-targeted plans (4 and 5) are timed whole and planned again on the measured latency
-(`--latency-feedback 2`, the default; 1 for same MACs). "Table error" is the table's own prediction (before any
-feedback) against the measured latency; "pred. error" is what the plan records after feedback.
+(`--latency-feedback 2`, the default, in every step of the bisection too). "Table error" is the
+table's own prediction (before any feedback) against the measured latency; "pred. error" is what the
+plan records after feedback.
 
 Every graphprune model is verified against its masked reference. All models are then timed in
 interleaved rounds (graphprune.runtime.bench; a model's latency is its fastest round's median, since
@@ -133,12 +133,10 @@ def torch_pruning(name: str, module: object, work: Path, ratio: float) -> Path:
 
 
 def ours(
-    original: Path, options: PlanOptions, table: LatencyTable | None, verify: bool = True, feedback: int = 2
+    original: Path, options: PlanOptions, table: LatencyTable | None, verify: bool = True
 ) -> api.PruneResult:
     latency = (
-        api.LatencySource(table, table.provider, table.batch, table.threads, feedback)
-        if table is not None
-        else None
+        api.LatencySource(table, table.provider, table.batch, table.threads) if table is not None else None
     )
     return api.prune(original, options, criterion="l1", verify=verify, latency=latency)
 
@@ -150,7 +148,7 @@ def same_macs(original: Path, table: LatencyTable, macs_kept: float, steps: int 
         middle = (low + high) / 2
         options = PlanOptions(target_latency=middle, global_ranking=True, objective="latency")
         try:
-            result = ours(original, options, table, verify=False, feedback=1)
+            result = ours(original, options, table, verify=False)
         except GraphPruneError:
             low = middle
             continue
@@ -206,13 +204,13 @@ def plan_models(name: str, batch: int, work: Path, args: argparse.Namespace) -> 
     same = same_macs(original, table, tp_kept)
     results = {"target_macs": target_macs}
     plans = {
-        "latency_equal": (PlanOptions(target_latency=equal, global_ranking=True, objective="latency"), 2),
-        "latency_same_macs": (PlanOptions(target_latency=same, global_ranking=True, objective="latency"), 1),
-        "latency_uniform": (PlanOptions(target_latency=equal), 2),
+        "latency_equal": PlanOptions(target_latency=equal, global_ranking=True, objective="latency"),
+        "latency_same_macs": PlanOptions(target_latency=same, global_ranking=True, objective="latency"),
+        "latency_uniform": PlanOptions(target_latency=equal),
     }
-    for key, (options, feedback) in plans.items():
+    for key, options in plans.items():
         try:
-            results[key] = ours(original, options, table, feedback=feedback)
+            results[key] = ours(original, options, table)
         except GraphPruneError as exc:  # a target the allowed widths cannot reach is a result too
             sides[key] = {"failure": str(exc)}
     for key, result in results.items():
@@ -280,7 +278,9 @@ def render(payload: dict[str, object]) -> str:
         "round median. The 1-minute load average is given per model: the machine was shared, so compare rows "
         "of one model only. Pred. error compares predicted and measured latency; pred. speed-up error compares the "
         "predicted speed-up over the original with the measured one, which cancels a load that differed "
-        "between the profile and the timing.\n",
+        "between the profile and the timing: on this shared host a whole model's speed switches between two "
+        "levels about 1.7x apart for seconds to tens of minutes (a neighbour; both vCPUs stay busy), and each "
+        "model's header gives its original's timing against its profile.\n",
     ]
     summary = []
     for record in payload["records"]:
@@ -297,7 +297,8 @@ def render(payload: dict[str, object]) -> str:
             f"**{name}, batch {batch}** ({record['macs'] / 1e9:.2f} GMACs; profile {profile['seconds']:.0f} s, "
             f"{profile['signatures']} signatures; layers sum {profile['layers_sum_ms']:.2f} ms vs whole "
             f"{profile['end_to_end_ms']:.2f} ms, {100 * profile['sum_error']:+.0f}%; timed in {timing['rounds']} "
-            f"rounds of {timing['runs']} runs, {timing['date']}; load {loads})\n"
+            f"rounds of {timing['runs']} runs, {timing['date']}; load {loads}; the original timed "
+            f"{100 * (rows['original']['latency_ms'] / profile['end_to_end_ms'] - 1):+.0f}% against its profile)\n"
         )
         table = []
         for key in ROWS:
