@@ -270,18 +270,23 @@ class LatencyModel:
         return self.whole_ms(self.kernels_ms(removed))
 
     def whole_ms(self, kernels_ms: float) -> float:
-        """Latency (ms) of the whole model whose predicted kernel time is `kernels_ms`."""
+        """Latency (ms) of the whole model whose predicted kernel time is `kernels_ms`: once plans were
+        timed, the broken line through the model and them, made non-decreasing (two timings of nearby
+        plans on a shared machine can cross) and continued below them along the chord to the model."""
         if not self.timed:
             return self.table.whole_ms(kernels_ms)
         anchor = (self.table.kernels_ms, self.table.end_to_end_ms)
         points = sorted({x: y for x, y in [*self.timed, anchor]}.items())
         xs, ys = np.asarray(points).T
-        if xs.size < 2:
+        ys = _non_decreasing(ys)
+        chord = (ys[-1] - ys[0]) / (xs[-1] - xs[0]) if xs.size > 1 else 0.0
+        if chord <= 0:  # timings that say pruning made nothing faster: keep to the table
             return self.table.whole_ms(kernels_ms)
-        # inside the points the broken line; beyond them its end segment's slope
-        segment = min(max(int(np.searchsorted(xs, kernels_ms)), 1), xs.size - 1)
-        x0, x1, y0, y1 = xs[segment - 1], xs[segment], ys[segment - 1], ys[segment]
-        return float(y0 + (y1 - y0) / (x1 - x0) * (kernels_ms - x0))
+        if kernels_ms < xs[0]:
+            return float(ys[0] + chord * (kernels_ms - xs[0]))
+        if kernels_ms > xs[-1]:
+            return float(ys[-1] + chord * (kernels_ms - xs[-1]))
+        return float(np.interp(kernels_ms, xs, ys))
 
     def add_timing(self, removed: np.ndarray, measured_ms: float) -> dict[str, float]:
         """Record a plan's measured whole latency (in the table's terms): later predictions follow it.
@@ -326,6 +331,17 @@ class LatencyModel:
                 efficient.append(width)
             best = min(best, cost)
         return np.asarray(sorted({*efficient, group.size}), dtype=np.int64)
+
+
+def _non_decreasing(values: np.ndarray) -> np.ndarray:
+    """The closest non-decreasing sequence in least squares (pool adjacent violators)."""
+    blocks: list[list[float]] = []  # [mean, count]
+    for value in values.tolist():
+        blocks.append([value, 1])
+        while len(blocks) > 1 and blocks[-2][0] > blocks[-1][0]:
+            (mean_a, count_a), (mean_b, count_b) = blocks.pop(-2), blocks.pop()
+            blocks.append([(mean_a * count_a + mean_b * count_b) / (count_a + count_b), count_a + count_b])
+    return np.repeat([mean for mean, _ in blocks], [count for _, count in blocks])
 
 
 def _with_width(layer: _Layer, is_out: bool, width: int) -> float:
