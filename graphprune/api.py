@@ -214,6 +214,11 @@ def profile_latency(
 # Uniform ratios of the pruned copies timed with a profile: all but the last fit the line from the
 # layers' sum to the whole, the last checks it.
 CALIBRATION_RATIOS = (0.5, 0.75, 0.3)
+# A fit that misses its check copy by more than this share is timed again (each model's fastest of
+# the timings counts), up to this many times: a neighbour's burst that slowed some of the copies but
+# not the others bent the fit (mobilenet_v2's check copy timed slower than the whole model, 38% off).
+CALIBRATION_TOLERANCE = 0.1
+CALIBRATION_RETIMES = 2
 
 
 def _profile(
@@ -226,11 +231,16 @@ def _profile(
     # the copies' widths snap to the table's fast steps, as every plan made with the table will
     removals = [RemovalPlanner(PlanOptions(ratio=r), latency=model)(dep, zeros) for r in CALIBRATION_RATIOS]
     copies = [apply_removal(dep, removed) for removed in removals]
-    whole, *measured = measure_wholes([dep.model, *copies], timing=timing, **where)
-    table.end_to_end_ms = min(table.end_to_end_ms, whole)
-    points = [(model.kernels_ms(r), ms) for r, ms in zip(removals, measured, strict=True)]
-    table.calibration, table.check_point = points[:-1], points[-1]
-    log.info("latency fit %s; check point off by %+.1f%%", table.fit, 100 * (table.check_error or 0))
+    kernels = [model.kernels_ms(removed) for removed in removals]
+    times = np.asarray(measure_wholes([dep.model, *copies], timing=timing, **where))
+    for attempt in range(CALIBRATION_RETIMES + 1):
+        table.end_to_end_ms = min(table.end_to_end_ms, times[0])
+        points = list(zip(kernels, times[1:].tolist(), strict=True))
+        table.calibration, table.check_point = points[:-1], points[-1]
+        log.info("latency fit %s; check point off by %+.1f%%", table.fit, 100 * (table.check_error or 0))
+        if abs(table.check_error or 0) <= CALIBRATION_TOLERANCE or attempt == CALIBRATION_RETIMES:
+            break
+        times = np.minimum(times, measure_wholes([dep.model, *copies], timing=timing, **where))
     return table
 
 

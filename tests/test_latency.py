@@ -21,6 +21,7 @@ import pytest
 from helpers import Net, init_shape, prune_checked
 from tqdm import tqdm
 
+from graphprune import api
 from graphprune.api import LatencySource, analyze_model
 from graphprune.onnxutil import sha256_file
 from graphprune.planning import Planner, PlanOptions
@@ -297,6 +298,30 @@ def test_timed_plans_that_cross_still_predict_less_latency_for_less_work() -> No
     chord = (whole - 0.345 * whole) / (full - 0.28 * full)
     assert model.whole_ms(0.2 * full) == pytest.approx(0.345 * whole - chord * 0.08 * full)
     assert model.whole_ms(full) == pytest.approx(whole)
+
+
+def test_a_calibration_that_misses_its_check_copy_is_timed_again(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A burst slows the pruned copies (not the whole) in the first calibration timing: the fit misses
+    its check copy, the copies are timed again, and each one's fastest timing fits the line."""
+    model = chain()
+    cost = linear(1.0)
+    costs = {(8, 16): cost, (16, 24): cost, (24, 6): cost}
+    timings = []
+
+    def measure_wholes(models: list[onnx.ModelProto], **_: object) -> list[float]:
+        timings.append(len(timings))
+        times = []
+        for index, copy in enumerate(models):
+            first, second = kept_widths(copy)
+            burst = 1.7 if index > 1 and len(timings) == 1 else 1.0
+            times.append(burst * (cost(8, first) + cost(first, second) + cost(second, 6)))
+        return times
+
+    monkeypatch.setattr("graphprune.api.profile_model", lambda *a, **k: fake_table(model, costs))
+    monkeypatch.setattr("graphprune.api.measure_wholes", measure_wholes)
+    table = api._profile(analyze_model(model), None, LatencySource())
+    assert len(timings) == 2
+    assert abs(table.check_error) < 1e-9
 
 
 def run_cli(*args: object) -> subprocess.CompletedProcess[str]:
