@@ -234,7 +234,7 @@ def _profile(
     kernels = [model.kernels_ms(removed) for removed in removals]
     times = np.asarray(measure_wholes([dep.model, *copies], timing=timing, **where))
     for attempt in range(CALIBRATION_RETIMES + 1):
-        table.end_to_end_ms = min(table.end_to_end_ms, times[0])
+        table.end_to_end_ms = min(table.end_to_end_ms, float(times[0]))
         points = list(zip(kernels, times[1:].tolist(), strict=True))
         table.calibration, table.check_point = points[:-1], points[-1]
         log.info("latency fit %s; check point off by %+.1f%%", table.fit, 100 * (table.check_error or 0))
