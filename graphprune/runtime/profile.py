@@ -27,7 +27,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import onnx
@@ -38,6 +38,9 @@ from graphprune.errors import PlanError
 from graphprune.onnxutil import atomic_write
 from graphprune.runtime.bench import bench, runner
 from graphprune.runtime.session import ModelLike, input_feed, make_session
+
+if TYPE_CHECKING:
+    import onnxruntime as ort
 
 log = logging.getLogger(__name__)
 
@@ -497,7 +500,7 @@ class _LayerTimer:
         self.kept_open = None if provider == "cpu" else self._open(None)
         self.medians: list[float] = []  # per round: its median run (ms)
 
-    def _open(self, round_index: int | None) -> Any:
+    def _open(self, round_index: int | None) -> ort.InferenceSession:
         prefix = None if self.profile_prefix is None else f"{self.profile_prefix}r{round_index}"
         return make_session(self.graph, provider=self.provider, threads=self.threads, profile_prefix=prefix)
 
