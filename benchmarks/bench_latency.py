@@ -132,13 +132,12 @@ def torch_pruning(name: str, module: object, work: Path, ratio: float) -> Path:
     return run_torch_pruning(name, module, torch.randn(1, 3, 224, 224), work, settings)["path"]
 
 
-def ours(
-    original: Path, options: PlanOptions, table: LatencyTable | None, verify: bool = True
-) -> api.PruneResult:
+def ours(original: Path, options: PlanOptions, table: LatencyTable | None) -> api.PruneResult:
+    """graphprune's plan (L1), verified against its masked reference."""
     latency = (
         api.LatencySource(table, table.provider, table.batch, table.threads) if table is not None else None
     )
-    return api.prune(original, options, criterion="l1", verify=verify, latency=latency)
+    return api.prune(original, options, criterion="l1", latency=latency)
 
 
 def same_macs(original: Path, table: LatencyTable, macs_kept: float, steps: int = 7) -> api.PruneResult:
