@@ -316,8 +316,7 @@ def _measured_feedback(
         pair = [dep.model, apply_removal(dep, removed)]
         original_ms, measured = _time_whole(pair, table)
         if abs(table.end_to_end_ms * measured / original_ms / model.predict(removed) - 1.0) > FEEDBACK_RETIME:
-            again = _time_whole(pair, table)
-            original_ms, measured = min(original_ms, again[0]), min(measured, again[1])
+            original_ms, measured = np.minimum([original_ms, measured], _time_whole(pair, table)).tolist()
         check = model.add_timing(removed, table.end_to_end_ms * measured / original_ms)
         log.info(
             "latency feedback: predicted %.3f ms, measured %.3f ms",
