@@ -1,8 +1,9 @@
-"""Accuracy at equal measured latency on the shipped Fashion-MNIST ResNet-20: graphprune's latency targets
-against its MACs target and Torch-Pruning 1.6.1.
+"""Accuracy at equal measured latency on a Fashion-MNIST-trained model (the shipped ResNet-20, or a zoo model
+trained by tools/train_reference.py: `--model mobilenetv2 --baseline FILE.onnx`): graphprune's latency
+targets against its MACs target and Torch-Pruning 1.6.1.
 
-The original is profiled once (`graphprune.api.profile_latency`: onnxruntime CPU, batch 1, `--threads`
-threads). Then per MACs target (`--targets`, of the original's MACs):
+The original is profiled once (`graphprune.api.profile_latency`: onnxruntime CPU, `--batch` images,
+`--threads` threads). Then per MACs target (`--targets`, of the original's MACs):
 
 1. Torch-Pruning, MagnitudeImportance p=1 and p=2, stepped until graphprune's count of its export meets
    the target (peer.prune_to_macs): its export as pruned (it has no recovery step), and with
@@ -18,7 +19,7 @@ threads). Then per MACs target (`--targets`, of the original's MACs):
 
 Every model is timed in interleaved rounds (bench_latency.time_models: a latency is the fastest round's
 median). Accuracy is top-1 on the 10,000 test images without training, then after bench_recovery's
-fine-tune (1 epoch on `--ft-samples` seeded training images, SGD lr 0.01 cosine, the original as
+fine-tune (1 epoch on `--ft-samples` seeded training images, SGD lr `--ft-lr` cosine, the original as
 distillation teacher): graphprune's models from lsq, Torch-Pruning's from both its starts.
 
 Goal (reported, not asserted): at equal latency, our accuracy after the fine-tune >= Torch-Pruning's
@@ -26,8 +27,11 @@ best. "Equal latency": our measured latency <= that Torch-Pruning model's times 
 being the larger of the two models' gaps between their fastest and second-fastest round medians
 (above 5% the verdict is left open: the machine was too busy to tell).
 
-Writes results/latency_accuracy.json and .md; run alone on a quiet machine (about 20 minutes on 2 cores):
+Writes results/latency_accuracy[_MODEL][_bBATCH].json and .md (no suffix: ResNet-20 at batch 1); run alone
+on a quiet machine (ResNet-20: about 20 minutes on 2 cores):
 .venv/bin/python benchmarks/bench_latency_accuracy.py --priority
+.venv/bin/python benchmarks/bench_latency_accuracy.py --priority --model mobilenetv2 \
+    --baseline mobilenetv2_fmnist.onnx --batch 32 --targets 0.5
 """
 
 from __future__ import annotations
@@ -43,12 +47,20 @@ from pathlib import Path
 import onnx
 import torch
 from bench_latency import ours, time_models
-from bench_recovery import CALIB, PEERS, Start, finetune, recover_start, torch_pruning_start
+from bench_recovery import (
+    CALIB,
+    DEMO_FT_LR,
+    PEERS,
+    Start,
+    finetune,
+    recover_start,
+    torch_pruning_start,
+)
 from common import RESULTS, header, high_priority, machine, markdown_table, write_json, write_text
+from peer import Reference, add_reference_args, reference_from, reference_text
 
 from graphprune import api
 from graphprune.api import RECOVERY_HOLDOUT, model_cost
-from graphprune.cli.demo import REFERENCE
 from graphprune.data import load_dataset
 from graphprune.errors import GraphPruneError
 from graphprune.planning import PlanOptions
@@ -73,6 +85,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--threads", type=int, default=2, help="onnxruntime and torch threads")
     parser.add_argument("--calib-samples", type=int, default=1024, help="images lsq / BN recovery fit on")
     parser.add_argument("--ft-samples", type=int, default=15000, help="fine-tune images (1 epoch)")
+    parser.add_argument("--ft-lr", type=float, default=DEMO_FT_LR, help="fine-tune learning rate")
+    parser.add_argument("--batch", type=int, default=1, help="images per inference (profile and timing)")
     parser.add_argument("--runs", type=int, default=200, help="timed runs per model and round")
     parser.add_argument("--rounds", type=int, default=5, help="interleaved timing rounds")
     parser.add_argument("--profile-rounds", type=int, default=3, help="rounds of the latency profile")
@@ -82,16 +96,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--priority", action="store_true", help="profile and time at scheduler priority -20 (root)"
     )
     parser.set_defaults(provider="cpu")  # time_models reads it
+    add_reference_args(parser)
     args = parser.parse_args(argv)
-    if not all(0 < t < 1 for t in args.targets) or min(args.threads, args.runs, args.rounds) < 1:
-        parser.error("--targets must lie in (0, 1); --threads, --runs and --rounds must be positive")
+    if not all(0 < t < 1 for t in args.targets) or min(args.threads, args.runs, args.rounds, args.batch) < 1:
+        parser.error("--targets must lie in (0, 1); --threads, --runs, --rounds and --batch must be positive")
     return args
 
 
-def table_ms(table: LatencyTable, model: onnx.ModelProto) -> float:
-    """The table's latency for any pruning of the original, by either tool: each of the original's layers
+def table_ms(table: LatencyTable, original: Path, model: onnx.ModelProto) -> float:
+    """The table's latency for any pruning of `original`, by either tool: each of the original's layers
     at the widths `model` gives the layer of the same name (both exports keep torch's node names)."""
-    original = layer_specs(api.analyze_model(REFERENCE))
+    original = layer_specs(api.analyze_model(original))
     pruned = {s.node: s for s in layer_specs(api.analyze_model(model))}
 
     def layout(spec: LayerSpec) -> tuple[object, ...]:
@@ -108,23 +123,24 @@ def table_ms(table: LatencyTable, model: onnx.ModelProto) -> float:
 
 
 def plan_target(
-    target: float, table: LatencyTable, work: Path, args: argparse.Namespace
+    target: float, table: LatencyTable, reference: Reference, work: Path, args: argparse.Namespace
 ) -> tuple[dict, dict[str, Path], list[Start]]:
     """Torch-Pruning's models at `target`, graphprune's at their MACs and latency; returns the record,
     the models to time, and every start to recover and fine-tune."""
-    base = model_cost(onnx.load(str(REFERENCE))).macs
+    original = reference.onnx
+    base = model_cost(onnx.load(str(original))).macs
     rows: dict[str, dict[str, object]] = {"original": {"macs_kept": 1.0, "predicted_ms": table.end_to_end_ms}}
-    paths, starts = {"original": REFERENCE}, []
+    paths, starts = {"original": original}, []
     for label in PEERS:
-        start = torch_pruning_start(label, target, work)
+        start = torch_pruning_start(label, target, work, reference)
         paths[start.criterion] = work / f"{target}_{label.replace(' ', '_')}.onnx"
         onnx.save(start.model, paths[start.criterion])
         rows[start.criterion] = {
             "macs_kept": model_cost(start.model).macs / base,
-            "predicted_ms": table_ms(table, start.model),
+            "predicted_ms": table_ms(table, original, start.model),
         }
         starts.append(start)
-    probe: dict[str, object] = {"batch": 1, "rows": {key: {} for key in paths}}
+    probe: dict[str, object] = {"batch": args.batch, "rows": {key: {} for key in paths}}
     with high_priority(args.priority):
         time_models([(probe, paths)], args)
     measured = {key: side["latency_ms"] for key, side in probe["rows"].items()}
@@ -132,7 +148,7 @@ def plan_target(
     fraction = min(1.0, measured[anchor] / measured["original"])
     record = {
         "target": target,
-        "batch": 1,
+        "batch": args.batch,
         "anchor": anchor,
         "latency_fraction": fraction,
         "anchor_timing_ms": measured,
@@ -145,7 +161,7 @@ def plan_target(
     }
     for key, (options, lut) in plans.items():
         try:
-            result = ours(REFERENCE, options, lut)
+            result = ours(original, options, lut)
         except GraphPruneError as exc:  # a latency the allowed widths cannot reach is a result too
             rows[key] = {"failure": " ".join(str(exc).split())}
             continue
@@ -153,7 +169,7 @@ def plan_target(
         result.save(paths[key])
         rows[key] = {
             "macs_kept": result.after.macs / result.before.macs,
-            "predicted_ms": table_ms(table, result.model),
+            "predicted_ms": table_ms(table, original, result.model),
             "max_rel_error": result.verification.max_rel_error,
             "settings": result.plan.settings,
         }
@@ -162,20 +178,24 @@ def plan_target(
 
 
 def measure_accuracy(
-    args: argparse.Namespace, planned: list[tuple[dict, list[Start]]], save: Callable[[], None], work: Path
+    args: argparse.Namespace,
+    reference: Reference,
+    planned: list[tuple[dict, list[Start]]],
+    save: Callable[[], None],
+    work: Path,
 ) -> None:
     """Test accuracy of every start as pruned, recovered, and recovered then fine-tuned (saved after each)."""
     torch.set_num_threads(args.threads)
     test = load_dataset(CALIB, "test")
     train = load_dataset(CALIB, "train", limit=args.ft_samples, seed=0)
     calib = load_dataset(CALIB, "train", limit=args.calib_samples + RECOVERY_HOLDOUT, seed=0, labels=False)
-    teacher = OnnxTeacher(REFERENCE, threads=args.threads)
-    original = evaluate_onnx(REFERENCE, test, threads=args.threads)
+    teacher = OnnxTeacher(reference.onnx, threads=args.threads)
+    original = evaluate_onnx(reference.onnx, test, threads=args.threads)
     for record, starts in planned:
         record["rows"]["original"]["accuracy"] = {"-": original}
         for start in starts:
             method = "lsq" if start.plan is not None else "bn"
-            recovered, report = recover_start(start, method, calib, args.threads)
+            recovered, report = recover_start(start, method, calib, args.threads, reference.onnx)
             accuracy = {
                 "as pruned": evaluate_onnx(start.model, test, threads=args.threads),
                 method: evaluate_onnx(recovered, test, threads=args.threads),
@@ -186,7 +206,7 @@ def measure_accuracy(
                 else {"as pruned": start.model, method: recovered}
             )
             for name, model in tuned_from.items():
-                tuned, seconds = finetune(model, train, teacher, work)
+                tuned, seconds = finetune(model, train, teacher, args.ft_lr, work)
                 accuracy[f"{name} + FT"] = evaluate_onnx(tuned, test, threads=args.threads)
                 log.info("%s %s: %s (%.0f s)", record["target"], start.criterion, accuracy, seconds)
             record["rows"][start.criterion] |= {
@@ -205,20 +225,22 @@ def noise(side: dict[str, object]) -> float:
 
 def render(payload: dict[str, object]) -> str:
     settings, profile, loads = payload["settings"], payload["profile"], payload["loads"]
+    title, description = reference_text(payload)
     lines = [
         *header(
-            "Accuracy at equal latency: shipped ResNet-20 on Fashion-MNIST (onnxruntime CPU, "
-            f"{settings['threads']} threads, batch 1)",
+            f"Accuracy at equal latency: {title} on Fashion-MNIST (onnxruntime CPU, "
+            f"{settings['threads']} threads, batch {settings.get('batch', 1)})",
             payload["machine"],
             __doc__,
         ),
+        f"Baseline: {description}.\n",
         f"Profile: {profile['seconds']:.0f} s, {profile['signatures']} signatures; the original "
         f"{profile['end_to_end_ms']:.3f} ms whole, its layers sum to {profile['layers_sum_ms']:.3f} ms. "
         f"Timing: {settings['rounds']} interleaved rounds of {settings['runs']} runs, "
         f"{'at priority -20' if settings['priority'] else 'at normal priority'}; the original is timed "
         "with each target. BN recalibration changes only BatchNorm's numbers, so a Torch-Pruning model's "
         f"latency is its as-pruned model's. Calibration: {settings['calib_samples']:,} images; fine-tune: "
-        f"{settings['ft_samples']:,} images.\n",
+        f"{settings['ft_samples']:,} images at lr {settings.get('ft_lr', DEMO_FT_LR)}.\n",
         f"Load average (1, 5, 15 min) after the profile: {loads.get('profile')}; after timing: "
         f"{loads.get('timing')}; after the accuracies and fine-tunes: {loads.get('accuracy', 'not run')}.\n",
     ]
@@ -315,20 +337,29 @@ def loads() -> str:
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     args = parse_args(argv)
-    settings = {k: v for k, v in vars(args).items() if k not in ("out", "provider")}
-    payload: dict[str, object] = {"machine": machine(), "settings": settings, "loads": {}, "records": []}
+    reference = reference_from(args)
+    settings = {k: v for k, v in vars(args).items() if k not in ("out", "provider", "baseline")}
+    payload: dict[str, object] = {
+        "machine": machine(),
+        "reference": reference.describe(),
+        "settings": settings,
+        "loads": {},
+        "records": [],
+    }
+    stem = OUT + reference.suffix + (f"_b{args.batch}" if args.batch != 1 else "")
 
     def save() -> None:
         args.out.mkdir(parents=True, exist_ok=True)
-        write_json(args.out / f"{OUT}.json", payload)
-        write_text(args.out / f"{OUT}.md", render(payload))
+        write_json(args.out / f"{stem}.json", payload)
+        write_text(args.out / f"{stem}.md", render(payload))
 
     with tempfile.TemporaryDirectory(prefix="bench-latacc-") as scratch:
         work = Path(scratch)
         with high_priority(args.priority):
             start = time.perf_counter()
             table = api.profile_latency(
-                REFERENCE,
+                reference.onnx,
+                batch=args.batch,
                 threads=args.threads,
                 timing=Timing(rounds=args.profile_rounds, points=args.profile_points),
             )
@@ -339,16 +370,16 @@ def main(argv: list[str] | None = None) -> int:
             "end_to_end_ms": table.end_to_end_ms,
             "layers_sum_ms": table.layers_sum_ms,
         }
-        planned = [plan_target(target, table, work, args) for target in args.targets]
+        planned = [plan_target(target, table, reference, work, args) for target in args.targets]
         payload["records"] = [record for record, _, _ in planned]
         with high_priority(args.priority):
             time_models([(record, paths) for record, paths, _ in planned], args)
             payload["loads"]["timing"] = loads()
         save()
-        measure_accuracy(args, [(record, starts) for record, _, starts in planned], save, work)
+        measure_accuracy(args, reference, [(record, starts) for record, _, starts in planned], save, work)
         payload["loads"]["accuracy"] = loads()
         save()
-    print((args.out / f"{OUT}.md").read_text())
+    print((args.out / f"{stem}.md").read_text())
     return 0
 
 

@@ -158,20 +158,23 @@ def blend_config(calib_samples: int) -> BlendConfig:
     )
 
 
-def torch_pruning_start(label: str, target: float, work: Path) -> Start:
-    """Torch-Pruning's export at graphprune's count of the target (peer.prune_to_macs)."""
-    base = model_cost(onnx.load(str(REFERENCE))).macs
+def torch_pruning_start(label: str, target: float, work: Path, reference: Reference | None = None) -> Start:
+    """Torch-Pruning's export of `reference` (default: the shipped ResNet-20) at graphprune's count of
+    the target (peer.prune_to_macs)."""
+    reference = reference or Reference()
+    base = model_cost(onnx.load(str(reference.onnx))).macs
     peer = prune_to_macs(
-        Reference().module(), TP_CRITERIA[label](), target, base, SAMPLE_SHAPE, work / "tp_probe.onnx"
+        reference.module(), TP_CRITERIA[label](), target, base, SAMPLE_SHAPE, work / "tp_probe.onnx"
     )
     return Start(f"Torch-Pruning {label}", "-", target, peer.model, None)
 
 
 def recover_start(
-    start: Start, method: str, calib: ArrayDataset, threads: int
+    start: Start, method: str, calib: ArrayDataset, threads: int, original: Path = REFERENCE
 ) -> tuple[onnx.ModelProto, dict]:
-    """`start` recovered by `method` on `calib`, and what to report of it.  A Torch-Pruning model has no
-    plan: it gets BN recalibration of every BatchNormalization (lsq needs the plan's removed channels)."""
+    """`start` (pruned from `original`) recovered by `method` on `calib`, and what to report of it.  A
+    Torch-Pruning model has no plan: it gets BN recalibration of every BatchNormalization (lsq needs the
+    plan's removed channels)."""
     if start.plan is None:
         begin, cpu = time.perf_counter(), time.process_time()
         model = recalibrate_batchnorm(start.model, calib.images, threads=threads)
@@ -180,7 +183,7 @@ def recover_start(
             "cpu_seconds": round(time.process_time() - cpu, 2),
         }
     done = recover(
-        REFERENCE,
+        original,
         start.model,
         calib,
         plan=start.plan,
