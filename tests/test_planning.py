@@ -9,6 +9,7 @@ from helpers import Net, init_shape
 from graphprune.api import model_cost, prune
 from graphprune.errors import PlanError
 from graphprune.planning import PlanOptions
+from graphprune.planning.planner import misaligned_groups
 
 
 def chain(widths: list[int], groups: list[int] | None = None):
@@ -96,3 +97,20 @@ def test_round_to_with_a_macs_target_stays_close_to_the_target() -> None:
 def test_a_group_no_larger_than_round_to_stays_whole() -> None:
     result = prune(chain([16, 32]), PlanOptions(ratio=0.5, round_to=16))
     assert init_shape(result.model, "conv1.w")[0] == 16 and init_shape(result.model, "conv4.w")[0] == 16
+
+
+def test_widths_left_off_the_kernel_blocks_are_named_and_warned_of(caplog: pytest.LogCaptureFixture) -> None:
+    """A 16-wide layer cut to 12 (ragged) is named with its widths; a 20-wide one (not aligned to begin
+    with) is not; rounding to 8, or no cut at all, warns of nothing."""
+    model = chain([16, 20])
+    with caplog.at_level("WARNING", logger="graphprune.api"):
+        ragged = prune(model, PlanOptions(ratio=0.3))
+    assert misaligned_groups(ragged.dep, ragged.removed) == [f"{ragged.dep.prunable_groups[0].name}: 12/16"]
+    assert "1 of 2 prunable groups keep a width that is not a multiple of 8" in caplog.text
+    assert "--round-to 8" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="graphprune.api"):
+        rounded = prune(model, PlanOptions(ratio=0.3, round_to=8))
+        prune(model, PlanOptions(ratio=0.0))
+    assert misaligned_groups(rounded.dep, rounded.removed) == []
+    assert "multiple of 8" not in caplog.text
