@@ -158,15 +158,28 @@ def blend_config(calib_samples: int) -> BlendConfig:
     )
 
 
-def torch_pruning_start(label: str, target: float, work: Path, reference: Reference | None = None) -> Start:
+def torch_pruning_start(
+    label: str,
+    target: float,
+    work: Path,
+    reference: Reference | None = None,
+    round_to: int | None = None,
+) -> Start:
     """Torch-Pruning's export of `reference` (default: the shipped ResNet-20) at graphprune's count of
-    the target (peer.prune_to_macs)."""
+    the target (peer.prune_to_macs), its widths rounded to `round_to` by Torch-Pruning when given."""
     reference = reference or Reference()
     base = model_cost(onnx.load(str(reference.onnx))).macs
     peer = prune_to_macs(
-        reference.module(), TP_CRITERIA[label](), target, base, SAMPLE_SHAPE, work / "tp_probe.onnx"
+        reference.module(),
+        TP_CRITERIA[label](),
+        target,
+        base,
+        SAMPLE_SHAPE,
+        work / "tp_probe.onnx",
+        round_to=round_to,
     )
-    return Start(f"Torch-Pruning {label}", "-", target, peer.model, None)
+    name = f"Torch-Pruning {label}" + (f" round_to={round_to}" if round_to else "")
+    return Start(name, round_to or "-", target, peer.model, None)
 
 
 def recover_start(

@@ -1,13 +1,15 @@
-"""Latency of the shipped ResNet-20 pruned to half its MACs with and without `--round-to`.
+"""Latency of a model pruned with and without `--round-to` (default: the shipped ResNet-20 at half its MACs).
 
 onnxruntime's blocked CPU conv kernels handle 8 (AVX2) or 16 (AVX-512) channels at a time, so a pruned
 model whose widths are not multiples of the block can run slower than the original. This script prunes
 `graphprune/zoo/weights/resnet20_fmnist.onnx` with `PlanOptions(target_macs=0.5, round_to=N)` for each N
-(l1 criterion, verified), then times the original and every pruned model with onnxruntime on the CPU at
+(or `--model torchvision:NAME` at `--ratio R`: random init, 3x224x224; l1 criterion, verified), then times the original and every pruned model with onnxruntime on the CPU at
 batch 1 and 32, for each thread count, in interleaved rounds (best round kept: other jobs can only slow
 a round down). Accuracy is not measured here (the demo and `fashion_mnist.md` do that).
 
-Writes results/round_to.json and round_to.md.
+Writes results/round_to.json and round_to.md (round_to_NAME.* for a torchvision model):
+.venv/bin/python benchmarks/bench_round_to.py --priority
+.venv/bin/python benchmarks/bench_round_to.py --priority --model torchvision:mobilenet_v2 --ratio 0.3
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import tempfile
 from pathlib import Path
 
 import onnx
+from bench_latency import export_model
 from common import RESULTS, high_priority, machine, machine_line, markdown_table, write_json, write_text
 from tqdm import tqdm
 
@@ -37,7 +40,8 @@ def render(payload: dict[str, object]) -> str:
         "# Pruned widths and onnxruntime CPU latency: `--round-to`\n",
         machine_line(payload["machine"]),  # type: ignore[arg-type]
         "",
-        f"The shipped Fashion-MNIST ResNet-20 pruned with `PlanOptions(target_macs=0.5, round_to=N)` (l1, verified). "
+        f"{settings.get('title', 'The shipped Fashion-MNIST ResNet-20')} pruned with "
+        f"`PlanOptions({settings.get('plan', 'target_macs=0.5')}, round_to=N)` (l1, verified). "
         f"Latency: onnxruntime CPU, median of {settings['runs']} runs after {settings['warmup']} warm-up runs, "  # type: ignore[index]
         f"{settings['rounds']} rounds interleaved over the models, best round kept. Speed-up is the original's "  # type: ignore[index]
         "latency over the row's at the same batch and threads.\n",
@@ -72,14 +76,25 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--priority", action="store_true", help="raise scheduler priority while timing")
     parser.add_argument("--out", type=Path, default=RESULTS)
+    parser.add_argument("--model", help="torchvision:NAME (default: the shipped ResNet-20)")
+    parser.add_argument(
+        "--ratio", type=float, help="prune this share of every group instead of half the MACs"
+    )
     args = parser.parse_args()
+    if args.model is not None and not args.model.startswith("torchvision:"):
+        parser.error("--model takes torchvision:NAME")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     with tempfile.TemporaryDirectory() as tmp:
-        models: dict[int | None, Path] = {None: REFERENCE}
-        original = sorted(set(conv_channels(onnx.load(str(REFERENCE))).values()))
+        reference = REFERENCE if args.model is None else export_model(args.model.split(":")[-1], Path(tmp))[0]
+        models: dict[int | None, Path] = {None: reference}
+        original = sorted(set(conv_channels(onnx.load(str(reference))).values()))
         rows = [{"round_to": None, "widths": original, "macs_kept": 1.0}]
         for step in args.round_to:
-            result = prune(REFERENCE, PlanOptions(target_macs=0.5, round_to=step), criterion="l1")
+            if args.ratio is None:
+                options = PlanOptions(target_macs=0.5, round_to=step)
+            else:
+                options = PlanOptions(ratio=args.ratio, round_to=step)
+            result = prune(reference, options, criterion="l1")
             models[step] = result.save(Path(tmp) / f"round_to_{step}.onnx")
             widths = sorted(set(conv_channels(result.model).values()))
             rows.append(
@@ -101,10 +116,16 @@ def main() -> None:
                                 runs=args.runs,
                             ).median_ms
                             row["latency_ms"][key] = min(row["latency_ms"].get(key, median), median)
-    payload = {"machine": machine(), "settings": vars(args) | {"out": str(args.out)}, "rows": rows}
-    write_json(args.out / "round_to.json", payload)
-    write_text(args.out / "round_to.md", render(payload))
-    log.info("wrote %s", args.out / "round_to.md")
+    settings = vars(args) | {"out": str(args.out)}
+    if args.model is not None:
+        settings["title"] = f"{args.model} (random init, 3x224x224)"
+    if args.ratio is not None:
+        settings["plan"] = f"ratio={args.ratio}"
+    payload = {"machine": machine(), "settings": settings, "rows": rows}
+    stem = "round_to" if args.model is None else f"round_to_{args.model.split(':')[-1]}"
+    write_json(args.out / f"{stem}.json", payload)
+    write_text(args.out / f"{stem}.md", render(payload))
+    log.info("wrote %s", args.out / f"{stem}.md")
 
 
 if __name__ == "__main__":

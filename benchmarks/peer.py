@@ -128,9 +128,11 @@ def prune_to_macs(
     probe: Path,
     *,
     before_step: Callable[[], None] | None = None,
+    round_to: int | None = None,
 ) -> PeerPruning:
     """Step Torch-Pruning on `module` (in place) until MACs <= target x base_macs; the export lands at `probe`.
-    `before_step` runs before every step (e.g. fresh gradients for TaylorImportance)."""
+    `before_step` runs before every step (e.g. fresh gradients for TaylorImportance); `round_to` is
+    Torch-Pruning's own (kept widths in multiples of it; None: its default, any width)."""
     example = torch.zeros(1, *sample_shape)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -142,6 +144,7 @@ def prune_to_macs(
             pruning_ratio=TP_MAX_RATIO,
             iterative_steps=TP_STEPS,
             ignored_layers=[classifier(module)],
+            round_to=round_to,
         )
         for step in range(1, TP_STEPS + 1):
             if before_step is not None:
