@@ -30,7 +30,8 @@ best. "Equal latency": our measured latency <= that Torch-Pruning model's times 
 being the larger of the two models' gaps between their fastest and second-fastest round medians
 (above 5% the verdict is left open: the machine was too busy to tell).
 
-Writes results/latency_accuracy[_MODEL][_bBATCH].json and .md (no suffix: ResNet-20 at batch 1); run alone
+Writes results/latency_accuracy[_MODEL][_bBATCH][_tp_roundN].json and .md (no suffix: ResNet-20 at batch 1,
+Torch-Pruning unrounded); run alone
 on a quiet machine (ResNet-20: about 20 minutes on 2 cores):
 .venv/bin/python benchmarks/bench_latency_accuracy.py --priority
 .venv/bin/python benchmarks/bench_latency_accuracy.py --priority --model mobilenetv2 \
@@ -359,6 +360,7 @@ def main(argv: list[str] | None = None) -> int:
         "records": [],
     }
     stem = OUT + reference.suffix + (f"_b{args.batch}" if args.batch != 1 else "")
+    stem += f"_tp_round{args.tp_round_to}" if args.tp_round_to else ""
 
     def save() -> None:
         args.out.mkdir(parents=True, exist_ok=True)
