@@ -436,7 +436,8 @@ def prune(
 
 def _warn_misaligned(dep: DependencyGraph, removed: np.ndarray, round_to: int) -> None:
     """Warn when a plan leaves widths off the CPU kernels' channel blocks (the trap of a plain ratio or
-    MACs target: a 30% uniform prune of torchvision's mobilenet_v2 ran 9% slower than the original)."""
+    MACs target: a 30% uniform prune of torchvision's mobilenet_v2 ran at 0.90x the original's speed,
+    benchmarks/results/round_to_mobilenet_v2.md)."""
     if round_to % KERNEL_MULTIPLE == 0:
         return
     found = misaligned_groups(dep, removed)
