@@ -22,8 +22,7 @@ from graphprune.errors import CalibrationError, GraphPruneError, VerificationErr
 from graphprune.model_io import LoadedModel, as_loaded, clean, model_sha256, save_model
 from graphprune.planning import PlanOptions, RemovalPlanner
 from graphprune.planning.latency import LatencyModel, layer_specs
-from graphprune.planning.plan import PruningPlan
-from graphprune.planning.planner import KERNEL_MULTIPLE, misaligned_groups
+from graphprune.planning.plan import KERNEL_MULTIPLE, PruningPlan
 from graphprune.runtime.cost import CostReport, count_cost
 from graphprune.runtime.profile import LatencyTable, Timing, measure_wholes, profile_model
 from graphprune.runtime.shapes import (
@@ -401,8 +400,6 @@ def prune(
         feedback = latency.feedback if latency is not None and options.target_latency is not None else 0
         removed, criterion_report = _plan(dep, options, before, scoring, latency_model, feedback)
         settings = {k: v for k, v in vars(options).items() if v not in (None, [], False)}
-    if plan is None and latency_model is None:
-        _warn_misaligned(dep, removed, options.round_to)
     pruned = apply_removal(dep, removed)
     report = verify_pruning(dep, removed, pruned, tolerance=tolerance, threads=threads) if verify else None
     settings = {k: v for k, v in settings.items() if k != "recovery"}
@@ -420,6 +417,8 @@ def prune(
         model_sha256=sha,
         latency=_predicted(latency_model, removed),
     )
+    if plan is None and latency_model is None:
+        _warn_misaligned(new_plan, len(dep.prunable_groups), options.round_to)
     return PruneResult(
         pruned,
         new_plan,
@@ -434,20 +433,20 @@ def prune(
     )
 
 
-def _warn_misaligned(dep: DependencyGraph, removed: np.ndarray, round_to: int) -> None:
+def _warn_misaligned(plan: PruningPlan, prunable: int, round_to: int) -> None:
     """Warn when a plan leaves widths off the CPU kernels' channel blocks (the trap of a plain ratio or
     MACs target: a 30% uniform prune of torchvision's mobilenet_v2 ran at 0.90x the original's speed,
     benchmarks/results/round_to_mobilenet_v2.md)."""
     if round_to % KERNEL_MULTIPLE == 0:
         return
-    found = misaligned_groups(dep, removed)
+    found = plan.misaligned()
     if found:
         log.warning(
             "%d of %d prunable groups keep a width that is not a multiple of %d (%s%s): onnxruntime's CPU "
             "kernels run such widths on slower paths, which can leave the model slower than the original; "
             "for speed add --round-to %d (or 16), or plan with --latency-lut / --target-latency",
             len(found),
-            len(dep.prunable_groups),
+            prunable,
             KERNEL_MULTIPLE,
             ", ".join(found[:3]),
             ", ..." if len(found) > 3 else "",

@@ -9,7 +9,6 @@ from helpers import Net, init_shape
 from graphprune.api import model_cost, prune
 from graphprune.errors import PlanError
 from graphprune.planning import PlanOptions
-from graphprune.planning.planner import misaligned_groups
 
 
 def chain(widths: list[int], groups: list[int] | None = None):
@@ -105,12 +104,12 @@ def test_widths_left_off_the_kernel_blocks_are_named_and_warned_of(caplog: pytes
     model = chain([16, 20])
     with caplog.at_level("WARNING", logger="graphprune.api"):
         ragged = prune(model, PlanOptions(ratio=0.3))
-    assert misaligned_groups(ragged.dep, ragged.removed) == [f"{ragged.dep.prunable_groups[0].name}: 12/16"]
+    assert ragged.plan.misaligned() == [f"{ragged.dep.prunable_groups[0].name}: 12/16"]
     assert "1 of 2 prunable groups keep a width that is not a multiple of 8" in caplog.text
     assert "--round-to 8" in caplog.text
     caplog.clear()
     with caplog.at_level("WARNING", logger="graphprune.api"):
         rounded = prune(model, PlanOptions(ratio=0.3, round_to=8))
         prune(model, PlanOptions(ratio=0.0))
-    assert misaligned_groups(rounded.dep, rounded.removed) == []
+    assert rounded.plan.misaligned() == []
     assert "multiple of 8" not in caplog.text

@@ -17,6 +17,8 @@ from graphprune.onnxutil import atomic_write
 from graphprune.ops.atoms import Block
 
 PLAN_FORMAT = "graphprune-plan/1"
+# The channel multiple onnxruntime's CPU conv kernels compute in (NCHWc blocks of 8 or 16 channels).
+KERNEL_MULTIPLE = 8
 
 log = logging.getLogger(__name__)
 
@@ -52,6 +54,16 @@ class PruningPlan:
             if gone:
                 summary.append({"group": group.name, "channels": group.size, "removed": gone})
         return cls(remove=remove, summary=summary, **info)
+
+    def misaligned(self, multiple: int = KERNEL_MULTIPLE) -> list[str]:
+        """Pruned groups of an aligned width (a multiple of `multiple`) left at a width that is not one:
+        `name: kept/size` each.  Blocked kernels run such widths on slower paths and surround them with
+        layout reorders, so a model pruned to them can run slower than the original."""
+        return [
+            f"{entry['group']}: {entry['channels'] - entry['removed']}/{entry['channels']}"
+            for entry in self.summary
+            if entry["channels"] % multiple == 0 and (entry["channels"] - entry["removed"]) % multiple
+        ]
 
     def check_model(self, sha256: str | None, label: str, *, force: bool = False) -> None:
         """Refuse (or with `force`, warn) when the plan was made for a model other than the file whose

@@ -370,23 +370,3 @@ def predicted_macs(dep: DependencyGraph, cost: CostReport, removed: np.ndarray) 
         in_scale = kept_fraction(dep, node.input[0], keep) if mixing else 0.0
         total += mixing * in_scale * out_scale + (node_cost.macs - mixing) * out_scale
     return total
-
-
-# The channel multiple onnxruntime's CPU conv kernels compute in (NCHWc blocks of 8 or 16 channels).
-KERNEL_MULTIPLE = 8
-
-
-def misaligned_groups(
-    dep: DependencyGraph, removed: np.ndarray, multiple: int = KERNEL_MULTIPLE
-) -> list[str]:
-    """Pruned groups of an aligned width (a multiple of `multiple`) left at a width that is not one:
-    `name: kept/size` each.  Blocked kernels run such widths on slower paths and surround them with
-    layout reorders, so a model pruned to them can run slower than the original."""
-    removed_class = np.zeros(dep.roots.size, dtype=bool)
-    removed_class[dep.roots[removed]] = True
-    found = []
-    for group in dep.prunable_groups:
-        kept = group.size - int(removed_class[group.classes].sum())
-        if group.size % multiple == 0 and kept < group.size and kept % multiple:
-            found.append(f"{group.name}: {kept}/{group.size}")
-    return found
