@@ -11,13 +11,14 @@ The original is profiled once (`graphprune.api.profile_latency`: onnxruntime CPU
    recalibration (bench_recovery.recover_start);
 2. the latency to match, F: the faster Torch-Pruning model's measured latency over the original's
    (fastest round medians of twice `--rounds` interleaved rounds before planning: a median of the
-   rounds' ratios was tried and missed by more when the host's speed flipped within a round). Measured, not the table's prediction:
-   the table's staircase reads Torch-Pruning's ragged widths at the next timed width (multiples of 16
+   rounds' ratios was tried and missed by more when the host's speed flipped within a round).
+   Measured, not the table's prediction: the table's staircase reads Torch-Pruning's ragged widths at the next timed width (multiples of 16
    here), and so predicted its 30% model as slow as its 50% one where it measured a quarter faster;
    the predictions (each layer of the original at the widths a model gives it) are in the tables;
 3. graphprune, l1, each verified, then recovered by least squares (lsq) on `--calib-samples` seeded
-   training images: `--target-macs` at that Torch-Pruning model's MACs kept (rounded as it was); `--target-latency F --global
-   --objective latency`; `--target-latency F` (uniform ratio, widths snapped to the table's fast steps).
+   training images: `--target-macs` at that Torch-Pruning model's MACs kept (rounded as it was);
+   `--target-latency F --global --objective latency`; `--target-latency F` (uniform ratio, widths
+   snapped to the table's fast steps).
 
 Every model is timed in interleaved rounds (bench_latency.time_models: a latency is the fastest round's
 median). Accuracy is top-1 on the 10,000 test images without training, then after bench_recovery's
@@ -31,9 +32,8 @@ best. "Equal latency": our measured latency <= that Torch-Pruning model's times 
 being the larger of the two models' gaps between their fastest and second-fastest round medians
 (above 5% the verdict is left open: the machine was too busy to tell).
 
-Writes results/latency_accuracy[_MODEL][_bBATCH][_tp_roundN].json and .md (no suffix: ResNet-20 at batch 1,
-Torch-Pruning unrounded); run alone
-on a quiet machine (ResNet-20: about 20 minutes on 2 cores):
+Writes results/latency_accuracy[_MODEL][_bBATCH][_tp_roundN].json and .md (no suffix: ResNet-20 at
+batch 1, Torch-Pruning unrounded); run alone on a quiet machine (ResNet-20: about 20 minutes on 2 cores):
 .venv/bin/python benchmarks/bench_latency_accuracy.py --priority
 .venv/bin/python benchmarks/bench_latency_accuracy.py --priority --model mobilenetv2 \
     --baseline mobilenetv2_fmnist.onnx --tp-round-to 16

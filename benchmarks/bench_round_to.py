@@ -3,9 +3,9 @@
 onnxruntime's blocked CPU conv kernels handle 8 (AVX2) or 16 (AVX-512) channels at a time, so a pruned
 model whose widths are not multiples of the block can run slower than the original. This script prunes
 `graphprune/zoo/weights/resnet20_fmnist.onnx` with `PlanOptions(target_macs=0.5, round_to=N)` for each N
-(or `--model torchvision:NAME` at `--ratio R`: random init, 3x224x224; l1 criterion, verified), then times the original and every pruned model with onnxruntime on the CPU at
-batch 1 and 32, for each thread count, in interleaved rounds (best round kept: other jobs can only slow
-a round down). Accuracy is not measured here (the demo and `fashion_mnist.md` do that).
+(or `--model torchvision:NAME` at `--ratio R`: random init, 3x224x224; l1 criterion, verified), then
+times the original and every pruned model with onnxruntime on the CPU at batch 1 and 32, for each
+thread count, in interleaved rounds (best round kept: other jobs can only slow a round down). Accuracy is not measured here (the demo and `fashion_mnist.md` do that).
 
 Writes results/round_to.json and round_to.md (round_to_NAME.* for a torchvision model):
 .venv/bin/python benchmarks/bench_round_to.py --priority
@@ -83,9 +83,10 @@ def main() -> None:
     args = parser.parse_args()
     if args.model is not None and not args.model.startswith("torchvision:"):
         parser.error("--model takes torchvision:NAME")
+    name = None if args.model is None else args.model.removeprefix("torchvision:")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     with tempfile.TemporaryDirectory() as tmp:
-        reference = REFERENCE if args.model is None else export_model(args.model.split(":")[-1], Path(tmp))[0]
+        reference = REFERENCE if name is None else export_model(name, Path(tmp))[0]
         models: dict[int | None, Path] = {None: reference}
         original = sorted(set(conv_channels(onnx.load(str(reference))).values()))
         rows = [{"round_to": None, "widths": original, "macs_kept": 1.0}]
@@ -122,7 +123,7 @@ def main() -> None:
     if args.ratio is not None:
         settings["plan"] = f"ratio={args.ratio}"
     payload = {"machine": machine(), "settings": settings, "rows": rows}
-    stem = "round_to" if args.model is None else f"round_to_{args.model.split(':')[-1]}"
+    stem = "round_to" if name is None else f"round_to_{name}"
     write_json(args.out / f"{stem}.json", payload)
     write_text(args.out / f"{stem}.md", render(payload))
     log.info("wrote %s", args.out / f"{stem}.md")
