@@ -12,9 +12,10 @@ The original is profiled once (`graphprune.api.profile_latency`: onnxruntime CPU
 2. the latency to match, F: the faster Torch-Pruning model's measured latency over the original's
    (fastest round medians of twice `--rounds` interleaved rounds before planning: a median of the
    rounds' ratios was tried and missed by more when the host's speed flipped within a round).
-   Measured, not the table's prediction: the table's staircase reads Torch-Pruning's ragged widths at the next timed width (multiples of 16
-   here), and so predicted its 30% model as slow as its 50% one where it measured a quarter faster;
-   the predictions (each layer of the original at the widths a model gives it) are in the tables;
+   Measured, not the table's prediction: the table's staircase reads Torch-Pruning's ragged widths at
+   the next timed width (multiples of 16 here), and so predicted its 30% model as slow as its 50% one
+   where it measured a quarter faster; the predictions (each layer of the original at the widths a model
+   gives it) are in the tables;
 3. graphprune, l1, each verified, then recovered by least squares (lsq) on `--calib-samples` seeded
    training images: `--target-macs` at that Torch-Pruning model's MACs kept (rounded as it was);
    `--target-latency F --global --objective latency`; `--target-latency F` (uniform ratio, widths

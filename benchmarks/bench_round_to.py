@@ -5,7 +5,8 @@ model whose widths are not multiples of the block can run slower than the origin
 `graphprune/zoo/weights/resnet20_fmnist.onnx` with `PlanOptions(target_macs=0.5, round_to=N)` for each N
 (or `--model torchvision:NAME` at `--ratio R`: random init, 3x224x224; l1 criterion, verified), then
 times the original and every pruned model with onnxruntime on the CPU at batch 1 and 32, for each
-thread count, in interleaved rounds (best round kept: other jobs can only slow a round down). Accuracy is not measured here (the demo and `fashion_mnist.md` do that).
+thread count, in interleaved rounds (best round kept: other jobs can only slow a round down). Accuracy is
+not measured here (the demo and `fashion_mnist.md` do that).
 
 Writes results/round_to.json and round_to.md (round_to_NAME.* for a torchvision model):
 .venv/bin/python benchmarks/bench_round_to.py --priority
