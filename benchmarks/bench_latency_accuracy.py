@@ -92,6 +92,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--calib-samples", type=int, default=1024, help="images lsq / BN recovery fit on")
     parser.add_argument("--ft-samples", type=int, default=15000, help="fine-tune images (1 epoch)")
     parser.add_argument("--ft-lr", type=float, default=DEMO_FT_LR, help="fine-tune learning rate")
+    parser.add_argument(
+        "--ft-warmup", type=float, default=0.0, help="share of the fine-tune's steps ramping up to --ft-lr"
+    )
     parser.add_argument("--batch", type=int, default=1, help="images per inference (profile and timing)")
     parser.add_argument(
         "--tp-round-to", type=int, default=None, help="Torch-Pruning's round_to (default: none, any width)"
@@ -216,7 +219,7 @@ def measure_accuracy(
             }
             # one fine-tune per model: BN recalibration changes only running statistics, which the
             # fine-tune (BatchNorm in training mode) replaces, so from either start it ends the same
-            tuned, seconds = finetune(recovered, train, teacher, args.ft_lr, work)
+            tuned, seconds = finetune(recovered, train, teacher, args.ft_lr, work, args.ft_warmup)
             accuracy[f"{method} + FT"] = evaluate_onnx(tuned, test, threads=args.threads)
             log.info("%s %s: %s (%.0f s)", record["target"], start.criterion, accuracy, seconds)
             record["rows"][start.criterion] |= {
@@ -235,6 +238,7 @@ def noise(side: dict[str, object]) -> float:
 
 def render(payload: dict[str, object]) -> str:
     settings, profile, loads = payload["settings"], payload["profile"], payload["loads"]
+    warmup = f", warm-up over {settings['ft_warmup']:g} of the steps" if settings.get("ft_warmup") else ""
     title, description = reference_text(payload)
     lines = [
         *header(
@@ -250,7 +254,8 @@ def render(payload: dict[str, object]) -> str:
         f"{'at priority -20' if settings['priority'] else 'at normal priority'}; the original is timed "
         "with each target. BN recalibration changes only BatchNorm's numbers, so a Torch-Pruning model's "
         f"latency is its as-pruned model's. Calibration: {settings['calib_samples']:,} images; fine-tune: "
-        f"{settings['ft_samples']:,} images at lr {settings.get('ft_lr', DEMO_FT_LR)}.\n",
+        f"{settings['ft_samples']:,} images at lr {settings.get('ft_lr', DEMO_FT_LR)}"
+        f"{warmup}.\n",
         f"Load average (1, 5, 15 min) after the profile: {loads.get('profile')}; after timing: "
         f"{loads.get('timing')}; after the accuracies and fine-tunes: {loads.get('accuracy', 'not run')}.\n",
     ]

@@ -317,15 +317,22 @@ def finetune_rows(
 
 
 def finetune(
-    model: onnx.ModelProto, train: ArrayDataset, teacher: OnnxTeacher | None, lr: float, work: Path
+    model: onnx.ModelProto,
+    train: ArrayDataset,
+    teacher: OnnxTeacher | None,
+    lr: float,
+    work: Path,
+    warmup: float = 0.0,
 ) -> tuple[onnx.ModelProto, float]:
     """`model` folded back to torch (checked equal to its graph), fine-tuned on `train` for 1 epoch at
-    `lr` (cosine, the demo's schedule, on the CPU; distilled from `teacher` when given) and re-exported;
-    and the fine-tune's seconds."""
+    `lr` (cosine, the demo's schedule, ramped up over the `warmup` share of the steps; on the CPU;
+    distilled from `teacher` when given) and re-exported; and the fine-tune's seconds."""
     module = onnx_to_module(model)
     verify_foldback(module, model)
     clock = time.perf_counter()
-    config = TrainConfig(epochs=1, lr=lr, schedule="cosine", seed=0, device="cpu", progress=False)
+    config = TrainConfig(
+        epochs=1, lr=lr, schedule="cosine", seed=0, device="cpu", progress=False, warmup=warmup
+    )
     fit(module, train, None, config, teacher=teacher)
     tuned = export_trained(module, work / "finetuned.onnx", train.sample_shape)
     return tuned, round(time.perf_counter() - clock, 1)

@@ -23,6 +23,7 @@ from graphprune.torch_bridge.train import (
     checkpoint_path,
     evaluate,
     fit,
+    make_scheduler,
 )
 
 
@@ -181,6 +182,32 @@ def test_config_is_validated(train_set: ArrayDataset) -> None:
         fit(tiny_cnn(), train_set, None, _config(resume=True))
 
 
+@pytest.mark.parametrize("schedule", ["cosine", "constant"])
+def test_warmup_ramps_the_learning_rate_up_then_follows_the_schedule(schedule: str) -> None:
+    """A freshly pruned network can diverge at its first full-rate steps: the ramp starts at lr / steps."""
+
+    def rates(warmup: float) -> list[float]:
+        optimizer = torch.optim.SGD(nn.Linear(2, 2).parameters(), lr=0.1)
+        scheduler = make_scheduler(optimizer, _config(schedule=schedule, warmup=warmup), 20)
+        seen = []
+        for _ in range(20):
+            seen.append(optimizer.param_groups[0]["lr"])
+            optimizer.step()
+            scheduler.step()
+        return seen
+
+    plain, warm = rates(0.0), rates(0.2)
+    assert warm[:4] == pytest.approx([0.1 * k / 4 * plain[k - 1] / 0.1 for k in range(1, 5)])
+    assert warm[4:] == pytest.approx(plain[4:])
+    assert plain[0] == pytest.approx(0.1)
+
+
+def test_warmup_is_validated(train_set: ArrayDataset) -> None:
+    for bad in ({"warmup": 1.0}, {"warmup": -0.1}, {"warmup": 0.1, "schedule": "one-cycle"}):
+        with pytest.raises(GraphPruneError, match="Warm-up"):
+            fit(tiny_cnn(), train_set, None, _config(**bad))
+
+
 def _cli(*argv: str) -> int:
     """Run a training command through a parser holding only what cli_train registers."""
     import argparse
@@ -202,7 +229,7 @@ def test_cli_train_prune_finetune_resume_eval(tmp_path: Path, capsys: pytest.Cap
     assert _cli("train", "--model", "resnet20", "-o", str(base), *data) == 0
     assert (tmp_path / "base.ckpt" / "last.pt").is_file()
     prune(base, PlanOptions(ratio=0.5)).save(pruned)
-    assert _cli("finetune", str(pruned), "-o", str(tuned), *data) == 0
+    assert _cli("finetune", str(pruned), "-o", str(tuned), *data, "--warmup", "0.1") == 0
     first = tuned.read_bytes()
     capsys.readouterr()
     assert _cli("finetune", str(pruned), "-o", str(tuned), *data, "--resume") == 0

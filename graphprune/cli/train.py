@@ -75,6 +75,12 @@ def _training_arguments(p: argparse.ArgumentParser, *, epochs: int, lr: float, s
         choices=("cosine", "one-cycle", "constant"),
         help="learning-rate schedule",
     )
+    p.add_argument(
+        "--warmup",
+        type=float,
+        default=0.0,
+        help="share of the steps over which cosine / constant ramp up to --lr (e.g. 0.1 for a pruned model)",
+    )
     p.add_argument("--momentum", type=float, default=0.9, help="SGD momentum")
     p.add_argument("--no-nesterov", action="store_true", help="plain momentum instead of Nesterov's")
     p.add_argument("--weight-decay", type=float, default=5e-4, help="L2 weight decay")
@@ -115,6 +121,7 @@ def _config(args: argparse.Namespace, model_sha256: str | None = None) -> TrainC
         model_sha256=model_sha256,
         kd_weight=args.kd_weight,
         kd_temperature=args.kd_temperature,
+        warmup=args.warmup,
     )
 
 

@@ -97,6 +97,8 @@ class TrainConfig:
 
     `model_sha256` names the ONNX model a fine-tune started from (a resumed run must start from the same);
     `kd_weight` and `kd_temperature` shape the distillation loss when `fit` is given a teacher.
+    `warmup` is the share of steps over which a cosine or constant schedule ramps linearly up to `lr`
+    (a freshly pruned network can diverge at its first full-rate steps; one-cycle ramps by itself).
     """
 
     epochs: int = 10
@@ -116,6 +118,7 @@ class TrainConfig:
     model_sha256: str | None = None
     kd_weight: float = 0.5
     kd_temperature: float = 4.0
+    warmup: float = 0.0
 
     def validate(self) -> None:
         """Raise GraphPruneError on settings that cannot train."""
@@ -137,6 +140,11 @@ class TrainConfig:
             raise GraphPruneError(
                 f"Distillation needs 0 <= kd_weight <= 1 and kd_temperature > 0, got kd_weight={self.kd_weight} "
                 f"kd_temperature={self.kd_temperature}; fix the distillation settings."
+            )
+        if not 0.0 <= self.warmup < 1.0 or (self.warmup and self.schedule == "one-cycle"):
+            raise GraphPruneError(
+                f"Warm-up must be a share of the steps in [0, 1) with a cosine or constant schedule, got "
+                f"warmup={self.warmup} with {self.schedule} (one-cycle warms up by itself)."
             )
         if self.resume and self.checkpoint_dir is None:
             raise GraphPruneError("Resuming needs a checkpoint directory; pass checkpoint_dir.")
@@ -349,7 +357,8 @@ def make_optimizer(
 def make_scheduler(
     optimizer: torch.optim.Optimizer, config: TrainConfig, total_steps: int
 ) -> torch.optim.lr_scheduler.LRScheduler:
-    """A per-step schedule: cosine from lr to 0, one-cycle peaking at lr, or constant."""
+    """A per-step schedule: cosine from lr to 0, one-cycle peaking at lr, or constant; the first
+    `config.warmup` share of the steps of cosine or constant ramps linearly from lr / steps up to lr."""
     if config.schedule == "one-cycle":
         return torch.optim.lr_scheduler.OneCycleLR(
             optimizer,
@@ -359,11 +368,15 @@ def make_scheduler(
             base_momentum=min(0.85, config.momentum),
             max_momentum=config.momentum,
         )
-    if config.schedule == "cosine":
-        return torch.optim.lr_scheduler.LambdaLR(
-            optimizer, lambda step: 0.5 * (1.0 + math.cos(math.pi * min(step, total_steps) / total_steps))
-        )
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+    ramp = max(1, round(config.warmup * total_steps))
+
+    def factor(step: int) -> float:
+        warm = min(1.0, (step + 1) / ramp)
+        if config.schedule == "cosine":
+            return warm * 0.5 * (1.0 + math.cos(math.pi * min(step, total_steps) / total_steps))
+        return warm
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
 # Checkpoints -------------------------------------------------------------------------------------
