@@ -79,7 +79,7 @@ def _training_arguments(p: argparse.ArgumentParser, *, epochs: int, lr: float, s
         "--warmup",
         type=float,
         default=0.0,
-        help="share of the steps over which cosine / constant ramp up to --lr (e.g. 0.1 for a pruned model)",
+        help="share of the steps over which cosine / constant ramp up to --lr (e.g. 0.1; default none)",
     )
     p.add_argument("--momentum", type=float, default=0.9, help="SGD momentum")
     p.add_argument("--no-nesterov", action="store_true", help="plain momentum instead of Nesterov's")

@@ -358,7 +358,8 @@ def make_scheduler(
     optimizer: torch.optim.Optimizer, config: TrainConfig, total_steps: int
 ) -> torch.optim.lr_scheduler.LRScheduler:
     """A per-step schedule: cosine from lr to 0, one-cycle peaking at lr, or constant; the first
-    `config.warmup` share of the steps of cosine or constant ramps linearly from lr / steps up to lr."""
+    `config.warmup` share of the steps of cosine or constant ramps linearly up to lr (its first step at
+    lr divided by the ramp's length in steps)."""
     if config.schedule == "one-cycle":
         return torch.optim.lr_scheduler.OneCycleLR(
             optimizer,
