@@ -19,7 +19,7 @@ The original is profiled once (`graphprune.api.profile_latency`: onnxruntime CPU
 3. graphprune, l1, each verified, then recovered by least squares (lsq) on `--calib-samples` seeded
    training images: `--target-macs` at that Torch-Pruning model's MACs kept (rounded as it was);
    `--target-latency F --global --objective latency`; `--target-latency F` (uniform ratio, widths
-   snapped to the table's fast steps).
+   snapped to the table's fast steps); both latency plans with `--max-ratio` (default prune's 0.9).
 
 Every model is timed in interleaved rounds (bench_latency.time_models: a latency is the fastest round's
 median). Accuracy is top-1 on the 10,000 test images without training, then after bench_recovery's
@@ -94,6 +94,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--ft-lr", type=float, default=DEMO_FT_LR, help="fine-tune learning rate")
     parser.add_argument(
         "--ft-warmup", type=float, default=0.0, help="share of the fine-tune's steps ramping up to --ft-lr"
+    )
+    parser.add_argument(
+        "--max-ratio",
+        type=float,
+        default=PlanOptions().max_ratio,
+        help="largest share of a group the latency plans may remove (prune's --max-ratio)",
     )
     parser.add_argument("--batch", type=int, default=1, help="images per inference (profile and timing)")
     parser.add_argument(
@@ -173,8 +179,13 @@ def plan_target(
             PlanOptions(target_macs=rows[anchor]["macs_kept"], round_to=args.tp_round_to or 1),
             None,
         ),
-        GLOBAL: (PlanOptions(target_latency=fraction, global_ranking=True, objective="latency"), table),
-        UNIFORM: (PlanOptions(target_latency=fraction), table),
+        GLOBAL: (
+            PlanOptions(
+                target_latency=fraction, global_ranking=True, objective="latency", max_ratio=args.max_ratio
+            ),
+            table,
+        ),
+        UNIFORM: (PlanOptions(target_latency=fraction, max_ratio=args.max_ratio), table),
     }
     for key, (options, lut) in plans.items():
         try:
