@@ -184,7 +184,8 @@ def test_config_is_validated(train_set: ArrayDataset) -> None:
 
 @pytest.mark.parametrize("schedule", ["cosine", "constant"])
 def test_warmup_ramps_the_learning_rate_up_then_follows_the_schedule(schedule: str) -> None:
-    """A freshly pruned network can diverge at its first full-rate steps: the ramp starts at lr / steps."""
+    """A freshly pruned network can diverge at its first full-rate steps: over the first 4 of 20 steps
+    the rate is k/4 of the plain schedule's, then the plain schedule's."""
 
     def rates(warmup: float) -> list[float]:
         optimizer = torch.optim.SGD(nn.Linear(2, 2).parameters(), lr=0.1)
@@ -197,7 +198,7 @@ def test_warmup_ramps_the_learning_rate_up_then_follows_the_schedule(schedule: s
         return seen
 
     plain, warm = rates(0.0), rates(0.2)
-    assert warm[:4] == pytest.approx([0.1 * k / 4 * plain[k - 1] / 0.1 for k in range(1, 5)])
+    assert warm[:4] == pytest.approx([k / 4 * plain[k - 1] for k in range(1, 5)])
     assert warm[4:] == pytest.approx(plain[4:])
     assert plain[0] == pytest.approx(0.1)
 
@@ -229,6 +230,9 @@ def test_cli_train_prune_finetune_resume_eval(tmp_path: Path, capsys: pytest.Cap
     assert _cli("train", "--model", "resnet20", "-o", str(base), *data) == 0
     assert (tmp_path / "base.ckpt" / "last.pt").is_file()
     prune(base, PlanOptions(ratio=0.5)).save(pruned)
+    with pytest.raises(GraphPruneError, match="Warm-up"):  # --warmup reaches the training settings
+        _cli("finetune", str(pruned), "-o", str(tuned), *data, "--warmup", "1.5")
+    assert not tuned.exists()
     assert _cli("finetune", str(pruned), "-o", str(tuned), *data, "--warmup", "0.1") == 0
     first = tuned.read_bytes()
     capsys.readouterr()
