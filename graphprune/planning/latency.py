@@ -359,21 +359,31 @@ def _kept(classes: np.ndarray | None, removed_class: np.ndarray, channels: int) 
 
 def allocate(planner: Planner, model: LatencyModel, target_ms: float) -> dict[int, int]:
     """Per-group removal counts that bring the predicted latency to `target_ms`, taking at each step the
-    move (one group down to its next allowed width) that loses the least normalised importance per
-    millisecond saved.  The counts are estimates on the importance order; the caller checks the plan."""
+    move (one group down to its next allowed width) that loses the least importance per millisecond
+    saved.  A channel's importance is its normalised score times the number of weighted layers it
+    lives in: the milliseconds a move saves are summed over those layers, so its loss is too (HALP
+    sums a group's importance over its layers likewise); otherwise a residual trunk, whose channel
+    feeds and leaves several blocks' convs, looks several times cheaper per ms than it is and is cut
+    to the bone first.  The counts are estimates on the importance order; the caller checks the plan."""
     dep = planner.dep
     groups = {g.index: g for g in planner.groups}
     rank = np.full(dep.roots.size, np.iinfo(np.int64).max, dtype=np.int64)
-    loss: dict[int, np.ndarray] = {}
+    ranked_scores: dict[int, np.ndarray] = {}
     for group in groups.values():
         ranked, normalised = planner.ranked(group)
         rank[ranked] = np.arange(ranked.size)
-        loss[group.index] = np.concatenate([[0.0], np.cumsum(normalised)])
+        ranked_scores[group.index] = normalised
     dims = [_Dims(cost, dep, rank) for cost in model.costs]
     by_group: dict[int, list[int]] = {}
     for index, dim in enumerate(dims):
         for group in dim.groups():
             by_group.setdefault(group, []).append(index)
+    # the weighted layers (convs, Gemms, MatMuls) that read or write each group's channels
+    spanned = {g: sum(isinstance(dims[i].cost, _Layer) for i in by_group.get(g, [])) for g in groups}
+    loss = {
+        index: np.concatenate([[0.0], np.cumsum(scores)]) * max(1, spanned[index])
+        for index, scores in ranked_scores.items()
+    }
     removed = dict.fromkeys(groups, 0)
     layer_ms = [dim.latency(removed) for dim in dims]
     total = model.whole_ms(sum(layer_ms))
