@@ -5,13 +5,14 @@ Per torchvision model (random init, 3x224x224, exported with BatchNorm kept) and
 1. `graphprune profile` (the latency table, its time and how well the layers' sum predicts the whole);
 2. Torch-Pruning at `--ratio` (MetaPruner, L1, classifier kept), exported: its MACs kept is the anchor;
 3. graphprune `--target-macs` at Torch-Pruning's MACs (L1, local; usually the very same widths);
-4. graphprune `--target-latency F --global --objective latency` twice: with F at (3)'s measured share
-   of the original's latency ("equal latency": more MACs kept is better), and with F bisected until the
-   MACs kept match Torch-Pruning's ("same MACs": more speed-up is better);
+4. graphprune `--global --objective latency` (HALP-like: channels go where they save the most ms per
+   unit of importance) twice: `--target-latency F` with F at (3)'s measured share of the original's
+   latency ("equal latency": more MACs kept is better), and `--target-macs` at Torch-Pruning's MACs
+   ("same MACs": more speed-up is better);
 5. graphprune `--target-latency F` (uniform ratio, widths snapped to the table's fast steps) at (4)'s F.
 
-Latency-targeted plans (4 and 5) are timed whole and planned again on the measured latency
-(`--latency-feedback 2`, the default, in every step of the bisection too). "Table error" is the
+Latency-targeted plans are timed whole and planned again on the measured latency
+(`--latency-feedback 2`, the default); the same-MACs plan needs no timing, its budget being exact. "Table error" is the
 table's own prediction (before any feedback) against the measured latency; "pred. error" is what the
 plan records after feedback.
 
@@ -62,7 +63,7 @@ LABELS = {
     "torch_pruning": "Torch-Pruning ratio {ratio}",
     "target_macs": "graphprune --target-macs (TP's MACs)",
     "latency_equal": "--target-latency --objective latency (equal latency)",
-    "latency_same_macs": "--target-latency --objective latency (same MACs)",
+    "latency_same_macs": "--target-macs --global --objective latency (TP's MACs)",
     "latency_uniform": "--target-latency, uniform, snapped",
 }
 
@@ -140,30 +141,6 @@ def ours(original: Path, options: PlanOptions, table: LatencyTable | None) -> ap
     return api.prune(original, options, criterion="l1", latency=latency)
 
 
-def same_macs(original: Path, table: LatencyTable, macs_kept: float, steps: int = 7) -> api.PruneResult:
-    """The HALP-style plan of the largest latency fraction (bisected) that keeps at most `macs_kept` of
-    the MACs: the bisection's own plan, since planning again at its fraction would time its feedback
-    again and need not land on the same MACs."""
-    low, high, best = 0.05, 1.0, None
-    for _ in range(steps):
-        middle = (low + high) / 2
-        options = PlanOptions(target_latency=middle, global_ranking=True, objective="latency")
-        try:
-            result = ours(original, options, table)
-        except GraphPruneError:
-            low = middle
-            continue
-        if result.after.macs / result.before.macs <= macs_kept:
-            low, best = middle, result
-        else:
-            high = middle
-    if best is None:
-        raise GraphPruneError(
-            f"no latency fraction in the bisection kept at most {macs_kept:.3f} of the MACs"
-        )
-    return best
-
-
 def plan_models(name: str, batch: int, work: Path, args: argparse.Namespace) -> tuple[dict, dict[str, Path]]:
     """Profile, prune every row, verify; returns the record and the models to time."""
     record: dict[str, object] = {"model": name, "batch": batch, "failures": []}
@@ -207,11 +184,8 @@ def plan_models(name: str, batch: int, work: Path, args: argparse.Namespace) -> 
     )
     equal = min(1.0, macs_ms / original_ms)
     results = {"target_macs": target_macs}
-    try:
-        results["latency_same_macs"] = same_macs(original, table, tp_kept)
-    except GraphPruneError as exc:
-        sides["latency_same_macs"] = {"failure": str(exc)}
     plans = {
+        "latency_same_macs": PlanOptions(target_macs=tp_kept, global_ranking=True, objective="latency"),
         "latency_equal": PlanOptions(target_latency=equal, global_ranking=True, objective="latency"),
         "latency_uniform": PlanOptions(target_latency=equal),
     }

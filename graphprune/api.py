@@ -389,7 +389,7 @@ def prune(
     before = count_cost(dep.model, dep.shapes)
     criterion_report = None
     options = options or PlanOptions(ratio=0.5)
-    if latency is None and plan is None and options.target_latency is not None:
+    if latency is None and plan is None and options.needs_latency:
         latency = LatencySource(threads=threads)
     latency_model = _latency_model(dep, latency, sha) if latency is not None else None
     if plan is not None:

@@ -26,7 +26,9 @@ from graphprune.api import LatencySource, analyze_model
 from graphprune.onnxutil import sha256_file
 from graphprune.planning import Planner, PlanOptions
 from graphprune.planning.latency import LatencyModel, layer_specs
+from graphprune.planning.planner import predicted_macs
 from graphprune.runtime import profile
+from graphprune.runtime.cost import count_cost
 from graphprune.runtime.profile import (
     WEIGHTED_KERNELS,
     LatencyTable,
@@ -74,9 +76,11 @@ def kept_widths(model: onnx.ModelProto) -> tuple[int, int]:
     return init_shape(model, "conv1.w")[0], init_shape(model, "conv4.w")[0]
 
 
+@pytest.mark.parametrize("budget", ["latency", "macs"])
 @pytest.mark.parametrize("expensive", ["first", "second"])
-def test_latency_objective_prunes_where_latency_is_saved(expensive: str) -> None:
-    """Equal importance everywhere: HALP's greedy takes channels where they save the most ms."""
+def test_latency_objective_prunes_where_latency_is_saved(expensive: str, budget: str) -> None:
+    """Equal importance everywhere: HALP's greedy takes channels where they save the most ms, under a
+    latency budget or a MACs budget alike (each conv of the chain does about as many MACs per channel)."""
     heavy, light = linear(1.0), linear(0.01)
     costs = {(8, 16): heavy, (16, 24): light, (24, 6): light}
     if expensive == "second":
@@ -85,15 +89,23 @@ def test_latency_objective_prunes_where_latency_is_saved(expensive: str) -> None
     table = fake_table(model, costs)
     dep = analyze_model(model)
     latency = LatencyModel(dep, table)
+    cost = count_cost(dep.model, dep.shapes)
     scores = {g.index: np.ones(g.size) for g in dep.prunable_groups}
-    options = PlanOptions(target_latency=0.6, global_ranking=True, objective="latency")
-    removed = Planner(dep, scores, options, latency).plan()
-    assert latency.predict(removed) <= 0.6 * table.end_to_end_ms
+    target = {"target_latency": 0.6} if budget == "latency" else {"target_macs": 0.6}
+
+    def within(removed: np.ndarray) -> bool:
+        if budget == "latency":
+            return latency.predict(removed) <= 0.6 * table.end_to_end_ms
+        return predicted_macs(dep, cost, removed) <= 0.6 * cost.macs
+
+    options = PlanOptions(**target, global_ranking=True, objective="latency")
+    removed = Planner(dep, scores, options, latency).plan(cost)
+    assert within(removed)
     first, second = (int(removed[b.start : b.start + b.size].sum()) for b in dep.table.blocks[:2])
     assert (first > second) if expensive == "first" else (second > first), (first, second)
-    # the plain global ranking removes by score alone: equal scores, equal shares
-    by_count = Planner(dep, scores, PlanOptions(target_latency=0.6, global_ranking=True), latency).plan()
-    assert latency.predict(by_count) <= 0.6 * table.end_to_end_ms
+    # the plain global ranking removes by score alone (and its widths still snap to the table's steps)
+    by_count = Planner(dep, scores, PlanOptions(**target, global_ranking=True), latency).plan(cost)
+    assert within(by_count)
 
 
 def residual() -> onnx.ModelProto:
@@ -216,6 +228,11 @@ def test_latency_targeted_plans_are_verified_and_record_the_prediction(tmp_path:
         assert recorded["predicted_ms"] <= 0.5 * table.end_to_end_ms
         result.plan.save(tmp_path / "p.json")
         assert json.loads((tmp_path / "p.json").read_text())["latency"] == recorded
+    # a MACs budget spent by latency saved: verified too, and it records what it predicts
+    options = PlanOptions(target_macs=0.5, global_ranking=True, objective="latency")
+    result = prune_checked(model, options, latency=LatencySource(table, feedback=0))
+    assert result.after.macs <= 0.5 * result.before.macs
+    assert result.plan.latency["predicted_ms"] < table.end_to_end_ms
 
 
 @pytest.mark.parametrize("truth", [1.0, 1.5])
@@ -387,6 +404,19 @@ def test_tables_of_other_models_or_providers_are_refused_in_one_line(tmp_path: P
     assert numbers["before"]["predicted_ms"] == pytest.approx(8 * 16 + 16 * 24 + 24 * 6)
     assert numbers["after"]["predicted_ms"] <= 0.5 * numbers["before"]["predicted_ms"]
     assert numbers["after"]["latency_ms"] > 0 and numbers["verification"]["max_rel_error"] < 1e-4
+    by_macs = [
+        "--target-macs",
+        "0.5",
+        "--global",
+        "--objective",
+        "latency",
+        "--latency-lut",
+        tmp_path / "own.json",
+    ]
+    done = run_cli("prune", path, "-o", tmp_path / "macs.onnx", *by_macs, "--json")
+    assert done.returncode == 0, done.stderr
+    numbers = json.loads(done.stdout)
+    assert numbers["after"]["macs"] <= 0.5 * numbers["before"]["macs"]
     assert "objective latency" in one_line_error(
         run_cli("prune", path, "-o", tmp_path / "o.onnx", "--ratio", "0.5", "--objective", "latency")
     )

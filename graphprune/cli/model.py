@@ -81,7 +81,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
     if args.criterion == "blend" and args.blend_report is None:
         args.blend_report = str(output.with_suffix(".blend"))
     latency = None
-    if args.latency_lut or (options is not None and options.target_latency is not None):
+    if args.latency_lut or (options is not None and options.needs_latency):
         from graphprune.api import LatencySource
 
         latency = LatencySource(
@@ -388,7 +388,8 @@ def register(sub: argparse._SubParsersAction) -> None:
         "--objective",
         default="channels",
         choices=("channels", "latency"),
-        help="--global ranks channels by score (channels) or by score per ms saved (latency, HALP-like)",
+        help="--global ranks channels by score (channels) or by score per ms saved (latency, HALP-like; "
+        "with --target-latency or --target-macs, profiling the model when no --latency-lut is given)",
     )
     p.add_argument("--latency-lut", help="latency table from graphprune profile (default: profile now)")
     p.add_argument(

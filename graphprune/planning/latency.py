@@ -357,14 +357,16 @@ def _kept(classes: np.ndarray | None, removed_class: np.ndarray, channels: int) 
     return max(1, round(channels * (1.0 - removed_class[classes].mean())))
 
 
-def allocate(planner: Planner, model: LatencyModel, target_ms: float) -> dict[int, int]:
-    """Per-group removal counts that bring the predicted latency to `target_ms`, taking at each step the
-    move (one group down to its next allowed width) that loses the least importance per millisecond
-    saved.  A channel's importance is its normalised score times the number of weighted layers it
-    lives in: the milliseconds a move saves are summed over those layers, so its loss is too (HALP
-    sums a group's importance over its layers likewise); otherwise a residual trunk, whose channel
+def allocation_path(planner: Planner, model: LatencyModel) -> list[dict[int, int]]:
+    """Per-group removal counts after each step of a greedy that takes the move (one group down to its
+    next allowed width) losing the least importance per millisecond saved, from nothing removed until
+    no move is left.  A channel's importance is its normalised score times the number of weighted
+    layers it lives in: the milliseconds a move saves are summed over those layers, so its loss is too
+    (HALP sums a group's importance over its layers likewise); otherwise a residual trunk, whose channel
     feeds and leaves several blocks' convs, looks several times cheaper per ms than it is and is cut
-    to the bone first.  The counts are estimates on the importance order; the caller checks the plan."""
+    to the bone first.  The path depends on neither the target nor the whole-model timings (they only
+    rescale the sum of the layers' times), so a latency or a MACs budget picks a point on it; the
+    counts are estimates on the importance order, and the caller checks the plan."""
     dep = planner.dep
     groups = {g.index: g for g in planner.groups}
     rank = np.full(dep.roots.size, np.iinfo(np.int64).max, dtype=np.int64)
@@ -386,7 +388,6 @@ def allocate(planner: Planner, model: LatencyModel, target_ms: float) -> dict[in
     }
     removed = dict.fromkeys(groups, 0)
     layer_ms = [dim.latency(removed) for dim in dims]
-    total = model.whole_ms(sum(layer_ms))
     options = {i: planner.allowed(g) for i, g in groups.items()}
 
     def move(index: int) -> tuple[float, int, list[float]] | None:
@@ -408,21 +409,19 @@ def allocate(planner: Planner, model: LatencyModel, target_ms: float) -> dict[in
         return None
 
     moves = {i: move(i) for i in groups}
-    while total > target_ms:
-        ready = {i: m for i, m in moves.items() if m is not None}
-        if not ready:
-            break
+    path = [dict(removed)]
+    while ready := {i: m for i, m in moves.items() if m is not None}:
         index = min(ready, key=lambda i: ready[i][0])
         _, count, times = ready[index]
         removed[index] = count
+        path.append(dict(removed))
         for i, t in zip(by_group.get(index, []), times, strict=True):
             layer_ms[i] = t
-        total = model.whole_ms(sum(layer_ms))
         touched = {g for i in by_group.get(index, []) for g in dims[i].groups()} | {index}
         for group in touched & moves.keys():
             moves[group] = move(group)
-    log.debug("latency allocation: predicted %.3f ms for a target of %.3f ms", total, target_ms)
-    return removed
+    log.debug("latency allocation: %d moves, predicted %.3f ms at the end", len(path) - 1, sum(layer_ms))
+    return path
 
 
 class _Dims:

@@ -13,7 +13,7 @@ import numpy as np
 from graphprune.analysis.graph import DependencyGraph, Group
 from graphprune.criteria.normalize import NORMALIZATIONS, normalize
 from graphprune.errors import PlanError
-from graphprune.planning.latency import LatencyModel, allocate
+from graphprune.planning.latency import LatencyModel, allocation_path
 from graphprune.runtime.cost import CostReport
 
 log = logging.getLogger(__name__)
@@ -36,6 +36,11 @@ class PlanOptions:
     exclude: list[str] = field(default_factory=list)
     normalize: str = "mean"
 
+    @property
+    def needs_latency(self) -> bool:
+        """Whether planning needs a latency table: a latency target, or latency as the objective."""
+        return self.target_latency is not None or self.objective == "latency"
+
     def validate(self) -> None:
         if sum(x is not None for x in (self.ratio, self.target_macs, self.target_latency)) != 1:
             raise PlanError("give exactly one of --ratio, --target-macs or --target-latency.")
@@ -47,9 +52,10 @@ class PlanOptions:
             raise PlanError(f"--target-latency must be in (0, 1], got {self.target_latency}.")
         if self.objective not in OBJECTIVES:
             raise PlanError(f"unknown objective {self.objective!r}; choose one of {', '.join(OBJECTIVES)}.")
-        if self.objective == "latency" and not (self.global_ranking and self.target_latency is not None):
+        if self.objective == "latency" and not (self.global_ranking and self.ratio is None):
             raise PlanError(
-                "--objective latency allocates a latency budget across groups: add --global and --target-latency."
+                "--objective latency allocates a budget across groups by latency saved: add --global and "
+                "--target-latency or --target-macs."
             )
         if not 0.0 < self.max_ratio < 1.0:
             raise PlanError(f"--max-ratio must be in (0, 1), got {self.max_ratio}.")
@@ -269,8 +275,9 @@ class Planner:
 
     def plan(self, cost: CostReport | None = None) -> np.ndarray:
         """The removal mask for the options: the ratio as given; for a MACs or latency target, the
-        largest shared ratio that meets it (bisection), or with --objective latency the greedy
-        allocation by importance per millisecond; then hand back what the rounding overshot."""
+        largest shared ratio that meets it (bisection), or with --objective latency the first point of
+        the greedy allocation by importance per millisecond that meets it; then hand back what the
+        rounding overshot."""
         counts_for = self.global_counts if self.options.global_ranking else self.local_counts
         if self.options.ratio is not None:
             return self.removal(counts_for(self.options.ratio))
@@ -318,18 +325,19 @@ class Planner:
         return model.predict, self._fraction() * model.original_ms, "latency"
 
     def _allocated(self, measure: Callable[[np.ndarray], float], target: float) -> dict[int, int]:
-        """Greedy allocation; the allocator estimates widths from the importance order, so when the
-        checked plan (grouped-conv parts, emptied layers given back) misses, aim lower and retry."""
+        """The earliest point of the greedy allocation path whose checked plan (grouped-conv parts,
+        emptied layers given back) meets the target, found by bisection: the path only removes, so the
+        budget's measure falls along it.  The path's end when no point meets it (plan() refuses)."""
         assert self.latency is not None
-        aim = target
-        counts = allocate(self, self.latency, aim)
-        for _ in range(4):
-            reached = measure(self.removal(counts))
-            if reached <= target:
-                break
-            aim *= target / reached
-            counts = allocate(self, self.latency, aim)
-        return counts
+        path = allocation_path(self, self.latency)
+        low, high = 0, len(path) - 1
+        while low < high:
+            middle = (low + high) // 2
+            if measure(self.removal(path[middle])) <= target:
+                high = middle
+            else:
+                low = middle + 1
+        return path[low]
 
     def _give_back(
         self, counts: dict[int, int], measure: Callable[[np.ndarray], float], target: float
