@@ -66,6 +66,15 @@ LABELS = {
     "latency_same_macs": "--target-macs --global --objective latency (TP's MACs)",
     "latency_uniform": "--target-latency, uniform, snapped",
 }
+# records of the planner before 2026-12-07 made the same-MACs plan by bisecting latency fractions
+BISECTED_SAME_MACS = "--target-latency --objective latency (bisected to TP's MACs)"
+
+
+def row_label(key: str, side: dict, ratio: float) -> str:
+    """A row's label, as the record's settings say it was planned."""
+    if key == "latency_same_macs" and "target_latency" in side.get("settings", {}):
+        return BISECTED_SAME_MACS
+    return LABELS[key].format(ratio=ratio)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -281,16 +290,16 @@ def render(payload: dict[str, object]) -> str:
             f"rounds of {timing['runs']} runs, {timing['date']}; load {loads}; the original timed "
             f"{100 * (rows['original']['latency_ms'] / profile['end_to_end_ms'] - 1):+.0f}% against its profile)\n"
         )
-        table = []
+        table, ratio = [], payload["settings"]["ratio"]
         for key in ROWS:
             side = rows[key]
             if "failure" in side:
-                table.append([LABELS[key], f"failed: {side['failure']}", "", "", "", "", "", ""])
+                table.append([LABELS[key].format(ratio=ratio), f"failed: {side['failure']}", "", "", "", "", "", ""])
                 continue
             predicted = side.get("predicted_ms")
             table.append(
                 [
-                    LABELS[key].format(ratio=payload["settings"]["ratio"]),
+                    row_label(key, side, ratio),
                     f"{side['macs_kept']:.3f}",
                     f"{predicted:.2f}" if predicted is not None else "-",
                     f"{side['latency_ms']:.2f}",
