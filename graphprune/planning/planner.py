@@ -327,7 +327,7 @@ class Planner:
     def _allocated(self, measure: Callable[[np.ndarray], float], target: float) -> dict[int, int]:
         """The earliest point of the greedy allocation path whose checked plan (grouped-conv parts,
         emptied layers given back) meets the target, found by bisection: the path only removes, so the
-        budget's measure falls along it.  The path's end when no point meets it (plan() refuses)."""
+        budget's measure falls along it.  When no point meets it, the path's end (which plan() refuses)."""
         assert self.latency is not None
         path = allocation_path(self, self.latency)
         low, high = 0, len(path) - 1
