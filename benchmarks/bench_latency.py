@@ -294,7 +294,9 @@ def render(payload: dict[str, object]) -> str:
         for key in ROWS:
             side = rows[key]
             if "failure" in side:
-                table.append([LABELS[key].format(ratio=ratio), f"failed: {side['failure']}", "", "", "", "", "", ""])
+                table.append(
+                    [LABELS[key].format(ratio=ratio), f"failed: {side['failure']}", "", "", "", "", "", ""]
+                )
                 continue
             predicted = side.get("predicted_ms")
             table.append(
