@@ -295,7 +295,7 @@ def render(payload: dict[str, object]) -> str:
             side = rows[key]
             if "failure" in side:
                 table.append(
-                    [LABELS[key].format(ratio=ratio), f"failed: {side['failure']}", "", "", "", "", "", ""]
+                    [row_label(key, side, ratio), f"failed: {side['failure']}", "", "", "", "", "", ""]
                 )
                 continue
             predicted = side.get("predicted_ms")

@@ -420,7 +420,9 @@ def allocation_path(planner: Planner, model: LatencyModel) -> list[dict[int, int
         touched = {g for i in by_group.get(index, []) for g in dims[i].groups()} | {index}
         for group in touched & moves.keys():
             moves[group] = move(group)
-    log.debug("latency allocation: %d moves, predicted %.3f ms at the end", len(path) - 1, sum(layer_ms))
+    log.debug(
+        "latency allocation: %d moves; the layers sum to %.3f ms at the end", len(path) - 1, sum(layer_ms)
+    )
     return path
 
 

@@ -4,6 +4,7 @@ excluded nodes, equal removal per conv group)."""
 
 from __future__ import annotations
 
+import bisect
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -330,14 +331,10 @@ class Planner:
         budget's measure falls along it.  When no point meets it, the path's end (which plan() refuses)."""
         assert self.latency is not None
         path = allocation_path(self, self.latency)
-        low, high = 0, len(path) - 1
-        while low < high:
-            middle = (low + high) // 2
-            if measure(self.removal(path[middle])) <= target:
-                high = middle
-            else:
-                low = middle + 1
-        return path[low]
+        first = bisect.bisect_left(
+            range(len(path)), True, key=lambda i: measure(self.removal(path[i])) <= target
+        )
+        return path[min(first, len(path) - 1)]
 
     def _give_back(
         self, counts: dict[int, int], measure: Callable[[np.ndarray], float], target: float
