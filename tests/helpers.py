@@ -178,6 +178,16 @@ class Net:
 
 
 # checks ----------------------------------------------------------------------------------------
+def grouped_block(channels: int = 16, groups: int = 4, residual: bool = False) -> onnx.ModelProto:
+    """conv1 8->channels (1x1), BN, Relu, conv4 channels->channels in `groups` conv groups, BN, Relu,
+    a 1x1 head to 6; with `residual`, conv4's input is added to its output, which ties the two sides of
+    the grouped conv (RegNet's bottleneck without and with that tie)."""
+    net = Net(channels=8, size=8)
+    x = net.op("Relu", [net.bn(net.conv(net.x, channels, k=1))])
+    y = net.op("Relu", [net.bn(net.conv(x, channels, group=groups))])
+    return net.build(net.conv(net.op("Add", [x, y]) if residual else y, 6, k=1))
+
+
 def feed(model: onnx.ModelProto, batch: int, seed: int = 0) -> dict[str, np.ndarray]:
     rng = np.random.default_rng(seed)
     result = {}
@@ -202,6 +212,11 @@ def init_shape(model: onnx.ModelProto, name: str) -> tuple[int, ...]:
         if init.name == name:
             return tuple(init.dims)
     raise KeyError(name)
+
+
+def node_attr(model: onnx.ModelProto, node: str, attr: str) -> object:
+    found = next(n for n in model.graph.node if n.name == node)
+    return next(onnx.helper.get_attribute_value(a) for a in found.attribute if a.name == attr)
 
 
 def prunable_channels(dep: DependencyGraph) -> int:

@@ -18,7 +18,7 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
-from helpers import Net, init_shape, prune_checked
+from helpers import Net, grouped_block, init_shape, node_attr, prune_checked
 from tqdm import tqdm
 
 from graphprune import api
@@ -167,13 +167,11 @@ def test_widths_snap_to_the_profiles_fast_steps() -> None:
 
 
 def test_grouped_conv_widths_are_timed_at_whole_blocks_per_conv_group() -> None:
-    """32 channels written into a conv of 4 groups lose equal counts per group: the group and its
-    neighbours are timed at multiples of 4, and with a 4-channel kernel block at whole blocks per conv
-    group (multiples of 16), where a ragged conv group would fall off the blocked kernels."""
-    net = Net(channels=8, size=8)
-    x = net.op("Relu", [net.bn(net.conv(net.x, 32, k=1))])
-    x = net.op("Relu", [net.bn(net.conv(x, 32, group=4))])
-    model = net.build(net.conv(x, 6, k=1))
+    """32 channels read and written by a conv of 4 groups (tied by a residual sum) lose equal counts per
+    group: the group and its neighbours are timed at multiples of 4, and with a 4-channel kernel block
+    at whole blocks per conv group (multiples of 16), where a ragged conv group would fall off the
+    blocked kernels."""
+    model = grouped_block(32, residual=True)
     dep = analyze_model(model)
     cost = linear(0.01)
     for block, allowed in ((1, list(range(4, 33, 4))), (4, [16, 32])):
@@ -185,6 +183,28 @@ def test_grouped_conv_widths_are_timed_at_whole_blocks_per_conv_group() -> None:
             model, PlanOptions(target_latency=0.5), latency=LatencySource(table, feedback=0)
         )
         assert init_shape(result.model, "conv1.w")[0] in allowed[:-1]
+        assert node_attr(result.model, "conv4", "group") == 4
+
+
+@pytest.mark.parametrize("objective", ["channels", "latency"])
+def test_grouped_conv_loses_whole_conv_groups_under_a_latency_target(objective: str) -> None:
+    """Where a grouped conv's conv groups can go whole (RegNet's bottleneck), the profile times it with
+    fewer conv groups, both of its groups keep whole conv groups (multiples of 8 channels here, whatever
+    the kernel block), and a latency-targeted plan removes conv groups: each kept one keeps its width."""
+    model = grouped_block(32)
+    dep = analyze_model(model)
+    spec = next(s for s in layer_specs(dep) if s.node == "conv4")
+    assert spec.drops_groups and spec.tied
+    cost = linear(0.01)
+    for block in (1, 4):
+        table = fake_table(model, {(8, 32): cost, (32, 32): cost, (32, 6): cost}, block=block)
+        latency = LatencyModel(dep, table)
+        assert [latency.group_widths(g).tolist() for g in dep.prunable_groups] == [[8, 16, 24, 32]] * 2
+        options = PlanOptions(target_latency=0.5, global_ranking=objective == "latency", objective=objective)
+        result = prune_checked(model, options, latency=LatencySource(table, feedback=0))
+        groups = node_attr(result.model, "conv4", "group")
+        assert groups < 4 and init_shape(result.model, "conv4.w") == (8 * groups, 8, 3, 3)
+        assert result.plan.latency["predicted_ms"] <= 0.5 * table.end_to_end_ms
 
 
 def test_other_ops_cost_follows_the_channels_they_keep() -> None:

@@ -14,11 +14,26 @@ from collections.abc import Iterable
 import numpy as np
 import onnx
 import pytest
-from helpers import Net, blocked_ops, init_shape, prunable_channels, prune_checked, structure
+from helpers import (
+    Net,
+    blocked_ops,
+    grouped_block,
+    init_shape,
+    node_attr,
+    prunable_channels,
+    prune_checked,
+    structure,
+)
 
 from graphprune.analysis.graph import DependencyGraph
+from graphprune.analysis.summary import analysis_summary
 from graphprune.api import analyze_model, prune
+from graphprune.errors import PlanError
 from graphprune.planning import PlanOptions
+from graphprune.planning.planner import predicted_macs
+from graphprune.report.summary import render_analysis
+from graphprune.runtime.cost import count_cost
+from graphprune.surgery.apply import check_removal
 
 RATIOS = (0.5, 0.3)
 PASS = (2, 16)  # stem and head groups, 8 channels each
@@ -52,11 +67,6 @@ def through(op_type: str, *extra: str, opset: int = 17, **attrs: object) -> onnx
     return net.build(net.head(net.op(op_type, [net.stem(), *extra], **attrs)))
 
 
-def node_attr(model: onnx.ModelProto, node: str, attr: str) -> object:
-    found = next(n for n in model.graph.node if n.name == node)
-    return next(onnx.helper.get_attribute_value(a) for a in found.attribute if a.name == attr)
-
-
 # convolutions -----------------------------------------------------------------------------------
 @pytest.mark.parametrize("bias", [True, False])
 def test_plain_conv_chain(bias: bool) -> None:
@@ -81,6 +91,53 @@ def test_grouped_conv_removes_equally_per_group() -> None:
     small = pruned(model)
     assert init_shape(small, "conv4.w") == (4, 2, 3, 3)
     assert node_attr(small, "conv4", "group") == 2
+
+
+def test_grouped_conv_loses_whole_conv_groups_when_widths_keep_them() -> None:
+    """RegNet's bottleneck: the grouped conv's inputs and outputs are each a group of their own, so
+    conv groups can go whole (fewer groups, same width per group); a --round-to of a conv group's
+    width plans that way, and the pruned model equals the masked reference."""
+    model = grouped_block()
+    dep = analyze_model(model)
+    assert dep.droppable == {"conv4"}
+    summary = analysis_summary(dep, "block", 0, 0)
+    assert summary["grouped_convs"] == {"conv4": {"groups": 4, "droppable": True}}
+    assert "grouped convs: 1, 1 of them can lose whole conv groups" in render_analysis(summary)
+    cost = count_cost(dep.model, dep.shapes)
+    result = prune_checked(model, PlanOptions(ratio=0.5, round_to=4))
+    assert node_attr(result.model, "conv4", "group") == 2
+    assert init_shape(result.model, "conv4.w") == (8, 4, 3, 3)
+    assert predicted_macs(dep, cost, result.removed) == pytest.approx(result.after.macs)
+    # removing fewer channels than a conv group's width thins every conv group instead
+    thin = prune_checked(model, 0.5)
+    assert node_attr(thin.model, "conv4", "group") == 4
+    assert init_shape(thin.model, "conv4.w") == (8, 2, 3, 3)
+    assert predicted_macs(dep, cost, thin.removed) == pytest.approx(thin.after.macs)
+
+
+def test_conv_groups_go_with_their_inputs_and_outputs_or_not_at_all() -> None:
+    dep = analyze_model(grouped_block())
+    conv = dep.grouped_convs[0]
+    removed = np.zeros(dep.roots.size, dtype=bool)
+    removed[conv.inputs[0]] = True
+    with pytest.raises(PlanError, match="every input channel of a conv group but not every output"):
+        check_removal(dep, removed)
+    removed[conv.outputs[0]] = True
+    check_removal(dep, removed)
+    removed[conv.outputs[1][:2]] = True
+    with pytest.raises(PlanError, match="unequal channel counts"):
+        check_removal(dep, removed)
+
+
+def test_grouped_conv_tied_to_its_own_input_keeps_its_groups() -> None:
+    """A residual sum ties the grouped conv's inputs to its outputs: dropping a conv group would remove
+    channels it both reads and writes, so it only loses equal counts per conv group."""
+    model = grouped_block(residual=True)
+    dep = analyze_model(model)
+    assert dep.droppable == frozenset()
+    assert analysis_summary(dep, "block", 0, 0)["grouped_convs"]["conv4"]["droppable"] is False
+    result = prune_checked(model, PlanOptions(ratio=0.5, round_to=4))
+    assert node_attr(result.model, "conv4", "group") == 4
 
 
 def test_grouped_conv_channels_not_divisible_by_ratio() -> None:

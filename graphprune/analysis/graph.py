@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -22,7 +23,7 @@ from graphprune.model_io import initializer_arrays
 from graphprune.onnxutil import opset_of
 from graphprune.ops import OPS
 from graphprune.ops.atoms import AtomTable, Block
-from graphprune.ops.context import ParamMember, Rewrite, RuleContext
+from graphprune.ops.context import GroupedConv, ParamMember, Rewrite, RuleContext
 
 log = logging.getLogger(__name__)
 
@@ -63,7 +64,7 @@ class DependencyGraph:
     table: AtomTable
     views: dict[str, np.ndarray]
     members: dict[tuple[str, int], ParamMember]
-    segments: list[tuple[str, list[np.ndarray]]]
+    grouped_convs: list[GroupedConv]
     keep_one: list[np.ndarray]
     rewrites: list[Rewrite]
     blocked_nodes: dict[str, str]
@@ -72,6 +73,23 @@ class DependencyGraph:
     roots: np.ndarray
     class_group: np.ndarray
     class_slot: np.ndarray
+    droppable: frozenset[str] = frozenset()
+
+    @property
+    def segments(self) -> list[tuple[str, list[np.ndarray]]]:
+        """(grouped conv, atoms per conv group) for each side of each grouped conv: the pieces that lose
+        equal counts (unless the conv's groups are dropped whole)."""
+        return [(conv.node, parts) for conv in self.grouped_convs for parts in conv.sides]
+
+    def conv_group_problem(
+        self, removed: Callable[[np.ndarray], np.ndarray], convs: list[GroupedConv]
+    ) -> str | None:
+        """Why a removal (`removed(atoms)` -> boolean per atom) breaks one of `convs`' groups, or None."""
+        for conv in convs:
+            problem = conv.problem(removed, conv.node in self.droppable)
+            if problem:
+                return problem
+        return None
 
     def slots(self, atoms: np.ndarray, group: Group) -> tuple[np.ndarray, np.ndarray]:
         """For each atom: whether its channel belongs to `group`, and its index in `group.classes`."""
@@ -121,8 +139,9 @@ def analyze(
             _check_rule_outputs(ctx, node)
     for output in model.graph.output:
         ctx.block(ctx.view(output.name), f"output {output.name}", "model outputs are never narrowed")
-    for node_name, parts in ctx.segments:
-        _check_segments(ctx, node_name, parts)
+    for conv in ctx.grouped_convs:
+        for parts in conv.sides:
+            _check_segments(ctx, conv.node, parts)
     roots = ctx.table.roots()
     graph, groups = _groups(ctx, roots)
     class_group = np.full(roots.size, -1, dtype=np.int64)
@@ -138,7 +157,7 @@ def analyze(
         ctx.table,
         ctx.views,
         ctx.members,
-        ctx.segments,
+        ctx.grouped_convs,
         ctx.keep_one,
         ctx.rewrites,
         ctx.blocked_nodes,
@@ -147,6 +166,7 @@ def analyze(
         roots,
         class_group,
         class_slot,
+        _droppable(ctx.grouped_convs, roots, class_group, groups),
     )
 
 
@@ -227,6 +247,36 @@ def _check_segments(ctx: RuleContext, node_name: str, parts: list[np.ndarray]) -
                 atoms = np.concatenate(parts)
                 ctx.block(atoms, node_name, "grouped conv whose groups share channels")
                 return
+
+
+def _droppable(
+    convs: list[GroupedConv], roots: np.ndarray, class_group: np.ndarray, groups: list[Group]
+) -> frozenset[str]:
+    """Grouped convs whose conv groups can be removed whole: the input channels make up one group and
+    the outputs another, each channel in one conv group only, and no other grouped conv splits those
+    groups (so dropping a conv group's inputs and outputs together leaves every other layer valid)."""
+    sides = Counter(
+        int(g)
+        for conv in convs
+        for parts in conv.sides
+        for g in np.unique(class_group[roots[np.concatenate(parts)]])
+    )
+    found = set()
+    for conv in convs:
+        if conv.inputs is None:
+            continue
+        owners = []
+        for parts in conv.sides:
+            classes = roots[np.concatenate(parts)]
+            owner = np.unique(class_group[classes])
+            if owner.size != 1 or sides[int(owner[0])] != 1:
+                break
+            if np.unique(classes).size != classes.size or classes.size != groups[int(owner[0])].size:
+                break
+            owners.append(int(owner[0]))
+        else:
+            found.add(conv.node)
+    return frozenset(found)
 
 
 def _groups(ctx: RuleContext, roots: np.ndarray) -> tuple[nx.Graph, list[Group]]:

@@ -10,8 +10,9 @@ from graphprune.onnxutil import opset_of
 
 
 def analysis_summary(dep: DependencyGraph, name: str, macs: int, params: int) -> dict[str, Any]:
-    """Groups, prunable channels, blocked nodes with reasons, and the model's MACs and params (counted by
-    the caller: graphprune.api.model_cost)."""
+    """Groups, prunable channels, blocked nodes with reasons, grouped convs (and whether their conv
+    groups can be removed whole), and the model's MACs and params (counted by the caller:
+    graphprune.api.model_cost)."""
     graph_inputs = dep.model.graph.input
     dynamic = any(not d.HasField("dim_value") for v in graph_inputs for d in v.type.tensor_type.shape.dim[:1])
     groups = []
@@ -36,5 +37,9 @@ def analysis_summary(dep: DependencyGraph, name: str, macs: int, params: int) ->
         "prunable_groups": sum(1 for g in groups if g["prunable"] > 1),
         "prunable_channels": sum(g["prunable"] for g in groups if g["prunable"] > 1),
         "blocked_nodes": dict(sorted(dep.blocked_nodes.items())),
+        "grouped_convs": {
+            conv.node: {"groups": len(conv.outputs), "droppable": conv.node in dep.droppable}
+            for conv in dep.grouped_convs
+        },
         "groups": groups,
     }

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from dataclasses import dataclass
 from enum import StrEnum
 from typing import Protocol
@@ -55,6 +56,42 @@ class ParamMember:
     conv_groups: int = 1
 
 
+@dataclass(frozen=True)
+class GroupedConv:
+    """A grouped (not depthwise) conv's channels split by conv group: `inputs` (None when its input
+    channels are not prunable) and `outputs`, atoms per conv group.  Every conv group loses the same
+    number of channels; where analysis finds the conv `droppable`, conv groups may instead lose all
+    their input and output channels at once (the conv then has fewer groups)."""
+
+    node: str
+    inputs: list[np.ndarray] | None
+    outputs: list[np.ndarray]
+
+    @property
+    def sides(self) -> list[list[np.ndarray]]:
+        """The atom lists whose conv-group parts must lose equal counts."""
+        return [parts for parts in (self.inputs, self.outputs) if parts is not None]
+
+    def problem(self, removed: Callable[[np.ndarray], np.ndarray], droppable: bool) -> str | None:
+        """Why a removal (`removed(atoms)` -> boolean per atom) breaks this conv's groups, or None."""
+        gone = [[int(removed(part).sum()) for part in parts] for parts in self.sides]
+        whole = [
+            [count == part.size for count, part in zip(counts, parts, strict=True)]
+            for counts, parts in zip(gone, self.sides, strict=True)
+        ]
+        if droppable and len(gone) == 2 and whole[0] != whole[1]:
+            return (
+                f"grouped conv {self.node} would lose every input channel of a conv group but not every "
+                "output channel, or the reverse"
+            )
+        dropped = whole[0] if droppable and len(gone) == 2 else [False] * len(self.outputs)
+        for counts in gone:
+            left = {count for count, out in zip(counts, dropped, strict=True) if not out}
+            if len(left) > 1:
+                return f"grouped conv {self.node} would lose unequal channel counts per group {sorted(left)}"
+        return None
+
+
 class Sizes(Protocol):
     """What a rewrite may ask surgery about tensor sizes after the removal."""
 
@@ -99,7 +136,7 @@ class RuleContext:
         self.table = AtomTable()
         self.views: dict[str, np.ndarray] = {}
         self.members: dict[tuple[str, int], ParamMember] = {}
-        self.segments: list[tuple[str, list[np.ndarray]]] = []
+        self.grouped_convs: list[GroupedConv] = []
         self.keep_one: list[np.ndarray] = []
         self.rewrites: list[Rewrite] = []
         self.blocked_nodes: dict[str, str] = {}
@@ -191,9 +228,12 @@ class RuleContext:
             return
         self.members[key] = ParamMember(name, axis, atoms, role, node.name, node.op_type, kind, conv_groups)
 
-    def equal_segments(self, node: onnx.NodeProto, atoms: np.ndarray, groups: int) -> None:
+    def grouped_conv(
+        self, node: onnx.NodeProto, in_atoms: np.ndarray | None, out_atoms: np.ndarray, groups: int
+    ) -> None:
         """A grouped conv needs the same number of channels removed from each of its groups."""
-        self.segments.append((node.name, np.split(atoms, groups)))
+        inputs = None if in_atoms is None else np.split(in_atoms, groups)
+        self.grouped_convs.append(GroupedConv(node.name, inputs, np.split(out_atoms, groups)))
 
     def rewrite(self, rewrite: Rewrite) -> None:
         self.rewrites.append(rewrite)

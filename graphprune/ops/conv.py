@@ -25,6 +25,19 @@ class DepthwiseGroups(Rewrite):
         node.attrs["group"] = sizes.pruned_shape(self.input)[1]
 
 
+@dataclass(frozen=True)
+class GroupCount(Rewrite):
+    """A grouped conv's `group` is the number of its conv groups that keep input channels (whole conv
+    groups are removed where analysis allows it)."""
+
+    input: str
+    groups: int
+
+    def apply(self, node: gs.Node, sizes: Sizes) -> None:
+        kept = sizes.kept(self.input, 1)
+        node.attrs["group"] = sum(bool(part.any()) for part in np.split(kept, self.groups))
+
+
 def _conv_macs(node: NodeShapes) -> Macs:
     """out_elems * (Cin / groups) * prod(kernel), plus a bias; a depthwise conv mixes no channels."""
     weight = node.in_shape(1)  # [Cout, Cin / groups, *kernel]
@@ -44,7 +57,8 @@ def _conv_transpose_macs(node: NodeShapes) -> Macs:
 @op("Conv", macs=_conv_macs)
 def conv(ctx: RuleContext, node: onnx.NodeProto) -> None:
     """Plain conv: reads input channels, creates output channels.  Depthwise: output channels are the
-    input channels (times the multiplier).  Grouped: equal removal per group on both sides."""
+    input channels (times the multiplier).  Grouped: equal removal per group on both sides, or whole
+    conv groups where analysis finds that safe."""
     x, w_name, bias = node.input[0], node.input[1], input_at(node, 2)
     weight = ctx.const(w_name)
     if weight is None:
@@ -62,11 +76,11 @@ def conv(ctx: RuleContext, node: onnx.NodeProto) -> None:
     else:
         if in_atoms is not None:
             ctx.member(node, w_name, 1, in_atoms, Role.CONSUMER, MemberKind.CONV_IN, conv_groups=groups)
-            if groups > 1:
-                ctx.equal_segments(node, in_atoms, groups)
         out_atoms = ctx.new_source(node, cout, w_name)
         if groups > 1:
-            ctx.equal_segments(node, out_atoms, groups)
+            ctx.grouped_conv(node, in_atoms, out_atoms, groups)
+            if in_atoms is not None:
+                ctx.rewrite(GroupCount(node.name, x, groups))
     ctx.member(node, w_name, 0, out_atoms, Role.PRODUCER, MemberKind.CONV_OUT)
     if bias:
         ctx.member(node, bias, 0, out_atoms, Role.PRODUCER, MemberKind.BIAS)

@@ -8,6 +8,7 @@ from __future__ import annotations
 import logging
 import math
 from collections import Counter
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -15,11 +16,12 @@ import numpy as np
 import onnx
 
 from graphprune.analysis.graph import DependencyGraph, Group
+from graphprune.criteria.normalize import normalize
 from graphprune.errors import PlanError
 from graphprune.runtime.profile import LatencyTable, LayerCurve, LayerSpec
 
 if TYPE_CHECKING:
-    from graphprune.planning.planner import Planner
+    from graphprune.planning.planner import ConvGroupDrop, Planner
 
 log = logging.getLogger(__name__)
 
@@ -35,11 +37,15 @@ def layer_specs(dep: DependencyGraph) -> list[LayerSpec]:
     for group in dep.prunable_groups:
         prunable[group.prunable] = True
 
-    # grouped convs remove equal counts per conv group, so their groups' widths keep a multiple
+    # grouped convs remove equal counts per conv group, so their groups' widths keep a multiple of the
+    # group count; those that can lose whole conv groups are timed that way (onnxruntime's grouped conv
+    # kernels want whole channel blocks per conv group), and their widths keep whole conv groups
     group_multiple: dict[int, int] = {}
-    for _, parts in dep.segments:
-        for group in np.unique(dep.class_group[dep.roots[np.concatenate(parts)]]).tolist():
-            group_multiple[group] = math.lcm(group_multiple.get(group, 1), len(parts))
+    for conv in dep.grouped_convs:
+        for parts in conv.sides:
+            multiple = parts[0].size if conv.node in dep.droppable else len(parts)
+            for group in np.unique(dep.class_group[dep.roots[np.concatenate(parts)]]).tolist():
+                group_multiple[group] = math.lcm(group_multiple.get(group, 1), multiple)
 
     def swept(tensor: str) -> bool:
         view = dep.views.get(tensor)
@@ -79,6 +85,7 @@ def layer_specs(dep: DependencyGraph) -> list[LayerSpec]:
                     attributes=attributes,
                     leading=tuple(x[2:]),
                     bias=bias,
+                    drops_groups=node.name in dep.droppable,
                     **common,
                 )
             )
@@ -120,8 +127,8 @@ class _Layer:
 
     @property
     def tied(self) -> bool:
-        """Whether the input width follows the output's (a depthwise conv)."""
-        return self.spec.depthwise
+        """Whether the input width follows the output's (a depthwise conv, or whole conv groups)."""
+        return self.spec.tied
 
     def latency(self, kept_in: int, kept_out: int) -> float:
         return self.curve.latency(kept_in, kept_out)
@@ -314,7 +321,7 @@ class LatencyModel:
                 (layer.out_classes, layer.spec.out_channels, layer.curve.out_widths, True),
                 (layer.in_classes, layer.spec.in_channels, layer.curve.in_widths, False),
             ):
-                if layer.spec.depthwise and not is_out:
+                if layer.tied and not is_out:
                     continue  # one width, timed as the output's
                 if classes is not None and channels == group.size and in_group[classes].all():
                     touching.append((layer, is_out))
@@ -346,8 +353,8 @@ def _non_decreasing(values: np.ndarray) -> np.ndarray:
 
 def _with_width(layer: _Layer, is_out: bool, width: int) -> float:
     spec = layer.spec
-    if spec.depthwise or is_out:
-        return layer.curve.latency(width if spec.depthwise else spec.in_channels, width)
+    if spec.tied or is_out:
+        return layer.curve.latency(spec.in_width(width) if spec.tied else spec.in_channels, width)
     return layer.curve.latency(width, spec.out_channels)
 
 
@@ -386,44 +393,78 @@ def allocation_path(planner: Planner, model: LatencyModel) -> list[dict[int, int
         index: np.concatenate([[0.0], np.cumsum(scores)]) * max(1, spanned[index])
         for index, scores in ranked_scores.items()
     }
+    drop_loss = {
+        drop.groups: np.concatenate(
+            [[0.0], np.cumsum(sum(_drop_importance(planner, drop, side, spanned) for side in (0, 1)))]
+        )
+        for drop in planner.drops.values()
+    }
     removed = dict.fromkeys(groups, 0)
     layer_ms = [dim.latency(removed) for dim in dims]
     options = {i: planner.allowed(g) for i, g in groups.items()}
 
-    def move(index: int) -> tuple[float, int, list[float]] | None:
-        """(importance lost per ms saved, new count, new layer times) of the next useful step down."""
-        group = groups[index]
-        kept = group.size - removed[index]
+    def lost(unit: tuple[int, ...], counts: dict[int, int]) -> float:
+        """Importance (footprint-weighted) the unit's groups have lost at `counts`."""
+        if unit in drop_loss:
+            return float(drop_loss[unit][planner.drops[unit[0]].dropped(counts)])
+        index = unit[0]
+        return float(loss[index][min(counts[index], loss[index].size - 1)])
+
+    def steps(unit: tuple[int, ...]) -> Iterator[dict[int, int]]:
+        """The unit's next counts, fewer channels kept at each: the next allowed width of one group,
+        or one more whole conv group of a conv planned by conv groups."""
+        if unit in drop_loss:
+            drop = planner.drops[unit[0]]
+            sizes = drop.part_sizes
+            for dropped in range(drop.dropped(removed) + 1, drop.most + 1):
+                yield {g: dropped * size for g, size in zip(unit, sizes, strict=True)}
+            return
+        index = unit[0]
+        kept = groups[index].size - removed[index]
         for width in options[index][::-1]:
-            if width >= kept:
-                continue
-            count = group.size - int(width)
-            if count > planner.max_removable(group):
+            if width < kept:
+                yield {index: groups[index].size - int(width)}
+
+    def move(unit: tuple[int, ...]) -> tuple[float, dict[int, int], list[int], list[float]] | None:
+        """(importance lost per ms saved, new counts, layers touched, their new times) of the unit's
+        next useful step down."""
+        affected = sorted({i for g in unit for i in by_group.get(g, [])})
+        for counts in steps(unit):
+            if any(count > planner.max_removable(groups[g]) for g, count in counts.items()):
                 return None
-            trial = {**removed, index: count}
-            times = [dims[i].latency(trial) for i in by_group.get(index, [])]
-            saved = sum(layer_ms[i] for i in by_group.get(index, [])) - sum(times)
+            trial = {**removed, **counts}
+            times = [dims[i].latency(trial) for i in affected]
+            saved = sum(layer_ms[i] for i in affected) - sum(times)
             if saved > 1e-9:
-                lost = loss[index][min(count, loss[index].size - 1)] - loss[index][removed[index]]
-                return lost / saved, count, times
+                return (lost(unit, trial) - lost(unit, removed)) / saved, counts, affected, times
         return None
 
-    moves = {i: move(i) for i in groups}
+    units = {g.index: tuple(g.index for g in unit) for unit in planner.units for g in unit}
+    moves = {unit: move(unit) for unit in set(units.values())}
     path = [dict(removed)]
-    while ready := {i: m for i, m in moves.items() if m is not None}:
-        index = min(ready, key=lambda i: ready[i][0])
-        _, count, times = ready[index]
-        removed[index] = count
+    while ready := {u: m for u, m in moves.items() if m is not None}:
+        unit = min(ready, key=lambda u: ready[u][0])
+        _, counts, affected, times = ready[unit]
+        removed.update(counts)
         path.append(dict(removed))
-        for i, t in zip(by_group.get(index, []), times, strict=True):
+        for i, t in zip(affected, times, strict=True):
             layer_ms[i] = t
-        touched = {g for i in by_group.get(index, []) for g in dims[i].groups()} | {index}
-        for group in touched & moves.keys():
-            moves[group] = move(group)
+        touched = {units[g] for i in affected for g in dims[i].groups() if g in units} | {unit}
+        for other in touched:
+            moves[other] = move(other)
     log.debug(
         "latency allocation: %d moves; the layers sum to %.3f ms at the end", len(path) - 1, sum(layer_ms)
     )
     return path
+
+
+def _drop_importance(planner: Planner, drop: ConvGroupDrop, side: int, spanned: dict[int, int]) -> np.ndarray:
+    """Per conv group that may go, in drop order: the normalised scores of its channels on one side of
+    the conv, times the weighted layers they live in."""
+    index = drop.groups[side]
+    normalised = normalize(planner.scores[index], planner.options.normalize)
+    slots = planner.dep.class_slot
+    return np.asarray([normalised[slots[part]].sum() for part in drop.order[side]]) * max(1, spanned[index])
 
 
 class _Dims:

@@ -1,6 +1,6 @@
 """Turn channel scores into a removal: local ratio, global ranking, a MACs or latency target, and the
 structural limits (minimum channels, round-to multiples or the widths a latency profile found fast,
-excluded nodes, equal removal per conv group)."""
+excluded nodes, equal removal per conv group or whole conv groups)."""
 
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ import numpy as np
 from graphprune.analysis.graph import DependencyGraph, Group
 from graphprune.criteria.normalize import NORMALIZATIONS, normalize
 from graphprune.errors import PlanError
+from graphprune.ops.context import GroupedConv
 from graphprune.planning.latency import LatencyModel, allocation_path
 from graphprune.runtime.cost import CostReport
 
@@ -81,6 +82,33 @@ class RemovalPlanner:
         return Planner(dep, scores, self.options, self.latency).plan(self.cost)
 
 
+@dataclass(frozen=True)
+class ConvGroupDrop:
+    """A grouped conv planned by whole conv groups: its input and output groups (indices), a conv
+    group's channels on either side, per side the classes of each conv group that may go (least
+    important conv group first), and the conv's group count."""
+
+    groups: tuple[int, int]
+    part_sizes: tuple[int, int]
+    order: tuple[list[np.ndarray], list[np.ndarray]]
+    conv_groups: int
+
+    @property
+    def most(self) -> int:
+        """The most conv groups that may go: those whose channels are all prunable, one kept."""
+        return min(len(self.order[0]), self.conv_groups - 1)
+
+    def dropped(self, counts: dict[int, int]) -> int:
+        """How many conv groups the per-group counts remove: whole conv groups on both sides."""
+        whole = [counts.get(g, 0) // size for g, size in zip(self.groups, self.part_sizes, strict=True)]
+        return min(*whole, self.most)
+
+    def chosen(self, group: int, dropped: int) -> np.ndarray:
+        """The classes `group` loses when `dropped` conv groups go."""
+        parts = self.order[self.groups.index(group)][:dropped]
+        return np.concatenate(parts) if parts else np.empty(0, dtype=np.int64)
+
+
 def excluded_groups(dep: DependencyGraph, names: list[str]) -> set[int]:
     """Groups touched by the named nodes (or output tensors / weight names)."""
     found: set[int] = set()
@@ -112,7 +140,16 @@ class Planner:
             g for g in dep.groups if g.index in scores and g.index not in skip and g.prunable.size > 1
         ]
         self.segments = self._segments_by_group()
-        self.keep_one, self.segment_constraints = self._constraints_by_group()
+        self.keep_one, self.conv_constraints = self._constraints_by_group()
+        self.drops = self._conv_group_drops()
+        by_index = {g.index: g for g in self.groups}
+        units = {}
+        for group in self.groups:
+            drop = self.drops.get(group.index)
+            members = drop.groups if drop is not None else (group.index,)
+            units.setdefault(members, tuple(by_index[i] for i in members))
+        # what is selected and checked together: a group, or the two groups of a conv planned by conv groups
+        self.units: list[tuple[Group, ...]] = list(units.values())
 
     def _segments_by_group(self) -> dict[int, list[np.ndarray]]:
         """Per group, the pieces that must lose equal counts: channels of grouped convs split by the
@@ -137,6 +174,44 @@ class Planner:
                 pieces.setdefault(tuple(sorted(signature)), []).append(root)
             result[group] = [np.asarray(sorted(p), dtype=np.int64) for p in pieces.values()]
         return result
+
+    def _conv_group_drops(self) -> dict[int, ConvGroupDrop]:
+        """The droppable grouped convs planned by whole conv groups, by their input and output groups:
+        those whose two groups are planned and may only keep whole conv groups (the widths allowed by
+        --round-to or by the latency profile are multiples of a conv group's channels)."""
+        by_index = {g.index: g for g in self.groups}
+        drops: dict[int, ConvGroupDrop] = {}
+        for conv in self.dep.grouped_convs:
+            if conv.node not in self.dep.droppable:
+                continue
+            assert conv.inputs is not None  # analysis only drops convs with prunable inputs
+            sides = (
+                [self.dep.roots[part] for part in conv.inputs],
+                [self.dep.roots[part] for part in conv.outputs],
+            )
+            indices = tuple(int(self.dep.class_group[parts[0][0]]) for parts in sides)
+            if not all(
+                i in by_index and not (self.allowed(by_index[i]) % parts[0].size).any()
+                for i, parts in zip(indices, sides, strict=True)
+            ):
+                continue
+            importance = np.zeros(len(conv.outputs))
+            eligible = np.ones(len(conv.outputs), dtype=bool)
+            for i, parts in zip(indices, sides, strict=True):
+                group = by_index[i]
+                normalised = normalize(self.scores[i], self.options.normalize)
+                for k, part in enumerate(parts):
+                    importance[k] += normalised[self.dep.class_slot[part]].sum()
+                    eligible[k] &= bool(np.isin(part, group.prunable).all())
+            order = [k for k in np.argsort(importance, kind="stable").tolist() if eligible[k]]
+            drop = ConvGroupDrop(
+                (indices[0], indices[1]),
+                (sides[0][0].size, sides[1][0].size),
+                ([sides[0][k] for k in order], [sides[1][k] for k in order]),
+                len(conv.outputs),
+            )
+            drops.update(dict.fromkeys(indices, drop))
+        return drops
 
     # counts ------------------------------------------------------------------------------------
     def max_removable(self, group: Group) -> int:
@@ -224,35 +299,47 @@ class Planner:
         chosen.extend(free[:share])
         return np.asarray(chosen, dtype=np.int64)
 
+    def chosen(self, group: Group, counts: dict[int, int]) -> np.ndarray:
+        """The classes `group` loses under the per-group counts: its least important ones, or those of
+        the least important whole conv groups where a grouped conv is planned by conv groups."""
+        drop = self.drops.get(group.index)
+        if drop is None:
+            return self.select(group, counts.get(group.index, 0))
+        return drop.chosen(group.index, drop.dropped(counts))
+
     def removal(self, counts: dict[int, int]) -> np.ndarray:
-        """Boolean atom mask for the given per-group counts; a group whose removal breaks a structural
-        rule (for instance grouped-conv parts sharing channels) is left whole.  Only the constraints
-        that touch a group are checked for it, so planning stays linear in the graph size."""
+        """Boolean atom mask for the given per-group counts; a group (or the pair of groups of a conv
+        planned by conv groups) whose removal breaks a structural rule (for instance grouped-conv parts
+        sharing channels) is left whole.  Only the constraints that touch a group are checked for it,
+        so planning stays linear in the graph size."""
         roots = self.dep.roots
         removed_class = np.zeros(roots.size, dtype=bool)
-        for group in self.groups:
-            chosen = self.select(group, counts.get(group.index, 0))
-            if not chosen.size:
+        for unit in self.units:
+            chosen = [self.chosen(group, counts) for group in unit]
+            if not any(c.size for c in chosen):
                 continue
-            removed_class[chosen] = True
-            self._give_back_emptied(removed_class, group)
-            problem = self._violation(removed_class, group)
+            for classes in chosen:
+                removed_class[classes] = True
+            for group in unit:
+                self._give_back_emptied(removed_class, group)
+            problem = next((p for g in unit if (p := self._violation(removed_class, g))), None)
             if problem:
-                log.warning("group %s left whole: %s", group.name, problem)
-                removed_class[group.classes] = False
+                log.warning("group %s left whole: %s", " and ".join(g.name for g in unit), problem)
+                for group in unit:
+                    removed_class[group.classes] = False
         return removed_class[roots]
 
-    def _constraints_by_group(self) -> tuple[dict[int, list[np.ndarray]], dict[int, list[list[np.ndarray]]]]:
+    def _constraints_by_group(self) -> tuple[dict[int, list[np.ndarray]], dict[int, list[GroupedConv]]]:
         keep_one: dict[int, list[np.ndarray]] = {}
         for atoms in self.dep.keep_one:
             for group in np.unique(self.dep.class_group[self.dep.roots[atoms]]).tolist():
                 keep_one.setdefault(group, []).append(atoms)
-        segments: dict[int, list[list[np.ndarray]]] = {}
-        for _, parts in self.dep.segments:
-            atoms = np.concatenate(parts)
+        convs: dict[int, list[GroupedConv]] = {}
+        for conv in self.dep.grouped_convs:
+            atoms = np.concatenate([np.concatenate(parts) for parts in conv.sides])
             for group in np.unique(self.dep.class_group[self.dep.roots[atoms]]).tolist():
-                segments.setdefault(group, []).append(parts)
-        return keep_one, segments
+                convs.setdefault(group, []).append(conv)
+        return keep_one, convs
 
     def _give_back_emptied(self, removed_class: np.ndarray, group: Group) -> None:
         """Give back the best channel of any split/slice part or layer the removal would empty."""
@@ -268,11 +355,9 @@ class Planner:
         for atoms in self.keep_one.get(group.index, []):
             if removed_class[self.dep.roots[atoms]].all():
                 return "it would empty a layer or a split part"
-        for parts in self.segment_constraints.get(group.index, []):
-            counts = {int(removed_class[self.dep.roots[part]].sum()) for part in parts}
-            if len(counts) > 1:
-                return f"a grouped conv would lose unequal channel counts per group {sorted(counts)}"
-        return None
+        return self.dep.conv_group_problem(
+            lambda atoms: removed_class[self.dep.roots[atoms]], self.conv_constraints.get(group.index, [])
+        )
 
     def plan(self, cost: CostReport | None = None) -> np.ndarray:
         """The removal mask for the options: the ratio as given; for a MACs or latency target, the
@@ -363,8 +448,10 @@ def kept_fraction(dep: DependencyGraph, tensor: str, keep: np.ndarray) -> float:
 
 def predicted_macs(dep: DependencyGraph, cost: CostReport, removed: np.ndarray) -> float:
     """MACs after removal without doing surgery: a node's mixing MACs scale with its kept input and
-    output channels, the rest with its kept output channels (graphprune.ops.spec.Macs)."""
+    output channels (a grouped conv's with the kept inputs per kept conv group), the rest with its kept
+    output channels (graphprune.ops.spec.Macs)."""
     keep = ~removed
+    droppable = {conv.node: conv for conv in dep.grouped_convs if conv.node in dep.droppable}
     total = 0.0
     for node in dep.model.graph.node:
         node_cost = cost.per_node.get(node.name)
@@ -373,5 +460,9 @@ def predicted_macs(dep: DependencyGraph, cost: CostReport, removed: np.ndarray) 
         out_scale = kept_fraction(dep, node.output[0], keep)
         mixing = node_cost.mixing_macs
         in_scale = kept_fraction(dep, node.input[0], keep) if mixing else 0.0
+        if node.name in droppable:  # a conv group mixes its own inputs: scale by those of the kept groups
+            parts = droppable[node.name].inputs or []
+            alive = sum(bool(keep[part].any()) for part in parts)
+            in_scale *= len(parts) / max(alive, 1)
         total += mixing * in_scale * out_scale + (node_cost.macs - mixing) * out_scale
     return total

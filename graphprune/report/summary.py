@@ -24,6 +24,13 @@ def render_analysis(summary: dict[str, Any], largest: int = 5) -> str:
     ]
     for node, reason in summary["blocked_nodes"].items():
         lines.append(f"  blocked  {node}: {reason}")
+    convs = summary["grouped_convs"]
+    if convs:
+        droppable = sum(conv["droppable"] for conv in convs.values())
+        lines.append(
+            f"grouped convs: {len(convs)}, {droppable} of them can lose whole conv groups "
+            "(with --round-to a conv group's width, or a latency profile)"
+        )
     ranked = sorted(summary["groups"], key=lambda g: (-g["channels"] * len(g["blocks"]), g["group"]))
     for group in ranked[:largest]:
         members = ", ".join(f"{count} {kind}" for kind, count in sorted(group["members"].items()))

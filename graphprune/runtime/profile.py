@@ -55,7 +55,8 @@ class LayerSpec:
     size, a MatMul's middle dims). attributes: the conv's attributes other than `group`, as sorted
     (name, value) pairs. sweep_in / sweep_out: whether that width can change (prunable channels).
     in_multiple / out_multiple: the multiple that width keeps when pruned (a width read or written by
-    grouped convs loses equal counts per conv group).
+    grouped convs loses equal counts per conv group, or whole conv groups).  drops_groups: a grouped
+    conv pruned by whole conv groups: its input width follows the output's, its group count with them.
     """
 
     node: str
@@ -70,10 +71,26 @@ class LayerSpec:
     sweep_out: bool = True
     in_multiple: int = 1
     out_multiple: int = 1
+    drops_groups: bool = False
 
     @property
     def depthwise(self) -> bool:
         return self.group > 1 and self.group == self.in_channels == self.out_channels
+
+    @property
+    def tied(self) -> bool:
+        """Whether the layer has one width, the output's (a depthwise conv, or whole conv groups)."""
+        return self.depthwise or self.drops_groups
+
+    def in_width(self, out_width: int) -> int:
+        """A tied layer's input width at an output width."""
+        return out_width * self.in_channels // self.out_channels
+
+    def groups_at(self, in_width: int) -> int:
+        """The conv's group count at an input width."""
+        if self.depthwise:
+            return in_width
+        return in_width // (self.in_channels // self.group) if self.drops_groups else self.group
 
     @property
     def signature(self) -> str:
@@ -84,13 +101,15 @@ class LayerSpec:
         parts += [f"sweep{'i' if self.sweep_in else ''}{'o' if self.sweep_out else ''}"]
         if (self.in_multiple, self.out_multiple) != (1, 1):
             parts += [f"multiple{self.in_multiple}x{self.out_multiple}"]
+        if self.drops_groups:
+            parts += ["dropgroups"]
         return " ".join(parts)
 
 
 @dataclass
 class LayerCurve:
     """Measured latency (ms) of one signature: output widths with the input whole, input widths with
-    the output whole (empty for depthwise convs, whose one width is the output's), and the whole layer."""
+    the output whole (empty for tied layers, whose one width is the output's), and the whole layer."""
 
     full_ms: float
     out_widths: list[int] = field(default_factory=list)
@@ -344,15 +363,15 @@ def _points(spec: LayerSpec, timing: Timing) -> list[tuple[int, int]]:
     block, count = timing.block or 1, timing.points
     # whole kernel blocks per conv group: onnxruntime's NCHWc kernels take a grouped conv only then, and
     # otherwise surround it with layout reorders (RegNet's 16-channel conv groups cut to 8 cost more in
-    # reorders than they saved); a depthwise conv's group count is its width
-    per_group = block * (1 if spec.depthwise else spec.group)
+    # reorders than they saved); a tied layer's group count follows its width
+    per_group = block * (1 if spec.tied else spec.group)
 
     def widths(channels: int, multiple: int) -> list[int]:
         return sweep_widths(channels, math.lcm(per_group, multiple), count)
 
     outs = widths(spec.out_channels, spec.out_multiple)
-    if spec.depthwise:
-        return [(w, w) for w in outs] if spec.sweep_out else [full]
+    if spec.tied:
+        return [(spec.in_width(w), w) for w in outs] if spec.sweep_out else [full]
     ins = widths(spec.in_channels, spec.in_multiple)
     pairs = []
     if spec.sweep_out:
@@ -448,7 +467,7 @@ def _curve(
         bar.update(len(pairs))
     full = best[pairs[-1]]
     curve = LayerCurve(full_ms=full)
-    if spec.depthwise:
+    if spec.tied:
         curve.out_widths = [p[1] for p in pairs]
         curve.out_ms = [best[p] for p in pairs]
         return curve
@@ -578,7 +597,7 @@ def layer_graph(spec: LayerSpec, in_width: int, out_width: int) -> onnx.ModelPro
     inputs = ["x", "w"] + (["b"] if spec.bias else [])
     attributes = dict(spec.attributes)
     if spec.op == "Conv":
-        group = in_width if spec.depthwise else spec.group
+        group = spec.groups_at(in_width)
         weight = (out_width, in_width // group, *attributes.get("kernel_shape", ()))
         nodes = [helper.make_node("Conv", inputs, ["y"], group=group, **attributes)]
     elif spec.op == "Gemm":

@@ -30,12 +30,9 @@ def check_removal(dep: DependencyGraph, removed: np.ndarray) -> None:
             raise PlanError(
                 f"the plan removes every channel of {_label(dep, int(atoms[0]))}; a layer must keep one."
             )
-    for node, parts in dep.segments:
-        counts = {int(removed[part].sum()) for part in parts}
-        if len(counts) > 1:
-            raise PlanError(
-                f"grouped conv {node} would lose unequal channel counts per group {sorted(counts)}."
-            )
+    problem = dep.conv_group_problem(lambda atoms: removed[atoms], dep.grouped_convs)
+    if problem:
+        raise PlanError(f"{problem}.")
 
 
 def _label(dep: DependencyGraph, atom: int) -> str:
@@ -83,13 +80,14 @@ class PrunedSizes:
 
 
 def slice_member(values: np.ndarray, member: ParamMember, keep: np.ndarray) -> np.ndarray:
-    """Keep the member's surviving positions; a grouped conv's input axis is sliced group by group."""
+    """Keep the member's surviving positions; a grouped conv's input axis is sliced group by group (the
+    conv groups that lost every input channel lost their output rows already: members slicing a
+    weight's output axis come first)."""
     mask = keep[member.atoms]
     if member.conv_groups == 1:
         return np.compress(mask, values, axis=member.axis)
-    groups = member.conv_groups
-    rows = np.split(values, groups, axis=0)
-    local = np.split(mask, groups)
+    local = [part for part in np.split(mask, member.conv_groups) if part.any()]
+    rows = np.split(values, len(local), axis=0)
     return np.concatenate([np.compress(m, r, axis=1) for r, m in zip(rows, local, strict=True)], axis=0)
 
 
