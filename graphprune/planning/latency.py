@@ -366,12 +366,13 @@ def _kept(classes: np.ndarray | None, removed_class: np.ndarray, channels: int) 
 
 def allocation_path(planner: Planner, model: LatencyModel) -> list[dict[int, int]]:
     """Per-group removal counts after each step of a greedy that takes the move (one group down to its
-    next allowed width) losing the least importance per millisecond saved, from nothing removed until
-    no move is left.  A channel's importance is its normalised score times the number of weighted
-    layers it lives in: the milliseconds a move saves are summed over those layers, so its loss is too
-    (HALP sums a group's importance over its layers likewise); otherwise a residual trunk, whose channel
-    feeds and leaves several blocks' convs, looks several times cheaper per ms than it is and is cut
-    to the bone first.  The path depends on neither the target nor the whole-model timings (they only
+    next allowed width, or one more whole conv group off a grouped conv planned by conv groups, its
+    input and output groups together) losing the least importance per millisecond saved, from nothing
+    removed until no move is left.  A channel's importance is its normalised score times the number of
+    weighted layers it lives in: the milliseconds a move saves are summed over those layers, so its
+    loss is too (HALP sums a group's importance over its layers likewise); otherwise a residual trunk,
+    whose channel feeds and leaves several blocks' convs, looks several times cheaper per ms than it is
+    and is cut to the bone first.  The path depends on neither the target nor the whole-model timings (they only
     rescale the sum of the layers' times), so a latency or a MACs budget picks a point on it; the
     counts are estimates on the importance order, and the caller checks the plan."""
     dep = planner.dep
