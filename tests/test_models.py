@@ -99,6 +99,37 @@ def test_prune_exported_model(name: str, ratio: float, exported: ExportCache) ->
     assert sha256(path) == digest
 
 
+# 1b. grouped convs losing whole conv groups ---------------------------------------------------------
+@pytest.mark.parametrize(
+    ("name", "round_to"),
+    [
+        pytest.param("torchvision:regnet_x_400mf", 16, id="regnet_x_400mf"),
+        pytest.param("torchvision:resnext50_32x4d", 32, marks=pytest.mark.slow, id="resnext50_32x4d"),
+    ],
+)
+def test_conv_groups_go_whole(name: str, round_to: int, exported: ExportCache) -> None:
+    """RegNet's and ResNeXt's grouped convs, with widths rounded to whole conv groups (16 channels per
+    conv group in RegNet, 4 to 32 in ResNeXt), lose whole conv groups: each keeps its input width per
+    conv group, and the pruned model is exact."""
+    path = exported(name)
+    result = prune_checked(path, PlanOptions(ratio=0.5, round_to=round_to), batch=3)
+    assert len(result.dep.droppable) == len(result.dep.grouped_convs) > 0
+
+    def grouped(model: onnx.ModelProto) -> dict[str, tuple[int, int]]:
+        weights = {init.name: tuple(init.dims) for init in model.graph.initializer}
+        return {
+            node.name: (next(a.i for a in node.attribute if a.name == "group"), weights[node.input[1]][1])
+            for node in model.graph.node
+            if node.name in result.dep.droppable
+        }
+
+    before, after = grouped(result.dep.model), grouped(result.model)
+    assert all(
+        after[node][1] == width and after[node][0] <= groups for node, (groups, width) in before.items()
+    )
+    assert sum(after[node][0] for node in after) < sum(groups for groups, _ in before.values())
+
+
 # 2a. dynamo exporter, weights in an external data file ---------------------------------------------
 @pytest.mark.parametrize("name", representative_by_default())
 def test_dynamo_external_data(name: str, exported: ExportCache, tmp_path: Path) -> None:

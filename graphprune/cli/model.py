@@ -409,7 +409,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--batch", type=int, default=1, help="batch of the latency profile and --bench")
     p.add_argument("--max-ratio", type=float, default=0.9, help="most of one group --global may remove")
     p.add_argument("--min-channels", type=int, default=1, help="channels every group keeps")
-    p.add_argument("--round-to", type=int, default=1, help="kept channels a multiple of N (e.g. 8)")
+    p.add_argument(
+        "--round-to",
+        type=int,
+        default=1,
+        help="kept channels a multiple of N (e.g. 8); at a multiple of a grouped conv's channels per conv "
+        "group, whole conv groups go where analyze says they can",
+    )
     p.add_argument(
         "--exclude",
         action="append",
