@@ -195,6 +195,9 @@ def test_grouped_conv_loses_whole_conv_groups_under_a_latency_target(objective: 
     dep = analyze_model(model)
     spec = next(s for s in layer_specs(dep) if s.node == "conv4")
     assert spec.drops_groups and spec.tied
+    timed = profile.layer_graph(spec, 16, 16)  # two of the four conv groups
+    assert next(a.i for a in timed.graph.node[0].attribute if a.name == "group") == 2
+    assert tuple(timed.graph.initializer[0].dims) == (16, 8, 3, 3)
     cost = linear(0.01)
     for block in (1, 4):
         table = fake_table(model, {(8, 32): cost, (32, 32): cost, (32, 6): cost}, block=block)

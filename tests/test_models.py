@@ -40,7 +40,7 @@ pytest.importorskip("torchvision")
 
 from graphprune.zoo import TORCHVISION_SUITE  # noqa: E402 - needs torch, checked just above
 
-ZOO = ["resnet20", "resnet56", "vgg11_bn", "mobilenetv2", "densenet_bc40"]
+ZOO = ["resnet20", "resnet56", "vgg11_bn", "mobilenetv2", "densenet_bc40", "regnetx"]
 TORCHVISION = [f"torchvision:{arch}" for arch in TORCHVISION_SUITE]
 MODELS = ZOO + TORCHVISION
 # Export + prune + check above ~20 s on one core (torchvision VGG needs 224x224 input and has a
@@ -103,6 +103,7 @@ def test_prune_exported_model(name: str, ratio: float, exported: ExportCache) ->
 @pytest.mark.parametrize(
     ("name", "round_to"),
     [
+        pytest.param("regnetx", 16, id="regnetx"),
         pytest.param("torchvision:regnet_x_400mf", 16, id="regnet_x_400mf"),
         pytest.param("torchvision:resnext50_32x4d", 32, marks=pytest.mark.slow, id="resnext50_32x4d"),
     ],

@@ -35,6 +35,7 @@ def test_zoo_names_are_the_contract_names() -> None:
         "vgg19_bn",
         "mobilenetv2",
         "densenet_bc40",
+        "regnetx",
     }
 
 
@@ -81,6 +82,16 @@ def test_mobilenetv2_width_scales_channels() -> None:
     half = MobileNetV2(width=0.5)
     assert half.features[0][0].out_channels == 16
     assert half(torch.randn(1, 1, 28, 28)).shape == (1, 10)
+
+
+def test_regnetx_has_x_blocks_with_16_channel_conv_groups() -> None:
+    model = build("regnetx")
+    grouped = [m for m in _convs(model) if m.groups > 1]
+    assert len(grouped) == 13  # one per X block: depths 1, 1, 4, 7
+    assert {m.in_channels // m.groups for m in grouped} == {16}
+    assert [m.out_channels for m in grouped] == [32, 64] + [160] * 4 + [400] * 7
+    assert [m.stride for m in grouped if m.stride != (1, 1)] == [(2, 2)] * 3
+    assert model.classifier.in_features == 400
 
 
 def test_densenet_bc40_concatenates_and_compresses() -> None:

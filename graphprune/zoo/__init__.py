@@ -1,4 +1,5 @@
-"""Reference models: CIFAR-style ResNets, VGG-BN, MobileNetV2, DenseNet-BC, plus torchvision and any callable.
+"""Reference models: CIFAR-style ResNets, VGG-BN, MobileNetV2, DenseNet-BC, RegNetX, plus torchvision and
+any callable.
 
 `build` accepts three spellings:
 - a zoo name from `ZOO_NAMES` (defaults: 1 input channel, 10 classes, sized for 28x28 / 32x32 images);
@@ -18,6 +19,7 @@ from torch import nn
 from graphprune.errors import InvalidModelError
 from graphprune.zoo.densenet import DenseNetBC
 from graphprune.zoo.mobilenetv2 import MobileNetV2
+from graphprune.zoo.regnet import RegNetX
 from graphprune.zoo.resnet import resnet
 from graphprune.zoo.vgg import vgg_bn
 
@@ -32,6 +34,7 @@ _ZOO: dict[str, Callable[..., nn.Module]] = {
     "vgg19_bn": partial(vgg_bn, 19),
     "mobilenetv2": MobileNetV2,
     "densenet_bc40": partial(DenseNetBC, 40, 12, 0.5),
+    "regnetx": RegNetX,
 }
 ZOO_NAMES: tuple[str, ...] = tuple(_ZOO)
 # The torchvision classifiers graphprune is tested and benchmarked on (Torch-Pruning's usual suite plus
