@@ -178,13 +178,15 @@ class Net:
 
 
 # checks ----------------------------------------------------------------------------------------
-def grouped_block(channels: int = 16, groups: int = 4, residual: bool = False) -> onnx.ModelProto:
-    """conv1 8->channels (1x1), BN, Relu, conv4 channels->channels in `groups` conv groups, BN, Relu,
-    a 1x1 head to 6; with `residual`, conv4's input is added to its output, which ties the two sides of
-    the grouped conv (RegNet's bottleneck without and with that tie)."""
+def grouped_block(
+    channels: int = 16, groups: int = 4, residual: bool = False, widen: int = 1
+) -> onnx.ModelProto:
+    """conv1 8->channels (1x1), BN, Relu, conv4 channels->channels x widen in `groups` conv groups, BN,
+    Relu, a 1x1 head to 6; with `residual`, conv4's input is added to its output, which ties the two
+    sides of the grouped conv (RegNet's bottleneck without and with that tie)."""
     net = Net(channels=8, size=8)
     x = net.op("Relu", [net.bn(net.conv(net.x, channels, k=1))])
-    y = net.op("Relu", [net.bn(net.conv(x, channels, group=groups))])
+    y = net.op("Relu", [net.bn(net.conv(x, channels * widen, group=groups))])
     return net.build(net.conv(net.op("Add", [x, y]) if residual else y, 6, k=1))
 
 

@@ -186,27 +186,33 @@ def test_grouped_conv_widths_are_timed_at_whole_blocks_per_conv_group() -> None:
         assert node_attr(result.model, "conv4", "group") == 4
 
 
+@pytest.mark.parametrize("widen", [1, 2])
 @pytest.mark.parametrize("objective", ["channels", "latency"])
-def test_grouped_conv_loses_whole_conv_groups_under_a_latency_target(objective: str) -> None:
+def test_grouped_conv_loses_whole_conv_groups_under_a_latency_target(objective: str, widen: int) -> None:
     """Where a grouped conv's conv groups can go whole (RegNet's bottleneck), the profile times it with
-    fewer conv groups, both of its groups keep whole conv groups (multiples of 8 channels here, whatever
-    the kernel block), and a latency-targeted plan removes conv groups: each kept one keeps its width."""
-    model = grouped_block(32)
+    fewer conv groups, both of its groups keep whole conv groups (multiples of a conv group's channels
+    on either side, whatever the kernel block), and a latency-targeted plan removes conv groups: each
+    kept one keeps its width.  4 conv groups of 32 // widen inputs and 32 outputs."""
+    cin = 32 // widen
+    model = grouped_block(cin, widen=widen)
     dep = analyze_model(model)
     spec = next(s for s in layer_specs(dep) if s.node == "conv4")
     assert spec.drops_groups and spec.tied
-    timed = profile.layer_graph(spec, 16, 16)  # two of the four conv groups
+    timed = profile.layer_graph(spec, spec.in_width(16), 16)  # two of the four conv groups
     assert next(a.i for a in timed.graph.node[0].attribute if a.name == "group") == 2
-    assert tuple(timed.graph.initializer[0].dims) == (16, 8, 3, 3)
+    assert tuple(timed.graph.initializer[0].dims) == (16, cin // 4, 3, 3)
     cost = linear(0.01)
     for block in (1, 4):
-        table = fake_table(model, {(8, 32): cost, (32, 32): cost, (32, 6): cost}, block=block)
+        table = fake_table(model, {(8, cin): cost, (cin, 32): cost, (32, 6): cost}, block=block)
         latency = LatencyModel(dep, table)
-        assert [latency.group_widths(g).tolist() for g in dep.prunable_groups] == [[8, 16, 24, 32]] * 2
+        assert [latency.group_widths(g).tolist() for g in dep.prunable_groups] == [
+            list(range(cin // 4, cin + 1, cin // 4)),
+            [8, 16, 24, 32],
+        ]
         options = PlanOptions(target_latency=0.5, global_ranking=objective == "latency", objective=objective)
         result = prune_checked(model, options, latency=LatencySource(table, feedback=0))
         groups = node_attr(result.model, "conv4", "group")
-        assert groups < 4 and init_shape(result.model, "conv4.w") == (8 * groups, 8, 3, 3)
+        assert groups < 4 and init_shape(result.model, "conv4.w") == (8 * groups, cin // 4, 3, 3)
         assert result.plan.latency["predicted_ms"] <= 0.5 * table.end_to_end_ms
 
 

@@ -115,6 +115,13 @@ def test_grouped_conv_loses_whole_conv_groups_when_widths_keep_them() -> None:
     assert predicted_macs(dep, cost, thin.removed) == pytest.approx(thin.after.macs)
 
 
+def test_conv_groups_go_whole_when_they_write_more_channels_than_they_read() -> None:
+    """4 conv groups of 4 inputs and 8 outputs each: two go, inputs and outputs together."""
+    result = prune_checked(grouped_block(widen=2), PlanOptions(ratio=0.5, round_to=8))
+    assert node_attr(result.model, "conv4", "group") == 2
+    assert init_shape(result.model, "conv4.w") == (16, 4, 3, 3)
+
+
 def test_conv_groups_go_with_their_inputs_and_outputs_or_not_at_all() -> None:
     dep = analyze_model(grouped_block())
     conv = dep.grouped_convs[0]
