@@ -440,8 +440,10 @@ def allocation_path(planner: Planner, model: LatencyModel) -> list[dict[int, int
                 return (lost(unit, trial) - lost(unit, removed)) / saved, counts, affected, times
         return None
 
-    units = {g.index: tuple(g.index for g in unit) for unit in planner.units for g in unit}
-    moves = {unit: move(unit) for unit in set(units.values())}
+    unit_of = {
+        group.index: tuple(member.index for member in unit) for unit in planner.units for group in unit
+    }
+    moves = {unit: move(unit) for unit in dict.fromkeys(unit_of.values())}
     path = [dict(removed)]
     while ready := {u: m for u, m in moves.items() if m is not None}:
         unit = min(ready, key=lambda u: ready[u][0])
@@ -450,7 +452,7 @@ def allocation_path(planner: Planner, model: LatencyModel) -> list[dict[int, int
         path.append(dict(removed))
         for i, t in zip(affected, times, strict=True):
             layer_ms[i] = t
-        touched = {units[g] for i in affected for g in dims[i].groups() if g in units} | {unit}
+        touched = {unit_of[g] for i in affected for g in dims[i].groups() if g in unit_of} | {unit}
         for other in touched:
             moves[other] = move(other)
     log.debug(
