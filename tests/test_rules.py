@@ -101,8 +101,12 @@ def test_grouped_conv_loses_whole_conv_groups_when_widths_keep_them() -> None:
     dep = analyze_model(model)
     assert dep.droppable == {"conv4"}
     summary = analysis_summary(dep, "block", 0, 0)
-    assert summary["grouped_convs"] == {"conv4": {"groups": 4, "droppable": True}}
-    assert "grouped convs: 1, 1 of them can lose whole conv groups" in render_analysis(summary)
+    assert summary["grouped_convs"] == {
+        "conv4": {"groups": 4, "channels_per_group": [4, 4], "droppable": True}
+    }
+    assert summary["conv_groups_round_to"] == 4
+    text = render_analysis(summary)
+    assert "grouped convs: 1, 1 of them can lose whole conv groups (with --round-to 4, or a latency" in text
     cost = count_cost(dep.model, dep.shapes)
     result = prune_checked(model, PlanOptions(ratio=0.5, round_to=4))
     assert node_attr(result.model, "conv4", "group") == 2

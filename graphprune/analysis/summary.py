@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections import Counter
 from typing import Any
 
@@ -28,6 +29,8 @@ def analysis_summary(dep: DependencyGraph, name: str, macs: int, params: int) ->
                 "blocked_by": sorted(set(group.blocked.values())),
             }
         )
+    droppable = [conv for conv in dep.grouped_convs if conv.node in dep.droppable]
+    widths = [parts[0].size for conv in droppable for parts in conv.sides]
     return {
         "model": name,
         "opset": opset_of(dep.model),
@@ -38,8 +41,14 @@ def analysis_summary(dep: DependencyGraph, name: str, macs: int, params: int) ->
         "prunable_channels": sum(g["prunable"] for g in groups if g["prunable"] > 1),
         "blocked_nodes": dict(sorted(dep.blocked_nodes.items())),
         "grouped_convs": {
-            conv.node: {"groups": len(conv.outputs), "droppable": conv.node in dep.droppable}
+            conv.node: {
+                "groups": len(conv.outputs),
+                "channels_per_group": [parts[0].size for parts in conv.sides],
+                "droppable": conv.node in dep.droppable,
+            }
             for conv in dep.grouped_convs
         },
+        # the --round-to at which every droppable grouped conv loses whole conv groups
+        "conv_groups_round_to": math.lcm(*widths) if widths else None,
         "groups": groups,
     }

@@ -27,10 +27,9 @@ def render_analysis(summary: dict[str, Any], largest: int = 5) -> str:
     convs = summary["grouped_convs"]
     if convs:
         droppable = sum(conv["droppable"] for conv in convs.values())
-        lines.append(
-            f"grouped convs: {len(convs)}, {droppable} of them can lose whole conv groups "
-            "(with --round-to a conv group's width, or a latency profile)"
-        )
+        round_to = summary["conv_groups_round_to"]
+        how = f" (with --round-to {round_to}, or a latency profile)" if round_to else ""
+        lines.append(f"grouped convs: {len(convs)}, {droppable} of them can lose whole conv groups{how}")
     ranked = sorted(summary["groups"], key=lambda g: (-g["channels"] * len(g["blocks"]), g["group"]))
     for group in ranked[:largest]:
         members = ", ".join(f"{count} {kind}" for kind, count in sorted(group["members"].items()))
