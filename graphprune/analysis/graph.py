@@ -255,26 +255,23 @@ def _droppable(
     """Grouped convs whose conv groups can be removed whole: the input channels make up one group and
     the outputs another, each channel in one conv group only, and no other grouped conv splits those
     groups (so dropping a conv group's inputs and outputs together leaves every other layer valid)."""
-    sides = Counter(
-        int(g)
+    # per conv, per side: the side's channel classes and the groups they belong to
+    sides = [
+        [
+            (classes, np.unique(class_group[classes]))
+            for classes in (roots[np.concatenate(p)] for p in conv.sides)
+        ]
         for conv in convs
-        for parts in conv.sides
-        for g in np.unique(class_group[roots[np.concatenate(parts)]])
-    )
+    ]
+    splits = Counter(int(g) for conv_sides in sides for _, owners in conv_sides for g in owners)
     found = set()
-    for conv in convs:
-        if conv.inputs is None:
-            continue
-        owners = []
-        for parts in conv.sides:
-            classes = roots[np.concatenate(parts)]
-            owner = np.unique(class_group[classes])
-            if owner.size != 1 or sides[int(owner[0])] != 1:
-                break
-            if np.unique(classes).size != classes.size or classes.size != groups[int(owner[0])].size:
-                break
-            owners.append(int(owner[0]))
-        else:
+    for conv, conv_sides in zip(convs, sides, strict=True):
+        if conv.inputs is not None and all(
+            owners.size == 1
+            and splits[int(owners[0])] == 1
+            and np.unique(classes).size == classes.size == groups[int(owners[0])].size
+            for classes, owners in conv_sides
+        ):
             found.add(conv.node)
     return frozenset(found)
 

@@ -29,8 +29,15 @@ def analysis_summary(dep: DependencyGraph, name: str, macs: int, params: int) ->
                 "blocked_by": sorted(set(group.blocked.values())),
             }
         )
-    droppable = [conv for conv in dep.grouped_convs if conv.node in dep.droppable]
-    widths = [parts[0].size for conv in droppable for parts in conv.sides]
+    convs = {
+        conv.node: {
+            "groups": len(conv.outputs),
+            "channels_per_group": [parts[0].size for parts in conv.sides],
+            "droppable": conv.node in dep.droppable,
+        }
+        for conv in dep.grouped_convs
+    }
+    widths = [width for conv in convs.values() if conv["droppable"] for width in conv["channels_per_group"]]
     return {
         "model": name,
         "opset": opset_of(dep.model),
@@ -40,14 +47,7 @@ def analysis_summary(dep: DependencyGraph, name: str, macs: int, params: int) ->
         "prunable_groups": sum(1 for g in groups if g["prunable"] > 1),
         "prunable_channels": sum(g["prunable"] for g in groups if g["prunable"] > 1),
         "blocked_nodes": dict(sorted(dep.blocked_nodes.items())),
-        "grouped_convs": {
-            conv.node: {
-                "groups": len(conv.outputs),
-                "channels_per_group": [parts[0].size for parts in conv.sides],
-                "droppable": conv.node in dep.droppable,
-            }
-            for conv in dep.grouped_convs
-        },
+        "grouped_convs": convs,
         # the --round-to at which every droppable grouped conv loses whole conv groups
         "conv_groups_round_to": math.lcm(*widths) if widths else None,
         "groups": groups,

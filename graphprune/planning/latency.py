@@ -16,12 +16,11 @@ import numpy as np
 import onnx
 
 from graphprune.analysis.graph import DependencyGraph, Group
-from graphprune.criteria.normalize import normalize
 from graphprune.errors import PlanError
 from graphprune.runtime.profile import LatencyTable, LayerCurve, LayerSpec
 
 if TYPE_CHECKING:
-    from graphprune.planning.planner import ConvGroupDrop, Planner
+    from graphprune.planning.planner import Planner
 
 log = logging.getLogger(__name__)
 
@@ -372,9 +371,10 @@ def allocation_path(planner: Planner, model: LatencyModel) -> list[dict[int, int
     weighted layers it lives in: the milliseconds a move saves are summed over those layers, so its
     loss is too (HALP sums a group's importance over its layers likewise); otherwise a residual trunk,
     whose channel feeds and leaves several blocks' convs, looks several times cheaper per ms than it is
-    and is cut to the bone first.  The path depends on neither the target nor the whole-model timings (they only
-    rescale the sum of the layers' times), so a latency or a MACs budget picks a point on it; the
-    counts are estimates on the importance order, and the caller checks the plan."""
+    and is cut to the bone first (a conv group's loss is likewise its channels' on each side, each
+    weighted by its side's layers).  The path depends on neither the target nor the whole-model timings
+    (they only rescale the sum of the layers' times), so a latency or a MACs budget picks a point on it;
+    the counts are estimates on the importance order, and the caller checks the plan."""
     dep = planner.dep
     groups = {g.index: g for g in planner.groups}
     rank = np.full(dep.roots.size, np.iinfo(np.int64).max, dtype=np.int64)
@@ -394,12 +394,12 @@ def allocation_path(planner: Planner, model: LatencyModel) -> list[dict[int, int
         index: np.concatenate([[0.0], np.cumsum(scores)]) * max(1, spanned[index])
         for index, scores in ranked_scores.items()
     }
-    drop_loss = {
-        drop.groups: np.concatenate(
-            [[0.0], np.cumsum(sum(_drop_importance(planner, drop, side, spanned) for side in (0, 1)))]
-        )
-        for drop in planner.drops.values()
-    }
+    drop_loss = {}
+    for drop in planner.drops.values():
+        weighted = [
+            scores * max(1, spanned[g]) for g, scores in zip(drop.groups, drop.importance, strict=True)
+        ]
+        drop_loss[drop.groups] = np.concatenate([[0.0], np.cumsum(sum(weighted))])
     removed = dict.fromkeys(groups, 0)
     layer_ms = [dim.latency(removed) for dim in dims]
     options = {i: planner.allowed(g) for i, g in groups.items()}
@@ -459,15 +459,6 @@ def allocation_path(planner: Planner, model: LatencyModel) -> list[dict[int, int
         "latency allocation: %d moves; the layers sum to %.3f ms at the end", len(path) - 1, sum(layer_ms)
     )
     return path
-
-
-def _drop_importance(planner: Planner, drop: ConvGroupDrop, side: int, spanned: dict[int, int]) -> np.ndarray:
-    """Per conv group that may go, in drop order: the normalised scores of its channels on one side of
-    the conv, times the weighted layers they live in."""
-    index = drop.groups[side]
-    normalised = normalize(planner.scores[index], planner.options.normalize)
-    slots = planner.dep.class_slot
-    return np.asarray([normalised[slots[part]].sum() for part in drop.order[side]]) * max(1, spanned[index])
 
 
 class _Dims:

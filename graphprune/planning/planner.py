@@ -86,11 +86,12 @@ class RemovalPlanner:
 class ConvGroupDrop:
     """A grouped conv planned by whole conv groups: its input and output groups (indices), a conv
     group's channels on either side, per side the classes of each conv group that may go (least
-    important conv group first), and the conv's group count."""
+    important conv group first) and their summed normalised scores, and the conv's group count."""
 
     groups: tuple[int, int]
     part_sizes: tuple[int, int]
     order: tuple[list[np.ndarray], list[np.ndarray]]
+    importance: tuple[np.ndarray, np.ndarray]
     conv_groups: int
 
     @property
@@ -195,19 +196,19 @@ class Planner:
                 for i, parts in zip(indices, sides, strict=True)
             ):
                 continue
-            importance = np.zeros(len(conv.outputs))
+            importance = np.zeros((2, len(conv.outputs)))  # per side, per conv group
             eligible = np.ones(len(conv.outputs), dtype=bool)
-            for i, parts in zip(indices, sides, strict=True):
-                group = by_index[i]
+            for side, (i, parts) in enumerate(zip(indices, sides, strict=True)):
                 normalised = normalize(self.scores[i], self.options.normalize)
                 for k, part in enumerate(parts):
-                    importance[k] += normalised[self.dep.class_slot[part]].sum()
-                    eligible[k] &= bool(np.isin(part, group.prunable).all())
-            order = [k for k in np.argsort(importance, kind="stable").tolist() if eligible[k]]
+                    importance[side, k] = normalised[self.dep.class_slot[part]].sum()
+                    eligible[k] &= bool(np.isin(part, by_index[i].prunable).all())
+            order = [k for k in np.argsort(importance.sum(axis=0), kind="stable").tolist() if eligible[k]]
             drop = ConvGroupDrop(
                 (indices[0], indices[1]),
                 (sides[0][0].size, sides[1][0].size),
                 ([sides[0][k] for k in order], [sides[1][k] for k in order]),
+                (importance[0, order], importance[1, order]),
                 len(conv.outputs),
             )
             drops.update(dict.fromkeys(indices, drop))
