@@ -8,6 +8,7 @@ import os
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import onnx
@@ -219,6 +220,11 @@ CALIBRATION_RATIOS = (0.5, 0.75, 0.3)
 # not the others bent the fit (mobilenet_v2's check copy timed slower than the whole model, 38% off).
 CALIBRATION_TOLERANCE = 0.1
 CALIBRATION_RETIMES = 2
+# Passes over the layers (each point at its fastest pass) while the fit still misses its check copy:
+# a neighbour that stole the second vCPU for the whole of a profile slowed mobilenet_v2's narrow
+# layers up to 2x and its wide ones 1.2x, and the fit missed its check copy by 37% however often the
+# copies were timed again.
+PROFILE_PASSES = 2
 
 
 def _profile(
@@ -226,6 +232,32 @@ def _profile(
 ) -> LatencyTable:
     where = {"provider": source.provider, "batch": source.batch, "threads": source.threads}
     table = profile_model(dep.model, layer_specs(dep), timing=timing, model_sha256=sha, **where)
+    for attempt in range(PROFILE_PASSES):
+        if attempt:
+            log.info(
+                "timing the layers again: the fit missed its check copy by more than %.0f%%",
+                100 * CALIBRATION_TOLERANCE,
+            )
+            again = profile_model(dep.model, layer_specs(dep), timing=timing, model_sha256=sha, **where)
+            table = table.fastest_with(again)
+        if _calibrate(dep, table, where, timing):
+            return table
+    log.warning(
+        "the latency table's fit misses its check copy by %+.0f%% after %d passes: the machine's speed "
+        "changed while profiling (another job?); plans made with it are timed whole (--latency-feedback), "
+        "or profile again on a quiet machine",
+        100 * (table.check_error or 0),
+        PROFILE_PASSES,
+    )
+    return table
+
+
+def _calibrate(
+    dep: DependencyGraph, table: LatencyTable, where: dict[str, Any], timing: Timing | None
+) -> bool:
+    """Time uniformly pruned copies whole beside the model, each as its share of the model's time in
+    the same rounds (times the table's whole), fit the table's line through all but the last, and
+    check it on the last; True when the check holds."""
     model = LatencyModel(dep, table)
     zeros = {g.index: np.zeros(g.size) for g in dep.prunable_groups}
     # the copies' widths snap to the table's fast steps, as every plan made with the table will
@@ -234,14 +266,16 @@ def _profile(
     kernels = [model.kernels_ms(removed) for removed in removals]
     times = np.asarray(measure_wholes([dep.model, *copies], timing=timing, **where))
     for attempt in range(CALIBRATION_RETIMES + 1):
+        if attempt:
+            times = np.minimum(times, measure_wholes([dep.model, *copies], timing=timing, **where))
+        shares = times[1:] / times[0]
         table.end_to_end_ms = min(table.end_to_end_ms, float(times[0]))
-        points = list(zip(kernels, times[1:].tolist(), strict=True))
+        points = list(zip(kernels, (table.end_to_end_ms * shares).tolist(), strict=True))
         table.calibration, table.check_point = points[:-1], points[-1]
         log.info("latency fit %s; check point off by %+.1f%%", table.fit, 100 * (table.check_error or 0))
-        if abs(table.check_error or 0) <= CALIBRATION_TOLERANCE or attempt == CALIBRATION_RETIMES:
-            break
-        times = np.minimum(times, measure_wholes([dep.model, *copies], timing=timing, **where))
-    return table
+        if abs(table.check_error or 0) <= CALIBRATION_TOLERANCE:
+            return True
+    return False
 
 
 def _latency_model(dep: DependencyGraph, source: LatencySource, sha: str | None) -> LatencyModel:
@@ -286,8 +320,9 @@ def _plan(
     if not scores:
         log.warning("criterion %s has no opinion on any group: nothing will be removed", scoring.criterion)
     removed = planner(dep, scores)
-    if latency is not None:
-        removed = _measured_feedback(dep, latency, removed, lambda: planner(dep, scores), feedback)
+    if latency is not None and feedback and options.target_latency is not None:
+        target_ms = options.target_latency * latency.original_ms
+        removed = _measured_feedback(dep, latency, removed, lambda: planner(dep, scores), feedback, target_ms)
     return removed, scorer.summary()
 
 
@@ -305,28 +340,52 @@ def _measured_feedback(
     removed: np.ndarray,
     replan: Callable[[], np.ndarray],
     rounds: int,
+    target_ms: float,
 ) -> np.ndarray:
     """Time the plan whole beside the original, as the table's copies were timed, and while it measures
     off its prediction plan again on the line through the measured points (the table's layers are
-    timed alone, and a plan that cuts layers unevenly strays from the uniform copies its fit saw).  A
-    plan's latency counts as its share of the original's in the same rounds, times the table's whole,
-    so a machine that got slower or faster since the profile does not move the target."""
-    table = model.table
-    for _ in range(rounds):
-        pair = [dep.model, apply_removal(dep, removed)]
-        original_ms, measured = _time_whole(pair, table)
-        if abs(table.end_to_end_ms * measured / original_ms / model.predict(removed) - 1.0) > FEEDBACK_RETIME:
-            original_ms, measured = np.minimum([original_ms, measured], _time_whole(pair, table)).tolist()
-        check = model.add_timing(removed, table.end_to_end_ms * measured / original_ms)
+    timed alone, and a plan that cuts layers unevenly strays from the uniform copies its fit saw), up to
+    `rounds` times.  A plan's latency counts as its share of the original's in the same rounds, times
+    the table's whole, so a machine that got slower or faster since the profile does not move the
+    target.  Every plan returned was timed: of those measured within the target, the slowest (they lie
+    on one allocation path, so it keeps the most), else the fastest, with a warning."""
+    timed: list[tuple[float, np.ndarray]] = []
+    for attempt in range(rounds + 1):
+        check = model.add_timing(removed, _share_of_original(dep, model, removed))
+        timed.append((check["measured_ms"], removed))
         log.info(
             "latency feedback: predicted %.3f ms, measured %.3f ms",
             check["predicted_ms"],
             check["measured_ms"],
         )
-        if abs(check["predicted_ms"] / check["measured_ms"] - 1.0) <= FEEDBACK_TOLERANCE:
+        if abs(check["predicted_ms"] / check["measured_ms"] - 1.0) <= FEEDBACK_TOLERANCE or attempt == rounds:
             break
         removed = replan()
+        if any(np.array_equal(removed, earlier) for _, earlier in timed):
+            break  # planned again onto a plan already timed
+    within = [pair for pair in timed if pair[0] <= target_ms * (1 + FEEDBACK_TOLERANCE)]
+    if within:
+        return max(within, key=lambda pair: pair[0])[1]
+    measured, removed = min(timed, key=lambda pair: pair[0])
+    log.warning(
+        "no plan timed whole met the latency target (%.3f ms): the closest measured %.3f ms; raise "
+        "--latency-feedback, or profile again on a quiet machine",
+        target_ms,
+        measured,
+    )
     return removed
+
+
+def _share_of_original(dep: DependencyGraph, model: LatencyModel, removed: np.ndarray) -> float:
+    """The plan's whole latency (ms) as the table would have measured it: its share of the original's in
+    the same timing rounds, times the table's whole; timed again (fastest of both) when far off the
+    prediction."""
+    table = model.table
+    pair = [dep.model, apply_removal(dep, removed)]
+    original_ms, measured = _time_whole(pair, table)
+    if abs(table.end_to_end_ms * measured / original_ms / model.predict(removed) - 1.0) > FEEDBACK_RETIME:
+        original_ms, measured = np.minimum([original_ms, measured], _time_whole(pair, table)).tolist()
+    return table.end_to_end_ms * measured / original_ms
 
 
 def _time_whole(models: list[onnx.ModelProto], table: LatencyTable) -> list[float]:
@@ -531,7 +590,8 @@ def recover(
 
 
 def _predicted(model: LatencyModel | None, removed: np.ndarray) -> dict[str, object] | None:
-    """What the plan records about latency: the table's setting, the measured whole, the prediction."""
+    """What the plan records about latency: the table's setting, the measured whole, the prediction, and
+    the plan's own whole timing when feedback timed it."""
     if model is None:
         return None
     table = model.table
@@ -541,6 +601,7 @@ def _predicted(model: LatencyModel | None, removed: np.ndarray) -> dict[str, obj
         "threads": table.threads,
         "original_ms": table.end_to_end_ms,
         "predicted_ms": model.predict(removed),
+        "measured_ms": model.measured_ms(removed),
         "table_predicted_ms": table.whole_ms(model.kernels_ms(removed)),
         "feedback": model.checks,
         "layers_sum_error": table.sum_error,

@@ -121,9 +121,11 @@ def cmd_prune(args: argparse.Namespace) -> int:
         timed = ", ".join(
             f"{c['measured_ms']:.3f} ms (predicted {c['predicted_ms']:.3f})" for c in predicted["feedback"]
         )
+        chosen = predicted["measured_ms"]
         console.print(
             f"latency    table alone {predicted['table_predicted_ms']:.3f} ms; timed whole: {timed}; "
-            f"final plan predicted {predicted['predicted_ms']:.3f} ms",
+            f"kept plan predicted {predicted['predicted_ms']:.3f} ms"
+            + (f", measured {chosen:.3f} ms" if chosen is not None else ""),
             soft_wrap=True,
         )
     plan_path = Path(args.plan_out) if args.plan_out else output.with_suffix(".plan.json")
@@ -249,6 +251,7 @@ def cmd_profile(args: argparse.Namespace) -> int:
     out.print(
         f"{Path(args.model).name}  {table.provider}  batch {table.batch}  {table.threads or 'default'} threads  "
         f"{len(table.layers)} layers, {len(table.curves)} signatures timed in {table.seconds:.1f} s"
+        + (f" ({table.passes} passes: the first missed its check)" if table.passes > 1 else "")
     )
     slope, intercept = table.fit
     out.print(

@@ -240,6 +240,7 @@ class LatencyModel:
         # (predicted kernel ms, measured whole ms) of plans timed whole, and the predictions they checked
         self.timed: list[tuple[float, float]] = []
         self.checks: list[dict[str, float]] = []
+        self._measured: dict[bytes, float] = {}  # by removal mask
         self._widths: dict[int, np.ndarray | None] = {}
 
     def _classes(self, tensor: str) -> np.ndarray | None:
@@ -300,7 +301,12 @@ class LatencyModel:
         check = {"predicted_ms": self.predict(removed), "measured_ms": measured_ms}
         self.checks.append(check)
         self.timed.append((self.kernels_ms(removed), measured_ms))
+        self._measured[np.packbits(removed).tobytes()] = measured_ms
         return check
+
+    def measured_ms(self, removed: np.ndarray) -> float | None:
+        """The whole latency (ms, in the table's terms) this removal was timed at, if it was."""
+        return self._measured.get(np.packbits(removed).tobytes())
 
     def group_widths(self, group: Group) -> np.ndarray | None:
         """Kept widths of `group` worth choosing, ascending: the widths at which all of the group's own

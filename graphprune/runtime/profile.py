@@ -154,6 +154,7 @@ class LatencyTable:
     check_point: tuple[float, float] | None = None
     block: int = 1
     other_ms: float = 0.0
+    passes: int = 1  # over the layers (a second when the first failed its check)
 
     @property
     def layers_sum_ms(self) -> float:
@@ -197,6 +198,31 @@ class LatencyTable:
             return None
         return self.whole_ms(self.check_point[0]) / self.check_point[1] - 1.0
 
+    def fastest_with(self, other: LatencyTable) -> LatencyTable:
+        """This table with every timed point (and the whole) at the faster of its and `other`'s timing
+        of the same model and settings: a neighbour's load only ever slows a timing down, so the
+        point-wise minimum of two passes keeps what either caught at the machine's own speed."""
+        curves = {}
+        for signature, mine in self.curves.items():
+            theirs = other.curves[signature]
+            curves[signature] = replace(
+                mine,
+                full_ms=min(mine.full_ms, theirs.full_ms),
+                out_ms=np.minimum(mine.out_ms, theirs.out_ms).tolist(),
+                in_ms=np.minimum(mine.in_ms, theirs.in_ms).tolist(),
+            )
+        return replace(
+            self,
+            curves=curves,
+            end_to_end_ms=min(self.end_to_end_ms, other.end_to_end_ms),
+            other_ms=min(self.other_ms, other.other_ms),
+            machine={**self.machine, "load_1min": [*self.machine["load_1min"], *other.machine["load_1min"]]},
+            seconds=self.seconds + other.seconds,
+            passes=self.passes + other.passes,
+            calibration=[],
+            check_point=None,
+        )
+
     def curve(self, node: str) -> LayerCurve | None:
         signature = self.layers.get(node)
         return self.curves[signature] if signature is not None else None
@@ -223,6 +249,7 @@ class LatencyTable:
             "threads": self.threads,
             "machine": self.machine,
             "seconds": round(self.seconds, 2),
+            "passes": self.passes,
             "block": self.block,
             "end_to_end_ms": self.end_to_end_ms,
             "layers_sum_ms": self.layers_sum_ms,
@@ -259,6 +286,7 @@ class LatencyTable:
             curves={sig: LayerCurve(**curve) for sig, curve in data["curves"].items()},
             machine=data.get("machine", {}),
             seconds=float(data.get("seconds", 0.0)),
+            passes=int(data.get("passes", 1)),
             block=int(data.get("block", 1)),
             other_ms=float(data.get("other_ms", 0.0)),
             calibration=[(float(a), float(b)) for a, b in data.get("calibration", [])],
