@@ -159,9 +159,17 @@ class Series:
 
 
 def plot_series(
-    series: Sequence[Series], path: Path, *, title: str, xlabel: str, ylabel: str, loglog: bool = False
+    series: Sequence[Series],
+    path: Path,
+    *,
+    title: str,
+    xlabel: str,
+    ylabel: str,
+    loglog: bool = False,
+    xticks: Mapping[float, str] | None = None,
 ) -> Path:
-    """Lines/scatters on the Agg canvas (no pyplot, no global backend), written atomically as PNG."""
+    """Lines/scatters on the Agg canvas (no pyplot, no global backend), written atomically as PNG;
+    `xticks` names categories placed at those x positions."""
     fig = Figure(figsize=(7.5, 5.0), dpi=120, layout="constrained")
     FigureCanvasAgg(fig)
     ax = fig.add_subplot()
@@ -179,6 +187,8 @@ def plot_series(
     if loglog:
         ax.set_xscale("log")
         ax.set_yscale("log")
+    if xticks:
+        ax.set_xticks(list(xticks), list(xticks.values()))
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
     ax.set_title(title)
