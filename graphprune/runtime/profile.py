@@ -17,6 +17,7 @@ uniformly pruned copies), smaller versions of it.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -24,7 +25,7 @@ import os
 import platform
 import tempfile
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -117,6 +118,15 @@ class LayerCurve:
     in_widths: list[int] = field(default_factory=list)
     in_ms: list[float] = field(default_factory=list)
 
+    def fastest_with(self, other: LayerCurve) -> LayerCurve:
+        """This curve with every point at the faster of its and `other`'s timing (same widths)."""
+        return replace(
+            self,
+            full_ms=min(self.full_ms, other.full_ms),
+            out_ms=np.minimum(self.out_ms, other.out_ms).tolist(),
+            in_ms=np.minimum(self.in_ms, other.in_ms).tolist(),
+        )
+
     def latency(self, kept_in: int, kept_out: int) -> float:
         """Separable model: full x f_out(kept_out) x f_in(kept_in), each factor read from its curve at
         the smallest timed width that holds the kept channels.  Exact at timed widths, which are the
@@ -202,18 +212,9 @@ class LatencyTable:
         """This table with every timed point (and the whole) at the faster of its and `other`'s timing
         of the same model and settings: a neighbour's load only ever slows a timing down, so the
         point-wise minimum of two passes keeps what either caught at the machine's own speed."""
-        curves = {}
-        for signature, mine in self.curves.items():
-            theirs = other.curves[signature]
-            curves[signature] = replace(
-                mine,
-                full_ms=min(mine.full_ms, theirs.full_ms),
-                out_ms=np.minimum(mine.out_ms, theirs.out_ms).tolist(),
-                in_ms=np.minimum(mine.in_ms, theirs.in_ms).tolist(),
-            )
         return replace(
             self,
-            curves=curves,
+            curves={sig: curve.fastest_with(other.curves[sig]) for sig, curve in self.curves.items()},
             end_to_end_ms=min(self.end_to_end_ms, other.end_to_end_ms),
             other_ms=min(self.other_ms, other.other_ms),
             machine={**self.machine, "load_1min": [*self.machine["load_1min"], *other.machine["load_1min"]]},
@@ -351,10 +352,58 @@ def profile_model(
         by_signature.setdefault(spec.signature, spec)
     points = sum(len(_points(spec, timing)) for spec in by_signature.values())
     log.info("profiling %d layers, %d signatures, %d points", len(layers), len(by_signature), points)
-    curves: dict[str, LayerCurve] = {}
-    with tqdm(total=points, desc="profile", unit="pt", disable=None, leave=False) as bar:
-        for signature, spec in by_signature.items():
-            curves[signature] = _curve(spec, provider, batch, threads, timing, measure, bar)
+    canary = _Canary(
+        measure
+        or (lambda m, b: bench(m, batch=b, threads=threads, provider=provider, warmup=3, runs=15).median_ms)
+    )
+    # on the CPU every signature is timed once per pass, so that a burst of load shorter than a pass
+    # slows one of each layer's rounds at most; a CUDA layer keeps its session open for its rounds
+    passes, per_pass = (timing.rounds, 1) if provider == "cpu" else (1, timing.rounds)
+    best: dict[str, dict[tuple[int, int], float]] = {sig: {} for sig in by_signature}
+    fast: set[str] = set()  # signatures timed in at least one pass between two fast canary readings
+
+    def time_pass(signature: str, index: int) -> None:
+        with canary.watch() as watched:
+            times = _time_points(
+                by_signature[signature],
+                provider,
+                batch,
+                threads,
+                replace(timing, rounds=per_pass),
+                measure,
+                index,
+            )
+        for pair, ms in times.items():
+            best[signature][pair] = min(ms, best[signature].get(pair, math.inf))
+        if not watched.slow:
+            fast.add(signature)
+        bar.update(len(times))
+
+    with tqdm(total=points * passes, desc="profile", unit="pt", disable=None, leave=False) as bar:
+        for index in range(passes):
+            for signature in by_signature:
+                time_pass(signature, index)
+        slow = [sig for sig in by_signature if sig not in fast]
+        timed_slow = len(slow)
+        for extra in range(CANARY_RETIMES):
+            if not slow:
+                break
+            canary.wait()
+            bar.total += sum(len(_points(by_signature[sig], timing)) for sig in slow)
+            for signature in slow:
+                time_pass(signature, passes + extra)
+            slow = [sig for sig in slow if sig not in fast]
+    if timed_slow:
+        log.info(
+            "%d of %d signatures had every pass beside a slow canary (last readings %s ms, fastest "
+            "%.3f): timed again, each point at its fastest; %d still slow",
+            timed_slow,
+            len(by_signature),
+            canary.readings[-3:],
+            canary.fastest,
+            len(slow),
+        )
+    curves = {sig: _curve(by_signature[sig], best[sig]) for sig in by_signature}
     whole.append(whole_ms(model, batch))
     # CUDA kernels run asynchronously to the host: there the other ops are left to the whole's fit
     other = (
@@ -373,7 +422,13 @@ def profile_model(
         other_ms=other,
         layers={spec.node: spec.signature for spec in layers},
         curves=curves,
-        machine={"host": platform.node(), "cpu": _cpu(), "cores": os.cpu_count(), "load_1min": loads},
+        machine={
+            "host": platform.node(),
+            "cpu": _cpu(),
+            "cores": os.cpu_count(),
+            "load_1min": loads,
+            "signatures_timed_slow": timed_slow,
+        },
         seconds=time.perf_counter() - start,
     )
     log.info(
@@ -383,6 +438,56 @@ def profile_model(
         100 * table.sum_error,
     )
     return table
+
+
+# The canary: a small conv chain timed before and after each signature.  A neighbour's load slows small
+# kernels most (a 32-wide 3x3 chain at 28x28 ran 0.20 ms on a quiet machine, 0.24-0.39 ms beside one
+# busy loop; a mobilenet_v2 profile taken beside a neighbour had its narrow layers up to 2x slow), so
+# a signature beside a canary read this much slower than its fastest is timed again, up to
+# CANARY_RETIMES times, after waiting up to CANARY_WAIT_S for the canary to read fast.
+CANARY_WIDTH = 32
+CANARY_SLOW = 1.1
+CANARY_RETIMES = 2
+CANARY_WAIT_S = 5.0
+
+
+class _Canary:
+    """Times the probe chain (ms, batch 1); `watch()` brackets a stretch of profiling and says whether
+    the machine ran slow at either end of it."""
+
+    def __init__(self, measure: Callable[[ModelLike, int], float]) -> None:
+        self.graph = probe_chain(CANARY_WIDTH)
+        self.measure = measure
+        self.readings: list[float] = []
+
+    @property
+    def fastest(self) -> float:
+        return min(self.readings)
+
+    def read(self) -> float:
+        self.readings.append(round(self.measure(self.graph, 1), 4))  # ~5 ms at 0.2 ms a run
+        return self.readings[-1]
+
+    def is_slow(self, reading: float) -> bool:
+        return reading > CANARY_SLOW * self.fastest
+
+    @contextlib.contextmanager
+    def watch(self) -> Iterator[_Watched]:
+        """Slow when the reading before the stretch (the last one, if any) or the one after it is."""
+        watched = _Watched(self.is_slow(self.readings[-1] if self.readings else self.read()))
+        yield watched
+        watched.slow = self.is_slow(self.read()) or watched.slow
+
+    def wait(self) -> None:
+        """Return once the canary reads fast, or after CANARY_WAIT_S."""
+        deadline = time.perf_counter() + CANARY_WAIT_S
+        while self.is_slow(self.read()) and time.perf_counter() < deadline:
+            time.sleep(0.5)
+
+
+@dataclass
+class _Watched:
+    slow: bool
 
 
 def _points(spec: LayerSpec, timing: Timing) -> list[tuple[int, int]]:
@@ -460,45 +565,41 @@ def probe_chain(width: int, size: int = 28) -> onnx.ModelProto:
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
 
 
-def _curve(
+def _time_points(
     spec: LayerSpec,
     provider: str,
     batch: int,
     threads: int | None,
     timing: Timing,
     measure: Callable[[ModelLike, int], float] | None,
-    bar: tqdm,
-) -> LayerCurve:
+    first_round: int,
+) -> dict[tuple[int, int], float]:
+    """The layer at each of its (input, output) width pairs, timed in `timing.rounds` interleaved rounds
+    (numbered from `first_round`): each pair's fastest round (ms)."""
     pairs = _points(spec, timing)
     if measure is not None:
-        best = {}
-        for pair in pairs:
-            best[pair] = measure(layer_graph(spec, *pair), batch)
-            bar.update()
-    else:
-        with tempfile.TemporaryDirectory(prefix="graphprune-profile-") as folder:
-            timers = {
-                pair: _LayerTimer(
-                    spec,
-                    pair,
-                    provider,
-                    batch,
-                    threads,
-                    Path(folder) / f"p{i}" if provider == "cpu" else None,
-                )
-                for i, pair in enumerate(pairs)
-            }
-            for round_index in range(timing.rounds):
-                for timer in timers.values():
-                    timer.run_round(timing, round_index)
-            best = {pair: timer.best() for pair, timer in timers.items()}
-        bar.update(len(pairs))
-    full = best[pairs[-1]]
-    curve = LayerCurve(full_ms=full)
-    if spec.tied:
-        curve.out_widths = [p[1] for p in pairs]
-        curve.out_ms = [best[p] for p in pairs]
+        return {pair: measure(layer_graph(spec, *pair), batch) for pair in pairs}
+    with tempfile.TemporaryDirectory(prefix="graphprune-profile-") as folder:
+        timers = {
+            pair: _LayerTimer(
+                spec, pair, provider, batch, threads, Path(folder) / f"p{i}" if provider == "cpu" else None
+            )
+            for i, pair in enumerate(pairs)
+        }
+        for round_index in range(first_round, first_round + timing.rounds):
+            for timer in timers.values():
+                timer.run_round(timing, round_index)
+        return {pair: timer.best() for pair, timer in timers.items()}
+
+
+def _curve(spec: LayerSpec, best: dict[tuple[int, int], float]) -> LayerCurve:
+    """The signature's curve from its timed width pairs (`best`: pair -> ms)."""
+    curve = LayerCurve(full_ms=best[spec.in_channels, spec.out_channels])
+    if spec.tied:  # one width: the output's (the input's follows it)
+        by_out = sorted((p[1], ms) for p, ms in best.items())
+        curve.out_widths, curve.out_ms = [w for w, _ in by_out], [ms for _, ms in by_out]
         return curve
+    pairs = list(best)
     outs = sorted((p[1], best[p]) for p in pairs if p[0] == spec.in_channels)
     ins = sorted((p[0], best[p]) for p in pairs if p[1] == spec.out_channels)
     curve.out_widths, curve.out_ms = [w for w, _ in outs], [t for _, t in outs]
@@ -539,11 +640,7 @@ class _LayerTimer:
     ) -> None:
         self.graph = layer_graph(spec, *pair)
         self.provider, self.threads, self.profile_prefix = provider, threads, profile_prefix
-        self.feed = {
-            "x": np.random.default_rng(0)
-            .standard_normal(_input_shape(spec, batch, pair[0]))
-            .astype(np.float32)
-        }
+        self.feed = {"x": noise(_input_shape(spec, batch, pair[0]))}
         self.kept_open = None if provider == "cpu" else self._open(None)
         self.medians: list[float] = []  # per round: its median run (ms)
 
@@ -618,9 +715,22 @@ def _input_shape(spec: LayerSpec, batch: int, in_width: int) -> tuple[int, ...]:
     return (batch, *spec.leading, in_width)
 
 
+_NOISE = np.empty(0, dtype=np.float32)
+
+
+def noise(shape: tuple[int, ...]) -> np.ndarray:
+    """Standard normal float32 values of `shape`, a view of one seeded buffer grown on demand: a
+    profile builds its layers' weights and inputs once per pass, and drawing them anew each time cost
+    as much as a third of a batch-1 profile."""
+    global _NOISE
+    count = math.prod(shape)
+    if count > _NOISE.size:
+        _NOISE = np.random.default_rng(0).standard_normal(count, dtype=np.float32)
+    return _NOISE[:count].reshape(shape)
+
+
 def layer_graph(spec: LayerSpec, in_width: int, out_width: int) -> onnx.ModelProto:
     """The layer alone at the given widths, random weights, input `x` with a symbolic batch."""
-    rng = np.random.default_rng(0)
     shape: list[int | str] = ["N", *_input_shape(spec, 1, in_width)[1:]]
     inputs = ["x", "w"] + (["b"] if spec.bias else [])
     attributes = dict(spec.attributes)
@@ -636,9 +746,9 @@ def layer_graph(spec: LayerSpec, in_width: int, out_width: int) -> onnx.ModelPro
         nodes = [helper.make_node("MatMul", ["x", "w"], ["m" if spec.bias else "y"])]
         if spec.bias:
             nodes.append(helper.make_node("Add", ["m", "b"], ["y"]))
-    inits = [numpy_helper.from_array(rng.standard_normal(weight).astype(np.float32) * 0.1, "w")]
+    inits = [numpy_helper.from_array(noise(weight) * np.float32(0.1), "w")]
     if spec.bias:
-        inits.append(numpy_helper.from_array(rng.standard_normal(out_width).astype(np.float32), "b"))
+        inits.append(numpy_helper.from_array(noise((out_width,)), "b"))
     graph = helper.make_graph(
         nodes,
         f"layer {spec.signature}",
