@@ -74,7 +74,7 @@ def run_model(name: str, work: Path, args: argparse.Namespace) -> dict[str, obje
             "end_to_end_ms": table.end_to_end_ms,
             "check_error": table.check_error,
             "seconds": table.seconds,
-            "layer_passes": table.passes,
+            "profiles": table.profiles,
         },
         "runs": {},
     }
@@ -150,7 +150,7 @@ def render(payload: dict[str, object]) -> str:
         profile = record["profile"]
         lines.append(
             f"- {record['model']}: original {profile['end_to_end_ms']:.2f} ms; profile "
-            f"{profile['seconds']:.0f} s, {profile['layer_passes']} pass(es) over the layers, check copy "
+            f"{profile['seconds']:.0f} s, {profile['profiles']} profile(s) of the layers, check copy "
             f"{100 * (profile['check_error'] or 0):+.1f}%"
         )
     lines.append("")

@@ -220,11 +220,11 @@ CALIBRATION_RATIOS = (0.5, 0.75, 0.3)
 # not the others bent the fit (mobilenet_v2's check copy timed slower than the whole model, 38% off).
 CALIBRATION_TOLERANCE = 0.1
 CALIBRATION_RETIMES = 2
-# Passes over the layers (each point at its fastest pass) while the fit still misses its check copy:
+# Profiles of the layers (each point at its fastest profile) while the fit still misses its check copy:
 # a neighbour that stole the second vCPU for the whole of a profile slowed mobilenet_v2's narrow
 # layers up to 2x and its wide ones 1.2x, and the fit missed its check copy by 37% however often the
 # copies were timed again.
-PROFILE_PASSES = 2
+PROFILE_ATTEMPTS = 2
 
 
 def _profile(
@@ -232,7 +232,7 @@ def _profile(
 ) -> LatencyTable:
     where = {"provider": source.provider, "batch": source.batch, "threads": source.threads}
     table = profile_model(dep.model, layer_specs(dep), timing=timing, model_sha256=sha, **where)
-    for attempt in range(PROFILE_PASSES):
+    for attempt in range(PROFILE_ATTEMPTS):
         if attempt:
             log.info(
                 "timing the layers again: the fit missed its check copy by more than %.0f%%",
@@ -243,11 +243,11 @@ def _profile(
         if _calibrate(dep, table, where, timing):
             return table
     log.warning(
-        "the latency table's fit misses its check copy by %+.0f%% after %d passes: the machine's speed "
+        "the latency table's fit misses its check copy by %+.0f%% after %d profiles: the machine's speed "
         "changed while profiling (another job?); plans made with it are timed whole (--latency-feedback), "
         "or profile again on a quiet machine",
         100 * (table.check_error or 0),
-        PROFILE_PASSES,
+        PROFILE_ATTEMPTS,
     )
     return table
 
@@ -264,10 +264,11 @@ def _calibrate(
     removals = [RemovalPlanner(PlanOptions(ratio=r), latency=model)(dep, zeros) for r in CALIBRATION_RATIOS]
     copies = [apply_removal(dep, removed) for removed in removals]
     kernels = [model.kernels_ms(removed) for removed in removals]
-    times = np.asarray(measure_wholes([dep.model, *copies], timing=timing, **where))
+    quiet = {"timing": timing, "canary_ms": table.canary_ms, **where}
+    times = np.asarray(measure_wholes([dep.model, *copies], **quiet))
     for attempt in range(CALIBRATION_RETIMES + 1):
         if attempt:
-            times = np.minimum(times, measure_wholes([dep.model, *copies], timing=timing, **where))
+            times = np.minimum(times, measure_wholes([dep.model, *copies], **quiet))
         shares = times[1:] / times[0]
         table.end_to_end_ms = min(table.end_to_end_ms, float(times[0]))
         points = list(zip(kernels, (table.end_to_end_ms * shares).tolist(), strict=True))
@@ -390,7 +391,12 @@ def _share_of_original(dep: DependencyGraph, model: LatencyModel, removed: np.nd
 
 def _time_whole(models: list[onnx.ModelProto], table: LatencyTable) -> list[float]:
     return measure_wholes(
-        models, provider=table.provider, batch=table.batch, threads=table.threads, timing=FEEDBACK_TIMING
+        models,
+        provider=table.provider,
+        batch=table.batch,
+        threads=table.threads,
+        timing=FEEDBACK_TIMING,
+        canary_ms=table.canary_ms,
     )
 
 

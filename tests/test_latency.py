@@ -14,6 +14,7 @@ import sys
 import weakref
 from collections.abc import Callable
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import onnx
@@ -483,7 +484,7 @@ def test_a_profile_whose_fit_misses_its_check_copy_times_its_layers_again(
     monkeypatch.setattr("graphprune.api.measure_wholes", measure_wholes)
     with caplog.at_level(logging.WARNING, logger="graphprune.api"):
         table = api._profile(analyze_model(model), None, LatencySource())
-    assert len(passes) == table.passes == 2
+    assert len(passes) == table.profiles == 2
     if passes_slowed == 1:
         assert abs(table.check_error) < 1e-9 and not caplog.text
         assert table.curves == fake_table(model, true_costs).curves
@@ -517,6 +518,37 @@ def test_layers_timed_in_a_burst_of_load_keep_their_fast_timings(burst: str) -> 
     assert table.curves == fake_table(model, costs).curves
     assert table.machine["signatures_timed_slow"] == (0 if burst == "one pass of one layer" else 3)
     assert len(readings) == passes_read + (0 if burst == "one pass of one layer" else 1 + len(costs))
+
+
+@pytest.mark.parametrize("quiet_canary", [None, 0.2])
+def test_whole_timings_given_the_quiet_canary_count_only_rounds_between_fast_readings(
+    quiet_canary: float | None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A neighbour's spell slows the pruned model 1.7x (the original 1.1x) through the first two rounds
+    and the canary 1.5x after them: without the profile's canary reading both rounds count and the
+    pruned model reads slow; with it they (and the round after a slow reading) are set aside and rounds
+    run on until two are clean."""
+    original, pruned = chain(), chain()
+    pruned.graph.name = "pruned"
+    calls = {"canary": 0, "model": 0}
+
+    def bench(model: onnx.ModelProto, **_: object) -> SimpleNamespace:
+        if model.graph.name.startswith("alignment probe"):
+            calls["canary"] += 1
+            return SimpleNamespace(median_ms=0.2 * (1.5 if calls["canary"] in (2, 3) else 1.0))
+        spell = calls["model"] < 4  # the first two rounds of two models
+        calls["model"] += 1
+        if model.graph.name == "pruned":
+            return SimpleNamespace(median_ms=0.5 * (1.7 if spell else 1.0))
+        return SimpleNamespace(median_ms=1.0 * (1.1 if spell else 1.0))
+
+    monkeypatch.setattr(profile, "bench", bench)
+    times = profile.measure_wholes([original, pruned], timing=Timing(rounds=2), canary_ms=quiet_canary)
+    if quiet_canary is None:
+        assert times == pytest.approx([1.1, 0.85]) and calls == {"canary": 0, "model": 4}
+    else:
+        assert times == pytest.approx([1.0, 0.5])
+        assert calls == {"canary": 6, "model": 10}  # rounds 1-3 set aside, 4-5 clean
 
 
 def run_cli(*args: object) -> subprocess.CompletedProcess[str]:

@@ -251,7 +251,7 @@ def cmd_profile(args: argparse.Namespace) -> int:
     out.print(
         f"{Path(args.model).name}  {table.provider}  batch {table.batch}  {table.threads or 'default'} threads  "
         f"{len(table.layers)} layers, {len(table.curves)} signatures timed in {table.seconds:.1f} s"
-        + (f" ({table.passes} passes: the first missed its check)" if table.passes > 1 else "")
+        + (f" ({table.profiles} profiles: the first missed its check)" if table.profiles > 1 else "")
     )
     slope, intercept = table.fit
     out.print(

@@ -164,7 +164,8 @@ class LatencyTable:
     check_point: tuple[float, float] | None = None
     block: int = 1
     other_ms: float = 0.0
-    passes: int = 1  # over the layers (a second when the first failed its check)
+    profiles: int = 1  # of the layers, each point at its fastest (a second when the first missed its check)
+    canary_ms: float | None = None  # the canary's fastest reading while profiling: the machine's quiet speed
 
     @property
     def layers_sum_ms(self) -> float:
@@ -219,7 +220,8 @@ class LatencyTable:
             other_ms=min(self.other_ms, other.other_ms),
             machine={**self.machine, "load_1min": [*self.machine["load_1min"], *other.machine["load_1min"]]},
             seconds=self.seconds + other.seconds,
-            passes=self.passes + other.passes,
+            profiles=self.profiles + other.profiles,
+            canary_ms=min((c for c in (self.canary_ms, other.canary_ms) if c is not None), default=None),
             calibration=[],
             check_point=None,
         )
@@ -250,7 +252,8 @@ class LatencyTable:
             "threads": self.threads,
             "machine": self.machine,
             "seconds": round(self.seconds, 2),
-            "passes": self.passes,
+            "profiles": self.profiles,
+            "canary_ms": self.canary_ms,
             "block": self.block,
             "end_to_end_ms": self.end_to_end_ms,
             "layers_sum_ms": self.layers_sum_ms,
@@ -287,7 +290,8 @@ class LatencyTable:
             curves={sig: LayerCurve(**curve) for sig, curve in data["curves"].items()},
             machine=data.get("machine", {}),
             seconds=float(data.get("seconds", 0.0)),
-            passes=int(data.get("passes", 1)),
+            profiles=int(data.get("profiles", 1)),
+            canary_ms=data.get("canary_ms"),
             block=int(data.get("block", 1)),
             other_ms=float(data.get("other_ms", 0.0)),
             calibration=[(float(a), float(b)) for a, b in data.get("calibration", [])],
@@ -352,15 +356,13 @@ def profile_model(
         by_signature.setdefault(spec.signature, spec)
     points = sum(len(_points(spec, timing)) for spec in by_signature.values())
     log.info("profiling %d layers, %d signatures, %d points", len(layers), len(by_signature), points)
-    canary = _Canary(
-        measure
-        or (lambda m, b: bench(m, batch=b, threads=threads, provider=provider, warmup=3, runs=15).median_ms)
-    )
+    canary = _Canary(measure) if measure is not None else _Canary.timed(provider, threads)
     # on the CPU every signature is timed once per pass, so that a burst of load shorter than a pass
     # slows one of each layer's rounds at most; a CUDA layer keeps its session open for its rounds
     passes, per_pass = (timing.rounds, 1) if provider == "cpu" else (1, timing.rounds)
     best: dict[str, dict[tuple[int, int], float]] = {sig: {} for sig in by_signature}
     fast: set[str] = set()  # signatures timed in at least one pass between two fast canary readings
+    noise = _Noise()
 
     def time_pass(signature: str, index: int) -> None:
         with canary.watch() as watched:
@@ -372,6 +374,7 @@ def profile_model(
                 replace(timing, rounds=per_pass),
                 measure,
                 index,
+                noise,
             )
         for pair, ms in times.items():
             best[signature][pair] = min(ms, best[signature].get(pair, math.inf))
@@ -422,6 +425,7 @@ def profile_model(
         other_ms=other,
         layers={spec.node: spec.signature for spec in layers},
         curves=curves,
+        canary_ms=canary.fastest,
         machine={
             "host": platform.node(),
             "cpu": _cpu(),
@@ -440,7 +444,7 @@ def profile_model(
     return table
 
 
-# The canary: a small conv chain timed before and after each signature.  A neighbour's load slows small
+# The canary: a small conv chain timed before and after each layer's pass.  A neighbour's load slows small
 # kernels most (a 32-wide 3x3 chain at 28x28 ran 0.20 ms on a quiet machine, 0.24-0.39 ms beside one
 # busy loop; a mobilenet_v2 profile taken beside a neighbour had its narrow layers up to 2x slow), so
 # a signature beside a canary read this much slower than its fastest is timed again, up to
@@ -455,14 +459,23 @@ class _Canary:
     """Times the probe chain (ms, batch 1); `watch()` brackets a stretch of profiling and says whether
     the machine ran slow at either end of it."""
 
-    def __init__(self, measure: Callable[[ModelLike, int], float]) -> None:
+    def __init__(self, measure: Callable[[ModelLike, int], float], baseline: float | None = None) -> None:
         self.graph = probe_chain(CANARY_WIDTH)
         self.measure = measure
+        self.baseline = baseline
         self.readings: list[float] = []
+
+    @classmethod
+    def timed(cls, provider: str, threads: int | None, baseline: float | None = None) -> _Canary:
+        """The canary timed by onnxruntime; `baseline`: a fastest reading taken earlier (a profile's)."""
+        return cls(
+            lambda m, b: bench(m, batch=b, threads=threads, provider=provider, warmup=3, runs=15).median_ms,
+            baseline,
+        )
 
     @property
     def fastest(self) -> float:
-        return min(self.readings)
+        return min(self.readings + ([] if self.baseline is None else [self.baseline]))
 
     def read(self) -> float:
         self.readings.append(round(self.measure(self.graph, 1), 4))  # ~5 ms at 0.2 ms a run
@@ -573,16 +586,24 @@ def _time_points(
     timing: Timing,
     measure: Callable[[ModelLike, int], float] | None,
     first_round: int,
+    noise: _Noise | None = None,
 ) -> dict[tuple[int, int], float]:
     """The layer at each of its (input, output) width pairs, timed in `timing.rounds` interleaved rounds
     (numbered from `first_round`): each pair's fastest round (ms)."""
     pairs = _points(spec, timing)
+    noise = noise or _Noise()
     if measure is not None:
-        return {pair: measure(layer_graph(spec, *pair), batch) for pair in pairs}
+        return {pair: measure(layer_graph(spec, *pair, noise), batch) for pair in pairs}
     with tempfile.TemporaryDirectory(prefix="graphprune-profile-") as folder:
         timers = {
             pair: _LayerTimer(
-                spec, pair, provider, batch, threads, Path(folder) / f"p{i}" if provider == "cpu" else None
+                spec,
+                pair,
+                provider,
+                batch,
+                threads,
+                Path(folder) / f"p{i}" if provider == "cpu" else None,
+                noise,
             )
             for i, pair in enumerate(pairs)
         }
@@ -637,8 +658,9 @@ class _LayerTimer:
         batch: int,
         threads: int | None,
         profile_prefix: Path | None,
+        noise: _Noise,
     ) -> None:
-        self.graph = layer_graph(spec, *pair)
+        self.graph = layer_graph(spec, *pair, noise)
         self.provider, self.threads, self.profile_prefix = provider, threads, profile_prefix
         self.feed = {"x": noise(_input_shape(spec, batch, pair[0]))}
         self.kept_open = None if provider == "cpu" else self._open(None)
@@ -715,22 +737,27 @@ def _input_shape(spec: LayerSpec, batch: int, in_width: int) -> tuple[int, ...]:
     return (batch, *spec.leading, in_width)
 
 
-_NOISE = np.empty(0, dtype=np.float32)
-
-
-def noise(shape: tuple[int, ...]) -> np.ndarray:
-    """Standard normal float32 values of `shape`, a view of one seeded buffer grown on demand: a
+class _Noise:
+    """Standard normal float32 values of any shape, views of one seeded buffer grown on demand: a
     profile builds its layers' weights and inputs once per pass, and drawing them anew each time cost
     as much as a third of a batch-1 profile."""
-    global _NOISE
-    count = math.prod(shape)
-    if count > _NOISE.size:
-        _NOISE = np.random.default_rng(0).standard_normal(count, dtype=np.float32)
-    return _NOISE[:count].reshape(shape)
+
+    def __init__(self) -> None:
+        self.buffer = np.empty(0, dtype=np.float32)
+
+    def __call__(self, shape: tuple[int, ...]) -> np.ndarray:
+        count = math.prod(shape)
+        if count > self.buffer.size:
+            self.buffer = np.random.default_rng(0).standard_normal(count, dtype=np.float32)
+        return self.buffer[:count].reshape(shape)
 
 
-def layer_graph(spec: LayerSpec, in_width: int, out_width: int) -> onnx.ModelProto:
-    """The layer alone at the given widths, random weights, input `x` with a symbolic batch."""
+def layer_graph(
+    spec: LayerSpec, in_width: int, out_width: int, noise: _Noise | None = None
+) -> onnx.ModelProto:
+    """The layer alone at the given widths, random weights (from `noise`), input `x` with a symbolic
+    batch."""
+    noise = noise or _Noise()
     shape: list[int | str] = ["N", *_input_shape(spec, 1, in_width)[1:]]
     inputs = ["x", "w"] + (["b"] if spec.bias else [])
     attributes = dict(spec.attributes)
@@ -759,6 +786,13 @@ def layer_graph(spec: LayerSpec, in_width: int, out_width: int) -> onnx.ModelPro
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
 
 
+# A timing of whole models given the machine's quiet canary reading counts only its rounds between two
+# fast readings, running up to this many times its rounds to get them: in a neighbour's slow spell a
+# pruned mobilenet_v2 slowed more than its original (batch 32: its share read 0.46 in the feedback's 3
+# rounds, 0.37 in 5 later rounds), which comparing the two in the same rounds does not cancel.
+QUIET_ROUNDS_LIMIT = 3
+
+
 def measure_wholes(
     models: Sequence[ModelLike],
     *,
@@ -766,24 +800,42 @@ def measure_wholes(
     batch: int = 1,
     threads: int | None = None,
     timing: Timing | None = None,
+    canary_ms: float | None = None,
 ) -> list[float]:
     """Whole models' latencies (ms), timed in interleaved rounds, each the fastest round's median (so a
-    burst of load on a shared machine cannot favour one model over another)."""
+    burst of load on a shared machine cannot favour one model over another).  With `canary_ms` (a
+    profile's quiet canary reading) only rounds between two fast canary readings count, while there
+    are fewer than `timing.rounds` of them and rounds are left (QUIET_ROUNDS_LIMIT); when none was
+    clean, every round counts (with a warning)."""
     timing = timing or Timing()
-    best = [math.inf] * len(models)
     warmup, runs = timing.whole_runs
-    for _ in range(timing.rounds):
-        for index, model in enumerate(models):
-            result = bench(
-                model,
-                batch=batch,
-                threads=threads,
-                provider=provider,
-                warmup=warmup,
-                runs=runs,
+    canary = _Canary.timed(provider, threads, canary_ms) if canary_ms else None
+    rounds: list[list[float]] = []
+    clean: list[bool] = []
+    while len(rounds) < timing.rounds or (
+        canary is not None and sum(clean) < timing.rounds and len(rounds) < QUIET_ROUNDS_LIMIT * timing.rounds
+    ):
+        watching = canary.watch() if canary is not None else contextlib.nullcontext(_Watched(False))
+        with watching as watched:
+            rounds.append(
+                [
+                    bench(
+                        model, batch=batch, threads=threads, provider=provider, warmup=warmup, runs=runs
+                    ).median_ms
+                    for model in models
+                ]
             )
-            best[index] = min(best[index], result.median_ms)
-    return best
+        clean.append(not watched.slow)
+    if not any(clean):
+        log.warning(
+            "the machine ran slow (canary %.3f ms against %.3f when profiled) through all %d timing rounds: "
+            "timings of pruned models may read slow",
+            canary.readings[-1] if canary else math.nan,
+            canary_ms or math.nan,
+            len(rounds),
+        )
+    kept = [times for times, ok in zip(rounds, clean, strict=True) if ok] or rounds
+    return np.min(kept, axis=0).tolist()
 
 
 def _cpu() -> str:
