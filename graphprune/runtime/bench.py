@@ -49,12 +49,13 @@ def bench(
     warmup: int = 10,
     runs: int = 50,
     input_shapes: InputShapes | None = None,
+    show_progress: bool = True,
 ) -> LatencyResult:
     """Median / p90 latency and throughput of one model at one batch size (symbolic input sizes other
-    than the batch from `input_shapes`, else 1)."""
+    than the batch from `input_shapes`, else 1); `show_progress` False for short probes."""
     _check_counts(warmup, runs)
     session = make_session(model_path, provider=provider, threads=threads)
-    return _measure(session, model_path, batch, threads, provider, warmup, runs, input_shapes)
+    return _measure(session, model_path, batch, threads, provider, warmup, runs, input_shapes, show_progress)
 
 
 def bench_many(
@@ -86,6 +87,7 @@ def _measure(
     warmup: int,
     runs: int,
     input_shapes: InputShapes | None,
+    show_progress: bool = True,
 ) -> LatencyResult:
     if batch < 1:
         raise GraphPruneError(f"Batch size {batch} is invalid; pass a positive number.")
@@ -101,7 +103,7 @@ def _measure(
     for _ in range(warmup):
         run()
     times = np.empty(runs)
-    for index in progress(range(runs), desc=f"bench {Path(name).name} bs{batch}"):
+    for index in progress(range(runs), enabled=show_progress, desc=f"bench {Path(name).name} bs{batch}"):
         start = time.perf_counter()
         run()
         times[index] = time.perf_counter() - start
@@ -115,7 +117,14 @@ def _measure(
         provider=provider,
         model=name,
     )
-    log.info("%s: %.3f ms median, %.3f ms p90 at batch %d.", name, result.median_ms, result.p90_ms, batch)
+    log.log(
+        logging.INFO if show_progress else logging.DEBUG,
+        "%s: %.3f ms median, %.3f ms p90 at batch %d.",
+        name,
+        result.median_ms,
+        result.p90_ms,
+        batch,
+    )
     return result
 
 

@@ -469,7 +469,11 @@ class _Canary:
     def timed(cls, provider: str, threads: int | None, baseline: float | None = None) -> _Canary:
         """The canary timed by onnxruntime; `baseline`: a fastest reading taken earlier (a profile's)."""
         return cls(
-            lambda m, b: bench(m, batch=b, threads=threads, provider=provider, warmup=3, runs=15).median_ms,
+            lambda m, b: (
+                bench(
+                    m, batch=b, threads=threads, provider=provider, warmup=3, runs=15, show_progress=False
+                ).median_ms
+            ),
             baseline,
         )
 
