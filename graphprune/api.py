@@ -231,14 +231,15 @@ def _profile(
     dep: DependencyGraph, sha: str | None, source: LatencySource, timing: Timing | None = None
 ) -> LatencyTable:
     where = {"provider": source.provider, "batch": source.batch, "threads": source.threads}
-    table = profile_model(dep.model, layer_specs(dep), timing=timing, model_sha256=sha, **where)
+    specs = layer_specs(dep)
+    table = profile_model(dep.model, specs, timing=timing, model_sha256=sha, **where)
     for attempt in range(PROFILE_ATTEMPTS):
         if attempt:
             log.info(
                 "timing the layers again: the fit missed its check copy by more than %.0f%%",
                 100 * CALIBRATION_TOLERANCE,
             )
-            again = profile_model(dep.model, layer_specs(dep), timing=timing, model_sha256=sha, **where)
+            again = profile_model(dep.model, specs, timing=timing, model_sha256=sha, **where)
             table = table.fastest_with(again)
         if _calibrate(dep, table, where, timing):
             return table
@@ -462,7 +463,7 @@ def prune(
         settings = plan.settings
     else:
         scoring = Scoring(criterion, aggregate, seed, calib, calib_samples, criterion_options, threads)
-        feedback = latency.feedback if latency is not None and options.target_latency is not None else 0
+        feedback = latency.feedback if latency is not None else 0  # _plan times latency targets only
         removed, criterion_report = _plan(dep, options, before, scoring, latency_model, feedback)
         settings = {k: v for k, v in vars(options).items() if v not in (None, [], False)}
     pruned = apply_removal(dep, removed)
