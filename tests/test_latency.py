@@ -225,8 +225,10 @@ def test_grouped_conv_loses_whole_conv_groups_under_a_latency_target(objective: 
 
 
 def test_other_ops_cost_follows_the_channels_they_keep() -> None:
-    """The time measured outside the weighted layers is shared among the other ops by output size and
-    shrinks with the channels each keeps: cutting a wide activation saves more than the layers show."""
+    """The time measured outside the weighted layers is shared among the other ops: its fixed part
+    (kernel dispatch) in equal parts, which no pruning saves, the rest by the elements each op reads and
+    writes, shrinking with the channels it keeps: cutting a wide activation saves more than the layers
+    show."""
     net = Net(channels=8, size=8)
     x = net.conv(net.x, 16)
     x = net.op("Mul", [x, net.op("Sigmoid", [x])])  # a Swish onnxruntime does not fold into the conv
@@ -235,20 +237,59 @@ def test_other_ops_cost_follows_the_channels_they_keep() -> None:
     table = fake_table(model, {(8, 16): linear(0.01), (16, 24): linear(0.01), (24, 6): linear(0.01)})
     dep = analyze_model(model)
     assert LatencyModel(dep, table).others == []  # nothing measured (a CUDA table): nothing shared
-    table.other_ms = 2.0
-    latency = LatencyModel(dep, table)
-    assert sorted(op.node for op in latency.others) == ["mul3", "sigmoid2"]
-    assert sum(op.full_ms for op in latency.others) == pytest.approx(2.0)
-    assert latency.kernels_ms(np.zeros(dep.roots.size, bool)) == pytest.approx(table.kernels_ms)
     swish = next(g for g in dep.prunable_groups if g.size == 16)
     half = np.zeros(dep.roots.size, bool)
     half[np.isin(dep.roots, swish.classes[:8])] = True
-    saved = table.kernels_ms - latency.kernels_ms(half)
     removed_class = np.zeros(dep.roots.size, bool)
     removed_class[dep.roots[half]] = True
-    layers = sum(layer.latency(*latency.widths(layer, removed_class)) for layer in latency.layers)
-    layers_saved = table.layers_sum_ms - layers
-    assert saved == pytest.approx(layers_saved + 1.0)
+    for fixed_ms in (0.0, 0.5):
+        table.other_ms, table.other_fixed_ms = 2.0, fixed_ms
+        latency = LatencyModel(dep, table)
+        ops = {op.node: op for op in latency.others}
+        assert sorted(ops) == ["mul3", "sigmoid2"]
+        assert sum(op.fixed_ms + op.variable_ms for op in ops.values()) == pytest.approx(2.0)
+        assert ops["mul3"].fixed_ms == ops["sigmoid2"].fixed_ms == pytest.approx(fixed_ms / 2)
+        # the Mul reads two tensors of the Swish's size and writes one; the Sigmoid reads one
+        assert ops["mul3"].variable_ms / ops["sigmoid2"].variable_ms == pytest.approx(3 / 2)
+        assert latency.kernels_ms(np.zeros(dep.roots.size, bool)) == pytest.approx(table.kernels_ms)
+        saved = table.kernels_ms - latency.kernels_ms(half)
+        layers = sum(layer.latency(*latency.widths(layer, removed_class)) for layer in latency.layers)
+        layers_saved = table.layers_sum_ms - layers
+        assert saved == pytest.approx(layers_saved + (2.0 - fixed_ms) / 2)
+
+
+def test_the_other_ops_fixed_cost_is_the_intercept_of_their_kernels_time_against_their_bytes() -> None:
+    """Each kernel outside the weighted layers costs 4 us plus 2 ns a byte read or written: the fixed part
+    is 4 us a kernel (warm-up runs and weighted layers left out), never below 0 nor above the fastest."""
+
+    def run(ts: int, durations: list[float]) -> list[dict]:
+        sizes = [(500, 500), (1500, 1500), (2500, 2500)]  # (read, written) bytes
+        kernels = [
+            {
+                "cat": "Node",
+                "name": f"op{i}_kernel_time",
+                "ts": ts + 10 * i + 1,
+                "dur": dur,
+                "args": {"op_name": "Mul", "activation_size": str(read), "output_size": str(written)},
+            }
+            for i, (dur, (read, written)) in enumerate(zip(durations, sizes, strict=True))
+        ]
+        conv = {
+            "cat": "Node",
+            "name": "c_kernel_time",
+            "ts": ts + 50,
+            "dur": 900,
+            "args": {"op_name": "Conv"},
+        }
+        return [{"cat": "Session", "name": "model_run", "ts": ts, "dur": 100}, *kernels, conv]
+
+    events = run(0, [90, 90, 90]) + run(100, [6, 10, 14]) + run(200, [6, 10, 14])
+    assert profile._kernels_per_run(events, 3) == 3
+    assert profile._fixed_kernel_cost(events, warmup=1) == pytest.approx(0.004)
+    falling = run(0, [90, 90, 90]) + run(100, [30, 20, 10])
+    assert profile._fixed_kernel_cost(falling, warmup=1) == pytest.approx(0.010)  # the fastest's time
+    steep = run(0, [90, 90, 90]) + run(100, [1, 9, 17])
+    assert profile._fixed_kernel_cost(steep, warmup=1) == 0.0
 
 
 def test_latency_targeted_plans_are_verified_and_record_the_prediction(tmp_path: Path) -> None:

@@ -256,7 +256,8 @@ def cmd_profile(args: argparse.Namespace) -> int:
     slope, intercept = table.fit
     out.print(
         f"whole model {fmt_ms(table.end_to_end_ms)}, layers sum to {fmt_ms(table.layers_sum_ms)} "
-        f"({100 * table.sum_error:+.1f}%), other ops {fmt_ms(table.other_ms)}; "
+        f"({100 * table.sum_error:+.1f}%), other ops {fmt_ms(table.other_ms)} "
+        f"({fmt_ms(table.other_fixed_ms)} of it per-kernel dispatch); "
         f"whole = {slope:.2f} x kernels {intercept:+.3f} ms"
     )
     if table.check_error is not None:

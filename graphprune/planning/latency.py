@@ -136,10 +136,12 @@ class _Layer:
 @dataclass
 class _OtherOp:
     """An op between the weighted layers (activation, elementwise, pooling): its share of the model's
-    measured other-op time, shrinking with the channels its output keeps."""
+    measured other-op time, a fixed part (kernel dispatch) and a part that shrinks with the channels its
+    output keeps."""
 
     node: str
-    full_ms: float
+    fixed_ms: float
+    variable_ms: float
     out_classes: np.ndarray | None
     size: int
     in_classes = None  # an op's one width is its output's
@@ -150,7 +152,7 @@ class _OtherOp:
         return self.size, self.size
 
     def latency(self, kept_in: int, kept_out: int) -> float:
-        return self.full_ms * kept_out / self.size
+        return self.fixed_ms + self.variable_ms * kept_out / self.size
 
 
 # Ops without a kernel worth timing (shape arithmetic, views), and those onnxruntime folds into the
@@ -176,10 +178,11 @@ FOLDED_AFTER_CONV = frozenset(
 )
 
 
-def other_ops(dep: DependencyGraph, total_ms: float) -> list[_OtherOp]:
-    """The model's ops outside its weighted layers, each given a share of `total_ms` (their measured
-    kernel time) in proportion to the size of its output (a per-op split the profiler cannot give,
-    since onnxruntime fuses and renames them)."""
+def other_ops(dep: DependencyGraph, total_ms: float, fixed_ms: float = 0.0) -> list[_OtherOp]:
+    """The model's ops outside its weighted layers, sharing `total_ms` (their measured kernel time):
+    `fixed_ms` (what their kernels cost whatever the sizes) in equal parts, the rest in proportion to
+    the elements each reads and writes (a per-op split the profiler cannot give, since onnxruntime
+    fuses and renames them, and adds layout reorders of its own)."""
     producer = {out: node for node in dep.model.graph.node for out in node.output}
     readers = Counter(name for node in dep.model.graph.node for name in node.input)
 
@@ -191,6 +194,10 @@ def other_ops(dep: DependencyGraph, total_ms: float) -> list[_OtherOp]:
         if source is not None and source.op_type == "BatchNormalization":
             return folded(source)
         return source is not None and source.op_type == "Conv"
+
+    def elements(tensor: str) -> int:
+        shape = dep.shapes.get(tensor)
+        return int(np.prod(shape[1:])) if shape is not None and len(shape) >= 2 else 0
 
     picked = []
     for node in dep.model.graph.node:
@@ -205,11 +212,16 @@ def other_ops(dep: DependencyGraph, total_ms: float) -> list[_OtherOp]:
             continue
         view = dep.views.get(node.output[0])
         classes = None if view is None else dep.roots[view.ravel()]
-        picked.append((node.name, classes, int(np.prod(shape[1:]))))
-    volume = sum(elements for *_, elements in picked) or 1
+        traffic = sum(elements(name) for name in node.input) + elements(node.output[0])
+        picked.append((node.name, classes, traffic))
+    volume = sum(traffic for *_, traffic in picked) or 1
+    fixed_each = min(fixed_ms, total_ms) / max(len(picked), 1)
+    variable_ms = total_ms - fixed_each * len(picked)
     return [
-        _OtherOp(name, total_ms * elements / volume, classes, 1 if classes is None else classes.size)
-        for name, classes, elements in picked
+        _OtherOp(
+            name, fixed_each, variable_ms * traffic / volume, classes, 1 if classes is None else classes.size
+        )
+        for name, classes, traffic in picked
     ]
 
 
@@ -236,7 +248,7 @@ class LatencyModel:
                     spec, table.curves[signature], self._classes(node.input[0]), self._classes(node.output[0])
                 )
             )
-        self.others = other_ops(dep, table.other_ms) if table.other_ms > 0 else []
+        self.others = other_ops(dep, table.other_ms, table.other_fixed_ms) if table.other_ms > 0 else []
         # (predicted kernel ms, measured whole ms) of plans timed whole, and the predictions they checked
         self.timed: list[tuple[float, float]] = []
         self.checks: list[dict[str, float]] = []
