@@ -19,7 +19,7 @@ from graphprune.criteria.base import GateGradientSums
 from graphprune.criteria.tensors import ActivationStats, collect_activations
 from graphprune.data.dataset import ArrayDataset
 from graphprune.data.sources import load_calibration
-from graphprune.errors import CalibrationError, GraphPruneError, VerificationError
+from graphprune.errors import CalibrationError, GraphPruneError, PlanError, VerificationError
 from graphprune.model_io import LoadedModel, as_loaded, clean, model_sha256, save_model
 from graphprune.planning import PlanOptions, RemovalPlanner
 from graphprune.planning.latency import LatencyModel, layer_specs
@@ -350,7 +350,8 @@ def _measured_feedback(
     `rounds` times.  A plan's latency counts as its share of the original's in the same rounds, times
     the table's whole, so a machine that got slower or faster since the profile does not move the
     target.  Every plan returned was timed: of those measured within the target, the slowest (they lie
-    on one allocation path, so it keeps the most), else the fastest, with a warning."""
+    on one allocation path, so it keeps the most), else the fastest, with a warning (also when the
+    timings put the target out of reach of any plan)."""
     timed: list[tuple[float, np.ndarray]] = []
     for attempt in range(rounds + 1):
         check = model.add_timing(removed, _share_of_original(dep, model, removed))
@@ -362,7 +363,11 @@ def _measured_feedback(
         )
         if abs(check["predicted_ms"] / check["measured_ms"] - 1.0) <= FEEDBACK_TOLERANCE or attempt == rounds:
             break
-        removed = replan()
+        try:
+            removed = replan()
+        except PlanError as exc:  # the timings put the target out of reach: keep to the timed plans
+            log.info("latency feedback: no further plan (%s)", exc)
+            break
         if any(np.array_equal(removed, earlier) for _, earlier in timed):
             break  # planned again onto a plan already timed
     within = [pair for pair in timed if pair[0] <= target_ms * (1 + FEEDBACK_TOLERANCE)]

@@ -430,6 +430,27 @@ def test_feedback_warns_when_no_timed_plan_meets_the_target(
     assert "no plan timed whole met the latency target" in caplog.text
 
 
+def test_feedback_keeps_the_timed_plan_when_its_timing_puts_the_target_out_of_reach(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A plan timed in a neighbour's spell measures 1.8x its prediction: on the line through that timing no
+    plan reaches the target, and the prune keeps the plan it timed (with the warning) instead of
+    failing."""
+    model = chain()
+    cost = linear(1.0)
+    table = fake_table(model, {(8, 16): cost, (16, 24): cost, (24, 6): cost})
+    monkeypatch.setattr("graphprune.api._share_of_original", lambda _, m, removed: 1.8 * m.predict(removed))
+    options = PlanOptions(target_latency=0.5)
+    trusted = prune_checked(model, options, latency=LatencySource(table, feedback=0))
+    with caplog.at_level(logging.INFO, logger="graphprune.api"):
+        checked = prune_checked(model, options, latency=LatencySource(table, feedback=2))
+    (check,) = checked.plan.latency["feedback"]
+    assert check["measured_ms"] == pytest.approx(1.8 * check["predicted_ms"])
+    assert kept_widths(checked.model) == kept_widths(trusted.model)
+    assert "no further plan (cannot reach 50% of the latency" in caplog.text
+    assert "no plan timed whole met the latency target" in caplog.text
+
+
 def test_whole_model_latency_is_fitted_through_the_calibration_points() -> None:
     """The whole is predicted on the line through the measured model whose slope fits the calibration
     points; the check point is scored against that line."""
