@@ -17,8 +17,11 @@ table's own prediction (before any feedback) against the measured latency; "pred
 plan records after feedback.
 
 Every graphprune model is verified against its masked reference. All models are then timed in
-interleaved rounds (graphprune.runtime.bench; a model's latency is its fastest round's median, since
-other jobs on a shared machine only slow a round down), with the load average recorded per round.
+rounds interleaved over models and batches (graphprune.runtime.profile.WholeTimer: a plan's latency is
+its fastest round's median, since other jobs on a shared machine only slow a round down), each round of
+one model's plans between two readings of its profile's canary; only rounds with both readings fast
+count (a model short of them gets up to 3x the rounds), since in a slow spell pruned models slow down
+more than their original. The load average is recorded per round.
 
 CPU: .venv/bin/python benchmarks/bench_latency.py --models mobilenet_v2 resnet50 --batches 1
 GPU (CUDA EP): tools/device/gpu_latency.sh (writes gpu_latency.json/.md).
@@ -29,7 +32,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 import tempfile
 import time
 from pathlib import Path
@@ -44,13 +46,20 @@ from common import (
     write_json,
     write_text,
 )
+from tqdm import tqdm
 
 from graphprune import api
 from graphprune.errors import GraphPruneError
 from graphprune.planning import PlanOptions
 from graphprune.planning.latency import LatencyModel
-from graphprune.runtime.bench import bench
-from graphprune.runtime.profile import LatencyTable, LayerSpec, Timing, layer_graph, measure_wholes
+from graphprune.runtime.profile import (
+    LatencyTable,
+    LayerSpec,
+    Timing,
+    WholeTimer,
+    layer_graph,
+    measure_wholes,
+)
 from graphprune.runtime.session import make_session
 
 log = logging.getLogger("bench_latency")
@@ -171,6 +180,7 @@ def plan_models(name: str, batch: int, work: Path, args: argparse.Namespace) -> 
         "layers_sum_ms": table.layers_sum_ms,
         "sum_error": table.sum_error,
         "load_1min": table.machine.get("load_1min"),
+        "canary_ms": table.canary_ms,
     }
     paths = {"original": original}
     base = api.model_cost(api.as_loaded(original).proto)
@@ -189,7 +199,11 @@ def plan_models(name: str, batch: int, work: Path, args: argparse.Namespace) -> 
     # the latency (4) and (5) aim at: the MACs plan's, measured as their feedback measures (capped at
     # the whole model: ragged widths can run slower than the original)
     macs_ms, original_ms = measure_wholes(
-        [target_macs.model, original], provider=args.provider, batch=batch, threads=args.threads
+        [target_macs.model, original],
+        provider=args.provider,
+        batch=batch,
+        threads=args.threads,
+        canary_ms=table.canary_ms,
     )
     equal = min(1.0, macs_ms / original_ms)
     results = {"target_macs": target_macs}
@@ -222,22 +236,31 @@ def plan_models(name: str, batch: int, work: Path, args: argparse.Namespace) -> 
 
 
 def time_models(records: list[tuple[dict, dict[str, Path]]], args: argparse.Namespace) -> None:
-    """Interleaved rounds over every model and batch; the fastest round's median is kept."""
-    for _ in range(args.rounds):
-        for record, paths in records:
-            record.setdefault("loads", []).append(os.getloadavg()[0])
-            for key, path in paths.items():
-                result = bench(
-                    path,
-                    batch=record["batch"],
-                    threads=args.threads,
-                    provider=args.provider,
-                    warmup=5,
-                    runs=args.runs,
-                )
-                side = record["rows"][key]
-                side.setdefault("round_medians_ms", []).append(result.median_ms)
-                side["latency_ms"] = min(side["round_medians_ms"])
+    """Rounds interleaved over every model and batch, each round of one model's plans between two
+    readings of its profile's canary (graphprune.runtime.profile.WholeTimer): a plan's latency is its
+    fastest clean round's median, a model short of clean rounds getting more (up to 3x)."""
+    timers = [
+        WholeTimer(
+            list(paths.values()),
+            provider=args.provider,
+            batch=record["batch"],
+            threads=args.threads,
+            timing=Timing(warmup=2, runs=args.runs, rounds=args.rounds),
+            canary_ms=record["profile"]["canary_ms"],
+        )
+        for record, paths in records
+    ]
+    with tqdm(desc="timing", unit="round", disable=None) as bar:
+        while pending := [timer for timer in timers if not timer.done]:
+            for timer in pending:
+                timer.time_round()
+                bar.update()
+    for (record, paths), timer in zip(records, timers, strict=True):
+        record["loads"], record["clean_rounds"] = timer.loads, timer.clean
+        for key, medians, fastest in zip(
+            paths, zip(*timer.medians, strict=True), timer.fastest(), strict=True
+        ):
+            record["rows"][key].update(round_medians_ms=list(medians), latency_ms=fastest)
     derive([record for record, _ in records])
 
 
@@ -282,12 +305,15 @@ def render(payload: dict[str, object]) -> str:
             continue
         profile, rows = record["profile"], record["rows"]
         loads = ", ".join(f"{x:.1f}" for x in record.get("loads", []))
-        timing = record["timing"]
+        timing, clean = record["timing"], record.get("clean_rounds")
+        rounds = f"{len(record['loads'])} rounds" + (
+            f" ({sum(clean)} between fast canary readings)" if clean is not None else ""
+        )
         lines.append(
             f"**{name}, batch {batch}** ({record['macs'] / 1e9:.2f} GMACs; profile {profile['seconds']:.0f} s, "
             f"{profile['signatures']} signatures; layers sum {profile['layers_sum_ms']:.2f} ms vs whole "
-            f"{profile['end_to_end_ms']:.2f} ms, {100 * profile['sum_error']:+.0f}%; timed in {timing['rounds']} "
-            f"rounds of {timing['runs']} runs, {timing['date']}; load {loads}; the original timed "
+            f"{profile['end_to_end_ms']:.2f} ms, {100 * profile['sum_error']:+.0f}%; timed in {rounds} "
+            f"of {timing['runs']} runs, {timing['date']}; load {loads}; the original timed "
             f"{100 * (rows['original']['latency_ms'] / profile['end_to_end_ms'] - 1):+.0f}% against its profile)\n"
         )
         table, ratio = [], payload["settings"]["ratio"]

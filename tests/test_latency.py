@@ -605,12 +605,17 @@ def test_whole_timings_given_the_quiet_canary_count_only_rounds_between_fast_rea
         return SimpleNamespace(median_ms=1.0 * (1.1 if spell else 1.0))
 
     monkeypatch.setattr(profile, "bench", bench)
-    times = profile.measure_wholes([original, pruned], timing=Timing(rounds=2), canary_ms=quiet_canary)
+    timer = profile.WholeTimer([original, pruned], timing=Timing(rounds=2), canary_ms=quiet_canary)
+    while not timer.done:
+        timer.time_round()
+    times = timer.fastest()
+    assert len(timer.medians) == len(timer.loads) == len(timer.clean)
     if quiet_canary is None:
         assert times == pytest.approx([1.1, 0.85]) and calls == {"canary": 0, "model": 4}
     else:
         assert times == pytest.approx([1.0, 0.5])
-        assert calls == {"canary": 6, "model": 10}  # rounds 1-3 set aside, 4-5 clean
+        assert calls == {"canary": 6, "model": 10}
+        assert timer.clean == [False, False, False, True, True]  # rounds 1-3 set aside, 4-5 clean
 
 
 def run_cli(*args: object) -> subprocess.CompletedProcess[str]:

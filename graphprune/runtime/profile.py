@@ -851,49 +851,84 @@ def layer_graph(
 QUIET_ROUNDS_LIMIT = 3
 
 
-def measure_wholes(
-    models: Sequence[ModelLike],
-    *,
-    provider: str = "cpu",
-    batch: int = 1,
-    threads: int | None = None,
-    timing: Timing | None = None,
-    canary_ms: float | None = None,
-) -> list[float]:
-    """Whole models' latencies (ms), timed in interleaved rounds, each the fastest round's median (so a
-    burst of load on a shared machine cannot favour one model over another).  With `canary_ms` (a
-    profile's quiet canary reading) only rounds between two fast canary readings count, while there
-    are fewer than `timing.rounds` of them and rounds are left (QUIET_ROUNDS_LIMIT); when none was
-    clean, every round counts (with a warning)."""
-    timing = timing or Timing()
-    warmup, runs = timing.whole_runs
-    canary = _Canary.timed(provider, threads, canary_ms) if canary_ms else None
-    rounds: list[list[float]] = []
-    clean: list[bool] = []
-    while len(rounds) < timing.rounds or (
-        canary is not None and sum(clean) < timing.rounds and len(rounds) < QUIET_ROUNDS_LIMIT * timing.rounds
-    ):
-        watching = canary.watch() if canary is not None else contextlib.nullcontext(_Watched(False))
+class WholeTimer:
+    """Whole models timed together in rounds (each round benches every model in turn), each round
+    bracketed by canary readings when `canary_ms` (a profile's quiet reading) is given.  A model's
+    latency is its fastest round's median, so a burst of load on a shared machine cannot favour one
+    model over another; with the canary only clean rounds (a fast reading on both sides) count.
+    `done` once `timing.rounds` rounds count, or, short of clean ones, after QUIET_ROUNDS_LIMIT times
+    as many."""
+
+    def __init__(
+        self,
+        models: Sequence[ModelLike],
+        *,
+        provider: str = "cpu",
+        batch: int = 1,
+        threads: int | None = None,
+        timing: Timing | None = None,
+        canary_ms: float | None = None,
+    ) -> None:
+        self.models, self.provider, self.batch, self.threads = list(models), provider, batch, threads
+        self.timing = timing or Timing()
+        self.canary = _Canary.timed(provider, threads, canary_ms) if canary_ms else None
+        self.medians: list[list[float]] = []  # per round, per model (ms)
+        self.loads: list[float] = []  # per round: the 1-minute load average as it began
+        self.clean: list[bool] = []  # per round: no slow canary reading on either side
+
+    @property
+    def done(self) -> bool:
+        rounds = self.timing.rounds
+        if len(self.medians) < rounds:
+            return False
+        return (
+            self.canary is None
+            or sum(self.clean) >= rounds
+            or len(self.medians) >= QUIET_ROUNDS_LIMIT * rounds
+        )
+
+    def time_round(self) -> None:
+        warmup, runs = self.timing.whole_runs
+        self.loads.append(os.getloadavg()[0])
+        watching = self.canary.watch() if self.canary is not None else contextlib.nullcontext(_Watched(False))
         with watching as watched:
-            rounds.append(
+            self.medians.append(
                 [
                     bench(
-                        model, batch=batch, threads=threads, provider=provider, warmup=warmup, runs=runs
+                        model,
+                        batch=self.batch,
+                        threads=self.threads,
+                        provider=self.provider,
+                        warmup=warmup,
+                        runs=runs,
+                        show_progress=False,
                     ).median_ms
-                    for model in models
+                    for model in self.models
                 ]
             )
-        clean.append(not watched.slow)
-    if not any(clean):
-        log.warning(
-            "the machine ran slow (canary %.3f ms against %.3f when profiled) through all %d timing rounds: "
-            "timings of pruned models may read slow",
-            canary.readings[-1] if canary else math.nan,
-            canary_ms or math.nan,
-            len(rounds),
-        )
-    kept = [times for times, ok in zip(rounds, clean, strict=True) if ok] or rounds
-    return np.min(kept, axis=0).tolist()
+        self.clean.append(not watched.slow)
+
+    def fastest(self) -> list[float]:
+        """Each model's fastest counted round's median (ms): the clean rounds, or every round (with a
+        warning) when none was clean."""
+        if not any(self.clean):
+            log.warning(
+                "the machine ran slow (canary %.3f ms against %.3f when profiled) through all %d timing "
+                "rounds: timings of pruned models may read slow",
+                self.canary.readings[-1] if self.canary else math.nan,
+                self.canary.baseline if self.canary else math.nan,
+                len(self.medians),
+            )
+        kept = [times for times, ok in zip(self.medians, self.clean, strict=True) if ok] or self.medians
+        return np.min(kept, axis=0).tolist()
+
+
+def measure_wholes(models: Sequence[ModelLike], **settings: Any) -> list[float]:
+    """Whole models' latencies (ms): a WholeTimer (same settings) run until done."""
+    timer = WholeTimer(models, **settings)
+    while not timer.done:
+        timer.time_round()
+    return timer.fastest()
 
 
 def _cpu() -> str:
