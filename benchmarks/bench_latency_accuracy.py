@@ -138,7 +138,7 @@ def table_ms(table: LatencyTable, original: Path, model: onnx.ModelProto) -> flo
     ):
         raise RuntimeError("the pruned model's layers do not pair up with the original's")
     layers = sum(
-        table.curve(s.node).latency(pruned[s.node].in_channels, pruned[s.node].out_channels) for s in original
+        table.layer_ms(s.node, pruned[s.node].in_channels, pruned[s.node].out_channels) for s in original
     )
     return table.whole_ms(layers)
 

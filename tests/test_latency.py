@@ -13,6 +13,7 @@ import subprocess
 import sys
 import weakref
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -259,8 +260,8 @@ def test_other_ops_cost_follows_the_channels_they_keep() -> None:
 
 
 def test_the_other_ops_fixed_cost_is_the_intercept_of_their_kernels_time_against_their_bytes() -> None:
-    """Each kernel outside the weighted layers costs 4 us plus 2 ns a byte read or written: the fixed part
-    is 4 us a kernel (warm-up runs and weighted layers left out), never below 0 nor above the fastest."""
+    """Each kernel costs 4 us plus 2 ns a byte read or written: the fixed part is 4 us a kernel (timed
+    runs only), never below 0 nor above the fastest kernel's time."""
 
     def run(ts: int, durations: list[float]) -> list[dict]:
         sizes = [(500, 500), (1500, 1500), (2500, 2500)]  # (read, written) bytes
@@ -274,22 +275,74 @@ def test_the_other_ops_fixed_cost_is_the_intercept_of_their_kernels_time_against
             }
             for i, (dur, (read, written)) in enumerate(zip(durations, sizes, strict=True))
         ]
-        conv = {
-            "cat": "Node",
-            "name": "c_kernel_time",
-            "ts": ts + 50,
-            "dur": 900,
-            "args": {"op_name": "Conv"},
-        }
-        return [{"cat": "Session", "name": "model_run", "ts": ts, "dur": 100}, *kernels, conv]
+        return [{"cat": "Session", "name": "model_run", "ts": ts, "dur": 100}, *kernels]
 
-    events = run(0, [90, 90, 90]) + run(100, [6, 10, 14]) + run(200, [6, 10, 14])
-    assert profile._kernels_per_run(events, 3) == 3
-    assert profile._fixed_kernel_cost(events, warmup=1) == pytest.approx(0.004)
-    falling = run(0, [90, 90, 90]) + run(100, [30, 20, 10])
-    assert profile._fixed_kernel_cost(falling, warmup=1) == pytest.approx(0.010)  # the fastest's time
-    steep = run(0, [90, 90, 90]) + run(100, [1, 9, 17])
-    assert profile._fixed_kernel_cost(steep, warmup=1) == 0.0
+    kernels = profile.node_kernels(run(0, [90, 90, 90]) + run(100, [6, 10, 14]) + run(200, [6, 10, 14]), 1)
+    assert [(k.op, k.ms, k.bytes) for k in kernels.values()] == [
+        ("Mul", 0.006, 1000),
+        ("Mul", 0.010, 3000),
+        ("Mul", 0.014, 5000),
+    ]
+    assert profile.fixed_kernel_cost(list(kernels.values())) == pytest.approx(0.004)
+    falling = profile.node_kernels(run(0, [90, 90, 90]) + run(100, [30, 20, 10]), 1)
+    assert profile.fixed_kernel_cost(list(falling.values())) == pytest.approx(0.010)  # the fastest's time
+    steep = profile.node_kernels(run(0, [90, 90, 90]) + run(100, [1, 9, 17]), 1)
+    assert profile.fixed_kernel_cost(list(steep.values())) == 0.0
+
+
+def test_every_layer_is_found_in_the_whole_models_kernel_profile() -> None:
+    """onnxruntime names a blocked conv after the tensor it writes (its own, or that of the BatchNorm,
+    activation or residual Add it fused), a plain kernel after its node: every layer of a model with
+    all of these (and a Gemm) is found in the whole model's profile, each kernel claimed once."""
+    net = Net(channels=16, size=16)
+    x = net.op("Relu", [net.bn(net.conv(net.x, 32))])
+    x = net.op("Relu", [net.op("Add", [net.bn(net.conv(x, 32)), x])])  # a residual block
+    x = net.op("Relu", [net.conv(x, 32, group=32)])  # depthwise
+    x = net.op("Flatten", [net.op("GlobalAveragePool", [x])])
+    model = net.build(net.gemm(x, 10))
+    nodes = [spec.node for spec in layer_specs(analyze_model(model))]
+    kernels = profile.kernel_profile(model, batch=1, threads=1, timing=Timing(rounds=1))
+    found = profile.layer_kernel_ms(model, nodes, kernels)
+    assert sorted(found) == sorted(nodes) and len(nodes) == 4
+    assert all(ms > 0 for ms in found.values())
+    assert len({id(k) for k in kernels.values() if k.op in WEIGHTED_KERNELS}) >= len(nodes)
+
+
+def test_the_kernel_profiles_pace_is_the_time_weighted_median_of_the_layers_in_model_ratios() -> None:
+    """A kernel profile taken in a neighbour's spell ran the convs 1.6x their isolated times and a
+    batch-1 Gemm (cold weights) 6.4x: the pace is 1.6, which leaves the Gemm 4x slower in the model."""
+    alone = {"conv1": 1.0, "conv2": 0.8, "conv3": 0.1, "gemm": 0.05}
+    in_model = {"conv1": 1.6, "conv2": 1.3, "conv3": 0.25, "gemm": 0.32}
+    pace = profile.kernel_pace(in_model, alone)
+    assert pace == pytest.approx(1.6)
+    assert in_model["gemm"] / pace / alone["gemm"] == pytest.approx(4.0)
+    assert profile.kernel_pace({}, alone) == 1.0
+
+
+def test_a_layer_slower_inside_the_model_is_planned_at_its_in_model_time(tmp_path: Path) -> None:
+    """conv4 ran 4x its isolated time inside the model (its weights cold there): predictions scale its
+    curve by 4, so halving its output saves 4x what the curve alone says; the table saves and merges
+    the in-model times (the faster of two profiles)."""
+    model = chain()
+    table = fake_table(model, {(8, 16): linear(1.0), (16, 24): linear(1.0), (24, 6): linear(1.0)})
+    dep = analyze_model(model)
+    group = next(g for g in dep.prunable_groups if g.size == 24)
+    half = np.zeros(dep.roots.size, bool)
+    half[np.isin(dep.roots, group.classes[:12])] = True
+    full, layers_alone = table.curve("conv4").full_ms, table.layers_sum_ms
+    table.in_model_ms = {"conv4": 4 * full}
+    assert table.in_model_scale("conv4") == 4 and table.in_model_scale("conv1") == 1
+    assert table.layers_sum_ms == pytest.approx(layers_alone + 3 * full)
+    scaled = LatencyModel(dep, table)
+    assert scaled.kernels_ms(np.zeros(dep.roots.size, bool)) == pytest.approx(table.kernels_ms)
+    conv4 = next(layer for layer in scaled.layers if layer.spec.node == "conv4")
+    assert conv4.latency(16, 12) == pytest.approx(4 * table.curve("conv4").latency(16, 12))
+    saved_plain = full - table.curve("conv4").latency(16, 12)
+    assert table.kernels_ms - scaled.kernels_ms(half) > 3 * saved_plain
+    loaded = LatencyTable.load(table.save(tmp_path / "lut.json"))
+    assert loaded.in_model_ms == table.in_model_ms
+    faster = replace(loaded, in_model_ms={"conv4": 2 * full})
+    assert table.fastest_with(faster).in_model_scale("conv4") == pytest.approx(2)
 
 
 def test_latency_targeted_plans_are_verified_and_record_the_prediction(tmp_path: Path) -> None:

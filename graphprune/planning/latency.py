@@ -17,14 +17,13 @@ import onnx
 
 from graphprune.analysis.graph import DependencyGraph, Group
 from graphprune.errors import PlanError
-from graphprune.runtime.profile import LatencyTable, LayerCurve, LayerSpec
+from graphprune.runtime.profile import PROFILED_OPS, LatencyTable, LayerCurve, LayerSpec
 
 if TYPE_CHECKING:
     from graphprune.planning.planner import Planner
 
 log = logging.getLogger(__name__)
 
-PROFILED_OPS = ("Conv", "Gemm", "MatMul")
 # A width is worth keeping unless some larger width was timed faster by more than this share.
 NOISE = 0.05
 
@@ -113,12 +112,14 @@ def _plain(value: object) -> object:
 
 @dataclass
 class _Layer:
-    """A weighted layer: its measured curve over (input, output) widths."""
+    """A weighted layer: its measured curve over (input, output) widths, scaled to its time inside the
+    whole model."""
 
     spec: LayerSpec
     curve: LayerCurve
     in_classes: np.ndarray | None
     out_classes: np.ndarray | None
+    scale: float = 1.0
 
     @property
     def channels(self) -> tuple[int, int]:
@@ -130,7 +131,7 @@ class _Layer:
         return self.spec.tied
 
     def latency(self, kept_in: int, kept_out: int) -> float:
-        return self.curve.latency(kept_in, kept_out)
+        return self.curve.latency(kept_in, kept_out) * self.scale
 
 
 @dataclass
@@ -245,7 +246,11 @@ class LatencyModel:
             node = nodes[spec.node]
             self.layers.append(
                 _Layer(
-                    spec, table.curves[signature], self._classes(node.input[0]), self._classes(node.output[0])
+                    spec,
+                    table.curves[signature],
+                    self._classes(node.input[0]),
+                    self._classes(node.output[0]),
+                    table.in_model_scale(spec.node),
                 )
             )
         self.others = other_ops(dep, table.other_ms, table.other_fixed_ms) if table.other_ms > 0 else []
@@ -371,8 +376,8 @@ def _non_decreasing(values: np.ndarray) -> np.ndarray:
 def _with_width(layer: _Layer, is_out: bool, width: int) -> float:
     spec = layer.spec
     if spec.tied or is_out:
-        return layer.curve.latency(spec.in_width(width) if spec.tied else spec.in_channels, width)
-    return layer.curve.latency(width, spec.out_channels)
+        return layer.latency(spec.in_width(width) if spec.tied else spec.in_channels, width)
+    return layer.latency(width, spec.out_channels)
 
 
 def _kept(classes: np.ndarray | None, removed_class: np.ndarray, channels: int) -> int:

@@ -46,6 +46,8 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 LUT_FORMAT = "graphprune-latency/1"
+# The weighted layers a table times (as ONNX ops).
+PROFILED_OPS = ("Conv", "Gemm", "MatMul")
 
 
 @dataclass(frozen=True)
@@ -165,12 +167,23 @@ class LatencyTable:
     block: int = 1
     other_ms: float = 0.0
     other_fixed_ms: float = 0.0  # the part of other_ms paid per kernel whatever its tensors' size
+    # per layer node: its kernel's time (ms) at full width inside the whole model (CPU profiler), at
+    # the pace the layers were timed alone (kernel_pace)
+    in_model_ms: dict[str, float] = field(default_factory=dict)
     profiles: int = 1  # of the layers, each point at its fastest (a second when the first missed its check)
     canary_ms: float | None = None  # the canary's fastest reading while profiling: the machine's quiet speed
 
     @property
     def layers_sum_ms(self) -> float:
-        return sum(self.curves[sig].full_ms for sig in self.layers.values())
+        return sum(self.curves[sig].full_ms * self.in_model_scale(node) for node, sig in self.layers.items())
+
+    def in_model_scale(self, node: str) -> float:
+        """How much slower the layer ran inside the whole model than alone (1 when not measured): its
+        weights come cold from memory there, while a layer timed alone keeps them in cache (a batch-1
+        Gemm of 1280x1000 ran 3.9x its isolated time inside MobileNetV3, the squeeze-excite convs 2-2.5x,
+        most convs within 2%)."""
+        measured = self.in_model_ms.get(node)
+        return 1.0 if measured is None else measured / self.curves[self.layers[node]].full_ms
 
     @property
     def kernels_ms(self) -> float:
@@ -221,6 +234,9 @@ class LatencyTable:
             end_to_end_ms=min(self.end_to_end_ms, other.end_to_end_ms),
             other_ms=quicker_others.other_ms,
             other_fixed_ms=quicker_others.other_fixed_ms,
+            in_model_ms={
+                node: min(ms, other.in_model_ms.get(node, ms)) for node, ms in self.in_model_ms.items()
+            },
             machine={**self.machine, "load_1min": [*self.machine["load_1min"], *other.machine["load_1min"]]},
             seconds=self.seconds + other.seconds,
             profiles=self.profiles + other.profiles,
@@ -232,6 +248,10 @@ class LatencyTable:
     def curve(self, node: str) -> LayerCurve | None:
         signature = self.layers.get(node)
         return self.curves[signature] if signature is not None else None
+
+    def layer_ms(self, node: str, kept_in: int, kept_out: int) -> float:
+        """The layer's predicted time (ms) inside the model at the kept widths."""
+        return self.curves[self.layers[node]].latency(kept_in, kept_out) * self.in_model_scale(node)
 
     def check(self, model_sha256: str | None, provider: str) -> None:
         """Refuse a table measured for another model or execution provider."""
@@ -262,6 +282,7 @@ class LatencyTable:
             "layers_sum_ms": self.layers_sum_ms,
             "other_ms": self.other_ms,
             "other_fixed_ms": self.other_fixed_ms,
+            "in_model_ms": self.in_model_ms,
             "sum_error": self.sum_error,
             "calibration": self.calibration,
             "fit": self.fit,
@@ -299,6 +320,7 @@ class LatencyTable:
             block=int(data.get("block", 1)),
             other_ms=float(data.get("other_ms", 0.0)),
             other_fixed_ms=float(data.get("other_fixed_ms", 0.0)),
+            in_model_ms={node: float(ms) for node, ms in data.get("in_model_ms", {}).items()},
             calibration=[(float(a), float(b)) for a, b in data.get("calibration", [])],
             check_point=tuple(data["check_point"]) if data.get("check_point") else None,
         )
@@ -414,11 +436,14 @@ def profile_model(
     curves = {sig: _curve(by_signature[sig], best[sig]) for sig in by_signature}
     whole.append(whole_ms(model, batch))
     # CUDA kernels run asynchronously to the host: there the other ops are left to the whole's fit
-    other, other_fixed = (
-        other_kernel_time(model, batch=batch, threads=threads, timing=timing)
+    kernels = (
+        kernel_profile(model, batch=batch, threads=threads, timing=timing)
         if provider == "cpu" and measure is None
-        else (0.0, 0.0)
+        else {}
     )
+    in_model = layer_kernel_ms(model, [spec.node for spec in layers], kernels)
+    pace = kernel_pace(in_model, {spec.node: curves[spec.signature].full_ms for spec in layers})
+    other, other_fixed = (ms / pace for ms in other_kernel_time(kernels))
     loads.append(os.getloadavg()[0])
     table = LatencyTable(
         model_sha256=model_sha256,
@@ -429,6 +454,7 @@ def profile_model(
         block=timing.block or 1,
         other_ms=other,
         other_fixed_ms=other_fixed,
+        in_model_ms={node: ms / pace for node, ms in in_model.items()},
         layers={spec.node: spec.signature for spec in layers},
         curves=curves,
         canary_ms=canary.fastest,
@@ -438,6 +464,7 @@ def profile_model(
             "cores": os.cpu_count(),
             "load_1min": loads,
             "signatures_timed_slow": timed_slow,
+            "kernel_profile_pace": pace,
         },
         seconds=time.perf_counter() - start,
     )
@@ -726,19 +753,37 @@ def kernel_times(events: list[dict[str, Any]], runs: int, exclude: Sequence[str]
 WEIGHTED_KERNELS = ("Conv", "FusedConv", "Gemm", "FusedGemm", "MatMul", "FusedMatMul")
 
 
-def other_kernel_time(
-    model: ModelLike, *, batch: int, threads: int | None, timing: Timing
-) -> tuple[float, float]:
-    """(total, fixed): the model's kernel time (ms) outside its weighted layers (activations,
-    elementwise ops, pooling, layout reorders) from onnxruntime's CPU profiler, the median run of the
-    fastest of `timing.rounds` sessions, and the part of it paid per kernel whatever its tensors' size.
+@dataclass(frozen=True)
+class Kernel:
+    """One node kernel of a whole model as onnxruntime's CPU profiler saw it over the timed runs."""
 
-    These ops scale with the activations' size, not with the layers' time (an EfficientNet plan that
-    keeps its wide expansions keeps most of their Swish and squeeze-excite cost), but each kernel also
-    costs a few microseconds of dispatch that no pruning removes: EfficientNet-B0's 138 such kernels
-    took 2.25 ms at batch 1 (2 threads), 4.3 us each plus 58 ns per element read and written.  Each
-    round opens its own session: one session's runs at times all ran at half speed (its worker thread
-    joining late, as `_LayerTimer` describes)."""
+    op: str
+    ms: float  # median over the runs
+    bytes: int  # read and written
+
+
+def node_kernels(events: list[dict[str, Any]], warmup: int) -> dict[str, Kernel]:
+    """The node kernels of a profile's runs after the first `warmup`, by kernel name."""
+    by_node: dict[str, list[dict[str, Any]]] = {}
+    for event in events:
+        if event.get("cat") == "Node" and event["name"].endswith("_kernel_time"):
+            by_node.setdefault(event["name"], []).append(event)
+    kernels = {}
+    for name, node_events in by_node.items():
+        timed = node_events[warmup:] or node_events
+        args = timed[0].get("args", {})
+        kernels[name] = Kernel(
+            op=args.get("op_name", ""),
+            ms=float(np.median([event["dur"] for event in timed])) / 1e3,
+            bytes=int(args.get("activation_size", 0)) + int(args.get("output_size", 0)),
+        )
+    return kernels
+
+
+def kernel_profile(model: ModelLike, *, batch: int, threads: int | None, timing: Timing) -> dict[str, Kernel]:
+    """The whole model's node kernels (CPU) in the fastest (least kernel time) of `timing.rounds`
+    profiled sessions.  Each round opens its own session: one session's runs at times all ran at half
+    speed (its worker thread joining late, as `_LayerTimer` describes)."""
     warmup, runs = timing.whole_runs
     rounds = []
     for index in range(timing.rounds):
@@ -749,44 +794,86 @@ def other_kernel_time(
             run = runner(session, input_feed(model, batch, seed=0), "cpu")
             for _ in range(warmup + runs):
                 run()
-            events = json.loads(Path(session.end_profiling()).read_text())
-        total = float(np.median(kernel_times(events, warmup + runs, exclude=WEIGHTED_KERNELS)[warmup:]))
-        rounds.append((total, events))
-    total, events = min(rounds, key=lambda pair: pair[0])
-    return total, min(total, _fixed_kernel_cost(events, warmup) * _kernels_per_run(events, warmup + runs))
+            rounds.append(node_kernels(json.loads(Path(session.end_profiling()).read_text()), warmup))
+    return min(rounds, key=lambda kernels: sum(kernel.ms for kernel in kernels.values()))
 
 
-def _other_kernels(events: list[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
-    """The kernel events of the ops outside the weighted layers, by node name, in run order."""
-    by_node: dict[str, list[dict[str, Any]]] = {}
-    for event in events:
-        if (
-            event.get("cat") == "Node"
-            and event["name"].endswith("_kernel_time")
-            and event.get("args", {}).get("op_name") not in WEIGHTED_KERNELS
-        ):
-            by_node.setdefault(event["name"], []).append(event)
-    return by_node
-
-
-def _kernels_per_run(events: list[dict[str, Any]], runs: int) -> float:
-    return sum(len(node_events) for node_events in _other_kernels(events).values()) / runs
-
-
-def _fixed_kernel_cost(events: list[dict[str, Any]], warmup: int) -> float:
-    """The per-kernel cost (ms) of the other ops that does not grow with their tensors: the intercept of
-    a least-squares line through each kernel's median time against the bytes it reads and writes,
-    kept between 0 and the fastest kernel's time."""
-    medians, sizes = [], []
-    for node_events in _other_kernels(events).values():
-        timed = node_events[warmup:] or node_events
-        args = timed[0]["args"]
-        medians.append(float(np.median([event["dur"] for event in timed])))
-        sizes.append(float(args.get("activation_size", 0)) + float(args.get("output_size", 0)))
-    if len(medians) < 2 or np.ptp(sizes) == 0:
+def fixed_kernel_cost(kernels: Sequence[Kernel]) -> float:
+    """What each of these kernels costs (ms) whatever its tensors' size: the intercept of a
+    least-squares line through their times against the bytes they read and write, kept between 0 and
+    the fastest one's time."""
+    if len(kernels) < 2 or len({kernel.bytes for kernel in kernels}) < 2:
         return 0.0
-    _, intercept = np.polyfit(sizes, medians, 1)
-    return float(np.clip(intercept, 0.0, min(medians))) / 1e3
+    _, intercept = np.polyfit([k.bytes for k in kernels], [k.ms for k in kernels], 1)
+    return float(np.clip(intercept, 0.0, min(kernel.ms for kernel in kernels)))
+
+
+def kernel_pace(in_model_ms: dict[str, float], alone_ms: dict[str, float]) -> float:
+    """How much slower the whole model's kernel profile ran than the layers timed alone: the median
+    (weighted by time) of the layers' in-model/alone ratios, 1 without any.  Most layers run inside the
+    model as fast as alone, so this is the machine's pace during the kernel profile (which no canary
+    watches: one taken in a neighbour's spell ran every kernel 1.6x slow), and dividing by it keeps
+    only what the model itself does to a layer."""
+    nodes = [node for node in in_model_ms if alone_ms.get(node, 0) > 0]
+    if not nodes:
+        return 1.0
+    ratios = np.array([in_model_ms[node] / alone_ms[node] for node in nodes])
+    weights = np.array([alone_ms[node] for node in nodes])
+    order = np.argsort(ratios)
+    middle = np.searchsorted(np.cumsum(weights[order]), weights.sum() / 2)
+    return float(ratios[order][min(middle, len(nodes) - 1)])
+
+
+def other_kernel_time(kernels: dict[str, Kernel]) -> tuple[float, float]:
+    """(total, fixed): a whole model's kernel time (ms) outside its weighted layers (activations,
+    elementwise ops, pooling, layout reorders), from its `kernel_profile`, and the part of it paid per
+    kernel whatever its tensors' size.
+
+    These ops scale with the activations' size, not with the layers' time (an EfficientNet plan that
+    keeps its wide expansions keeps most of their Swish and squeeze-excite cost), but each kernel also
+    costs a few microseconds of dispatch that no pruning removes: EfficientNet-B0's 138 such kernels
+    took 2.25 ms at batch 1 (2 threads), 4.3 us each plus 58 ns per element read and written."""
+    others = [kernel for kernel in kernels.values() if kernel.op not in WEIGHTED_KERNELS]
+    total = sum(kernel.ms for kernel in others)
+    return total, min(total, fixed_kernel_cost(others) * len(others))
+
+
+# How many single-reader ops after a layer onnxruntime may fuse into its kernel (BatchNormalization,
+# an activation, a residual Add), whose output then names an NCHWc kernel.
+FUSED_CHAIN = 3
+
+
+def layer_kernel_ms(model: ModelLike, nodes: Sequence[str], kernels: dict[str, Kernel]) -> dict[str, float]:
+    """Each layer node's kernel time (ms) in a whole model's `kernel_profile`, where its kernel is found.
+
+    onnxruntime names a kernel after its node (a conv with a fused activation too), and a blocked
+    (NCHWc) conv after the tensor it writes with `_nchwc` appended: the layer's own output, or that of
+    an op it fused (a BatchNormalization, an activation, a residual Add after it)."""
+    if not kernels:
+        return {}
+    graph = (
+        model if isinstance(model, onnx.ModelProto) else onnx.load(model, load_external_data=False)
+    ).graph
+    by_name = {node.name: node for node in graph.node}
+    readers: dict[str, list[onnx.NodeProto]] = {}
+    for node in graph.node:
+        for tensor in node.input:
+            readers.setdefault(tensor, []).append(node)
+    weighted = {name: kernel for name, kernel in kernels.items() if kernel.op in WEIGHTED_KERNELS}
+    found = {}
+    for name in nodes:
+        node = by_name[name]
+        candidates = [f"{name}_kernel_time"]
+        for _ in range(FUSED_CHAIN + 1):
+            candidates.append(f"{node.output[0]}_nchwc_kernel_time")
+            following = readers.get(node.output[0], [])
+            if len(following) != 1 or following[0].op_type in PROFILED_OPS:
+                break
+            node = following[0]
+        kernel = next((weighted.pop(c) for c in candidates if c in weighted), None)
+        if kernel is not None:
+            found[name] = kernel.ms
+    return found
 
 
 def _input_shape(spec: LayerSpec, batch: int, in_width: int) -> tuple[int, ...]:
