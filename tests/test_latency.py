@@ -733,6 +733,7 @@ def test_profile_command_writes_a_table_prune_can_use(tmp_path: Path) -> None:
     table = LatencyTable.load(lut)
     assert summary["model_sha256"] == table.model_sha256 == sha256_file(path)
     assert set(table.layers) == {"conv1", "conv4", "conv7"} and table.end_to_end_ms > 0
+    assert set(table.in_model_ms) == set(table.layers)  # each layer found in the whole model's profile
     assert summary["sum_error"] == pytest.approx(table.sum_error)
     assert len(table.calibration) == 2 and summary["check_error"] == pytest.approx(table.check_error)
     assert table.curve("conv1").out_widths[-1] == 16 and table.curve("conv7").out_widths == [
@@ -742,6 +743,23 @@ def test_profile_command_writes_a_table_prune_can_use(tmp_path: Path) -> None:
     done = run_cli("prune", path, "-o", tmp_path / "out.onnx", "--ratio", "0.5", "--latency-lut", lut)
     assert done.returncode == 0, done.stderr
     assert json.loads((tmp_path / "out.plan.json").read_text())["latency"]["predicted_ms"] > 0
+
+
+def test_profile_names_the_layers_that_run_slower_inside_the_model(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from graphprune.cli.main import main
+
+    model, path = chain(), tmp_path / "toy.onnx"
+    onnx.save(model, path)
+    table = fake_table(model, {(8, 16): linear(1.0), (16, 24): linear(1.0), (24, 6): linear(1.0)})
+    table.in_model_ms = {"conv1": table.curve("conv1").full_ms, "conv4": 3 * table.curve("conv4").full_ms}
+    monkeypatch.setattr("graphprune.api.profile_latency", lambda *_, **__: table)
+    assert main(["profile", str(path), "-o", str(tmp_path / "lut.json")]) == 0
+    assert (
+        "1 of 3 layers ran over 1.2x their time alone inside the model (weights cold there; slowest conv4 3.0x)"
+        in " ".join(capsys.readouterr().out.split())  # the console wraps long lines
+    )
 
 
 def test_a_profiled_run_counts_the_layers_kernels_not_layout_reorders() -> None:

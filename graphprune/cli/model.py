@@ -230,6 +230,10 @@ def _with_latency(rows: dict, paths: list[str], where: dict, shapes: dict) -> di
     return rows
 
 
+# A layer this much slower inside the model than alone is named by `graphprune profile`.
+IN_MODEL_NOTABLE = 1.2
+
+
 def cmd_profile(args: argparse.Namespace) -> int:
     from graphprune.api import profile_latency
     from graphprune.report.tables import fmt_ms
@@ -260,6 +264,14 @@ def cmd_profile(args: argparse.Namespace) -> int:
         f"({fmt_ms(table.other_fixed_ms)} of it per-kernel dispatch); "
         f"whole = {slope:.2f} x kernels {intercept:+.3f} ms"
     )
+    scales = {node: table.in_model_scale(node) for node in table.in_model_ms}
+    slower = [node for node, scale in scales.items() if scale > IN_MODEL_NOTABLE]
+    if slower:
+        slowest = max(slower, key=scales.__getitem__)
+        out.print(
+            f"{len(slower)} of {len(table.layers)} layers ran over {IN_MODEL_NOTABLE}x their time alone "
+            f"inside the model (weights cold there; slowest {slowest} {scales[slowest]:.1f}x): planned at it"
+        )
     if table.check_error is not None:
         out.print(
             f"check on a pruned copy: predicted {100 * table.check_error:+.1f}% off the measured latency"
