@@ -740,13 +740,14 @@ def kernel_times(events: list[dict[str, Any]], runs: int, exclude: Sequence[str]
         raise RuntimeError(f"the onnxruntime profile holds {len(starts)} runs, {runs} were made")
     totals = np.zeros(runs)
     for event in events:
-        if (
-            event.get("cat") == "Node"
-            and event["name"].endswith("_kernel_time")
-            and event.get("args", {}).get("op_name") not in exclude
-        ):
+        if _is_kernel(event) and event.get("args", {}).get("op_name") not in exclude:
             totals[int(np.searchsorted(starts, event["ts"], side="right")) - 1] += event["dur"]
     return np.maximum(totals, 1.0) / 1e3  # the profiler counts whole microseconds
+
+
+def _is_kernel(event: dict[str, Any]) -> bool:
+    """Whether an onnxruntime profile event is a node's kernel run (not its fences or a session event)."""
+    return event.get("cat") == "Node" and event["name"].endswith("_kernel_time")
 
 
 # onnxruntime's kernels of weighted layers (as its CPU profiler names them, fused or not).
@@ -765,9 +766,8 @@ class Kernel:
 def node_kernels(events: list[dict[str, Any]], warmup: int) -> dict[str, Kernel]:
     """The node kernels of a profile's runs after the first `warmup`, by kernel name."""
     by_node: dict[str, list[dict[str, Any]]] = {}
-    for event in events:
-        if event.get("cat") == "Node" and event["name"].endswith("_kernel_time"):
-            by_node.setdefault(event["name"], []).append(event)
+    for event in filter(_is_kernel, events):
+        by_node.setdefault(event["name"], []).append(event)
     kernels = {}
     for name, node_events in by_node.items():
         timed = node_events[warmup:] or node_events
