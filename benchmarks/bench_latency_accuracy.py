@@ -52,6 +52,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+import numpy as np
 import onnx
 import torch
 from bench_latency import ours, time_models
@@ -72,7 +73,7 @@ from graphprune.api import RECOVERY_HOLDOUT, model_cost
 from graphprune.data import load_dataset
 from graphprune.errors import GraphPruneError
 from graphprune.planning import PlanOptions
-from graphprune.planning.latency import layer_specs
+from graphprune.planning.latency import LatencyModel, layer_specs
 from graphprune.runtime.evaluate import evaluate_onnx
 from graphprune.runtime.profile import LatencyTable, LayerSpec, Timing
 from graphprune.torch_bridge.distill import OnnxTeacher
@@ -124,23 +125,30 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def table_ms(table: LatencyTable, original: Path, model: onnx.ModelProto) -> float:
-    """The table's latency for any pruning of `original`, by either tool: each of the original's layers
-    at the widths `model` gives the layer of the same name (both exports keep torch's node names)."""
-    original = layer_specs(api.analyze_model(original))
+    """The table's latency for any pruning of `original`, by either tool, predicted as graphprune
+    predicts its own plans (layers at their in-model times, the other ops' shares, the fit): the
+    original with as many channels removed from each channel class as `model` removed from the layer
+    of the same name that writes it (both exports keep torch's node names)."""
+    dep = api.analyze_model(original)
+    latency = LatencyModel(dep, table)
     pruned = {s.node: s for s in layer_specs(api.analyze_model(model))}
 
     def layout(spec: LayerSpec, group: bool) -> tuple[object, ...]:
         return spec.op, spec.group if group else None, spec.attributes, spec.leading
 
     # the group count of a depthwise conv, or of one whose conv groups may go whole, follows its width
-    if pruned.keys() != {s.node for s in original} or any(
-        layout(s, not s.tied) != layout(pruned[s.node], not s.tied) for s in original
+    if pruned.keys() != {layer.spec.node for layer in latency.layers} or any(
+        layout(layer.spec, not layer.spec.tied) != layout(pruned[layer.spec.node], not layer.spec.tied)
+        for layer in latency.layers
     ):
         raise RuntimeError("the pruned model's layers do not pair up with the original's")
-    layers = sum(
-        table.layer_ms(s.node, pruned[s.node].in_channels, pruned[s.node].out_channels) for s in original
-    )
-    return table.whole_ms(layers)
+    removed_class = np.zeros(dep.roots.size, dtype=bool)
+    for layer in latency.layers:
+        if layer.out_classes is not None:
+            classes = np.unique(layer.out_classes)
+            gone = layer.spec.out_channels - pruned[layer.spec.node].out_channels
+            removed_class[classes[: round(gone * classes.size / layer.spec.out_channels)]] = True
+    return latency.predict(removed_class[dep.roots])
 
 
 def plan_target(

@@ -731,16 +731,16 @@ class _LayerTimer:
         return min(self.medians)
 
 
-def kernel_times(events: list[dict[str, Any]], runs: int, exclude: Sequence[str] = LAYOUT_OPS) -> np.ndarray:
-    """Per run, in order, the summed duration (ms) of its node kernels other than those of the `exclude`
-    ops, from the events of an onnxruntime profile (a run is one `model_run` event; its nodes start
-    inside it)."""
+def kernel_times(events: list[dict[str, Any]], runs: int) -> np.ndarray:
+    """Per run, in order, the summed duration (ms) of its node kernels bar the layout reorders
+    (LAYOUT_OPS), from the events of an onnxruntime profile (a run is one `model_run` event; its nodes
+    start inside it)."""
     starts = sorted(e["ts"] for e in events if e.get("cat") == "Session" and e.get("name") == "model_run")
     if len(starts) != runs:
         raise RuntimeError(f"the onnxruntime profile holds {len(starts)} runs, {runs} were made")
     totals = np.zeros(runs)
     for event in events:
-        if _is_kernel(event) and event.get("args", {}).get("op_name") not in exclude:
+        if _is_kernel(event) and event.get("args", {}).get("op_name") not in LAYOUT_OPS:
             totals[int(np.searchsorted(starts, event["ts"], side="right")) - 1] += event["dur"]
     return np.maximum(totals, 1.0) / 1e3  # the profiler counts whole microseconds
 
