@@ -6,9 +6,10 @@
 #   bash tools/device/gpu_latency.sh RESULTS_DIR [MODEL...]
 # Needs, on the GPU machine: onnxruntime-gpu 1.31.1 (built for CUDA 13) in place of onnxruntime,
 # torchvision (the image's; models are exported there) and torch-pruning (carried in .whl/ by setup.sh).
-# The image seen on 2026-11-22 had the CPU onnxruntime only, and the GPU wheel (~255 MB) exceeds what a
-# call carries (64 MiB): this needs an image with onnxruntime-gpu. Without the CUDA provider it stops
-# at once with graphprune's one-line install advice and exit status 2, before exporting anything.
+# The image seen on 2026-11-22 had the CPU onnxruntime only, and the GPU wheel (244 MiB) exceeds what a
+# call carries (64 MiB): tools/device/ort_gpu_wheel.sh sends it in parts first. Without the CUDA
+# provider it stops at once with graphprune's one-line install advice and exit status 2, before
+# exporting anything.
 # Meant to fit one 10-minute call (12 widths per layer dimension, 2 profile rounds, 3 timing rounds of
 # 50 runs); not yet run on a GPU: the session that wrote it had none.
 set -euo pipefail

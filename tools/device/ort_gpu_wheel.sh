@@ -1,0 +1,69 @@
+#!/usr/bin/env bash
+# Carry onnxruntime-gpu 1.31.1 (CUDA 13) to a lent GPU machine whose image has the CPU onnxruntime only.
+# Its wheel (~244 MiB) is larger than what one device call carries (64 MiB with the working tree), but
+# carried files stay on a warm machine, so it travels in parts over back-to-back calls:
+#
+#   here, once:       bash tools/device/ort_gpu_wheel.sh split
+#                     (downloads the cp312 wheel into .ortgpu/, cuts it into 56 MiB parts, lists them
+#                     with their SHA-256 in .ortgpu/SHA256SUMS; .gitignore keeps them out of commits)
+#   there, per part:  carry [".ortgpu/part-00", ".ortgpu/SHA256SUMS"],
+#                     command "bash tools/device/ort_gpu_wheel.sh stash .ortgpu/part-00"
+#   there, last:      command "bash tools/device/ort_gpu_wheel.sh install && source tools/device/setup.sh
+#                     && bash tools/device/gpu_latency.sh \$OUT/gpu"
+#
+# `install` joins the stashed parts, checks each part's and the wheel's SHA-256, and installs the wheel
+# (no dependencies: the image's onnxruntime brought them) into /tmp/site, ahead of the image's CPU
+# onnxruntime on PYTHONPATH (setup.sh puts /tmp/site first), so only one onnxruntime is imported.
+# Tested here for split, stash and the join's checksums; the install itself needs the device.
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+version=1.31.1
+parts=.ortgpu
+stash=/tmp/ortgpu
+
+case "${1:-}" in
+  split)
+    mkdir -p "$parts"
+    python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+      --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
+      -d "$parts" "onnxruntime-gpu==$version"
+    wheel=$(ls "$parts"/onnxruntime_gpu-"$version"-*.whl)
+    rm -f "$parts"/part-*
+    split -b 56m -d -a 2 "$wheel" "$parts/part-"
+    (cd "$parts" && sha256sum "$(basename "$wheel")" part-* > SHA256SUMS)
+    rm "$wheel"
+    ls -l "$parts"
+    ;;
+  stash)
+    part=${2:?usage: ort_gpu_wheel.sh stash .ortgpu/part-NN}
+    mkdir -p "$stash"
+    cp "$part" "$parts/SHA256SUMS" "$stash/"
+    (cd "$stash" && grep " $(basename "$part")\$" SHA256SUMS | sha256sum -c --quiet)
+    echo "stashed $(basename "$part"); $stash holds: $(cd "$stash" && ls part-* | tr '\n' ' ')"
+    ;;
+  install)
+    if [ ! -f "$stash/SHA256SUMS" ]; then
+      echo "error: no part stashed in $stash (none sent yet, or the machine was given back since)" >&2
+      exit 1
+    fi
+    cd "$stash"
+    wheel=$(awk '$2 ~ /\.whl$/ {print $2}' SHA256SUMS)
+    expected=$(grep -c ' part-' SHA256SUMS)
+    found=$(ls part-* | wc -l)
+    if [ "$found" != "$expected" ]; then
+      echo "error: $found of $expected parts stashed in $stash; stash the missing ones first" >&2
+      exit 1
+    fi
+    grep ' part-' SHA256SUMS | sha256sum -c --quiet
+    cat part-* > "$wheel"
+    grep " $wheel\$" SHA256SUMS | sha256sum -c --quiet
+    if [ "${2:-}" != "--check-only" ]; then
+      python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site "$wheel"
+    fi
+    echo "onnxruntime-gpu $version joined and checked${2:+ ($2)}"
+    ;;
+  *)
+    echo "usage: ort_gpu_wheel.sh split | stash .ortgpu/part-NN | install [--check-only]" >&2
+    exit 2
+    ;;
+esac
