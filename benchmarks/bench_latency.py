@@ -245,7 +245,7 @@ def time_models(records: list[tuple[dict, dict[str, Path]]], args: argparse.Name
             provider=args.provider,
             batch=record["batch"],
             threads=args.threads,
-            timing=Timing(warmup=2, runs=args.runs, rounds=args.rounds),
+            timing=Timing(warmup=2, runs=args.runs, rounds=args.rounds, whole_budget_s=None),
             canary_ms=record["profile"]["canary_ms"],
         )
         for record, paths in records

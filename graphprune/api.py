@@ -265,7 +265,7 @@ def _calibrate(
     removals = [RemovalPlanner(PlanOptions(ratio=r), latency=model)(dep, zeros) for r in CALIBRATION_RATIOS]
     copies = [apply_removal(dep, removed) for removed in removals]
     kernels = [model.kernels_ms(removed) for removed in removals]
-    quiet = {"timing": timing, "canary_ms": table.canary_ms, **where}
+    quiet = {"timing": timing, "canary_ms": table.canary_ms, "expected_ms": table.end_to_end_ms, **where}
     times = np.asarray(measure_wholes([dep.model, *copies], **quiet))
     for attempt in range(CALIBRATION_RETIMES + 1):
         if attempt:

@@ -671,6 +671,30 @@ def test_whole_timings_given_the_quiet_canary_count_only_rounds_between_fast_rea
         assert timer.clean == [False, False, False, True, True]  # rounds 1-3 set aside, 4-5 clean
 
 
+def test_whole_model_rounds_fit_their_time_budget(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A whole model's round runs 9 warm-up and 20 timed runs, but no more than fit in 4 s once its
+    latency is known (at least 2 and 5): the caller's bound before the first round, then each model's
+    own last median; without a budget the counts stand."""
+    assert Timing().whole_runs() == (9, 20) and Timing().whole_runs(3.0) == (9, 20)
+    assert Timing().whole_runs(130.0) == (7, 20)  # 30 runs fit: the warm-up is cut first
+    assert Timing().whole_runs(400.0) == (2, 10)
+    assert Timing().whole_runs(1200.0) == (2, 5)  # ResNet-50 at batch 32: 8 s a round, not 35 s
+    assert Timing(whole_budget_s=None).whole_runs(1200.0) == (9, 20)
+    slow, fast = chain(), chain()
+    slow.graph.name = "slow"
+    counts: list[tuple[str, int, int]] = []
+
+    def bench(model: onnx.ModelProto, *, warmup: int, runs: int, **_: object) -> SimpleNamespace:
+        counts.append((model.graph.name, warmup, runs))
+        return SimpleNamespace(median_ms=1000.0 if model.graph.name == "slow" else 2.0)
+
+    monkeypatch.setattr(profile, "bench", bench)
+    timer = profile.WholeTimer([slow, fast], timing=Timing(rounds=2), expected_ms=400.0)
+    while not timer.done:
+        timer.time_round()
+    assert counts == [("slow", 2, 10), ("test", 2, 10), ("slow", 2, 5), ("test", 9, 20)]
+
+
 def run_cli(*args: object) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, "-m", "graphprune.cli", *map(str, args)], capture_output=True, text=True

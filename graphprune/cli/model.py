@@ -470,7 +470,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--threads", type=int, default=None, help="onnxruntime intra-op threads (default: its own)"
     )
-    p.add_argument("--runs", type=int, default=15, help="timed runs per point and round")
+    p.add_argument(
+        "--runs",
+        type=int,
+        default=15,
+        help="timed runs per point and round (fewer where a round would pass 0.25 s for a layer, 4 s for the whole model)",
+    )
     p.add_argument("--rounds", type=int, default=3, help="rounds over each layer's points (fastest wins)")
     p.add_argument("--json", action="store_true", help="machine-readable summary")
     p.set_defaults(func=cmd_profile)

@@ -337,7 +337,8 @@ def sweep_widths(channels: int, multiple: int = 1, points: int = 24) -> list[int
 class Timing:
     """How a profile is timed: about `points` widths per swept dimension (a power-of-two step, and a
     multiple of `block`: the channel multiple the runtime's kernels need, probed when None), warm-up
-    runs, timed runs per round (capped by `budget_s`), rounds."""
+    runs, timed runs per round (capped by `budget_s` for a layer, `whole_budget_s` for a whole model
+    whose latency is known; None: never capped), rounds."""
 
     points: int = 24
     block: int | None = None
@@ -345,11 +346,21 @@ class Timing:
     runs: int = 15
     rounds: int = 3
     budget_s: float = 0.25
+    whole_budget_s: float | None = 4.0
 
-    @property
-    def whole_runs(self) -> tuple[int, int]:
-        """(warm-up, timed) runs of a whole model in a round: more than a layer's, its runs being few."""
-        return self.warmup * 3, max(self.runs, 20)
+    def whole_runs(self, expected_ms: float | None = None) -> tuple[int, int]:
+        """(warm-up, timed) runs of a whole model in a round: more than a layer's, its runs being few,
+        but for a model expected to run `expected_ms` no more than fit in `whole_budget_s` (at least 2
+        warm-up and MIN_WHOLE_RUNS timed): 29 runs of ResNet-50 at batch 32 took 35 s a round."""
+        warmup, runs = self.warmup * 3, max(self.runs, 20)
+        if expected_ms is None or self.whole_budget_s is None:
+            return warmup, runs
+        fit = int(self.whole_budget_s * 1e3 / max(expected_ms, 1e-3))
+        return min(warmup, max(2, fit // 4)), min(runs, max(MIN_WHOLE_RUNS, fit))
+
+
+# Timed runs of a whole model in a round, at the least: its median is what the timers compare.
+MIN_WHOLE_RUNS = 5
 
 
 def profile_model(
@@ -437,7 +448,7 @@ def profile_model(
     whole.append(whole_ms(model, batch))
     # CUDA kernels run asynchronously to the host: there the other ops are left to the whole's fit
     kernels = (
-        kernel_profile(model, batch=batch, threads=threads, timing=timing)
+        kernel_profile(model, batch=batch, threads=threads, timing=timing, expected_ms=min(whole))
         if provider == "cpu" and measure is None
         else {}
     )
@@ -780,11 +791,14 @@ def node_kernels(events: list[dict[str, Any]], warmup: int) -> dict[str, Kernel]
     return kernels
 
 
-def kernel_profile(model: ModelLike, *, batch: int, threads: int | None, timing: Timing) -> dict[str, Kernel]:
+def kernel_profile(
+    model: ModelLike, *, batch: int, threads: int | None, timing: Timing, expected_ms: float | None = None
+) -> dict[str, Kernel]:
     """The whole model's node kernels (CPU) in the fastest (least kernel time) of `timing.rounds`
-    profiled sessions.  Each round opens its own session: one session's runs at times all ran at half
-    speed (its worker thread joining late, as `_LayerTimer` describes)."""
-    warmup, runs = timing.whole_runs
+    profiled sessions, each of `timing.whole_runs(expected_ms)` runs.  Each round opens its own
+    session: one session's runs at times all ran at half speed (its worker thread joining late, as
+    `_LayerTimer` describes)."""
+    warmup, runs = timing.whole_runs(expected_ms)
     rounds = []
     for index in range(timing.rounds):
         with tempfile.TemporaryDirectory(prefix="graphprune-profile-") as folder:
@@ -944,7 +958,8 @@ class WholeTimer:
     latency is its fastest round's median, so a burst of load on a shared machine cannot favour one
     model over another; with the canary only clean rounds (a fast reading on both sides) count.
     `done` once `timing.rounds` rounds count, or, short of clean ones, after QUIET_ROUNDS_LIMIT times
-    as many."""
+    as many.  A round's runs of a model follow `timing.whole_runs` at its last round's median, or at
+    `expected_ms` (an upper bound on every model's latency) before its first."""
 
     def __init__(
         self,
@@ -955,9 +970,11 @@ class WholeTimer:
         threads: int | None = None,
         timing: Timing | None = None,
         canary_ms: float | None = None,
+        expected_ms: float | None = None,
     ) -> None:
         self.models, self.provider, self.batch, self.threads = list(models), provider, batch, threads
         self.timing = timing or Timing()
+        self.expected_ms = expected_ms
         self.canary = _Canary.timed(provider, threads, canary_ms) if canary_ms else None
         self.medians: list[list[float]] = []  # per round, per model (ms)
         self.loads: list[float] = []  # per round: the 1-minute load average as it began
@@ -975,25 +992,24 @@ class WholeTimer:
         )
 
     def time_round(self) -> None:
-        warmup, runs = self.timing.whole_runs
+        expected = self.medians[-1] if self.medians else [self.expected_ms] * len(self.models)
         self.loads.append(os.getloadavg()[0])
         watching = self.canary.watch() if self.canary is not None else contextlib.nullcontext(_Watched(False))
         with watching as watched:
-            self.medians.append(
-                [
-                    bench(
-                        model,
-                        batch=self.batch,
-                        threads=self.threads,
-                        provider=self.provider,
-                        warmup=warmup,
-                        runs=runs,
-                        show_progress=False,
-                    ).median_ms
-                    for model in self.models
-                ]
-            )
+            self.medians.append([self._median(m, ms) for m, ms in zip(self.models, expected, strict=True)])
         self.clean.append(not watched.slow)
+
+    def _median(self, model: ModelLike, expected_ms: float | None) -> float:
+        warmup, runs = self.timing.whole_runs(expected_ms)
+        return bench(
+            model,
+            batch=self.batch,
+            threads=self.threads,
+            provider=self.provider,
+            warmup=warmup,
+            runs=runs,
+            show_progress=False,
+        ).median_ms
 
     def fastest(self) -> list[float]:
         """Each model's fastest counted round's median (ms): the clean rounds, or every round (with a
