@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
 # Carry onnxruntime-gpu 1.31.1 (CUDA 13) to a lent GPU machine whose image has the CPU onnxruntime only.
-# Its wheel (~244 MiB) is larger than what one device call carries (64 MiB with the working tree), but
+# Its wheel (244 MiB) is larger than what one device call carries (64 MiB with the working tree), but
 # carried files stay on a warm machine, so it travels in parts over back-to-back calls:
 #
 #   here, once:       bash tools/device/ort_gpu_wheel.sh split
-#                     (downloads the cp312 wheel into .ortgpu/, cuts it into 56 MiB parts, lists them
-#                     with their SHA-256 in .ortgpu/SHA256SUMS; .gitignore keeps them out of commits)
+#                     (downloads the cp312 wheel into .ortgpu/, recompresses it with xz, cuts that
+#                     into four 56 MiB parts, lists them and the wheel with their SHA-256 in
+#                     .ortgpu/SHA256SUMS; .gitignore keeps them out of commits)
 #   there, per part:  carry [".ortgpu/part-00", ".ortgpu/SHA256SUMS"],
 #                     command "bash tools/device/ort_gpu_wheel.sh stash .ortgpu/part-00"
 #   there, last:      command "bash tools/device/ort_gpu_wheel.sh install && source tools/device/setup.sh
@@ -28,10 +29,22 @@ case "${1:-}" in
       --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
       -d "$parts" "onnxruntime-gpu==$version"
     wheel=$(ls "$parts"/onnxruntime_gpu-"$version"-*.whl)
+    # the same files stored uncompressed, then xz: 186 MB for the CUDA provider library where the
+    # wheel's deflate left 220, so four parts travel instead of five
+    python3 - "$wheel" <<'PY'
+import lzma, shutil, sys, zipfile
+wheel = sys.argv[1]
+with zipfile.ZipFile(wheel) as source, zipfile.ZipFile(wheel + ".stored", "w", zipfile.ZIP_STORED) as stored:
+    for info in source.infolist():
+        stored.writestr(info, source.read(info), compress_type=zipfile.ZIP_STORED)
+with open(wheel + ".stored", "rb") as plain, lzma.open(wheel + ".xz", "wb", preset=6) as packed:
+    shutil.copyfileobj(plain, packed, 1 << 24)
+PY
+    mv "$wheel.stored" "$wheel"
     rm -f "$parts"/part-*
-    split -b 56m -d -a 2 "$wheel" "$parts/part-"
+    split -b 56m -d -a 2 "$wheel.xz" "$parts/part-"
     (cd "$parts" && sha256sum "$(basename "$wheel")" part-* > SHA256SUMS)
-    rm "$wheel"
+    rm "$wheel" "$wheel.xz"
     ls -l "$parts"
     ;;
   stash)
@@ -55,7 +68,7 @@ case "${1:-}" in
       exit 1
     fi
     grep ' part-' SHA256SUMS | sha256sum -c --quiet
-    cat part-* > "$wheel"
+    cat part-* | python3 -c 'import lzma, shutil, sys; shutil.copyfileobj(lzma.open(sys.stdin.buffer), sys.stdout.buffer, 1 << 24)' > "$wheel"
     grep " $wheel\$" SHA256SUMS | sha256sum -c --quiet
     if [ "${2:-}" != "--check-only" ]; then
       python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site "$wheel"
