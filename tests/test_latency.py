@@ -869,6 +869,39 @@ def test_gpu_script_stops_at_once_without_the_cuda_provider(tmp_path: Path) -> N
     assert not (tmp_path / "out" / "gpu_latency.json").exists()
 
 
+def test_gpu_wheel_travels_in_checked_parts_and_joins_to_the_same_files(tmp_path: Path) -> None:
+    """tools/device/ort_gpu_wheel.sh: a wheel packed here (files stored, xz, cut into parts) and stashed
+    part by part there joins to a wheel with the very same files; a missing or corrupted part stops
+    the install with one line."""
+    import zipfile
+
+    wheel = tmp_path / "demo-1.0-py3-none-any.whl"
+    files = {"demo/__init__.py": b"x = 1\n" * 500, "demo/blob.bin": np.random.default_rng(0).bytes(300_000)}
+    with zipfile.ZipFile(wheel, "w", zipfile.ZIP_DEFLATED) as archive:
+        for name, data in files.items():
+            archive.writestr(name, data)
+    parts, stash = tmp_path / "parts", tmp_path / "stash"
+    env = {**os.environ, "ORTGPU_PARTS": str(parts), "ORTGPU_STASH": str(stash), "ORTGPU_PART_SIZE": "100k"}
+
+    def script(*args: object) -> subprocess.CompletedProcess[str]:
+        command = ["bash", ROOT / "tools" / "device" / "ort_gpu_wheel.sh", *map(str, args)]
+        return subprocess.run(command, capture_output=True, text=True, env=env)
+
+    assert script("pack", wheel).returncode == 0 and not wheel.exists()
+    pieces = sorted(parts.glob("part-*"))
+    assert len(pieces) == 3  # the random blob does not compress: 300 kB in 100 kB parts
+    for piece in pieces[:-1]:
+        assert script("stash", piece).returncode == 0
+    missing = script("install", "--check-only")
+    assert missing.returncode == 1 and "2 of 3 parts stashed" in missing.stderr
+    assert script("stash", pieces[-1]).returncode == 0
+    assert script("install", "--check-only").returncode == 0
+    with zipfile.ZipFile(stash / wheel.name) as joined:
+        assert {name: joined.read(name) for name in joined.namelist()} == files
+    (stash / "part-01").write_bytes(b"corrupt")
+    assert script("install", "--check-only").returncode == 1
+
+
 def test_latency_accuracy_benchmark_refuses_a_target_outside_0_1_after_importing_its_peers() -> None:
     done = subprocess.run(
         [sys.executable, ROOT / "benchmarks" / "bench_latency_accuracy.py", "--targets", "1.5"],

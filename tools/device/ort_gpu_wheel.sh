@@ -12,15 +12,18 @@
 #   there, last:      command "bash tools/device/ort_gpu_wheel.sh install && source tools/device/setup.sh
 #                     && bash tools/device/gpu_latency.sh \$OUT/gpu"
 #
+# `pack WHEEL` is split's second half, for a wheel already here (it is removed once packed).
 # `install` joins the stashed parts, checks each part's and the wheel's SHA-256, and installs the wheel
 # (no dependencies: the image's onnxruntime brought them) into /tmp/site, ahead of the image's CPU
 # onnxruntime on PYTHONPATH (setup.sh puts /tmp/site first), so only one onnxruntime is imported.
-# Tested here for split, stash and the join's checksums; the install itself needs the device.
+# tests/test_latency.py packs, stashes and joins a small wheel (ORTGPU_PARTS, ORTGPU_STASH and
+# ORTGPU_PART_SIZE move the folders and the part size); the CUDA run itself needs the device.
 set -euo pipefail
-cd "$(dirname "$0")/../.."
+self="$(cd "$(dirname "$0")" && pwd)/$(basename "$0")"
+cd "$(dirname "$0")/../.."  # paths below, and those given, are relative to the checkout's root
 version=1.31.1
-parts=.ortgpu
-stash=/tmp/ortgpu
+parts=${ORTGPU_PARTS:-.ortgpu}  # where split leaves the parts (carried from here)
+stash=${ORTGPU_STASH:-/tmp/ortgpu}  # where stash gathers them there
 
 case "${1:-}" in
   split)
@@ -28,23 +31,28 @@ case "${1:-}" in
     python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
       --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
       -d "$parts" "onnxruntime-gpu==$version"
-    wheel=$(ls "$parts"/onnxruntime_gpu-"$version"-*.whl)
+    exec bash "$self" pack "$(ls "$parts"/onnxruntime_gpu-"$version"-*.whl)"
+    ;;
+  pack)
+    wheel=${2:?usage: ort_gpu_wheel.sh pack WHEEL}
+    mkdir -p "$parts"
     # the same files stored uncompressed, then xz: 186 MB for the CUDA provider library where the
     # wheel's deflate left 220, so four parts travel instead of five
-    python3 - "$wheel" <<'PY'
+    python3 - "$wheel" "$parts/$(basename "$wheel")" <<'PY'
 import lzma, shutil, sys, zipfile
-wheel = sys.argv[1]
-with zipfile.ZipFile(wheel) as source, zipfile.ZipFile(wheel + ".stored", "w", zipfile.ZIP_STORED) as stored:
+wheel, stored_path = sys.argv[1], sys.argv[2] + ".stored"
+with zipfile.ZipFile(wheel) as source, zipfile.ZipFile(stored_path, "w", zipfile.ZIP_STORED) as stored:
     for info in source.infolist():
         stored.writestr(info, source.read(info), compress_type=zipfile.ZIP_STORED)
-with open(wheel + ".stored", "rb") as plain, lzma.open(wheel + ".xz", "wb", preset=6) as packed:
+with open(stored_path, "rb") as plain, lzma.open(sys.argv[2] + ".xz", "wb", preset=6) as packed:
     shutil.copyfileobj(plain, packed, 1 << 24)
 PY
-    mv "$wheel.stored" "$wheel"
-    rm -f "$parts"/part-*
-    split -b 56m -d -a 2 "$wheel.xz" "$parts/part-"
-    (cd "$parts" && sha256sum "$(basename "$wheel")" part-* > SHA256SUMS)
-    rm "$wheel" "$wheel.xz"
+    name=$(basename "$wheel")
+    rm -f "$parts"/part-* "$wheel"
+    mv "$parts/$name.stored" "$parts/$name"
+    split -b "${ORTGPU_PART_SIZE:-56m}" -d -a 2 "$parts/$name.xz" "$parts/part-"
+    (cd "$parts" && sha256sum "$name" part-* > SHA256SUMS)
+    rm "$parts/$name" "$parts/$name.xz"
     ls -l "$parts"
     ;;
   stash)
@@ -76,7 +84,7 @@ PY
     echo "onnxruntime-gpu $version joined and checked${2:+ ($2)}"
     ;;
   *)
-    echo "usage: ort_gpu_wheel.sh split | stash .ortgpu/part-NN | install [--check-only]" >&2
+    echo "usage: ort_gpu_wheel.sh split | pack WHEEL | stash .ortgpu/part-NN | install [--check-only]" >&2
     exit 2
     ;;
 esac
