@@ -31,7 +31,7 @@ from tqdm import tqdm
 
 from graphprune import api
 from graphprune.planning import PlanOptions
-from graphprune.runtime.profile import WEIGHTED_KERNELS, Timing, kernel_profile, other_kernel_time
+from graphprune.runtime.profile import Timing, kernel_profile, other_kernel_time, other_kernels
 
 log = logging.getLogger("bench_op_time")
 MODELS = ("mobilenet_v2", "mobilenet_v3_large", "efficientnet_b0")
@@ -73,7 +73,7 @@ def split(path: Path, args: argparse.Namespace) -> dict[str, object]:
     by_op: dict[str, float] = defaultdict(float)
     for kernel in kernels.values():
         by_op[kernel.op] += kernel.ms
-    others = sum(kernel.op not in WEIGHTED_KERNELS for kernel in kernels.values())
+    others = len(other_kernels(kernels))
     _, fixed = other_kernel_time(kernels)
     return {
         "macs": api.model_cost(api.as_loaded(path).proto).macs,

@@ -838,6 +838,11 @@ def kernel_pace(in_model_ms: dict[str, float], alone_ms: dict[str, float]) -> fl
     return float(ratios[order][min(middle, len(nodes) - 1)])
 
 
+def other_kernels(kernels: dict[str, Kernel]) -> list[Kernel]:
+    """A whole model's kernels outside its weighted layers (WEIGHTED_KERNELS)."""
+    return [kernel for kernel in kernels.values() if kernel.op not in WEIGHTED_KERNELS]
+
+
 def other_kernel_time(kernels: dict[str, Kernel]) -> tuple[float, float]:
     """(total, fixed): a whole model's kernel time (ms) outside its weighted layers (activations,
     elementwise ops, pooling, layout reorders), from its `kernel_profile`, and the part of it paid per
@@ -847,7 +852,7 @@ def other_kernel_time(kernels: dict[str, Kernel]) -> tuple[float, float]:
     keeps its wide expansions keeps most of their Swish and squeeze-excite cost), but each kernel also
     costs a few microseconds of dispatch that no pruning removes: EfficientNet-B0's 138 such kernels
     took 2.25 ms at batch 1 (2 threads), 4.3 us each plus 58 ns per element read and written."""
-    others = [kernel for kernel in kernels.values() if kernel.op not in WEIGHTED_KERNELS]
+    others = other_kernels(kernels)
     total = sum(kernel.ms for kernel in others)
     return total, min(total, fixed_kernel_cost(others) * len(others))
 
