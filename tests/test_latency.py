@@ -695,6 +695,23 @@ def test_whole_model_rounds_fit_their_time_budget(monkeypatch: pytest.MonkeyPatc
     assert counts == [("slow", 2, 10), ("test", 2, 10), ("slow", 2, 5), ("test", 9, 20)]
 
 
+def test_the_profiles_second_whole_timing_is_held_to_the_first_ones_latency(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The profile times the whole model before and after its layers: the second timing's first round
+    is already held to the budget at the first timing's latency."""
+    bounds: list[float | None] = []
+
+    def measure_wholes(models: list[object], *, expected_ms: float | None = None, **_: object) -> list[float]:
+        bounds.append(expected_ms)
+        return [2.5] * len(models)
+
+    monkeypatch.setattr(profile, "measure_wholes", measure_wholes)
+    dep = analyze_model(chain())
+    table = profile_model(dep.model, layer_specs(dep), timing=Timing(block=8, points=2, rounds=1, runs=2))
+    assert bounds == [None, 2.5] and table.end_to_end_ms == 2.5
+
+
 def run_cli(*args: object) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, "-m", "graphprune.cli", *map(str, args)], capture_output=True, text=True

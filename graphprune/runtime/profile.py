@@ -383,9 +383,15 @@ def profile_model(
     timing = timing or Timing()
     start = time.perf_counter()
     loads = [os.getloadavg()[0]]
-    whole_ms = measure or (
-        lambda m, b: measure_wholes([m], provider=provider, batch=b, threads=threads, timing=timing)[0]
-    )
+
+    def whole_ms(m: ModelLike, b: int, expected_ms: float | None = None) -> float:
+        if measure is not None:
+            return measure(m, b)
+        wholes = measure_wholes(
+            [m], provider=provider, batch=b, threads=threads, timing=timing, expected_ms=expected_ms
+        )
+        return wholes[0]
+
     whole = [whole_ms(model, batch)]
     if timing.block is None:
         timing = replace(timing, block=alignment_block(whole_ms, batch))
@@ -445,7 +451,7 @@ def profile_model(
             len(slow),
         )
     curves = {sig: _curve(by_signature[sig], best[sig]) for sig in by_signature}
-    whole.append(whole_ms(model, batch))
+    whole.append(whole_ms(model, batch, expected_ms=min(whole)))
     # CUDA kernels run asynchronously to the host: there the other ops are left to the whole's fit
     kernels = (
         kernel_profile(model, batch=batch, threads=threads, timing=timing, expected_ms=min(whole))
