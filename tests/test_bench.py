@@ -1,4 +1,4 @@
-"""Latency benchmark: sane numbers, batch handling, and argument checks."""
+"""Latency benchmark: sane numbers, interleaved rounds, batch handling, and argument checks."""
 
 from __future__ import annotations
 
@@ -48,11 +48,13 @@ def test_fixed_batch_model_refuses_other_batches(tmp_path) -> None:
         bench(path, batch=8, threads=1, warmup=0, runs=2)
 
 
-@pytest.mark.parametrize(("batch", "warmup", "runs"), [(0, 1, 1), (1, -1, 1), (1, 0, 0)])
-def test_invalid_counts_are_refused(tmp_path, batch: int, warmup: int, runs: int) -> None:
+@pytest.mark.parametrize(
+    ("batch", "warmup", "runs", "rounds"), [(0, 1, 1, 1), (1, -1, 1, 1), (1, 0, 0, 1), (1, 0, 1, 0)]
+)
+def test_invalid_counts_are_refused(tmp_path, batch: int, warmup: int, runs: int, rounds: int) -> None:
     path = _save_conv(tmp_path / "conv.onnx", "batch")
     with pytest.raises(GraphPruneError, match="invalid"):
-        bench(path, batch=batch, threads=1, warmup=warmup, runs=runs)
+        bench(path, batch=batch, threads=1, warmup=warmup, runs=runs, rounds=rounds)
 
 
 def test_median_and_p90_are_computed_from_the_timed_runs(tmp_path, monkeypatch) -> None:
@@ -64,3 +66,40 @@ def test_median_and_p90_are_computed_from_the_timed_runs(tmp_path, monkeypatch) 
     assert result.median_ms == pytest.approx(5.5)  # mean 9.5, minimum 1
     assert result.p90_ms == pytest.approx(13.1)  # between 9 and 50, linear interpolation
     assert result.throughput_per_s == pytest.approx(2 / 0.0055)
+
+
+def test_rounds_interleave_models_in_fresh_sessions_with_warmup_each(tmp_path, monkeypatch) -> None:
+    """Round-major order (a busy spell slows every model's round, not one model), a new session per
+    model and round, and the warm-up shared out (at least 2 per round) before each round's timed runs."""
+    paths = [_save_conv(tmp_path / f"m{i}.onnx", "N") for i in range(2)]
+    opened, calls = [], []
+
+    def counting_session(path, **kwargs):  # noqa: ANN001, ANN202
+        opened.append(path)
+        session = make_session(path, **kwargs)
+        return type("Counted", (), {"run": lambda self, *a: calls.append(path) or session.run(*a)})()
+
+    make_session = bench_module.make_session
+    monkeypatch.setattr(bench_module, "make_session", counting_session)
+    results = bench_many(paths, [1], threads=1, warmup=10, runs=9, rounds=3, show_progress=False)
+    assert opened == paths * 3
+    # per round and model: max(2, 10 / 3 rounded up) = 4 warm-up runs, 9 / 3 = 3 timed
+    assert calls == [p for _ in range(3) for p in paths for _ in range(4 + 3)]
+    assert [r.rounds for r in results] == [3, 3]
+    calls.clear()
+    bench_many(paths[:1], [1], threads=1, warmup=0, runs=4, rounds=2, show_progress=False)
+    assert len(calls) == 4  # no warm-up asked for, none made
+
+
+def test_median_is_the_fastest_rounds_and_spread_says_how_far_apart_they_lay(tmp_path, monkeypatch) -> None:
+    """Two rounds of two runs through a fake clock: round medians 6 and 2 ms, so 2 ms (a busy round
+    only reads slow), spread 6 / 2 - 1; p90 over all four runs."""
+    durations = [0.005, 0.007, 0.001, 0.003]
+    ticks = iter(np.cumsum([0.0, *(t for d in durations for t in (d, 1.0))]))
+    monkeypatch.setattr(bench_module.time, "perf_counter", lambda: float(next(ticks)))
+    path = _save_conv(tmp_path / "conv.onnx", "batch")
+    result = bench(path, batch=1, threads=1, warmup=0, runs=4, rounds=2, show_progress=False)
+    assert result.median_ms == pytest.approx(2.0)
+    assert result.spread == pytest.approx(2.0)
+    assert result.p90_ms == pytest.approx(6.4)  # of 1, 3, 5, 7
+    assert result.throughput_per_s == pytest.approx(1 / 0.002)

@@ -336,7 +336,7 @@ def test_long_work_writes_plain_progress_lines_when_stderr_is_not_a_terminal() -
     assert done.returncode == 0, done.stderr
     assert "\r" not in done.stderr
     lines = done.stderr.splitlines()
-    assert any(line.startswith("bench resnet20_fmnist.onnx bs1: 100%") and "20/20" in line for line in lines)
+    assert any(line.startswith("bench (5 rounds): 100%") and "5/5" in line for line in lines)
 
 
 def test_progress_lines_are_whole_lines(capsys, monkeypatch) -> None:  # noqa: ANN001
@@ -369,7 +369,7 @@ def test_bench_table_fits_80_columns_and_tells_same_named_files_apart(tmp_path: 
     lines = done.stdout.splitlines()
     assert max(map(len, lines)) <= 80, done.stdout
     rows = [line.split() for line in lines if line.strip().endswith("x")]
-    assert len(rows) == 4 and all(len(row) == 8 for row in rows), done.stdout  # one line per row
+    assert len(rows) == 4 and all(len(row) == 9 for row in rows), done.stdout  # one line per row
     assert len({row[0] for row in rows}) == 2  # the two files are told apart
 
 

@@ -19,7 +19,7 @@ from graphprune.cli.console import out, stage
 from graphprune.onnxutil import conv_channels
 from graphprune.planning import PlanOptions
 from graphprune.report.plots import plot_accuracy_vs_macs, plot_channels
-from graphprune.runtime.bench import bench
+from graphprune.runtime.bench import bench_many
 
 log = logging.getLogger(__name__)
 
@@ -105,12 +105,17 @@ def run_demo(config: DemoConfig) -> DemoResult:
             "accuracy": evaluate_onnx(path, test, threads=config.threads),
             "macs": cost.macs,
             "params": cost.params,
-            "latency_ms": float("inf"),
         }
-    for _ in range(LATENCY_ROUNDS):  # interleaved, best round kept: other jobs can only slow a round down
-        for label, path in models.items():
-            latency = bench(path, batch=1, threads=config.threads, provider="cpu", warmup=10, runs=100)
-            rows[label]["latency_ms"] = min(rows[label]["latency_ms"], latency.median_ms)
+    latencies = bench_many(
+        list(models.values()),
+        [1],
+        threads=config.threads,
+        warmup=10 * LATENCY_ROUNDS,
+        runs=100 * LATENCY_ROUNDS,
+        rounds=LATENCY_ROUNDS,
+    )
+    for metrics, latency in zip(rows.values(), latencies, strict=True):
+        metrics["latency_ms"] = latency.median_ms
     kept = result.after.macs / result.before.macs
     channels = plot_channels(
         conv_channels(result.dep.model),

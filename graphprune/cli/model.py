@@ -215,18 +215,20 @@ def _precision_note(report) -> str:  # noqa: ANN001 - VerificationReport, import
 def _with_latency(rows: dict, paths: list[str], where: dict, shapes: dict) -> dict:
     """Measured latency of each model, with the latency table's provider, batch and threads when the
     plan was made with one (so predicted and measured compare)."""
-    from graphprune.runtime.bench import bench
+    from graphprune.runtime.bench import bench_many
 
-    for metrics, path in zip(rows.values(), paths, strict=True):
-        metrics["latency_ms"] = bench(
-            path,
-            batch=where["batch"],
-            threads=where["threads"],
-            provider=where["provider"],
-            warmup=20,
-            runs=200,
-            input_shapes=shapes,
-        ).median_ms
+    results = bench_many(
+        paths,
+        [where["batch"]],
+        threads=where["threads"],
+        provider=where["provider"],
+        warmup=20,
+        runs=200,
+        input_shapes=shapes,
+    )
+    for metrics, result in zip(rows.values(), results, strict=True):
+        metrics["latency_ms"] = result.median_ms
+    _note_busy(results)
     return rows
 
 
@@ -314,6 +316,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         provider=args.provider,
         warmup=args.warmup,
         runs=args.runs,
+        rounds=args.rounds,
         input_shapes=input_shapes(args),
     )
     if args.json:
@@ -324,9 +327,9 @@ def cmd_bench(args: argparse.Namespace) -> int:
     table = Table(
         title=f"latency ({args.provider}, {args.threads or 'default'} threads)", box=box.SIMPLE_HEAD
     )
-    table.add_column("model", no_wrap=True, overflow="ellipsis", max_width=BENCH_WIDTH - 60)
-    for column, width in (("batch", 5), ("median", 9), ("p90", 9), ("throughput/s", 12), ("speed-up", 8)):
-        table.add_column(column, justify="right", no_wrap=True, min_width=width)
+    table.add_column("model", no_wrap=True, overflow="ellipsis", max_width=BENCH_WIDTH - 64)
+    for column in ("batch", "median", "p90", "spread", "items/s", "speed-up"):
+        table.add_column(column, justify="right", no_wrap=True)
     names = dict(zip(args.models, short_names(args.models), strict=True))
     baseline: dict[int, float] = {}
     for result in results:
@@ -336,11 +339,27 @@ def cmd_bench(args: argparse.Namespace) -> int:
             str(result.batch),
             fmt_ms(result.median_ms),
             fmt_ms(result.p90_ms),
-            f"{result.throughput_per_s:,.1f}",
+            f"{result.spread:.0%}",
+            f"{result.throughput_per_s:,.0f}",
             f"{first / result.median_ms:.2f}x",
         )
     out.print(render(table, width=BENCH_WIDTH), end="", soft_wrap=True)
+    _note_busy(results)
     return 0
+
+
+def _note_busy(results: list) -> None:  # noqa: ANN001 - LatencyResult, imported lazily
+    """Says so when some model's round medians lay far apart: the machine was busy, and each median is
+    that model's fastest round."""
+    from graphprune.runtime.bench import BUSY_SPREAD
+
+    widest = max(results, key=lambda result: result.spread)
+    if widest.spread > BUSY_SPREAD:
+        console.print(
+            f"note: round medians of {Path(widest.model).name} lay {widest.spread:.0%} apart: the machine "
+            "was busy; each median is its model's fastest round (more --rounds make it likelier quiet)",
+            markup=False,
+        )
 
 
 def cmd_export(args: argparse.Namespace) -> int:
@@ -502,8 +521,17 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--provider", default="cpu", choices=("cpu", "cuda"), help="onnxruntime execution provider"
     )
-    p.add_argument("--warmup", type=int, default=10, help="untimed runs first")
-    p.add_argument("--runs", type=int, default=50, help="timed runs (median and p90 over them)")
+    p.add_argument(
+        "--warmup", type=int, default=10, help="untimed runs first, shared by the rounds (at least 2 each)"
+    )
+    p.add_argument("--runs", type=int, default=50, help="timed runs, shared by the rounds (at least 1 each)")
+    p.add_argument(
+        "--rounds",
+        type=int,
+        default=5,
+        help="interleaved rounds over the models, each in a fresh session; a model's median is its "
+        "fastest round's (a busy machine only slows rounds down)",
+    )
     add_input_shape_argument(p)
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(func=cmd_bench)

@@ -1,19 +1,24 @@
 """Latency benchmark with onnxruntime: what a user of the pruned model actually gets.
 
-Each measurement runs `warmup` untimed inferences (arena allocation, kernel selection), then `runs`
-timed ones on the same seeded input; the median is the headline number because it ignores the
-occasional scheduler hiccup, and p90 shows how noisy the machine was.  On CUDA the inputs and outputs
-stay on the device (IO binding), so the time is the model's, not that of host-device copies.
+Models are timed in interleaved rounds: each round opens a fresh session per model and times every
+model and batch in turn (a few untimed inferences first: arena allocation, kernel selection, then timed
+ones on the same seeded input).  On a shared machine another job can slow a stretch of seconds, or one
+session whose worker thread got a busy core, to half speed (measured: one model's single 50-run median
+read 1.05 and 2.0 ms in back-to-back invocations); interleaving spreads such a spell over every model,
+and a result's median is its fastest round's, since such spells only ever slow a round down.  p90 spans
+all its timed runs, and `spread` (slowest round's median over the fastest's, minus 1) says how busy the
+machine was.  On CUDA the inputs and outputs stay on the device (IO binding), so the time is the
+model's, not that of host-device copies.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import os
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import onnx
@@ -26,18 +31,23 @@ from graphprune.runtime.shapes import InputShapes
 
 log = logging.getLogger(__name__)
 
+# Round medians this far apart (slowest over fastest, minus 1) mean the machine was busy.
+BUSY_SPREAD = 0.25
+
 
 @dataclass(frozen=True)
 class LatencyResult:
     """One latency measurement; `model` names what was measured (path or graph name)."""
 
-    median_ms: float
-    p90_ms: float
+    median_ms: float  # the fastest round's median
+    p90_ms: float  # over every timed run
     throughput_per_s: float
     batch: int
     threads: int | None
     provider: str
     model: str = ""
+    rounds: int = 1
+    spread: float = 0.0  # slowest round's median / fastest round's - 1
 
 
 def bench(
@@ -48,14 +58,24 @@ def bench(
     provider: str = "cpu",
     warmup: int = 10,
     runs: int = 50,
+    rounds: int = 1,
     input_shapes: InputShapes | None = None,
     show_progress: bool = True,
 ) -> LatencyResult:
     """Median / p90 latency and throughput of one model at one batch size (symbolic input sizes other
-    than the batch from `input_shapes`, else 1); `show_progress` False for short probes."""
-    _check_counts(warmup, runs)
-    session = make_session(model_path, provider=provider, threads=threads)
-    return _measure(session, model_path, batch, threads, provider, warmup, runs, input_shapes, show_progress)
+    than the batch from `input_shapes`, else 1); see bench_many for `rounds`; `show_progress` False
+    for short probes."""
+    return bench_many(
+        [model_path],
+        [batch],
+        threads=threads,
+        provider=provider,
+        warmup=warmup,
+        runs=runs,
+        rounds=rounds,
+        input_shapes=input_shapes,
+        show_progress=show_progress,
+    )[0]
 
 
 def bench_many(
@@ -65,67 +85,94 @@ def bench_many(
     provider: str = "cpu",
     warmup: int = 10,
     runs: int = 50,
+    rounds: int = 5,
     input_shapes: InputShapes | None = None,
+    show_progress: bool = True,
 ) -> list[LatencyResult]:
-    """Benchmark every model at every batch size (one session per model), in path-major order."""
-    _check_counts(warmup, runs)
-    batch_sizes = list(batches)
-    results = []
-    for path in paths:
-        session = make_session(path, provider=provider, threads=threads)
+    """Every model at every batch size, in path-major order: `runs` timed inferences each, spread over
+    `rounds` interleaved rounds (at least one per round), each round after max(2, warmup / rounds)
+    untimed ones in its fresh session (none when `warmup` is 0)."""
+    models, batch_sizes = list(paths), list(batches)
+    _check_counts(warmup, runs, rounds)
+    for batch in batch_sizes:
+        if batch < 1:
+            raise GraphPruneError(f"Batch size {batch} is invalid; pass a positive number.")
+    # every model opened and fed before any timing, so that a bad one fails in one line, first
+    sessions = [make_session(model, provider=provider, threads=threads) for model in models]
+    feeds = {(i, b): _feed(model, b, input_shapes) for i, model in enumerate(models) for b in batch_sizes}
+    per_round = math.ceil(runs / rounds)
+    round_warmup = min(warmup, max(2, math.ceil(warmup / rounds)))
+    times: dict[tuple[int, int], list[np.ndarray]] = {}
+    steps = [(r, i) for r in range(rounds) for i in range(len(models))]
+    for round_index, index in progress(steps, enabled=show_progress, desc=f"bench ({rounds} rounds)"):
+        if round_index:
+            sessions[index] = make_session(models[index], provider=provider, threads=threads)
         for batch in batch_sizes:
-            results.append(_measure(session, path, batch, threads, provider, warmup, runs, input_shapes))
+            run = runner(sessions[index], feeds[index, batch], provider)
+            for _ in range(round_warmup):
+                run()
+            times.setdefault((index, batch), []).append(_timed(run, per_round))
+    results = [
+        _result(times[index, batch], _name(model), batch, threads, provider)
+        for index, model in enumerate(models)
+        for batch in batch_sizes
+    ]
+    for result in results:
+        log.log(
+            logging.INFO if show_progress else logging.DEBUG,
+            "%s: %.3f ms median (fastest of %d rounds, %.0f%% apart), %.3f ms p90 at batch %d.",
+            result.model,
+            result.median_ms,
+            result.rounds,
+            100 * result.spread,
+            result.p90_ms,
+            result.batch,
+        )
     return results
 
 
-def _measure(
-    session: ort.InferenceSession,
-    model: ModelLike,
-    batch: int,
-    threads: int | None,
-    provider: str,
-    warmup: int,
-    runs: int,
-    input_shapes: InputShapes | None,
-    show_progress: bool = True,
-) -> LatencyResult:
-    if batch < 1:
-        raise GraphPruneError(f"Batch size {batch} is invalid; pass a positive number.")
-    name = model.graph.name if isinstance(model, onnx.ModelProto) else os.fspath(model)
+def _name(model: ModelLike) -> str:
+    return model.graph.name if isinstance(model, onnx.ModelProto) else os.fspath(model)
+
+
+def _feed(model: ModelLike, batch: int, input_shapes: InputShapes | None) -> dict[str, np.ndarray]:
+    """Seeded inputs of `model` at `batch`; a model whose batch is fixed elsewhere is refused."""
     feed = input_feed(model, batch, seed=0, shapes=input_shapes)
     leading = {array.shape[0] for array in feed.values() if array.ndim}
     if leading and batch not in leading:
         raise GraphPruneError(
-            f"Model {name} has a fixed batch size of {min(leading)}, so it cannot be benchmarked at batch "
-            f"{batch}; export it with a dynamic batch dimension or bench at batch {min(leading)}."
+            f"Model {_name(model)} has a fixed batch size of {min(leading)}, so it cannot be benchmarked at "
+            f"batch {batch}; export it with a dynamic batch dimension or bench at batch {min(leading)}."
         )
-    run = runner(session, feed, provider)
-    for _ in range(warmup):
-        run()
+    return feed
+
+
+def _timed(run: Callable[[], object], runs: int) -> np.ndarray:
+    """Seconds each of `runs` inferences took."""
     times = np.empty(runs)
-    for index in progress(range(runs), enabled=show_progress, desc=f"bench {Path(name).name} bs{batch}"):
+    for index in range(runs):
         start = time.perf_counter()
         run()
         times[index] = time.perf_counter() - start
-    median = float(np.median(times))
-    result = LatencyResult(
-        median_ms=median * 1e3,
-        p90_ms=float(np.percentile(times, 90)) * 1e3,
-        throughput_per_s=batch / median,
+    return times
+
+
+def _result(
+    round_times: list[np.ndarray], name: str, batch: int, threads: int | None, provider: str
+) -> LatencyResult:
+    medians = [float(np.median(times)) for times in round_times]
+    fastest = min(medians)
+    return LatencyResult(
+        median_ms=fastest * 1e3,
+        p90_ms=float(np.percentile(np.concatenate(round_times), 90)) * 1e3,
+        throughput_per_s=batch / fastest,
         batch=batch,
         threads=threads,
         provider=provider,
         model=name,
+        rounds=len(medians),
+        spread=max(medians) / fastest - 1 if fastest > 0 else 0.0,
     )
-    log.log(
-        logging.INFO if show_progress else logging.DEBUG,
-        "%s: %.3f ms median, %.3f ms p90 at batch %d.",
-        name,
-        result.median_ms,
-        result.p90_ms,
-        batch,
-    )
-    return result
 
 
 def runner(session: ort.InferenceSession, feed: dict[str, np.ndarray], provider: str) -> Callable[[], object]:
@@ -141,8 +188,9 @@ def runner(session: ort.InferenceSession, feed: dict[str, np.ndarray], provider:
     return lambda: session.run_with_iobinding(binding)
 
 
-def _check_counts(warmup: int, runs: int) -> None:
-    if warmup < 0 or runs < 1:
+def _check_counts(warmup: int, runs: int, rounds: int) -> None:
+    if warmup < 0 or runs < 1 or rounds < 1:
         raise GraphPruneError(
-            f"Benchmark counts warmup={warmup}, runs={runs} are invalid; use warmup >= 0 and runs >= 1."
+            f"Benchmark counts warmup={warmup}, runs={runs}, rounds={rounds} are invalid; use warmup >= 0, "
+            "runs >= 1 and rounds >= 1."
         )
