@@ -103,3 +103,37 @@ def test_median_is_the_fastest_rounds_and_spread_says_how_far_apart_they_lay(tmp
     assert result.spread == pytest.approx(2.0)
     assert result.p90_ms == pytest.approx(6.4)  # of 1, 3, 5, 7
     assert result.throughput_per_s == pytest.approx(1 / 0.002)
+
+
+def test_cli_bench_says_when_the_machine_was_busy(tmp_path, monkeypatch, capsys) -> None:
+    """The table's spread column, the JSON's rounds and spread, and one note naming the model whose
+    rounds lay furthest apart once that passes BUSY_SPREAD (none below it)."""
+    import json
+
+    from graphprune.cli.main import main
+
+    paths = [_save_conv(tmp_path / f"m{i}.onnx", "N") for i in range(2)]
+
+    def fake(spreads):  # noqa: ANN001, ANN202
+        def bench_many_stub(models, batches, **settings):  # noqa: ANN001, ANN003, ANN202
+            assert settings["rounds"] == 4
+            return [
+                LatencyResult(2.0 / (i + 1), 3.0, 500.0, 1, None, "cpu", model, 4, spread)
+                for i, (model, spread) in enumerate(zip(models, spreads, strict=True))
+            ]
+
+        return bench_many_stub
+
+    monkeypatch.setattr(bench_module, "bench_many", fake([0.1, 0.6]))
+    assert main(["bench", *paths, "--rounds", "4"]) == 0
+    captured = capsys.readouterr()
+    assert "spread" in captured.out and "60%" in captured.out and "2.00x" in captured.out
+    note = " ".join(captured.err.split())
+    assert "round medians of m1.onnx lay 60% apart: the machine was busy" in note
+    assert main(["bench", *paths, "--rounds", "4", "--json"]) == 0
+    captured = capsys.readouterr()
+    assert [(r["rounds"], r["spread"]) for r in json.loads(captured.out)] == [(4, 0.1), (4, 0.6)]
+    assert "the machine was busy" in " ".join(captured.err.split())  # stderr: the JSON stays clean
+    monkeypatch.setattr(bench_module, "bench_many", fake([0.1, bench_module.BUSY_SPREAD]))
+    assert main(["bench", *paths, "--rounds", "4"]) == 0
+    assert "busy" not in capsys.readouterr().err

@@ -323,6 +323,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         from dataclasses import asdict
 
         out.print_json(json.dumps([asdict(r) for r in results]))
+        _note_busy(results)
         return 0
     table = Table(
         title=f"latency ({args.provider}, {args.threads or 'default'} threads)", box=box.SIMPLE_HEAD

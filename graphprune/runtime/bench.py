@@ -89,9 +89,9 @@ def bench_many(
     input_shapes: InputShapes | None = None,
     show_progress: bool = True,
 ) -> list[LatencyResult]:
-    """Every model at every batch size, in path-major order: `runs` timed inferences each, spread over
-    `rounds` interleaved rounds (at least one per round), each round after max(2, warmup / rounds)
-    untimed ones in its fresh session (none when `warmup` is 0)."""
+    """Every model at every batch size (results in path-major order): `runs` timed inferences each,
+    spread over `rounds` interleaved rounds (at least one per round), each round after
+    max(2, warmup / rounds) untimed ones in its fresh session (none when `warmup` is 0)."""
     models, batch_sizes = list(paths), list(batches)
     _check_counts(warmup, runs, rounds)
     for batch in batch_sizes:
