@@ -182,13 +182,13 @@ class PruneResult:
 @dataclass(frozen=True)
 class LatencySource:
     """Where a latency target's table comes from: a saved one (`table`, refused when it was measured on
-    another model or provider), or else a profile taken now with these settings.  feedback: how many
-    times a latency-targeted plan is timed whole and planned again on the measured latency (0: trust
-    the table alone)."""
+    another provider or batch than those given, or on another model), or else a profile taken now
+    with these settings (None: cpu, batch 1).  feedback: how many times a latency-targeted plan is
+    timed whole and planned again on the measured latency (0: trust the table alone)."""
 
     table: LatencyTable | str | os.PathLike[str] | None = None
-    provider: str = "cpu"
-    batch: int = 1
+    provider: str | None = None
+    batch: int | None = None
     threads: int | None = None
     feedback: int = 2
 
@@ -230,7 +230,8 @@ PROFILE_ATTEMPTS = 2
 def _profile(
     dep: DependencyGraph, sha: str | None, source: LatencySource, timing: Timing | None = None
 ) -> LatencyTable:
-    where = {"provider": source.provider, "batch": source.batch, "threads": source.threads}
+    batch = 1 if source.batch is None else source.batch
+    where = {"provider": source.provider or "cpu", "batch": batch, "threads": source.threads}
     specs = layer_specs(dep)
     table = profile_model(dep.model, specs, timing=timing, model_sha256=sha, **where)
     for attempt in range(PROFILE_ATTEMPTS):
@@ -287,7 +288,7 @@ def _latency_model(dep: DependencyGraph, source: LatencySource, sha: str | None)
         table = _profile(dep, sha, source)
     elif not isinstance(table, LatencyTable):
         table = LatencyTable.load(table)
-    table.check(sha, source.provider)
+    table.check(sha, source.provider, source.batch)
     return LatencyModel(dep, table)
 
 

@@ -725,7 +725,7 @@ def one_line_error(done: subprocess.CompletedProcess[str]) -> str:
     return lines[0]
 
 
-def test_tables_of_other_models_or_providers_are_refused_in_one_line(tmp_path: Path) -> None:
+def test_tables_of_other_models_providers_or_batches_are_refused_in_one_line(tmp_path: Path) -> None:
     path = tmp_path / "toy.onnx"
     onnx.save(chain(), path)
     costs = {(8, 16): linear(1.0), (16, 24): linear(1.0), (24, 6): linear(1.0)}
@@ -735,6 +735,9 @@ def test_tables_of_other_models_or_providers_are_refused_in_one_line(tmp_path: P
     assert "another model" in one_line_error(run_cli(*args, tmp_path / "other.json"))
     assert "provider cpu, not cuda" in one_line_error(
         run_cli(*args, tmp_path / "own.json", "--provider", "cuda")
+    )
+    assert "measured at batch 1, not 4; profile with --batch 4" in one_line_error(
+        run_cli(*args, tmp_path / "own.json", "--batch", "4")
     )
     assert not (tmp_path / "out.onnx").exists()
     assert "0 or more" in one_line_error(run_cli(*args, tmp_path / "own.json", "--latency-feedback", "-1"))

@@ -135,7 +135,11 @@ def cmd_prune(args: argparse.Namespace) -> int:
         rows["before"]["predicted_ms"] = predicted["original_ms"]
         rows["after"]["predicted_ms"] = predicted["predicted_ms"]
     if args.bench:
-        where = predicted or {"provider": args.provider, "batch": args.batch, "threads": args.threads}
+        where = predicted or {
+            "provider": args.provider or "cpu",
+            "batch": args.batch or 1,
+            "threads": args.threads,
+        }
         rows = _with_latency(rows, [args.model, str(output)], where, input_shapes(args))
     if args.json:
         report = result.verification
@@ -438,11 +442,16 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument(
         "--provider",
-        default="cpu",
+        default=None,
         choices=("cpu", "cuda"),
-        help="runtime of the latency profile and --bench",
+        help="runtime of the latency profile and --bench (default: the --latency-lut's, else cpu)",
     )
-    p.add_argument("--batch", type=int, default=1, help="batch of the latency profile and --bench")
+    p.add_argument(
+        "--batch",
+        type=int,
+        default=None,
+        help="batch of the latency profile and --bench (default: the --latency-lut's, else 1)",
+    )
     p.add_argument("--max-ratio", type=float, default=0.9, help="most of one group --global may remove")
     p.add_argument("--min-channels", type=int, default=1, help="channels every group keeps")
     p.add_argument(

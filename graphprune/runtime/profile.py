@@ -253,17 +253,23 @@ class LatencyTable:
         """The layer's predicted time (ms) inside the model at the kept widths."""
         return self.curves[self.layers[node]].latency(kept_in, kept_out) * self.in_model_scale(node)
 
-    def check(self, model_sha256: str | None, provider: str) -> None:
-        """Refuse a table measured for another model or execution provider."""
+    def check(self, model_sha256: str | None, provider: str | None = None, batch: int | None = None) -> None:
+        """Refuse a table measured for another model, or with another execution provider or batch than
+        those given (None: any)."""
         if model_sha256 and self.model_sha256 and model_sha256 != self.model_sha256:
             raise PlanError(
                 f"the latency table was measured on another model (sha256 {self.model_sha256[:12]}, this "
                 f"one is {model_sha256[:12]}); run graphprune profile on this model."
             )
-        if provider != self.provider:
+        if provider is not None and provider != self.provider:
             raise PlanError(
                 f"the latency table was measured with provider {self.provider}, not {provider}; profile "
                 f"with --provider {provider}."
+            )
+        if batch is not None and batch != self.batch:
+            raise PlanError(
+                f"the latency table was measured at batch {self.batch}, not {batch}; profile with --batch "
+                f"{batch}, or leave --batch out to plan for the table's."
             )
 
     def to_dict(self) -> dict[str, Any]:
