@@ -137,3 +137,11 @@ def test_cli_bench_says_when_the_machine_was_busy(tmp_path, monkeypatch, capsys)
     monkeypatch.setattr(bench_module, "bench_many", fake([0.1, bench_module.BUSY_SPREAD]))
     assert main(["bench", *paths, "--rounds", "4"]) == 0
     assert "busy" not in capsys.readouterr().err
+
+
+def test_a_corrupt_file_is_named_unreadable_not_an_unknown_op(tmp_path) -> None:
+    path = tmp_path / "cut.onnx"
+    path.write_bytes(open(_save_conv(tmp_path / "conv.onnx", "N"), "rb").read()[:100])
+    with pytest.raises(GraphPruneError, match="cut.onnx: not a readable ONNX model") as caught:
+        bench_many([_save_conv(tmp_path / "ok.onnx", "N"), path], [1], threads=1, warmup=0, runs=1)
+    assert "custom domain" not in str(caught.value)

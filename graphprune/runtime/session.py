@@ -219,6 +219,8 @@ def _create(
     try:
         return ort.InferenceSession(model, sess_options=options, providers=providers)
     except Exception as exc:  # onnxruntime raises its own untyped pybind errors
+        if "INVALID_PROTOBUF" in str(exc):
+            raise InvalidModelError(f"{label}: not a readable ONNX model ({exc}).") from exc
         raise InvalidModelError(
             f"onnxruntime cannot run {label} ({exc}); an op it does not implement (a custom domain?) "
             "cannot be analysed or verified here."
