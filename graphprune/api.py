@@ -56,10 +56,19 @@ def _analyze(model: onnx.ModelProto) -> DependencyGraph:
     return analyze(cleaned, tensor_shapes(cleaned), run_intermediates)
 
 
-def _sized(model: onnx.ModelProto, input_shapes: InputShapes | None) -> onnx.ModelProto:
-    """The model with `input_shapes` applied; warns when spatial sizes stay symbolic (measured at 1)."""
+def _sized(
+    model: onnx.ModelProto, input_shapes: InputShapes | None, required: str | None = None
+) -> onnx.ModelProto:
+    """The model with `input_shapes` applied.  Spatial sizes left symbolic are measured at 1: refused
+    when `required` says what a target would then be counted or timed on (a MACs or latency target
+    planned at 1x1 would be met on paper only), else a warning."""
     sized = with_input_shapes(model, input_shapes or {})
     symbolic = symbolic_spatial_inputs(sized)
+    if symbolic and required:
+        raise GraphPruneError(
+            f"input {symbolic[0]} has symbolic spatial sizes, so {required} at 1x1; give the real sizes, "
+            f"e.g. --input-shape {symbolic[0]}:1x3x224x224."
+        )
     if symbolic:
         log.warning(
             "input %s has symbolic spatial sizes, measured at 1 (MACs and verification too); give "
@@ -204,12 +213,15 @@ def profile_latency(
     batch: int = 1,
     threads: int | None = None,
     timing: Timing | None = None,
+    input_shapes: InputShapes | None = None,
 ) -> LatencyTable:
     """Latency lookup table of a model's weighted layers and of the whole (graphprune.runtime.profile),
-    calibrated on uniformly pruned copies."""
+    calibrated on uniformly pruned copies; `input_shapes` sizes symbolic input axes (dynamic H/W, else
+    timed at 1), as prune must size them to plan with the table."""
     loaded = as_loaded(model)
     sha = model_sha256(loaded.path) if loaded.path is not None else None
-    return _profile(analyze_model(loaded), sha, LatencySource(None, provider, batch, threads), timing)
+    sized = _sized(loaded.proto, input_shapes, "its layers and the whole would be timed")
+    return _profile(_analyze(sized), sha, LatencySource(None, provider, batch, threads), timing)
 
 
 # Uniform ratios of the pruned copies timed with a profile: all but the last fit the line from the
@@ -435,7 +447,7 @@ def prune(
     intra-op threads of calibration and verification (default: onnxruntime's own choice).  A replayed
     plan made for another model file is refused (PlanError) unless `force`, which only logs a warning.
     input_shapes: sizes of symbolic input axes (dynamic H/W) for MACs, planning and verification; the
-    written model keeps its inputs symbolic.  A MACs target on symbolic spatial sizes is refused.
+    written model keeps its inputs symbolic.  A MACs or latency target on symbolic spatial sizes is refused.
 
     recover: "none", "bn" or "lsq" (see graphprune.surgery.recover; default "bn" when `calib` is given,
     else "none"), applied after verification on `calib_samples` calibration images; how close the
@@ -454,15 +466,18 @@ def prune(
     sha = model_sha256(loaded.path) if loaded.path is not None else None
     if plan is not None:
         plan.check_model(sha, _label(loaded), force=force)
-    sized = _sized(loaded.proto, input_shapes)
-    if plan is None and options is not None and options.target_macs is not None:
-        _require_sizes(sized)
-    dep = _analyze(sized)
-    before = count_cost(dep.model, dep.shapes)
-    criterion_report = None
     options = options or PlanOptions(ratio=0.5)
     if latency is None and plan is None and options.needs_latency:
         latency = LatencySource(threads=threads)
+    required = None
+    if plan is None and options.target_macs is not None:
+        required = "MACs would be counted and a MACs target planned on them"
+    elif latency is not None:
+        required = "its latency would be profiled and planned on"
+    sized = _sized(loaded.proto, input_shapes, required)
+    dep = _analyze(sized)
+    before = count_cost(dep.model, dep.shapes)
+    criterion_report = None
     latency_model = _latency_model(dep, latency, sha) if latency is not None else None
     if plan is not None:
         removed = plan.removed_mask(dep)
@@ -647,13 +662,3 @@ def verify_plan(
 
 def _label(loaded: LoadedModel) -> str:
     return loaded.path.name if loaded.path is not None else "the given model"
-
-
-def _require_sizes(model: onnx.ModelProto) -> None:
-    """A MACs target planned at 1x1 would be met on paper only: refuse it on symbolic spatial sizes."""
-    symbolic = symbolic_spatial_inputs(model)
-    if symbolic:
-        raise GraphPruneError(
-            f"input {symbolic[0]} has symbolic spatial sizes, so MACs would be counted at 1x1 and a MACs "
-            f"target planned on them; give the real sizes, e.g. --input-shape {symbolic[0]}:1x3x224x224."
-        )

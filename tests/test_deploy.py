@@ -283,6 +283,50 @@ def test_dynamic_hw_is_measured_and_verified_at_the_given_input_shape(tmp_path: 
     assert main(done) == 0
 
 
+def test_latency_work_on_dynamic_hw_needs_the_input_shape(tmp_path: Path, capsys) -> None:  # noqa: ANN001
+    """A latency table or target at 1x1 would be met on paper only: profile and latency planning are
+    refused in one line without --input-shape; profiled with it, the table plans the sized model and
+    is refused for an unsized one."""
+    from graphprune.cli import main
+
+    path = tmp_path / "dyn.onnx"
+    onnx.save(dynamic_hw(residual()), path)
+    lut, out = tmp_path / "lut.json", tmp_path / "out.onnx"
+    capsys.readouterr()
+    for command in (
+        ["profile", path, "-o", lut],
+        ["prune", path, "-o", out, "--target-latency", "0.6"],
+        ["prune", path, "-o", out, "--target-macs", "0.5", "--global", "--objective", "latency"],
+    ):
+        assert main([*map(str, command)]) == 2
+        errors = capsys.readouterr().err.strip().splitlines()
+        assert (
+            len(errors) == 1 and "symbolic spatial sizes" in errors[0] and "--input-shape x:1x3" in errors[0]
+        )
+    assert not lut.exists() and not out.exists()
+    assert (
+        main(
+            [
+                "profile",
+                str(path),
+                "-o",
+                str(lut),
+                "--input-shape",
+                "x:1x4x8x8",
+                "--runs",
+                "2",
+                "--rounds",
+                "1",
+            ]
+        )
+        == 0
+    )
+    plan = ["prune", str(path), "-o", str(out), "--ratio", "0.5", "--latency-lut", str(lut)]
+    assert main([*plan, "--input-shape", "x:1x4x8x8"]) == 0
+    assert main([*plan, "--input-shape", "x:1x4x16x16"]) == 2
+    assert "profile this model again (with the --input-shape you plan with)" in capsys.readouterr().err
+
+
 def test_every_option_of_every_command_says_what_it_means_and_its_default() -> None:
     import argparse
 

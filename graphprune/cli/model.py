@@ -252,6 +252,7 @@ def cmd_profile(args: argparse.Namespace) -> int:
             batch=args.batch,
             threads=args.threads,
             timing=Timing(runs=args.runs, rounds=args.rounds),
+            input_shapes=input_shapes(args),
         )
     table.save(args.output)
     if args.json:
@@ -506,6 +507,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="timed runs per point and round (fewer where a round would pass 0.25 s for a layer, 4 s for the whole model)",
     )
     p.add_argument("--rounds", type=int, default=3, help="rounds over each layer's points (fastest wins)")
+    add_input_shape_argument(p)
     p.add_argument("--json", action="store_true", help="machine-readable summary")
     p.set_defaults(func=cmd_profile)
 

@@ -241,7 +241,7 @@ class LatencyModel:
             if signature is None or signature != spec.signature:
                 raise PlanError(
                     f"the latency table has no entry for layer {spec.node} as it is in this model "
-                    f"({spec.signature}); profile this model again."
+                    f"({spec.signature}); profile this model again (with the --input-shape you plan with)."
                 )
             node = nodes[spec.node]
             self.layers.append(
