@@ -207,6 +207,12 @@ def test_criteria_command_prints_tables_and_writes_heatmaps(tmp_path, capsys) ->
     assert matrix.shape == (4, 4) and np.allclose(np.diag(matrix), 1.0)
     assert (out / "criteria_spearman.png").read_bytes().startswith(PNG_MAGIC)
     assert len(list((out / "layers").glob("*.png"))) == 2
+    args = parser.parse_args(
+        ["criteria", str(model_path), "--calib", "synthetic:64", "--criteria", "l1,l2", "--json"]
+    )
+    assert args.func(args) == 0
+    printed = json.loads(capsys.readouterr().out)  # the JSON alone on stdout
+    assert printed["criteria"] == ["l1", "l2"] and len(printed["layers"]) == 2 and printed["output"] is None
 
 
 def test_accuracy_refuses_a_model_that_is_not_a_classifier() -> None:

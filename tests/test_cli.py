@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -69,13 +70,15 @@ def test_demo_runs_end_to_end_on_synthetic_data(tmp_path: Path) -> None:
 
     from graphprune.onnxutil import conv_channels
 
-    done = run("demo", "--out", tmp_path, "--data", "synthetic:128", "--train-limit", "64")
+    done = run("demo", "--out", tmp_path, "--data", "synthetic:128", "--train-limit", "64", "--json")
     assert done.returncode == 0, done.stderr
+    numbers = json.loads(done.stdout)  # the JSON alone on stdout
+    assert numbers["verification"]["tensors"] > 0 and numbers["original"]["macs"] > numbers["pruned"]["macs"]
+    assert str(tmp_path / "resnet20_pruned_finetuned.onnx") in numbers["files"]
     for name in ("resnet20_pruned_finetuned.onnx", "channels_per_layer.png", "accuracy_vs_macs.png"):
         assert (tmp_path / name).stat().st_size > 0
     widths = conv_channels(onnx.load(str(tmp_path / "resnet20_pruned.onnx"))).values()
-    assert all(width % 16 == 0 for width in widths) and "pruned + recovered + fine-tuned" in done.stdout
+    assert all(width % 16 == 0 for width in widths) and "pruned + recovered + fine-tuned" in numbers
     assert (
-        "pruned + recovered " in done.stdout
-        and (tmp_path / "resnet20_pruned_recovered.onnx").stat().st_size > 0
+        "pruned + recovered" in numbers and (tmp_path / "resnet20_pruned_recovered.onnx").stat().st_size > 0
     )

@@ -529,3 +529,20 @@ def test_group_normalization_op_prunes_whole_groups_and_updates_num_groups() -> 
         attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
         kept = next(i for i in result.model.graph.initializer if i.name == node.input[1])
         assert attrs["num_groups"] == 2 and tuple(kept.dims) == (params // 2,), opset
+
+
+def test_every_command_that_reports_numbers_can_print_them_as_json() -> None:
+    """Pipelines read results: each command bar export (which only writes a file) takes --json."""
+    import argparse
+
+    from graphprune.cli.main import build_parser
+
+    parser = build_parser()
+    commands = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices
+    missing = [
+        name
+        for name, command in commands.items()
+        if name != "export"
+        and "--json" not in {flag for action in command._actions for flag in action.option_strings}
+    ]
+    assert missing == []

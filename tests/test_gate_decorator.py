@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import json
 from collections import Counter
 from pathlib import Path
 
@@ -240,3 +241,7 @@ def test_cli_gate_decorator_passes_every_setting(
     assert (config.train.kd_weight, config.train.kd_temperature) == (0.25, 4.0)
     printed = capsys.readouterr().out
     assert "fine-tuned" in printed and "89.00 %" in printed
+    args = parser.parse_args([*argv, "--json"])
+    assert args.func(args) == 0
+    rows = json.loads(capsys.readouterr().out)  # the stages as JSON, alone on stdout
+    assert rows["fine-tuned"]["accuracy"] == 0.89 and rows["output"] == "x.onnx"

@@ -241,6 +241,8 @@ def test_cli_prune_verify_and_replay(cli_dir: Path, tmp_path: Path) -> None:
     assert (
         "equal to the masked reference" in ok(graphprune("verify", original, pruned, "--plan", plan)).stdout
     )
+    verified = json.loads(ok(graphprune("verify", original, pruned, "--plan", plan, "--json")).stdout)
+    assert verified["ok"] and verified["max_rel_error"] <= verified["tolerance"] and verified["tensors"] > 0
 
     replayed = tmp_path / "replayed.onnx"
     ok(graphprune("prune", original, "-o", replayed, "--plan", plan))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 from typing import Any
@@ -236,8 +237,12 @@ def test_cli_train_prune_finetune_resume_eval(tmp_path: Path, capsys: pytest.Cap
     assert _cli("finetune", str(pruned), "-o", str(tuned), *data, "--warmup", "0.1") == 0
     first = tuned.read_bytes()
     capsys.readouterr()
-    assert _cli("finetune", str(pruned), "-o", str(tuned), *data, "--resume") == 0
-    assert "epoch 1/1" not in capsys.readouterr().err  # resumed after the last epoch: nothing to train
+    assert _cli("finetune", str(pruned), "-o", str(tuned), *data, "--resume", "--json") == 0
+    captured = capsys.readouterr()
+    assert "epoch 1/1" not in captured.err  # resumed after the last epoch: nothing to train
+    tuned_numbers = json.loads(captured.out)  # stdout holds the JSON alone
+    assert tuned_numbers["output"] == str(tuned) and 0 <= tuned_numbers["accuracy_after"] <= 1
+    assert tuned_numbers["foldback_max_rel_error"] < 1e-4
     assert tuned.read_bytes() == first
     with pytest.raises(GraphPruneError, match="epochs=1"):
         _cli("finetune", str(pruned), "-o", str(tuned), *data[:-1], "2", "--resume")
@@ -245,6 +250,9 @@ def test_cli_train_prune_finetune_resume_eval(tmp_path: Path, capsys: pytest.Cap
     assert _cli("eval", str(tuned), "--data", "synthetic:128", "--limit", "64") == 0
     correct = evaluate_onnx(tuned, load_dataset("synthetic:128", "test", limit=64)) * 64
     assert f"({round(correct)}/64)" in capsys.readouterr().out
+    assert _cli("eval", str(tuned), "--data", "synthetic:128", "--limit", "64", "--json") == 0
+    numbers = json.loads(capsys.readouterr().out)
+    assert (numbers["correct"], numbers["samples"], numbers["split"]) == (round(correct), 64, "test")
     with pytest.raises(GraphPruneError, match="never overwrites"):
         _cli("finetune", str(pruned), "-o", str(pruned), *data)
     # Another model of the same architecture (other weights) must not resume this checkpoint.

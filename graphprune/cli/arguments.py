@@ -70,6 +70,10 @@ def add_input_shape_argument(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def add_json_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--json", action="store_true", help="the results as one JSON object on stdout")
+
+
 def input_shapes(args: argparse.Namespace) -> dict[str, tuple[int, ...]]:
     return dict(args.input_shape)
 

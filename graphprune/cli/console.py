@@ -3,10 +3,12 @@ module that every command module imports, so command modules never import each o
 
 from __future__ import annotations
 
+import json
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from typing import Any
 
 from rich.console import Console
 
@@ -30,3 +32,11 @@ def stage(label: str) -> Iterator[None]:
     finally:
         notice.cancel()
     console.print(f"{label:<10} done in {time.perf_counter() - start:.2f} s")
+
+
+def print_results(as_json: bool, numbers: dict[str, Any], human: Callable[[], None]) -> None:
+    """A command's results on stdout: `numbers` as one JSON object with --json, else `human()`'s lines."""
+    if as_json:
+        out.print_json(json.dumps(numbers))
+    else:
+        human()

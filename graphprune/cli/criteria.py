@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from graphprune.cli.arguments import POOL_HELP, add_alias
+from graphprune.cli.arguments import POOL_HELP, add_alias, add_json_argument
 
 if TYPE_CHECKING:
     from rich.table import Table
@@ -47,6 +47,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--similarity", type=float, default=0.9, help="Spearman threshold for clusters")
     p.add_argument("--seed", type=int, default=0, help="seed of the calibration subset")
     p.add_argument("--out", help="folder for criteria_spearman.json and heatmap PNGs")
+    add_json_argument(p)
     p.set_defaults(func=cmd_criteria)
 
 
@@ -66,6 +67,12 @@ def cmd_criteria(args: argparse.Namespace) -> int:
     with stage("criteria"):
         pool = score_pool(inputs, names, args.aggregate)
     layers = cluster_layers(pool, dep.prunable_groups, args.similarity)
+    average = mean_similarity(layers, pool.names)
+    written = write_outputs(Path(args.out), layers, pool.names, average, pool.skipped) if args.out else None
+    if args.json:
+        summary = spearman_summary(layers, pool.names, average, pool.skipped)
+        out.print_json(json.dumps({**summary, "output": None if written is None else str(written)}))
+        return 0
     sizes = {group.index: group.size for group in dep.groups}
     for layer in layers:
         title = f"{layer.name} ({sizes[layer.group]} channels)"
@@ -78,13 +85,11 @@ def cmd_criteria(args: argparse.Namespace) -> int:
             "  clusters: " + "  ".join("{" + ", ".join(c) + "}" for c in layer.clusters) + "\n",
             soft_wrap=True,
         )
-    average = mean_similarity(layers, pool.names)
     table = similarity_table(pool.names, average, f"mean over {len(layers)} layers")
     out.print(render(table, width=200), end="", soft_wrap=True)
     for name, reason in pool.skipped.items():
         out.print(f"skipped {name}: {reason}")
-    if args.out:
-        written = write_outputs(Path(args.out), layers, pool.names, average, pool.skipped)
+    if written is not None:
         out.print(f"wrote {written}")
     return 0
 
@@ -104,23 +109,31 @@ def similarity_table(names: list[str], matrix: np.ndarray, title: str) -> Table:
     return table
 
 
+def spearman_summary(
+    layers: list[LayerClusters], names: list[str], average: np.ndarray, skipped: dict[str, str]
+) -> dict[str, object]:
+    """What criteria_spearman.json and --json hold: the criteria, their mean correlation, those skipped
+    and each layer's correlations and clusters."""
+    from graphprune.search.blend.clustering import json_matrix
+
+    return {
+        "criteria": names,
+        "mean_spearman": json_matrix(average),
+        "skipped": skipped,
+        "layers": [layer.as_dict() for layer in layers],
+    }
+
+
 def write_outputs(
     folder: Path, layers: list[LayerClusters], names: list[str], average: np.ndarray, skipped: dict[str, str]
 ) -> Path:
     """criteria_spearman.json, the average heatmap and one heatmap per layer; returns the JSON path."""
     from graphprune.onnxutil import atomic_write
     from graphprune.report.plots import plot_heatmap
-    from graphprune.search.blend.clustering import json_matrix
 
-    summary = {
-        "criteria": names,
-        "mean_spearman": json_matrix(average),
-        "skipped": skipped,
-        "layers": [layer.as_dict() for layer in layers],
-    }
     json_path = folder / "criteria_spearman.json"
     with atomic_write(json_path) as tmp:
-        tmp.write_text(json.dumps(summary, indent=2))
+        tmp.write_text(json.dumps(spearman_summary(layers, names, average, skipped), indent=2))
     title = "Spearman, mean over layers (blank: undefined)"
     plot_heatmap(average, names, folder / "criteria_spearman.png", title)
     for layer in layers:

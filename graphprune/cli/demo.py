@@ -14,8 +14,8 @@ from pathlib import Path
 import onnx
 
 from graphprune.api import PruneResult, model_cost, prune
-from graphprune.cli.arguments import add_alias
-from graphprune.cli.console import out, stage
+from graphprune.cli.arguments import add_alias, add_json_argument
+from graphprune.cli.console import out, print_results, stage
 from graphprune.onnxutil import conv_channels
 from graphprune.planning import PlanOptions
 from graphprune.report.plots import plot_accuracy_vs_macs, plot_channels
@@ -146,10 +146,18 @@ def cmd_demo(args: argparse.Namespace) -> int:
     with stage("demo"):
         demo = run_demo(config)
     report = demo.prune.verification
-    out.print(f"pruned model verified: max rel err {report.max_rel_error:.2g} over {report.tensors} tensors")
     title = f"Fashion-MNIST ResNet-20, test accuracy; ORT CPU batch 1, {args.threads} threads"
-    out.print(render(comparison_table(demo.rows, title=title)), end="")
-    out.print("wrote " + ", ".join(str(p) for p in demo.files))
+    numbers = {"verification": {"max_rel_error": report.max_rel_error, "tensors": report.tensors}}
+    print_results(
+        args.json,
+        {**numbers, **demo.rows, "files": [str(p) for p in demo.files]},
+        lambda: out.print(
+            f"pruned model verified: max rel err {report.max_rel_error:.2g} over {report.tensors} tensors\n"
+            + render(comparison_table(demo.rows, title=title))
+            + "wrote "
+            + ", ".join(str(p) for p in demo.files)
+        ),
+    )
     return 0
 
 
@@ -182,4 +190,5 @@ def register(sub: argparse._SubParsersAction) -> None:
     add_alias(p, "--samples", "--train-limit", type=int)
     p.add_argument("--data", default="fashion-mnist", help="dataset spec (synthetic for a quick check)")
     p.add_argument("--threads", type=int, default=2, help="threads of onnxruntime and torch")
+    add_json_argument(p)
     p.set_defaults(func=cmd_demo)

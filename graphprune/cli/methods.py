@@ -11,7 +11,7 @@ import argparse
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from graphprune.cli.arguments import distillation_arguments, teacher
+from graphprune.cli.arguments import add_json_argument, distillation_arguments, teacher
 from graphprune.errors import GraphPruneError
 
 if TYPE_CHECKING:
@@ -42,6 +42,7 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0, help="seed of data order, augmentation and subsets")
     p.add_argument("--workdir", help="keep intermediate models here (default: a temporary folder)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    add_json_argument(p)
     distillation_arguments(p)
 
 
@@ -70,16 +71,19 @@ def _train(args: argparse.Namespace) -> TrainConfig:
     )
 
 
-def _report(result: RecipeResult, title: str) -> None:
-    """Print the stages table and the output path (rank 0 only under torchrun)."""
-    from graphprune.cli.console import out
+def _report(result: RecipeResult, title: str, as_json: bool) -> None:
+    """Print the stages table (or its rows as JSON) and the output path (rank 0 only under torchrun)."""
+    from graphprune.cli.console import out, print_results
     from graphprune.report.tables import comparison_table, render
     from graphprune.torch_bridge.train import dist_info
 
     if not dist_info().is_main:
         return
-    out.print(render(comparison_table(result.rows(), title=title)), end="")
-    out.print(f"wrote {result.output}")
+    print_results(
+        as_json,
+        {**result.rows(), "output": str(result.output)},
+        lambda: out.print(render(comparison_table(result.rows(), title=title)) + f"wrote {result.output}"),
+    )
 
 
 def cmd_slim(args: argparse.Namespace) -> int:
@@ -99,7 +103,7 @@ def cmd_slim(args: argparse.Namespace) -> int:
         workdir=Path(args.workdir) if args.workdir else None,
     )
     result = run_slimming(config, teacher=teacher(args))
-    _report(result, f"Network Slimming (lambda {result.lam:g}, {args.passes} x {args.ratio:.0%})")
+    _report(result, f"Network Slimming (lambda {result.lam:g}, {args.passes} x {args.ratio:.0%})", args.json)
     return 0
 
 
@@ -126,7 +130,7 @@ def cmd_gate_decorator(args: argparse.Namespace) -> int:
         workdir=Path(args.workdir) if args.workdir else None,
     )
     result = run_gate_decorator(config, teacher=teacher(args))
-    _report(result, f"Gate Decorator, target {args.target_flops:.0%} of the MACs")
+    _report(result, f"Gate Decorator, target {args.target_flops:.0%} of the MACs", args.json)
     return 0
 
 

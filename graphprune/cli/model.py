@@ -9,11 +9,12 @@ from pathlib import Path
 from graphprune.cli.arguments import (
     add_calibration_arguments,
     add_input_shape_argument,
+    add_json_argument,
     calibration_kwargs,
     input_shapes,
     parse_shape,
 )
-from graphprune.cli.console import console, out, stage
+from graphprune.cli.console import console, out, print_results, stage
 from graphprune.errors import GraphPruneError
 
 # The bench table fits a classic 80-column terminal or log: the numbers take 60 columns, and
@@ -300,9 +301,15 @@ def cmd_verify(args: argparse.Namespace) -> int:
             force=args.force,
             input_shapes=input_shapes(args),
         )
-    out.print(
-        f"equal to the masked reference: max rel err {report.max_rel_error:.2g} over {report.tensors} tensors"
-        f"{_precision_note(report)}"
+    from dataclasses import asdict
+
+    print_results(
+        args.json,
+        {**asdict(report), "ok": report.ok},
+        lambda: out.print(
+            f"equal to the masked reference: max rel err {report.max_rel_error:.2g} over {report.tensors} "
+            f"tensors{_precision_note(report)}"
+        ),
     )
     return 0
 
@@ -522,6 +529,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         "--force", action="store_true", help="check even if PLAN was made for another model (warns)"
     )
     add_input_shape_argument(p)
+    add_json_argument(p)
     p.set_defaults(func=cmd_verify)
 
     p = sub.add_parser("bench", help="onnxruntime latency of one or more models")

@@ -17,7 +17,13 @@ import contextlib
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from graphprune.cli.arguments import add_alias, distillation_arguments, set_threads, teacher
+from graphprune.cli.arguments import (
+    add_alias,
+    add_json_argument,
+    distillation_arguments,
+    set_threads,
+    teacher,
+)
 from graphprune.errors import GraphPruneError
 
 if TYPE_CHECKING:
@@ -60,11 +66,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--provider", default="cpu", choices=("cpu", "cuda"), help="onnxruntime execution provider"
     )
+    add_json_argument(p)
     p.set_defaults(func=cmd_eval)
 
 
 def _training_arguments(p: argparse.ArgumentParser, *, epochs: int, lr: float, schedule: str) -> None:
     """Options shared by train and finetune (defaults: ANCHORS.md's recipe)."""
+    add_json_argument(p)
     p.add_argument("--data", required=True, help="fashion-mnist, synthetic[:N], FILE.npz or an image folder")
     p.add_argument("--epochs", type=int, default=epochs, help="passes over the training set")
     p.add_argument("--batch-size", type=int, default=128, help="per process under torchrun")
@@ -184,7 +192,7 @@ def _epoch_printer() -> Callback:
 def cmd_train(args: argparse.Namespace) -> int:
     import torch
 
-    from graphprune.cli.console import out
+    from graphprune.cli.console import out, print_results
     from graphprune.zoo import build
 
     _check_output(args)
@@ -194,13 +202,18 @@ def cmd_train(args: argparse.Namespace) -> int:
     module = build(args.model, in_channels=train.sample_shape[0], num_classes=train.num_classes)
     accuracy = _train_and_export(module, train, test, args)
     if accuracy is not None:
-        out.print(f"test accuracy {accuracy:.4f} ({test.name}, {len(test)} samples)")
-        out.print(f"wrote {args.output}")
+        print_results(
+            args.json,
+            {"accuracy": accuracy, "samples": len(test), "data": test.name, "output": args.output},
+            lambda: out.print(
+                f"test accuracy {accuracy:.4f} ({test.name}, {len(test)} samples)\nwrote {args.output}"
+            ),
+        )
     return 0
 
 
 def cmd_finetune(args: argparse.Namespace) -> int:
-    from graphprune.cli.console import console, out, stage
+    from graphprune.cli.console import console, out, print_results, stage
     from graphprune.model_io import load_model, model_sha256
     from graphprune.runtime.evaluate import evaluate_onnx
     from graphprune.torch_bridge.foldback import apply_to_module, onnx_to_module, verify_foldback
@@ -223,13 +236,19 @@ def cmd_finetune(args: argparse.Namespace) -> int:
         console.print(f"fold-back  equal to {Path(args.model).name}: max rel err {error:.2g}")
     after = _train_and_export(module, train, test, args, model_sha256(args.model))
     if before is not None and after is not None:
-        out.print(f"test accuracy {before:.4f} -> {after:.4f} ({test.name}, {len(test)} samples)")
-        out.print(f"wrote {args.output}")
+        numbers = {"foldback_max_rel_error": error, "accuracy_before": before, "accuracy_after": after}
+        print_results(
+            args.json,
+            {**numbers, "samples": len(test), "data": test.name, "output": args.output},
+            lambda: out.print(
+                f"test accuracy {before:.4f} -> {after:.4f} ({test.name}, {len(test)} samples)\nwrote {args.output}"
+            ),
+        )
     return 0
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from graphprune.cli.console import out, stage
+    from graphprune.cli.console import out, print_results, stage
     from graphprune.data import load_dataset
     from graphprune.runtime.evaluate import evaluate_onnx
 
@@ -238,7 +257,11 @@ def cmd_eval(args: argparse.Namespace) -> int:
         accuracy = evaluate_onnx(
             args.model, data, args.batch_size, provider=args.provider, threads=args.threads
         )
-    out.print(
-        f"accuracy {accuracy:.4f} ({round(accuracy * len(data))}/{len(data)}) on {data.name} {args.split}"
+    correct = round(accuracy * len(data))
+    numbers = {"accuracy": accuracy, "correct": correct, "samples": len(data), "data": data.name}
+    print_results(
+        args.json,
+        {**numbers, "split": args.split, "model": args.model},
+        lambda: out.print(f"accuracy {accuracy:.4f} ({correct}/{len(data)}) on {data.name} {args.split}"),
     )
     return 0
