@@ -10,7 +10,7 @@ import numpy as np
 import onnx
 import pytest
 import torch
-from onnx import helper
+from onnx import helper, numpy_helper
 from test_train import tiny_cnn
 from torch import nn
 
@@ -237,10 +237,31 @@ def test_simplified_export_folds_back(tmp_path: Path) -> None:
     _folds_back_and_trains(onnxslim.slim(onnx.load(path)))
 
 
-def test_a_graph_fixed_to_its_export_batch_is_refused(tmp_path: Path) -> None:
-    """Without dynamic shapes the dynamo exporter writes Reshape(x, [2, 16]): it would fail at batch 128."""
+@pytest.mark.parametrize("batch", [1, 2])
+def test_a_dynamo_export_without_dynamic_shapes_folds_back_batch_free(tmp_path: Path, batch: int) -> None:
+    """torch.onnx.export(dynamo=True)'s default writes Reshape(x, [N, 16]) for the export's batch N; the
+    fold-back reads it as [0, 16] (the input's own batch), so the module trains at any batch."""
     path = tmp_path / "fixed.onnx"
-    torch.onnx.export(_tiny_bn_cnn(), (torch.zeros(2, 1, 28, 28),), path, dynamo=True)
+    torch.onnx.export(_tiny_bn_cnn(), (torch.zeros(batch, 1, 28, 28),), path, dynamo=True)
+    model = onnx.load(path)
+    reshapes = [n for n in model.graph.node if n.op_type == "Reshape"]
+    constants = {init.name: numpy_helper.to_array(init) for init in model.graph.initializer}
+    assert [constants[n.input[1]][0] for n in reshapes] == [batch]  # the batch spelled out
+    _folds_back_and_trains(path)  # verify_foldback: equal at N, and it runs at N + 1
+
+
+class _BatchIntoFeatures(nn.Module):
+    """Splits each sample over two rows (Reshape(x, [4, 72]) at batch 2): at batch 3 it answers for 4."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.reshape(4, -1).mean(dim=1, keepdim=True)
+
+
+def test_a_graph_that_mixes_its_fixed_batch_into_other_axes_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "mixed.onnx"
+    torch.onnx.export(
+        nn.Sequential(nn.Conv2d(1, 4, 3), _BatchIntoFeatures()), (torch.zeros(2, 1, 8, 8),), path, dynamo=True
+    )
     module = onnx_to_module(path)
     with pytest.raises(UnsupportedModelError, match="fixed batch of 2.*dynamic batch"):
         verify_foldback(module, path)

@@ -190,7 +190,9 @@ def _for_onnx2torch(model: onnx.ModelProto) -> onnx.ModelProto:
     Down-conversion turns opset-18 inputs (ReduceMean axes) back into attributes. `allowzero=1` (dynamo
     exporter) only changes what a 0 in the target shape means, so it is dropped where the shape is a
     constant without zeros. A graph the version converter cannot handle is left for onnx2torch to try.
+    A Reshape that keeps the batch axis but spells out the export's fixed batch is made batch-free first.
     """
+    model = _batch_free_reshapes(model)
     opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), ONNX2TORCH_OPSET)
     if opset > ONNX2TORCH_OPSET:
         try:
@@ -205,6 +207,52 @@ def _for_onnx2torch(model: onnx.ModelProto) -> onnx.ModelProto:
             del node.attribute[:]
             node.attribute.extend(kept)
     return model
+
+
+def _batch_free_reshapes(model: onnx.ModelProto) -> onnx.ModelProto:
+    """The model with each Reshape to a constant [B, ...] that keeps the batch axis (its input is B x the
+    same elements) reading [0, ...] instead (0: copy the input's size), B being the graph input's fixed
+    batch: exact at B and free at any other, so a model the dynamo exporter wrote without dynamic shapes
+    (Reshape(x, [1, 576]) before the classifier) can be fine-tuned at batch 128.  Unchanged when the
+    batch is symbolic or no Reshape qualifies."""
+    initializers = {init.name: init for init in model.graph.initializer}
+    graph_input = next(value for value in model.graph.input if value.name not in initializers)
+    first = graph_input.type.tensor_type.shape.dim[:1]
+    if not first or not first[0].HasField("dim_value"):
+        return model
+    fixed = first[0].dim_value
+    inferred = onnx.shape_inference.infer_shapes(model)
+    dims = {
+        value.name: [
+            d.dim_value if d.HasField("dim_value") else None for d in value.type.tensor_type.shape.dim
+        ]
+        for value in [*inferred.graph.value_info, *inferred.graph.input]
+    }
+    freed = onnx.ModelProto()
+    freed.CopyFrom(model)
+    for node in freed.graph.node:
+        target = (
+            initializers.get(node.input[1]) if node.op_type == "Reshape" and len(node.input) > 1 else None
+        )
+        data = dims.get(node.input[0])
+        if target is None or not data or None in data or data[0] != fixed:
+            continue
+        shape = numpy_helper.to_array(target)
+        rest = shape[1:]
+        if (
+            shape.size == 0
+            or shape[0] != fixed
+            or 0 in rest
+            or (-1 not in rest and rest.prod() != np.prod(data[1:]))
+        ):
+            continue
+        name = f"{target.name}_batch_free_{node.name or len(freed.graph.initializer)}"
+        freed.graph.initializer.append(numpy_helper.from_array(np.r_[0, rest].astype(shape.dtype), name))
+        node.input[1] = name
+        kept = [attr for attr in node.attribute if attr.name != "allowzero"]  # 0: copy the input's size
+        del node.attribute[:]
+        node.attribute.extend(kept)
+    return freed
 
 
 def _check_batchnorm_trainable(model: onnx.ModelProto, module: nn.Module) -> None:
@@ -249,13 +297,14 @@ def verify_foldback(module: nn.Module, pruned: ModelLike, *, seed: int = 0, tole
     reference = _proto(pruned)
     shape = input_shape(reference)
     batch = np.random.default_rng(seed).standard_normal(shape).astype(np.float32)
+    _check_runs(module, shape)
+    _check_batch_free(module, reference)  # before the export, which traces at another batch size
     with tempfile.TemporaryDirectory(prefix="graphprune-foldback-") as tmp:
         try:
             exported = export(module, torch.from_numpy(batch), Path(tmp) / "folded.onnx", fold_bn=False)
-        except RuntimeError as exc:  # a layer the fold-back left with shapes that do not chain
+        except RuntimeError as exc:  # traced at another batch size than the graph's own
             raise VerificationError(
-                f"The folded-back module does not run on the pruned graph's input {shape} ({exc}); the "
-                "fold-back is wrong."
+                f"The folded-back module does not export ({exc}); the fold-back is wrong."
             ) from exc
         got = _run(make_session(exported), batch)
     want = _run(make_session(reference), batch)
@@ -270,31 +319,57 @@ def verify_foldback(module: nn.Module, pruned: ModelLike, *, seed: int = 0, tole
             f"The folded-back module differs from the pruned graph (max rel err {error:.3g} > {tolerance:g}); "
             "do not fine-tune it, report the model."
         )
-    _check_batch_free(module, reference)
     logger.info("Fold-back equal to the pruned graph: max rel err %.3g.", error)
     return error
 
 
+def _check_runs(module: nn.Module, shape: tuple[int, ...]) -> None:
+    """Refuse a module that does not run on the pruned graph's own input shape (a layer the fold-back
+    left with shapes that do not chain)."""
+    try:
+        _run_module(module, shape)
+    except RuntimeError as exc:
+        raise VerificationError(
+            f"The folded-back module does not run on the pruned graph's input {shape} ({exc}); the "
+            "fold-back is wrong."
+        ) from exc
+
+
 def _check_batch_free(module: nn.Module, model: onnx.ModelProto) -> None:
-    """Refuse a module that computes only at the graph's fixed batch size (a Reshape to a constant shape
-    that includes the batch, as the dynamo exporter writes without dynamic shapes)."""
+    """Refuse a module that computes only at the graph's fixed batch size: one that fails, or answers
+    for another batch, at the next size (a batch folded into another axis)."""
     shape = input_shape(model)
     if shape != input_shape(model, CHECK_BATCH + 1):
         return  # the batch is symbolic: the exporter kept it free
-    device = next((p.device for p in module.parameters()), torch.device("cpu"))
-    was_training = module.training
-    module.eval()
+    other = shape[0] + 1
     try:
-        with torch.no_grad():
-            module(torch.zeros(shape[0] + 1, *shape[1:], device=device))
+        outputs = _run_module(module, (other, *shape[1:]))
+        if any(output.shape[:1] != (other,) for output in outputs):
+            raise RuntimeError(f"an output's batch is not {other}")
     except RuntimeError as exc:
         raise UnsupportedModelError(
             f"The model was exported with a fixed batch of {shape[0]} and computes only at that size, so it "
             "cannot be fine-tuned; export it with a dynamic batch (dynamic_shapes or dynamic_axes in "
             "torch.onnx.export, or graphprune export)."
         ) from exc
+
+
+def _run_module(module: nn.Module, shape: tuple[int, ...]) -> list[torch.Tensor]:
+    """The outputs of one inference (eval mode, no gradients) of `module` on zeros of `shape`, its mode
+    kept."""
+    device = next((p.device for p in module.parameters()), torch.device("cpu"))
+    was_training = module.training
+    module.eval()
+    try:
+        with torch.no_grad():
+            outputs = module(torch.zeros(*shape, device=device))
     finally:
         module.train(was_training)
+    return (
+        [outputs]
+        if isinstance(outputs, torch.Tensor)
+        else [o for o in outputs if isinstance(o, torch.Tensor)]
+    )
 
 
 def _run(session: ort.InferenceSession, batch: np.ndarray) -> np.ndarray:
