@@ -37,8 +37,7 @@ from common import (
     machine,
     markdown_table,
     plot_series,
-    write_json,
-    write_text,
+    save_and_print,
 )
 from tqdm import tqdm
 
@@ -189,11 +188,8 @@ def main(argv: list[str] | None = None) -> int:
     settings = {k: v for k, v in vars(args).items() if k not in ("models", "results")}
     payload = {"machine": machine(), "settings": settings, "records": records}
     payload["seconds"] = time.perf_counter() - start
-    args.results.mkdir(parents=True, exist_ok=True)
-    write_json(args.results / f"{args.out}.json", payload)
+    save_and_print(args.results, args.out, payload, render)
     plot(payload, args.results / f"{args.out}.png")
-    write_text(args.results / f"{args.out}.md", render(payload))
-    print((args.results / f"{args.out}.md").read_text())
     return 0
 
 

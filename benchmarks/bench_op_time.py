@@ -26,7 +26,7 @@ from collections import defaultdict
 from pathlib import Path
 
 from bench_latency import export_model, ours, torch_pruning
-from common import RESULTS, header, high_priority, machine, markdown_table, write_json, write_text
+from common import RESULTS, header, high_priority, machine, markdown_table, save_and_print
 from tqdm import tqdm
 
 from graphprune import api
@@ -133,10 +133,7 @@ def main(argv: list[str] | None = None) -> int:
             )
     settings = {"batch": args.batch, "threads": args.threads, "ratio": args.ratio}
     payload = {"machine": machine(), "settings": settings, "records": records}
-    args.results.mkdir(parents=True, exist_ok=True)
-    write_json(args.results / f"{args.out}.json", payload)
-    write_text(args.results / f"{args.out}.md", render(payload))
-    print((args.results / f"{args.out}.md").read_text())
+    save_and_print(args.results, args.out, payload, render)
     return 0
 
 

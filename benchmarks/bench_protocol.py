@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 from bench_latency import export_model, ours
-from common import RESULTS, header, high_priority, machine, markdown_table, write_json, write_text
+from common import RESULTS, header, high_priority, machine, markdown_table, save_and_print
 from tqdm import tqdm
 
 from graphprune.planning import PlanOptions
@@ -120,10 +120,7 @@ def main(argv: list[str] | None = None) -> int:
             records.append({"model": name, "protocols": protocols, "latencies": taken})
     settings = {k: getattr(args, k) for k in ("ratio", "repeats", "rounds", "runs", "warmup", "threads")}
     payload = {"machine": machine(), "settings": settings, "records": records}
-    args.results.mkdir(parents=True, exist_ok=True)
-    write_json(args.results / f"{args.out}.json", payload)
-    write_text(args.results / f"{args.out}.md", render(payload))
-    print((args.results / f"{args.out}.md").read_text())
+    save_and_print(args.results, args.out, payload, render)
     return 0
 
 

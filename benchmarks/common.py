@@ -140,6 +140,16 @@ def write_text(path: Path, text: str) -> None:
         tmp.write_text(text)
 
 
+def save_and_print(folder: Path, stem: str, payload: dict, render: Callable[[dict], str]) -> None:
+    """FOLDER/STEM.json and the markdown rendered from the payload (each written atomically); the
+    markdown is printed too."""
+    folder.mkdir(parents=True, exist_ok=True)
+    write_json(folder / f"{stem}.json", payload)
+    text = render(payload)
+    write_text(folder / f"{stem}.md", text)
+    print(text)
+
+
 def markdown_table(header: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(str(cell) for cell in row) + " |" for row in rows]
