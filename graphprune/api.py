@@ -28,6 +28,7 @@ from graphprune.runtime.cost import CostReport, count_cost
 from graphprune.runtime.profile import LatencyTable, Timing, measure_wholes, profile_model
 from graphprune.runtime.shapes import (
     InputShapes,
+    image_size,
     restore_inputs,
     run_intermediates,
     symbolic_spatial_inputs,
@@ -144,7 +145,11 @@ class Scoring:
     ) -> tuple[dict[int, np.ndarray], Criterion]:
         """Per-group scores and the prepared criterion (for its summary)."""
         scorer = get_criterion(self.criterion, aggregate=self.aggregate, **(self.criterion_options or {}))
-        data = load_calibration(self.calib, self.calib_samples, self.seed) if self.calib is not None else None
+        data = (
+            load_calibration(self.calib, self.calib_samples, self.seed, image_size(dep.model))
+            if self.calib is not None
+            else None
+        )
         needed = scorer.required_statistics()
         if needed and data is not None and (activations is None or not needed <= activations.statistics):
             activations = collect_activations(dep, data, statistics=needed, threads=self.threads)
@@ -564,7 +569,8 @@ def _recover(
     ridge: float = RecoveryConfig.ridge,
 ) -> tuple[onnx.ModelProto, RecoveryReport]:
     """Recover on `calib_samples` images and measure the result on RECOVERY_HOLDOUT others."""
-    data = load_calibration(calib, None if calib_samples is None else calib_samples + RECOVERY_HOLDOUT, seed)
+    samples = None if calib_samples is None else calib_samples + RECOVERY_HOLDOUT
+    data = load_calibration(calib, samples, seed, image_size(dep.model))
     if len(data) < 2:
         raise CalibrationError(
             f"recovery needs at least 2 calibration images (one held out), got {len(data)}."

@@ -82,3 +82,34 @@ def test_demo_runs_end_to_end_on_synthetic_data(tmp_path: Path) -> None:
     assert (
         "pruned + recovered" in numbers and (tmp_path / "resnet20_pruned_recovered.onnx").stat().st_size > 0
     )
+
+
+def test_a_folder_of_photos_of_any_size_feeds_eval_and_calibration(tmp_path: Path) -> None:
+    """Images of mixed sizes are fitted to the model's 28x28 input (resize, centre crop), not refused."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for split in ("train", "test"):
+        for label in ("a", "b"):
+            (tmp_path / "photos" / split / label).mkdir(parents=True)
+            for index, size in enumerate([(40, 36), (60, 90), (28, 28)]):
+                pixels = rng.integers(0, 256, size=size, dtype=np.uint8)
+                Image.fromarray(pixels).save(tmp_path / "photos" / split / label / f"{index}.png")
+    done = run("eval", REFERENCE, "--data", tmp_path / "photos", "--json")
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout)["samples"] == 6
+    out = tmp_path / "calibrated.onnx"
+    done = run(
+        "prune",
+        REFERENCE,
+        "-o",
+        out,
+        "--ratio",
+        "0.3",
+        "--criterion",
+        "mean_act",
+        "--calib",
+        tmp_path / "photos",
+    )
+    assert done.returncode == 0, done.stderr

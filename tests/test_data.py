@@ -15,6 +15,7 @@ from PIL import Image
 from torch import nn
 
 from graphprune.data import ArrayDataset, load_dataset, sources, torch_loader
+from graphprune.data.sources import fit_image
 from graphprune.errors import DataError
 
 
@@ -205,6 +206,28 @@ def test_image_folder_mixed_modes_sizes_and_splits(tmp_path: Path) -> None:
     assert train.images.shape == (4, 3, 8, 8)  # one RGB file makes all RGB; the odd size is resized
     assert train.labels.tolist() == [0, 0, 1, 1]
     assert load_dataset(str(root), "test").images.shape == (1, 1, 8, 8)
+
+
+def test_a_folder_is_fitted_to_the_models_input_as_torchvision_evaluates() -> None:
+    """Resized with its aspect kept so that the crop keeps 0.875 of the shorter side, then centre-cropped:
+    a 500x375 photo becomes 341x256 and its middle 224x224; an image at the size stays as it is."""
+    photo = np.zeros((375, 500), dtype=np.uint8)
+    photo[:, 80:420] = 255  # bright where the 224 crop of the 341-wide resize falls (x 58..282 of 341)
+    fitted = fit_image(Image.fromarray(photo), (224, 224))
+    assert fitted.size == (224, 224) and np.asarray(fitted).min() == 255
+    assert fit_image(Image.fromarray(photo), (375, 500)).size == (500, 375)
+    tall = fit_image(Image.fromarray(np.zeros((300, 100), dtype=np.uint8)), (32, 48))
+    assert tall.size == (48, 32)
+
+
+def test_image_folder_of_mixed_sizes_fits_a_given_size(tmp_path: Path) -> None:
+    rng = np.random.default_rng(3)
+    root = tmp_path / "photos"
+    sizes = [(40, 36, 3), (28, 28, 3), (64, 30, 3)]
+    _write_images(root / "test", {"a": [rng.integers(0, 256, size=s, dtype=np.uint8) for s in sizes]})
+    fitted = load_dataset(str(root), "test", size=(28, 28))
+    assert fitted.images.shape == (3, 3, 28, 28) and fitted.name == "photos"
+    assert load_dataset(str(root), "test").images.shape == (3, 3, 40, 36)  # no size: the first, most common
 
 
 def test_bad_specs_are_data_errors(tmp_path: Path) -> None:

@@ -12,11 +12,15 @@ import gzip
 import subprocess
 from collections import Counter
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from graphprune.data.dataset import ArrayDataset, seeded_indices
 from graphprune.errors import DataError
+
+if TYPE_CHECKING:
+    from PIL import Image
 
 SPLITS = ("train", "test")
 FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
@@ -36,13 +40,20 @@ IDX_DTYPES = {0x08: ">u1", 0x09: ">i1", 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0
 
 
 def load_dataset(
-    spec: str, split: str = "train", *, limit: int | None = None, seed: int = 0, labels: bool = True
+    spec: str,
+    split: str = "train",
+    *,
+    limit: int | None = None,
+    seed: int = 0,
+    labels: bool = True,
+    size: tuple[int, int] | None = None,
 ) -> ArrayDataset:
     """Load "fashion-mnist", "synthetic[:N]", an .npz file or an image-folder tree as an ArrayDataset.
 
     `limit` keeps a seeded random subset of that many samples (in their original order); `seed` also
     seeds the synthetic generator.  With `labels` False, images without labels are accepted too (an
-    .npz holding images only, a flat folder of images) and come back unlabelled.
+    .npz holding images only, a flat folder of images) and come back unlabelled.  `size` (height,
+    width: the model's input) fits a folder's images to it (see fit_image); arrays are taken as they are.
     """
     if split not in SPLITS:
         raise DataError(f"Unknown split '{split}'; use one of {', '.join(SPLITS)}.")
@@ -55,7 +66,7 @@ def load_dataset(
     else:
         path = Path(spec)
         if path.is_dir():
-            return load_image_folder(path, split, limit=limit, seed=seed, labels=labels)
+            return load_image_folder(path, split, limit=limit, seed=seed, labels=labels, size=size)
         if path.suffix == ".npz" and path.is_file():
             dataset = load_npz(path, split, labels=labels)
         else:
@@ -239,16 +250,24 @@ def _standardise(images: np.ndarray) -> np.ndarray:
 
 
 def load_image_folder(
-    root: Path, split: str = "train", *, limit: int | None = None, seed: int = 0, labels: bool = True
+    root: Path,
+    split: str = "train",
+    *,
+    limit: int | None = None,
+    seed: int = 0,
+    labels: bool = True,
+    size: tuple[int, int] | None = None,
 ) -> ArrayDataset:
     """Images under root/<class>/ (or root/<split>/<class>/ when that exists), one label per sub-folder;
     with `labels` False, a flat folder of images is read unlabelled.
 
-    All images become grayscale if every file is grayscale, RGB otherwise, resized to the most common
-    size. With `limit` only the chosen files are decoded.
+    All images become grayscale if every file is grayscale, RGB otherwise, and are fitted to `size`
+    (height, width) when given (fit_image), else resized to the most common size. With `limit` only the
+    chosen files are decoded.
     """
     from PIL import Image
 
+    name = root.name  # the dataset's, not its split folder's
     if (root / split).is_dir():
         root = root / split
     classes = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
@@ -275,27 +294,56 @@ def load_image_folder(
             with Image.open(path) as image:
                 headers.append((image.mode, image.size))
         gray = all(mode in GRAY_MODES for mode, _ in headers)
-        size = Counter(size for _, size in headers).most_common(1)[0][0]
+        common = Counter(wh for _, wh in headers).most_common(1)[0][0]
         pixels = []
         for path, _ in files:
             with Image.open(path) as image:
                 converted = image.convert("L" if gray else "RGB")
-                if converted.size != size:
-                    converted = converted.resize(size, Image.Resampling.BILINEAR)
+                if size is not None:
+                    converted = fit_image(converted, size)
+                elif converted.size != common:
+                    converted = converted.resize(common, Image.Resampling.BILINEAR)
                 pixels.append(np.asarray(converted))
     except OSError as exc:
         raise DataError(f"Cannot read an image under {root} ({exc}); remove or fix the file.") from exc
     stacked = np.stack(pixels)
     images = stacked[:, None] if gray else stacked.transpose(0, 3, 1, 2)
     if flat:
-        return ArrayDataset.unlabelled(_standardise(images), root.name)
+        return ArrayDataset.unlabelled(_standardise(images), name)
     targets = np.array([label for _, label in files])
-    return ArrayDataset(_standardise(images), targets, len(classes), root.name)
+    return ArrayDataset(_standardise(images), targets, len(classes), name)
 
 
-def load_calibration(source: ArrayDataset | str, samples: int | None = None, seed: int = 0) -> ArrayDataset:
+# The share of the resized image a centre crop keeps (torchvision's evaluation transform: 224 of 256).
+CROP_SHARE = 0.875
+
+
+def fit_image(image: Image.Image, size: tuple[int, int]) -> Image.Image:
+    """An image at (height, width) `size`: as it is when it already has that size, else resized
+    (bilinear, aspect kept) so that the crop keeps CROP_SHARE of its shorter side, and centre-cropped,
+    as torchvision's models are evaluated (a 500x375 photo for a 224x224 input: 341x256, then 224x224)."""
+    from PIL import Image
+
+    height, width = size
+    if image.size == (width, height):
+        return image
+    scale = max(height, width) / CROP_SHARE / min(image.size)
+    resized = image.resize(
+        (max(width, round(image.width * scale)), max(height, round(image.height * scale))),
+        Image.Resampling.BILINEAR,
+    )
+    left, top = (resized.width - width) // 2, (resized.height - height) // 2
+    return resized.crop((left, top, left + width, top + height))
+
+
+def load_calibration(
+    source: ArrayDataset | str,
+    samples: int | None = None,
+    seed: int = 0,
+    size: tuple[int, int] | None = None,
+) -> ArrayDataset:
     """Calibration images: a seeded subset of `samples` from a dataset spec's training split (see
-    load_dataset; labels optional) or from an ArrayDataset."""
+    load_dataset, `size` included; labels optional) or from an ArrayDataset."""
     if isinstance(source, str):
-        return load_dataset(source, "train", limit=samples, seed=seed, labels=False)
+        return load_dataset(source, "train", limit=samples, seed=seed, labels=False, size=size)
     return source.sample(samples, seed)

@@ -24,6 +24,7 @@ from graphprune.data import ArrayDataset, load_dataset
 from graphprune.errors import GraphPruneError
 from graphprune.onnxutil import atomic_write
 from graphprune.runtime.evaluate import evaluate_onnx
+from graphprune.runtime.shapes import image_size
 from graphprune.torch_bridge.train import (
     dist_info,
     export_trained,
@@ -51,9 +52,13 @@ class Start:
             raise GraphPruneError("give exactly one of a zoo model name (--model) or an ONNX file (--onnx).")
 
     def datasets(self) -> tuple[ArrayDataset, ArrayDataset]:
-        """(train, validation) splits of the dataset, each optionally limited to a seeded subset."""
-        train = load_dataset(self.data, "train", limit=self.train_limit, seed=self.seed)
-        val = load_dataset(self.data, "test", limit=self.val_limit, seed=self.seed)
+        """(train, validation) splits of the dataset, each optionally limited to a seeded subset; a
+        folder's images fitted to the ONNX start's input size."""
+        from graphprune.model_io import load_model
+
+        size = image_size(load_model(self.onnx).proto) if self.onnx is not None else None
+        train = load_dataset(self.data, "train", limit=self.train_limit, seed=self.seed, size=size)
+        val = load_dataset(self.data, "test", limit=self.val_limit, seed=self.seed, size=size)
         return train, val
 
     def module(self, train: ArrayDataset) -> nn.Module:

@@ -27,6 +27,16 @@ def data_inputs(model: onnx.ModelProto) -> list[onnx.ValueInfoProto]:
     return [value for value in model.graph.input if value.name not in initialisers]
 
 
+def image_size(model: onnx.ModelProto) -> tuple[int, int] | None:
+    """(height, width) of the model's only image input ([N, C, H, W] with H and W fixed), else None: what
+    a folder of images is fitted to for it."""
+    inputs = data_inputs(model)
+    dims = inputs[0].type.tensor_type.shape.dim if len(inputs) == 1 else []
+    if len(dims) != 4 or not all(d.HasField("dim_value") and d.dim_value > 0 for d in dims[2:]):
+        return None
+    return dims[2].dim_value, dims[3].dim_value
+
+
 def symbolic_spatial_inputs(model: onnx.ModelProto) -> list[str]:
     """Names of graph inputs with a symbolic or unknown size on an axis other than the batch."""
     return [
