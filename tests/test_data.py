@@ -319,3 +319,24 @@ def test_numpy_side_does_not_import_torch() -> None:
         "import sys, graphprune.data as d; d.load_dataset('synthetic:8'); assert 'torch' not in sys.modules"
     )
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+@pytest.mark.parametrize(
+    ("dims", "expected"),
+    [
+        (["N", 3, 224, 200], (224, 200)),
+        ([1, 1, 28, 28], (28, 28)),
+        (["N", 224, 224, 3], None),  # channels-last (tf2onnx): datasets are channels-first
+        (["N", 3, "H", "W"], None),  # no size to fit to
+        (["N", 3, 224], None),
+    ],
+)
+def test_the_size_a_folder_is_fitted_to_comes_from_a_channels_first_image_input(dims, expected) -> None:  # noqa: ANN001
+    from onnx import TensorProto, helper
+
+    from graphprune.runtime.shapes import image_size
+
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, dims)
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, dims)
+    model = helper.make_model(helper.make_graph([helper.make_node("Identity", ["x"], ["y"])], "g", [x], [y]))
+    assert image_size(model) == expected

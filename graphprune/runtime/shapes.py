@@ -28,13 +28,15 @@ def data_inputs(model: onnx.ModelProto) -> list[onnx.ValueInfoProto]:
 
 
 def image_size(model: onnx.ModelProto) -> tuple[int, int] | None:
-    """(height, width) of the model's only image input ([N, C, H, W] with H and W fixed), else None: what
-    a folder of images is fitted to for it."""
+    """(height, width) of the model's only image input ([N, C, H, W], C 1 or 3, H and W fixed), else None
+    (a channels-last [N, H, W, C] input too: datasets are channels-first): what a folder of images is
+    fitted to for it."""
     inputs = data_inputs(model)
     dims = inputs[0].type.tensor_type.shape.dim if len(inputs) == 1 else []
-    if len(dims) != 4 or not all(d.HasField("dim_value") and d.dim_value > 0 for d in dims[2:]):
+    sizes = [d.dim_value if d.HasField("dim_value") else 0 for d in dims]
+    if len(sizes) != 4 or sizes[1] not in (1, 3) or min(sizes[2:]) <= 0:
         return None
-    return dims[2].dim_value, dims[3].dim_value
+    return sizes[2], sizes[3]
 
 
 def symbolic_spatial_inputs(model: onnx.ModelProto) -> list[str]:
