@@ -290,3 +290,18 @@ def test_a_model_with_a_fixed_batch_size_is_fed_batches_of_that_size() -> None:
     fitted, report = recover_model(pruned.dep, pruned.removed, pruned.model, x, RecoveryConfig("lsq"))
     assert report.reconstructed and not report.skipped
     assert agreement(model, fitted, x).rel_error < agreement(model, pruned.model, x).rel_error
+
+
+def test_the_cli_names_layers_left_as_is_once_per_reason(capsys) -> None:  # noqa: ANN001
+    """MobileNetV3 has a dozen depthwise convs lsq cannot re-fit: one line for them, two named."""
+    from graphprune.cli.model import _print_recovery
+    from graphprune.surgery.recover import RecoveryReport
+
+    skipped = {f"dw{i}": "not reconstructed: depthwise convolution" for i in range(5)}
+    report = RecoveryReport("lsq", 13, 1.0, skipped={**skipped, "bn": "BN parameters are not initialisers"})
+    report.heldout_samples, report.rel_error, report.rel_error_before = 3, 0.1, 0.9
+    _print_recovery(report)
+    printed = " ".join(capsys.readouterr().err.split())  # the console wraps long lines
+    assert printed.count("left as is") == 2
+    assert "left as is (5): not reconstructed: depthwise convolution: dw0, dw1 and 3 more" in printed
+    assert "left as is (1): BN parameters are not initialisers: bn" in printed

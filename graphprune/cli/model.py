@@ -206,8 +206,18 @@ def _print_recovery(report) -> None:  # noqa: ANN001 - RecoveryReport, imported 
         f"           vs original on {report.heldout_samples:,} held-out images: {top1}"
         f"rel output err {report.rel_error:.3g} (before {report.rel_error_before:.3g})"
     )
+    by_reason: dict[str, list[str]] = {}
     for node, reason in report.skipped.items():
-        console.print(f"           left as is: {node}: {reason}", markup=False)
+        by_reason.setdefault(reason, []).append(node)
+    for reason, nodes in by_reason.items():
+        named = ", ".join(nodes[:SKIPPED_NAMED]) + (
+            f" and {len(nodes) - SKIPPED_NAMED} more" if len(nodes) > SKIPPED_NAMED else ""
+        )
+        console.print(f"           left as is ({len(nodes)}): {reason}: {named}", markup=False)
+
+
+# Layers named per reason the recovery left a layer as it is (the JSON lists them all).
+SKIPPED_NAMED = 2
 
 
 def _precision_note(report) -> str:  # noqa: ANN001 - VerificationReport, imported lazily
