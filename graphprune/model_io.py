@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import onnx
-from onnx import numpy_helper
+from onnx import external_data_helper, numpy_helper
 
 from graphprune.errors import InvalidModelError
 from graphprune.onnxutil import atomic_write, sha256_file
@@ -269,24 +269,34 @@ def save_model(model: onnx.ModelProto, path: str | os.PathLike[str], *, external
     data_name = f"{target.name}.data"
     # onnx writes external data next to the model under its final name, so save in a scratch folder
     # and move both files into place: the data first, then the model that refers to it.
-    staged = onnx.ModelProto()  # saving with external data rewrites the proto's initializers
+    # The tensors are marked here rather than by save_model(save_as_external_data=True), which refuses
+    # a location that exists relative to the working directory, not the model (a second prune to the
+    # same output in the current folder failed).
+    staged = onnx.ModelProto()  # marking tensors external rewrites the proto's initializers
     staged.CopyFrom(model)
+    for tensor in _initializers(staged.graph):
+        if tensor.HasField("raw_data") and len(tensor.raw_data) >= EXTERNAL_MIN_BYTES:
+            external_data_helper.set_external_data(tensor, data_name)
     with atomic_write(target) as tmp_model, atomic_write(target.with_name(data_name)) as tmp_data:
         with tempfile.TemporaryDirectory(dir=target.parent) as scratch:
             scratch_model = Path(scratch) / target.name
-            onnx.save_model(
-                staged,
-                os.fspath(scratch_model),
-                save_as_external_data=True,
-                all_tensors_to_one_file=True,
-                location=data_name,
-                size_threshold=EXTERNAL_MIN_BYTES,
-            )
+            onnx.save_model(staged, os.fspath(scratch_model))  # writes the marked tensors beside it
             os.replace(scratch_model, tmp_model)
             scratch_data = Path(scratch) / data_name
             if scratch_data.exists():  # absent when the model has no initializers: keep the empty file
                 os.replace(scratch_data, tmp_data)
     return target
+
+
+def _initializers(graph: onnx.GraphProto) -> Iterable[onnx.TensorProto]:
+    """The graph's initializers and those of its subgraphs (If / Loop bodies)."""
+    yield from graph.initializer
+    for node in graph.node:
+        for attribute in node.attribute:
+            for subgraph in (
+                [attribute.g] if attribute.type == onnx.AttributeProto.GRAPH else attribute.graphs
+            ):
+                yield from _initializers(subgraph)
 
 
 def initializer_arrays(model: onnx.ModelProto) -> dict[str, np.ndarray]:

@@ -439,6 +439,23 @@ def test_external_data_is_written_with_the_models_permissions(tmp_path: Path) ->
     assert modes == {0o666 & ~umask}
 
 
+def test_external_data_output_can_be_written_again_from_its_own_folder(tmp_path: Path, monkeypatch) -> None:  # noqa: ANN001
+    """onnx's own external-data save refuses a data file that exists relative to the working folder:
+    pruning twice to pruned.onnx in the current folder failed with an internal error."""
+    from graphprune.model_io import load_model, save_model
+
+    net = Net(channels=16)
+    model = net.build(net.head(net.conv(net.x, 32)))
+    monkeypatch.chdir(tmp_path)
+    for _ in range(2):
+        save_model(model, "m.onnx", external_data=True)
+    loaded = load_model(tmp_path / "m.onnx")
+    assert loaded.external_data and (tmp_path / "m.onnx.data").stat().st_size > 0
+    assert {i.name: i.raw_data for i in loaded.proto.graph.initializer} == {
+        i.name: i.raw_data for i in model.graph.initializer
+    }
+
+
 def test_equal_constants_deduplicated_across_layers_do_not_tie_them() -> None:
     """The YOLO11 / yolov8n-seg pattern after ultralytics' export (onnxslim): every randomly initialised
     conv's folded bias is zero, the simplifier keeps one zero tensor for all of them, and reading it as a
