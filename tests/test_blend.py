@@ -224,3 +224,17 @@ def test_accuracy_refuses_a_model_that_is_not_a_classifier() -> None:
     data = ArrayDataset(np.ones((3, 1, 2, 2), np.float32), np.zeros(3, np.int64), 2, "maps")
     with pytest.raises(DataError, match=r"\[N, classes\]"):
         evaluate_onnx(model, data)
+
+
+def test_accuracy_names_a_channels_last_model_when_the_shapes_only_differ_in_layout() -> None:
+    x = onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, ["N", 4, 4, 3])
+    y = onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, ["N", 4, 4, 3])
+    model = onnx.helper.make_model(
+        onnx.helper.make_graph([onnx.helper.make_node("Relu", ["x"], ["y"])], "g", [x], [y])
+    )
+    nchw = ArrayDataset(np.ones((2, 3, 4, 4), np.float32), np.zeros(2, np.int64), 2, "photos")
+    with pytest.raises(DataError, match=r"\(4, 4, 3\).*\(3, 4, 4\) \(a channels-last model"):
+        evaluate_onnx(model, nchw)
+    other = ArrayDataset(np.ones((2, 1, 4, 4), np.float32), np.zeros(2, np.int64), 2, "gray")
+    with pytest.raises(DataError, match=r"\(1, 4, 4\); evaluate on matching data"):
+        evaluate_onnx(model, other)

@@ -34,9 +34,15 @@ def evaluate_onnx(
     fixed = graph_input.shape[0] if isinstance(graph_input.shape[0], int) else None
     expected = tuple(graph_input.shape[1:])
     if all(isinstance(d, int) for d in expected) and expected != ds.sample_shape:
+        layout = (
+            " (a channels-last model: datasets are channels-first [C, H, W], so evaluate a channels-first "
+            "export)"
+            if expected == (*ds.sample_shape[1:], ds.sample_shape[0])
+            else ""
+        )
         raise DataError(
-            f"The model expects inputs {expected} but dataset '{ds.name}' has images {ds.sample_shape}; "
-            "evaluate on matching data."
+            f"The model expects inputs {expected} but dataset '{ds.name}' has images {ds.sample_shape}"
+            f"{layout}; evaluate on matching data."
         )
     correct = 0
     for images, labels in ds.batches(fixed or batch_size):
