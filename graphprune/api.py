@@ -28,7 +28,7 @@ from graphprune.runtime.cost import CostReport, count_cost
 from graphprune.runtime.profile import LatencyTable, Timing, measure_wholes, profile_model
 from graphprune.runtime.shapes import (
     InputShapes,
-    image_size,
+    image_shape,
     restore_inputs,
     run_intermediates,
     symbolic_spatial_inputs,
@@ -146,7 +146,7 @@ class Scoring:
         """Per-group scores and the prepared criterion (for its summary)."""
         scorer = get_criterion(self.criterion, aggregate=self.aggregate, **(self.criterion_options or {}))
         data = (
-            load_calibration(self.calib, self.calib_samples, self.seed, image_size(dep.model))
+            load_calibration(self.calib, self.calib_samples, self.seed, image_shape(dep.model))
             if self.calib is not None
             else None
         )
@@ -570,7 +570,7 @@ def _recover(
 ) -> tuple[onnx.ModelProto, RecoveryReport]:
     """Recover on `calib_samples` images and measure the result on RECOVERY_HOLDOUT others."""
     samples = None if calib_samples is None else calib_samples + RECOVERY_HOLDOUT
-    data = load_calibration(calib, samples, seed, image_size(dep.model))
+    data = load_calibration(calib, samples, seed, image_shape(dep.model))
     if len(data) < 2:
         raise CalibrationError(
             f"recovery needs at least 2 calibration images (one held out), got {len(data)}."

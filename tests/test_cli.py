@@ -85,7 +85,8 @@ def test_demo_runs_end_to_end_on_synthetic_data(tmp_path: Path) -> None:
 
 
 def test_a_folder_of_photos_of_any_size_feeds_eval_and_calibration(tmp_path: Path) -> None:
-    """Images of mixed sizes are fitted to the model's 28x28 input (resize, centre crop), not refused."""
+    """Images of mixed sizes and modes are fitted to the model's 1x28x28 input (gray, resize, centre
+    crop), not refused."""
     import numpy as np
     from PIL import Image
 
@@ -93,7 +94,7 @@ def test_a_folder_of_photos_of_any_size_feeds_eval_and_calibration(tmp_path: Pat
     for split in ("train", "test"):
         for label in ("a", "b"):
             (tmp_path / "photos" / split / label).mkdir(parents=True)
-            for index, size in enumerate([(40, 36), (60, 90), (28, 28)]):
+            for index, size in enumerate([(40, 36), (60, 90, 3), (28, 28)]):  # one RGB: made gray
                 pixels = rng.integers(0, 256, size=size, dtype=np.uint8)
                 Image.fromarray(pixels).save(tmp_path / "photos" / split / label / f"{index}.png")
     done = run("eval", REFERENCE, "--data", tmp_path / "photos", "--json")

@@ -225,8 +225,9 @@ def test_image_folder_of_mixed_sizes_fits_a_given_size(tmp_path: Path) -> None:
     root = tmp_path / "photos"
     sizes = [(40, 36, 3), (28, 28, 3), (64, 30, 3)]
     _write_images(root / "test", {"a": [rng.integers(0, 256, size=s, dtype=np.uint8) for s in sizes]})
-    fitted = load_dataset(str(root), "test", size=(28, 28))
+    fitted = load_dataset(str(root), "test", shape=(3, 28, 28))
     assert fitted.images.shape == (3, 3, 28, 28) and fitted.name == "photos"
+    assert load_dataset(str(root), "test", shape=(1, 20, 24)).images.shape == (3, 1, 20, 24)  # gray model
     assert load_dataset(str(root), "test").images.shape == (3, 3, 40, 36)  # no size: the first, most common
 
 
@@ -324,19 +325,19 @@ def test_numpy_side_does_not_import_torch() -> None:
 @pytest.mark.parametrize(
     ("dims", "expected"),
     [
-        (["N", 3, 224, 200], (224, 200)),
-        ([1, 1, 28, 28], (28, 28)),
+        (["N", 3, 224, 200], (3, 224, 200)),
+        ([1, 1, 28, 28], (1, 28, 28)),
         (["N", 224, 224, 3], None),  # channels-last (tf2onnx): datasets are channels-first
         (["N", 3, "H", "W"], None),  # no size to fit to
         (["N", 3, 224], None),
     ],
 )
-def test_the_size_a_folder_is_fitted_to_comes_from_a_channels_first_image_input(dims, expected) -> None:  # noqa: ANN001
+def test_the_shape_a_folder_is_fitted_to_comes_from_a_channels_first_image_input(dims, expected) -> None:  # noqa: ANN001
     from onnx import TensorProto, helper
 
-    from graphprune.runtime.shapes import image_size
+    from graphprune.runtime.shapes import image_shape
 
     x = helper.make_tensor_value_info("x", TensorProto.FLOAT, dims)
     y = helper.make_tensor_value_info("y", TensorProto.FLOAT, dims)
     model = helper.make_model(helper.make_graph([helper.make_node("Identity", ["x"], ["y"])], "g", [x], [y]))
-    assert image_size(model) == expected
+    assert image_shape(model) == expected

@@ -56,14 +56,14 @@ def cmd_criteria(args: argparse.Namespace) -> int:
     from graphprune.cli.console import out, stage
     from graphprune.data import load_calibration
     from graphprune.report.tables import render
-    from graphprune.runtime.shapes import image_size
+    from graphprune.runtime.shapes import image_shape
     from graphprune.search.blend.clustering import cluster_layers, mean_similarity
     from graphprune.search.blend.pool import pool_inputs, score_pool
 
     names = [name.strip() for name in args.criteria.split(",") if name.strip()]
     with stage("analysis"):
         dep = analyze_model(args.model)
-    data = load_calibration(args.calib, args.calib_samples, args.seed, image_size(dep.model))
+    data = load_calibration(args.calib, args.calib_samples, args.seed, image_shape(dep.model))
     inputs = pool_inputs(dep, data, names, seed=args.seed, gate_gradients=torch_gate_gradients)
     with stage("criteria"):
         pool = score_pool(inputs, names, args.aggregate)

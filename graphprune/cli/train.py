@@ -134,13 +134,13 @@ def _config(args: argparse.Namespace, model_sha256: str | None = None) -> TrainC
 
 
 def _datasets(
-    args: argparse.Namespace, size: tuple[int, int] | None = None
+    args: argparse.Namespace, shape: tuple[int, int, int] | None = None
 ) -> tuple[ArrayDataset, ArrayDataset]:
-    """(train split, test split) of --data, each optionally limited; a folder's images fitted to `size`."""
+    """(train split, test split) of --data, each optionally limited; a folder's images fitted to `shape`."""
     from graphprune.data import load_dataset
 
-    train = load_dataset(args.data, "train", limit=args.train_limit, seed=args.seed, size=size)
-    test = load_dataset(args.data, "test", limit=args.val_limit, seed=args.seed, size=size)
+    train = load_dataset(args.data, "train", limit=args.train_limit, seed=args.seed, shape=shape)
+    test = load_dataset(args.data, "test", limit=args.val_limit, seed=args.seed, shape=shape)
     return train, test
 
 
@@ -218,7 +218,7 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     from graphprune.cli.console import console, out, print_results, stage
     from graphprune.model_io import load_model, model_sha256
     from graphprune.runtime.evaluate import evaluate_onnx
-    from graphprune.runtime.shapes import image_size
+    from graphprune.runtime.shapes import image_shape
     from graphprune.torch_bridge.foldback import apply_to_module, onnx_to_module, verify_foldback
     from graphprune.torch_bridge.train import dist_info
     from graphprune.zoo import build
@@ -227,7 +227,7 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     set_threads(args)
     main = dist_info().is_main
     loaded = load_model(args.model)
-    train, test = _datasets(args, image_size(loaded.proto))
+    train, test = _datasets(args, image_shape(loaded.proto))
     with stage("fold-back") if main else contextlib.nullcontext():
         if args.module:
             module = apply_to_module(build(args.module), loaded.proto)
@@ -255,10 +255,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from graphprune.data import load_dataset
     from graphprune.model_io import load_model
     from graphprune.runtime.evaluate import evaluate_onnx
-    from graphprune.runtime.shapes import image_size
+    from graphprune.runtime.shapes import image_shape
 
-    size = image_size(load_model(args.model).proto)  # a folder's images are fitted to it
-    data = load_dataset(args.data, args.split, limit=args.limit, size=size)
+    shape = image_shape(load_model(args.model).proto)  # a folder's images are fitted to it
+    data = load_dataset(args.data, args.split, limit=args.limit, shape=shape)
     with stage("evaluate"):
         accuracy = evaluate_onnx(
             args.model, data, args.batch_size, provider=args.provider, threads=args.threads

@@ -46,14 +46,15 @@ def load_dataset(
     limit: int | None = None,
     seed: int = 0,
     labels: bool = True,
-    size: tuple[int, int] | None = None,
+    shape: tuple[int, int, int] | None = None,
 ) -> ArrayDataset:
     """Load "fashion-mnist", "synthetic[:N]", an .npz file or an image-folder tree as an ArrayDataset.
 
     `limit` keeps a seeded random subset of that many samples (in their original order); `seed` also
     seeds the synthetic generator.  With `labels` False, images without labels are accepted too (an
-    .npz holding images only, a flat folder of images) and come back unlabelled.  `size` (height,
-    width: the model's input) fits a folder's images to it (see fit_image); arrays are taken as they are.
+    .npz holding images only, a flat folder of images) and come back unlabelled.  `shape` (channels,
+    height, width: the model's input) converts a folder's images to 1 or 3 channels and fits them to its
+    size (see fit_image); arrays are taken as they are.
     """
     if split not in SPLITS:
         raise DataError(f"Unknown split '{split}'; use one of {', '.join(SPLITS)}.")
@@ -66,7 +67,7 @@ def load_dataset(
     else:
         path = Path(spec)
         if path.is_dir():
-            return load_image_folder(path, split, limit=limit, seed=seed, labels=labels, size=size)
+            return load_image_folder(path, split, limit=limit, seed=seed, labels=labels, shape=shape)
         if path.suffix == ".npz" and path.is_file():
             dataset = load_npz(path, split, labels=labels)
         else:
@@ -256,14 +257,14 @@ def load_image_folder(
     limit: int | None = None,
     seed: int = 0,
     labels: bool = True,
-    size: tuple[int, int] | None = None,
+    shape: tuple[int, int, int] | None = None,
 ) -> ArrayDataset:
     """Images under root/<class>/ (or root/<split>/<class>/ when that exists), one label per sub-folder;
     with `labels` False, a flat folder of images is read unlabelled.
 
-    All images become grayscale if every file is grayscale, RGB otherwise, and are fitted to `size`
-    (height, width) when given (fit_image), else resized to the most common size. With `limit` only the
-    chosen files are decoded.
+    With `shape` (channels, height, width) the images become grayscale for 1 channel, RGB otherwise, and
+    are fitted to its size (fit_image); without, grayscale if every file is grayscale, RGB otherwise, and
+    resized to the most common size. With `limit` only the chosen files are decoded.
     """
     from PIL import Image
 
@@ -293,14 +294,14 @@ def load_image_folder(
         for path, _ in files:
             with Image.open(path) as image:
                 headers.append((image.mode, image.size))
-        gray = all(mode in GRAY_MODES for mode, _ in headers)
+        gray = shape[0] == 1 if shape is not None else all(mode in GRAY_MODES for mode, _ in headers)
         common = Counter(wh for _, wh in headers).most_common(1)[0][0]
         pixels = []
         for path, _ in files:
             with Image.open(path) as image:
                 converted = image.convert("L" if gray else "RGB")
-                if size is not None:
-                    converted = fit_image(converted, size)
+                if shape is not None:
+                    converted = fit_image(converted, shape[1:])
                 elif converted.size != common:
                     converted = converted.resize(common, Image.Resampling.BILINEAR)
                 pixels.append(np.asarray(converted))
@@ -340,10 +341,10 @@ def load_calibration(
     source: ArrayDataset | str,
     samples: int | None = None,
     seed: int = 0,
-    size: tuple[int, int] | None = None,
+    shape: tuple[int, int, int] | None = None,
 ) -> ArrayDataset:
     """Calibration images: a seeded subset of `samples` from a dataset spec's training split (see
-    load_dataset, `size` included; labels optional) or from an ArrayDataset."""
+    load_dataset, `shape` included; labels optional) or from an ArrayDataset."""
     if isinstance(source, str):
-        return load_dataset(source, "train", limit=samples, seed=seed, labels=False, size=size)
+        return load_dataset(source, "train", limit=samples, seed=seed, labels=False, shape=shape)
     return source.sample(samples, seed)

@@ -24,7 +24,7 @@ from graphprune.data import ArrayDataset, load_dataset
 from graphprune.errors import GraphPruneError
 from graphprune.onnxutil import atomic_write
 from graphprune.runtime.evaluate import evaluate_onnx
-from graphprune.runtime.shapes import image_size
+from graphprune.runtime.shapes import image_shape
 from graphprune.torch_bridge.train import (
     dist_info,
     export_trained,
@@ -56,9 +56,9 @@ class Start:
         folder's images fitted to the ONNX start's input size."""
         from graphprune.model_io import load_model
 
-        size = image_size(load_model(self.onnx).proto) if self.onnx is not None else None
-        train = load_dataset(self.data, "train", limit=self.train_limit, seed=self.seed, size=size)
-        val = load_dataset(self.data, "test", limit=self.val_limit, seed=self.seed, size=size)
+        shape = image_shape(load_model(self.onnx).proto) if self.onnx is not None else None
+        train = load_dataset(self.data, "train", limit=self.train_limit, seed=self.seed, shape=shape)
+        val = load_dataset(self.data, "test", limit=self.val_limit, seed=self.seed, shape=shape)
         return train, val
 
     def module(self, train: ArrayDataset) -> nn.Module:

@@ -27,16 +27,16 @@ def data_inputs(model: onnx.ModelProto) -> list[onnx.ValueInfoProto]:
     return [value for value in model.graph.input if value.name not in initialisers]
 
 
-def image_size(model: onnx.ModelProto) -> tuple[int, int] | None:
-    """(height, width) of the model's only image input ([N, C, H, W], C 1 or 3, H and W fixed), else None
-    (a channels-last [N, H, W, C] input too: datasets are channels-first): what a folder of images is
-    fitted to for it."""
+def image_shape(model: onnx.ModelProto) -> tuple[int, int, int] | None:
+    """(channels, height, width) of the model's only image input ([N, C, H, W], C 1 or 3, H and W fixed),
+    else None (a channels-last [N, H, W, C] input too: datasets are channels-first): what a folder of
+    images is converted and fitted to for it."""
     inputs = data_inputs(model)
     dims = inputs[0].type.tensor_type.shape.dim if len(inputs) == 1 else []
     sizes = [d.dim_value if d.HasField("dim_value") else 0 for d in dims]
     if len(sizes) != 4 or sizes[1] not in (1, 3) or min(sizes[2:]) <= 0:
         return None
-    return sizes[2], sizes[3]
+    return sizes[1], sizes[2], sizes[3]
 
 
 def symbolic_spatial_inputs(model: onnx.ModelProto) -> list[str]:
