@@ -215,23 +215,24 @@ def test_criteria_command_prints_tables_and_writes_heatmaps(tmp_path, capsys) ->
     assert printed["criteria"] == ["l1", "l2"] and len(printed["layers"]) == 2 and printed["output"] is None
 
 
-def test_accuracy_refuses_a_model_that_is_not_a_classifier() -> None:
-    x = onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, ["N", 1, 2, 2])
-    y = onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, ["N", 1, 2, 2])
-    model = onnx.helper.make_model(
+def _relu_model(dims: list[object]) -> onnx.ModelProto:
+    """One Relu from an input of `dims` to an output of the same dims: no classifier."""
+    x = onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, dims)
+    y = onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, dims)
+    return onnx.helper.make_model(
         onnx.helper.make_graph([onnx.helper.make_node("Relu", ["x"], ["y"])], "g", [x], [y])
     )
+
+
+def test_accuracy_refuses_a_model_that_is_not_a_classifier() -> None:
+    model = _relu_model(["N", 1, 2, 2])
     data = ArrayDataset(np.ones((3, 1, 2, 2), np.float32), np.zeros(3, np.int64), 2, "maps")
     with pytest.raises(DataError, match=r"\[N, classes\]"):
         evaluate_onnx(model, data)
 
 
 def test_accuracy_names_a_channels_last_model_when_the_shapes_only_differ_in_layout() -> None:
-    x = onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, ["N", 4, 4, 3])
-    y = onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, ["N", 4, 4, 3])
-    model = onnx.helper.make_model(
-        onnx.helper.make_graph([onnx.helper.make_node("Relu", ["x"], ["y"])], "g", [x], [y])
-    )
+    model = _relu_model(["N", 4, 4, 3])
     nchw = ArrayDataset(np.ones((2, 3, 4, 4), np.float32), np.zeros(2, np.int64), 2, "photos")
     with pytest.raises(DataError, match=r"\(4, 4, 3\).*\(3, 4, 4\) \(a channels-last model"):
         evaluate_onnx(model, nchw)
