@@ -221,7 +221,10 @@ def _batch_free_reshapes(model: onnx.ModelProto) -> onnx.ModelProto:
     if not first or not first[0].HasField("dim_value"):
         return model
     fixed = first[0].dim_value
-    inferred = onnx.shape_inference.infer_shapes(model)
+    try:
+        inferred = onnx.shape_inference.infer_shapes(model)
+    except Exception:  # noqa: BLE001 - a graph shape inference cannot read is left for onnx2torch as it is
+        return model
     dims = {
         value.name: [
             d.dim_value if d.HasField("dim_value") else None for d in value.type.tensor_type.shape.dim
