@@ -341,3 +341,17 @@ def test_the_shape_a_folder_is_fitted_to_comes_from_a_channels_first_image_input
     y = helper.make_tensor_value_info("y", TensorProto.FLOAT, dims)
     model = helper.make_model(helper.make_graph([helper.make_node("Identity", ["x"], ["y"])], "g", [x], [y]))
     assert image_shape(model) == expected
+
+
+def test_a_folder_too_big_for_memory_is_refused_before_decoding(tmp_path: Path, monkeypatch) -> None:  # noqa: ANN001
+    """A folder is decoded into memory whole: one that would not fit is one clear error, not an OOM kill;
+    a subset that fits loads."""
+    rng = np.random.default_rng(4)
+    _write_images(tmp_path / "big", {"a": [rng.integers(0, 256, size=(16, 16, 3), dtype=np.uint8)] * 4})
+    real = sources.available_memory()
+    assert real is None or real > 2**20  # read from /proc/meminfo on Linux
+    per_image = 3 * 16 * 16 * sources.FOLDER_BYTES_PER_ELEMENT
+    monkeypatch.setattr(sources, "available_memory", lambda: 3 * per_image)
+    with pytest.raises(DataError, match=r"more than the 0.0 GiB of memory available.*--limit"):
+        load_dataset(str(tmp_path / "big"))
+    assert len(load_dataset(str(tmp_path / "big"), limit=3)) == 3

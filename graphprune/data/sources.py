@@ -296,6 +296,8 @@ def load_image_folder(
                 headers.append((image.mode, image.size))
         gray = shape[0] == 1 if shape is not None else all(mode in GRAY_MODES for mode, _ in headers)
         common = Counter(wh for _, wh in headers).most_common(1)[0][0]
+        height, width = shape[1:] if shape is not None else (common[1], common[0])
+        _check_fits_in_memory(root, len(files) * (1 if gray else 3) * height * width)
         pixels = []
         for path, _ in files:
             with Image.open(path) as image:
@@ -313,6 +315,35 @@ def load_image_folder(
         return ArrayDataset.unlabelled(_standardise(images), name)
     targets = np.array([label for _, label in files])
     return ArrayDataset(_standardise(images), targets, len(classes), name)
+
+
+# Bytes per image element while a folder is decoded and standardised: the uint8 pixels and three
+# float32 copies at the peak (the values, their deviations from the mean, the result).
+FOLDER_BYTES_PER_ELEMENT = 13
+
+
+def _check_fits_in_memory(root: Path, elements: int) -> None:
+    """Refuse a folder whose decoding would need more memory than the machine has available (a folder
+    is held in memory whole), before decoding it: an out-of-memory kill says nothing."""
+    need, free = elements * FOLDER_BYTES_PER_ELEMENT, available_memory()
+    if free is not None and need > free:
+        raise DataError(
+            f"Folder {root} would take about {need / 2**30:.1f} GiB decoded, more than the "
+            f"{free / 2**30:.1f} GiB of memory available (its images are held in memory whole); draw a "
+            "seeded subset (--limit, --train-limit / --val-limit, --calib-samples) or use fewer images."
+        )
+
+
+def available_memory() -> int | None:
+    """Bytes of memory available to new allocations (Linux MemAvailable), None where unknown."""
+    try:
+        with open("/proc/meminfo") as meminfo:
+            for line in meminfo:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
 
 
 # The share of the resized image a centre crop keeps (torchvision's evaluation transform: 224 of 256).
