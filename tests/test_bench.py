@@ -71,13 +71,21 @@ def test_median_and_p90_are_computed_from_the_timed_runs(tmp_path, monkeypatch) 
 def test_rounds_interleave_models_in_fresh_sessions_with_warmup_each(tmp_path, monkeypatch) -> None:
     """Round-major order (a busy spell slows every model's round, not one model), a new session per
     model and round, and the warm-up shared out (at least 2 per round) before each round's timed runs."""
+    import gc
+    import weakref
+
     paths = [_save_conv(tmp_path / f"m{i}.onnx", "N") for i in range(2)]
-    opened, calls = [], []
+    opened, calls, alive = [], [], []
 
     def counting_session(path, **kwargs):  # noqa: ANN001, ANN202
+        if len(opened) >= len(paths):  # after the first round's: every session timed before is let go
+            gc.collect()
+            assert all(ref() is None for ref in alive), "a timed session is still held"
         opened.append(path)
         session = make_session(path, **kwargs)
-        return type("Counted", (), {"run": lambda self, *a: calls.append(path) or session.run(*a)})()
+        counted = type("Counted", (), {"run": lambda self, *a: calls.append(path) or session.run(*a)})()
+        alive.append(weakref.ref(counted))
+        return counted
 
     make_session = bench_module.make_session
     monkeypatch.setattr(bench_module, "make_session", counting_session)

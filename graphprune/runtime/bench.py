@@ -97,21 +97,24 @@ def bench_many(
     for batch in batch_sizes:
         if batch < 1:
             raise GraphPruneError(f"Batch size {batch} is invalid; pass a positive number.")
-    # every model opened and fed before any timing, so that a bad one fails in one line, first
-    sessions = [make_session(model, provider=provider, threads=threads) for model in models]
+    # every model opened and fed before any timing, so that a bad one fails in one line, first; a
+    # session is let go once its round is timed (one run holds its activation arena)
+    sessions: list[ort.InferenceSession | None] = [
+        make_session(model, provider=provider, threads=threads) for model in models
+    ]
     feeds = {(i, b): _feed(model, b, input_shapes) for i, model in enumerate(models) for b in batch_sizes}
     per_round = math.ceil(runs / rounds)
     round_warmup = min(warmup, max(2, math.ceil(warmup / rounds)))
     times: dict[tuple[int, int], list[np.ndarray]] = {}
     steps = [(r, i) for r in range(rounds) for i in range(len(models))]
-    for round_index, index in progress(steps, enabled=show_progress, desc=f"bench ({rounds} rounds)"):
-        if round_index:
-            sessions[index] = make_session(models[index], provider=provider, threads=threads)
+    for _round, index in progress(steps, enabled=show_progress, desc=f"bench ({rounds} rounds)"):
+        session = sessions[index] or make_session(models[index], provider=provider, threads=threads)
+        sessions[index] = None
         for batch in batch_sizes:
-            run = runner(sessions[index], feeds[index, batch], provider)
-            for _ in range(round_warmup):
-                run()
-            times.setdefault((index, batch), []).append(_timed(run, per_round))
+            times.setdefault((index, batch), []).append(
+                _timed(runner(session, feeds[index, batch], provider), round_warmup, per_round)
+            )
+        del session
     results = [
         _result(times[index, batch], _name(model), batch, threads, provider)
         for index, model in enumerate(models)
@@ -147,8 +150,10 @@ def _feed(model: ModelLike, batch: int, input_shapes: InputShapes | None) -> dic
     return feed
 
 
-def _timed(run: Callable[[], object], runs: int) -> np.ndarray:
-    """Seconds each of `runs` inferences took."""
+def _timed(run: Callable[[], object], warmup: int, runs: int) -> np.ndarray:
+    """Seconds each of `runs` inferences took, after `warmup` untimed ones."""
+    for _ in range(warmup):
+        run()
     times = np.empty(runs)
     for index in range(runs):
         start = time.perf_counter()
