@@ -264,7 +264,7 @@ def load_image_folder(
 
     With `shape` (channels, height, width) the images become grayscale for 1 channel, RGB otherwise, and
     are fitted to its size (fit_image); without, grayscale if every file is grayscale, RGB otherwise, and
-    resized to the most common size. With `limit` only the chosen files are decoded.
+    fitted to their most common size. With `limit` only the chosen files are decoded.
     """
     from PIL import Image
 
@@ -301,11 +301,7 @@ def load_image_folder(
         pixels = []
         for path, _ in files:
             with Image.open(path) as image:
-                converted = image.convert("L" if gray else "RGB")
-                if shape is not None:
-                    converted = fit_image(converted, shape[1:])
-                elif converted.size != common:
-                    converted = converted.resize(common, Image.Resampling.BILINEAR)
+                converted = fit_image(image.convert("L" if gray else "RGB"), (height, width))
                 pixels.append(np.asarray(converted))
     except OSError as exc:
         raise DataError(f"Cannot read an image under {root} ({exc}); remove or fix the file.") from exc
