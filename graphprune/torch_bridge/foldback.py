@@ -35,6 +35,7 @@ from torch import nn
 
 from graphprune.errors import UnsupportedModelError, VerificationError
 from graphprune.model_io import as_loaded, clean
+from graphprune.runtime.shapes import data_inputs
 
 if TYPE_CHECKING:
     import onnxruntime as ort
@@ -216,8 +217,7 @@ def _batch_free_reshapes(model: onnx.ModelProto) -> onnx.ModelProto:
     (Reshape(x, [1, 576]) before the classifier) can be fine-tuned at batch 128.  Unchanged when the
     batch is symbolic or no Reshape qualifies."""
     initializers = {init.name: init for init in model.graph.initializer}
-    graph_input = next(value for value in model.graph.input if value.name not in initializers)
-    first = graph_input.type.tensor_type.shape.dim[:1]
+    first = data_inputs(model)[0].type.tensor_type.shape.dim[:1]
     if not first or not first[0].HasField("dim_value"):
         return model
     fixed = first[0].dim_value
@@ -278,8 +278,7 @@ def _check_batchnorm_trainable(model: onnx.ModelProto, module: nn.Module) -> Non
 
 def input_shape(model: onnx.ModelProto, batch: int = CHECK_BATCH) -> tuple[int, ...]:
     """Concrete shape of the model's first graph input, `batch` for a symbolic batch dimension."""
-    initializers = {init.name for init in model.graph.initializer}
-    graph_input = next(value for value in model.graph.input if value.name not in initializers)
+    graph_input = data_inputs(model)[0]
     dims = graph_input.type.tensor_type.shape.dim
     shape = tuple(dim.dim_value if dim.HasField("dim_value") else batch for dim in dims)
     if any(size <= 0 for size in shape[1:]):
