@@ -34,8 +34,8 @@ def stage(label: str) -> Iterator[None]:
     console.print(f"{label:<10} done in {time.perf_counter() - start:.2f} s")
 
 
-def print_results(as_json: bool, numbers: dict[str, Any], human: Callable[[], None]) -> None:
-    """A command's results on stdout: `numbers` as one JSON object with --json, else `human()`'s lines."""
+def print_results(as_json: bool, numbers: dict[str, Any] | list[Any], human: Callable[[], None]) -> None:
+    """A command's results on stdout: `numbers` as one JSON value with --json, else `human()`'s lines."""
     if as_json:
         out.print_json(json.dumps(numbers))
     else:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
 from graphprune.cli.arguments import (
@@ -36,10 +35,7 @@ def cmd_analyze(args: argparse.Namespace) -> int:
         dep = analyze_model(args.model, input_shapes(args))
     cost = count_cost(dep.model, dep.shapes)
     summary = analysis_summary(dep, Path(args.model).name, cost.macs, cost.params)
-    if args.json:
-        out.print_json(json.dumps(summary))
-    else:
-        out.print(render_analysis(summary), end="", soft_wrap=True)
+    print_results(args.json, summary, lambda: out.print(render_analysis(summary), end="", soft_wrap=True))
     return 0
 
 
@@ -142,24 +138,23 @@ def cmd_prune(args: argparse.Namespace) -> int:
             "threads": args.threads,
         }
         rows = _with_latency(rows, [args.model, str(output)], where, input_shapes(args))
-    if args.json:
-        report = result.verification
-        verification = (
-            None if report is None else {"max_rel_error": report.max_rel_error, "tensors": report.tensors}
-        )
-        recovery = None if result.recovery is None else result.recovery.as_dict()
-        payload = {
-            **rows,
-            "verification": verification,
-            "recovery": recovery,
-            "latency": predicted,
-            "output": str(output),
-            "plan": str(plan_path),
-        }
-        out.print_json(json.dumps(payload))
-    else:
-        out.print(render(comparison_table(rows)), end="")
-        out.print(f"wrote {output}, plan {plan_path}")
+    report = result.verification
+    verification = (
+        None if report is None else {"max_rel_error": report.max_rel_error, "tensors": report.tensors}
+    )
+    payload = {
+        **rows,
+        "verification": verification,
+        "recovery": None if result.recovery is None else result.recovery.as_dict(),
+        "latency": predicted,
+        "output": str(output),
+        "plan": str(plan_path),
+    }
+    print_results(
+        args.json,
+        payload,
+        lambda: out.print(render(comparison_table(rows)) + f"wrote {output}, plan {plan_path}"),
+    )
     if args.criterion == "blend" and plan is None:
         from graphprune.search.blend.criterion import REPORT_JSON, REPORT_PNG
 
@@ -253,7 +248,6 @@ IN_MODEL_NOTABLE = 1.2
 
 def cmd_profile(args: argparse.Namespace) -> int:
     from graphprune.api import profile_latency
-    from graphprune.report.tables import fmt_ms
     from graphprune.runtime.profile import Timing
 
     with stage("profile"):
@@ -266,10 +260,15 @@ def cmd_profile(args: argparse.Namespace) -> int:
             input_shapes=input_shapes(args),
         )
     table.save(args.output)
-    if args.json:
-        summary = {k: v for k, v in table.to_dict().items() if k not in ("layers", "curves")}
-        out.print_json(json.dumps({**summary, "output": args.output}))
-        return 0
+    summary = {k: v for k, v in table.to_dict().items() if k not in ("layers", "curves")}
+    print_results(args.json, {**summary, "output": args.output}, lambda: _print_profile(args, table))
+    return 0
+
+
+def _print_profile(args: argparse.Namespace, table) -> None:  # noqa: ANN001 - LatencyTable, imported lazily
+    """The profile's summary lines: timing, the layers' sum against the whole, notable layers, the check."""
+    from graphprune.report.tables import fmt_ms
+
     out.print(
         f"{Path(args.model).name}  {table.provider}  batch {table.batch}  {table.threads or 'default'} threads  "
         f"{len(table.layers)} layers, {len(table.curves)} signatures timed in {table.seconds:.1f} s"
@@ -295,7 +294,6 @@ def cmd_profile(args: argparse.Namespace) -> int:
             f"check on a pruned copy: predicted {100 * table.check_error:+.1f}% off the measured latency"
         )
     out.print(f"wrote {args.output}")
-    return 0
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
@@ -325,10 +323,8 @@ def cmd_verify(args: argparse.Namespace) -> int:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    from rich import box
-    from rich.table import Table
+    from dataclasses import asdict
 
-    from graphprune.report.tables import fmt_ms, render, short_names
     from graphprune.runtime.bench import bench_many
 
     results = bench_many(
@@ -341,12 +337,19 @@ def cmd_bench(args: argparse.Namespace) -> int:
         rounds=args.rounds,
         input_shapes=input_shapes(args),
     )
-    if args.json:
-        from dataclasses import asdict
+    print_results(args.json, [asdict(r) for r in results], lambda: _print_bench(args, results))
+    _note_busy(results)
+    return 0
 
-        out.print_json(json.dumps([asdict(r) for r in results]))
-        _note_busy(results)
-        return 0
+
+def _print_bench(args: argparse.Namespace, results: list) -> None:  # noqa: ANN001 - LatencyResult
+    """The bench table: per model and batch its median, p90, spread, throughput and speed-up over the
+    first model at that batch."""
+    from rich import box
+    from rich.table import Table
+
+    from graphprune.report.tables import fmt_ms, render, short_names
+
     table = Table(
         title=f"latency ({args.provider}, {args.threads or 'default'} threads)", box=box.SIMPLE_HEAD
     )
@@ -367,8 +370,6 @@ def cmd_bench(args: argparse.Namespace) -> int:
             f"{first / result.median_ms:.2f}x",
         )
     out.print(render(table, width=BENCH_WIDTH), end="", soft_wrap=True)
-    _note_busy(results)
-    return 0
 
 
 def _note_busy(results: list) -> None:  # noqa: ANN001 - LatencyResult, imported lazily
