@@ -257,12 +257,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from graphprune.runtime.evaluate import evaluate_onnx
     from graphprune.runtime.shapes import image_shape
 
-    shape = image_shape(load_model(args.model).proto)  # a folder's images are fitted to it
-    data = load_dataset(args.data, args.split, limit=args.limit, shape=shape)
+    model = load_model(args.model).proto
+    data = load_dataset(args.data, args.split, limit=args.limit, shape=image_shape(model))
     with stage("evaluate"):
-        accuracy = evaluate_onnx(
-            args.model, data, args.batch_size, provider=args.provider, threads=args.threads
-        )
+        accuracy = evaluate_onnx(model, data, args.batch_size, provider=args.provider, threads=args.threads)
     correct = round(accuracy * len(data))
     numbers = {"accuracy": accuracy, "correct": correct, "samples": len(data), "data": data.name}
     print_results(

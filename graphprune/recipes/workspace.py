@@ -12,7 +12,7 @@ import tempfile
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from functools import partial
+from functools import cached_property, partial
 from pathlib import Path
 
 import onnx
@@ -51,12 +51,17 @@ class Start:
         if given > 1 or given == 0 and not module_given:
             raise GraphPruneError("give exactly one of a zoo model name (--model) or an ONNX file (--onnx).")
 
+    @cached_property
+    def onnx_proto(self) -> onnx.ModelProto:
+        """The ONNX start, read once (its input shape, its module and its joins all come from it)."""
+        from graphprune.model_io import load_model
+
+        return load_model(self.onnx).proto
+
     def datasets(self) -> tuple[ArrayDataset, ArrayDataset]:
         """(train, validation) splits of the dataset, each optionally limited to a seeded subset; a
         folder's images fitted to the ONNX start's input size."""
-        from graphprune.model_io import load_model
-
-        shape = image_shape(load_model(self.onnx).proto) if self.onnx is not None else None
+        shape = image_shape(self.onnx_proto) if self.onnx is not None else None
         train = load_dataset(self.data, "train", limit=self.train_limit, seed=self.seed, shape=shape)
         val = load_dataset(self.data, "test", limit=self.val_limit, seed=self.seed, shape=shape)
         return train, val
@@ -65,10 +70,9 @@ class Start:
         """The starting module: a fresh zoo model sized for the data, or the ONNX model made trainable."""
         self.validate()
         if self.onnx is not None:
-            from graphprune.model_io import load_model
             from graphprune.torch_bridge.foldback import onnx_to_module
 
-            return onnx_to_module(load_model(self.onnx).proto)
+            return onnx_to_module(self.onnx_proto)
         from graphprune.zoo import build
 
         torch.manual_seed(self.seed)
@@ -84,9 +88,7 @@ class Start:
     def _graph_joins(self, module: nn.Module, sample_shape: tuple[int, ...]) -> bool:
         """Whether the ONNX file, or the module exported, has an Add, Sum or Concat."""
         if self.onnx is not None:
-            from graphprune.model_io import load_model
-
-            proto = load_model(self.onnx).proto
+            proto = self.onnx_proto
         else:
             with workspace(None) as tmp:
                 proto = export_trained(copy.deepcopy(module), tmp / "probe.onnx", sample_shape)
