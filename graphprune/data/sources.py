@@ -295,8 +295,10 @@ def load_image_folder(
             with Image.open(path) as image:
                 headers.append((image.mode, image.size))
         gray = shape[0] == 1 if shape is not None else all(mode in GRAY_MODES for mode, _ in headers)
-        common = Counter(wh for _, wh in headers).most_common(1)[0][0]
-        height, width = shape[1:] if shape is not None else (common[1], common[0])
+        if shape is not None:
+            height, width = shape[1:]
+        else:  # the most common size
+            width, height = Counter(wh for _, wh in headers).most_common(1)[0][0]
         _check_fits_in_memory(root, len(files) * (1 if gray else 3) * height * width)
         pixels = []
         for path, _ in files:
