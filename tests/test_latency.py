@@ -955,3 +955,20 @@ def test_cpu_profile_opens_one_layer_session_at_a_time(monkeypatch: pytest.Monke
         assert len(times) == len(profile._points(spec, timing)) and min(times.values()) > 0
     assert most_open[0] == 1
     assert opened[0] == pairs * timing.rounds
+
+
+def test_a_second_profile_times_the_widths_of_the_first(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A fit that misses its check copy profiles the layers again and keeps each point's faster timing;
+    an alignment probe taken in a slow spell found another block (8, not 1), whose other widths the
+    merge could not pair (an internal error). The second profile keeps the first one's block."""
+    dep = analyze_model(chain())
+    costs = {(8, 16): linear(1e-3), (16, 24): linear(1e-3), (24, 6): linear(1e-3)}
+    blocks = iter([1, 8])
+    monkeypatch.setattr(profile, "alignment_block", lambda measure, batch: next(blocks))
+    monkeypatch.setattr(
+        api, "profile_model", lambda *a, **k: profile_model(*a, **k, measure=fake_measure(costs))
+    )
+    monkeypatch.setattr(api, "_calibrate", lambda *args: False)  # the fit misses: profile twice
+    table = api._profile(dep, None, LatencySource(threads=1))
+    assert table.profiles == 2 and table.block == 1
+    assert table.curve("conv1").out_widths == list(range(1, 17))

@@ -122,6 +122,8 @@ class LayerCurve:
 
     def fastest_with(self, other: LayerCurve) -> LayerCurve:
         """This curve with every point at the faster of its and `other`'s timing (same widths)."""
+        if (self.out_widths, self.in_widths) != (other.out_widths, other.in_widths):
+            raise ValueError("curves timed at different widths cannot be merged point by point")
         return replace(
             self,
             full_ms=min(self.full_ms, other.full_ms),
