@@ -18,9 +18,19 @@ from graphprune.criteria import Criterion, ScoringInputs, get_criterion
 from graphprune.criteria.base import GateGradientSums
 from graphprune.criteria.tensors import ActivationStats, collect_activations
 from graphprune.data.dataset import ArrayDataset
+from graphprune.data.image_norm import OWN_STATISTICS
 from graphprune.data.sources import load_calibration
 from graphprune.errors import CalibrationError, GraphPruneError, PlanError, VerificationError
-from graphprune.model_io import LoadedModel, as_loaded, clean, model_sha256, save_model
+from graphprune.model_io import (
+    LoadedModel,
+    as_loaded,
+    clean,
+    image_norm_metadata,
+    input_image_norm,
+    model_sha256,
+    save_model,
+    set_metadata,
+)
 from graphprune.planning import PlanOptions, RemovalPlanner
 from graphprune.planning.latency import LatencyModel, layer_specs
 from graphprune.planning.plan import KERNEL_MULTIPLE, PruningPlan
@@ -113,21 +123,28 @@ def score_channels(
     criterion_options: dict[str, object] | None = None,
     planner: RemovalPlanner | None = None,
     threads: int | None = None,
+    image_norm: str | None = None,
 ) -> dict[int, np.ndarray]:
     """Per-group channel scores from a registered criterion (groups it has no opinion on are absent).
 
     calib: calibration images (an ArrayDataset or a dataset spec such as "fashion-mnist"), of which
     `calib_samples` are drawn (seeded); activation statistics are collected from them when the
-    criterion reads activations and `activations` does not already hold them.  criterion_options go to
+    criterion reads activations and `activations` does not already hold them; `image_norm` says how a
+    spec's 8-bit images become inputs ("data", "imagenet", MEAN/STD...: graphprune.data.image_norm;
+    default: as the model records, else the data's own statistics).
+    criterion_options go to
     the criterion's constructor (e.g. {"config": BlendConfig(...)} for "blend").  threads: onnxruntime
     intra-op threads of calibration (default: onnxruntime's own choice)."""
-    scoring = Scoring(criterion, aggregate, seed, calib, calib_samples, criterion_options, threads)
+    scoring = Scoring(
+        criterion, aggregate, seed, calib, calib_samples, criterion_options, threads, image_norm
+    )
     return scoring.run(dep, activations, planner)[0]
 
 
 @dataclass(frozen=True)
 class Scoring:
-    """How channels are scored: the criterion and its settings, the calibration data, the threads."""
+    """How channels are scored: the criterion and its settings, the calibration data (which recovery
+    fits on too) and how it is normalised, the threads."""
 
     criterion: str = "l1"
     aggregate: str = "sum"
@@ -136,6 +153,16 @@ class Scoring:
     calib_samples: int | None = None
     criterion_options: dict[str, object] | None = None
     threads: int | None = None
+    image_norm: str | None = None
+
+    def calibration(self, dep: DependencyGraph, samples: int | None) -> ArrayDataset:
+        """`samples` calibration images (seeded), a spec's fitted to the model's input and normalised as
+        `image_norm` says, else as the model records."""
+        assert self.calib is not None
+        image_norm = (
+            input_image_norm(dep.model, self.image_norm) if isinstance(self.calib, str) else self.image_norm
+        )
+        return load_calibration(self.calib, samples, self.seed, image_shape(dep.model), image_norm)
 
     def run(
         self,
@@ -145,11 +172,7 @@ class Scoring:
     ) -> tuple[dict[int, np.ndarray], Criterion]:
         """Per-group scores and the prepared criterion (for its summary)."""
         scorer = get_criterion(self.criterion, aggregate=self.aggregate, **(self.criterion_options or {}))
-        data = (
-            load_calibration(self.calib, self.calib_samples, self.seed, image_shape(dep.model))
-            if self.calib is not None
-            else None
-        )
+        data = self.calibration(dep, self.calib_samples) if self.calib is not None else None
         needed = scorer.required_statistics()
         if needed and data is not None and (activations is None or not needed <= activations.statistics):
             activations = collect_activations(dep, data, statistics=needed, threads=self.threads)
@@ -323,9 +346,12 @@ def plan_pruning(
     calib: ArrayDataset | str | None = None,
     calib_samples: int | None = None,
     criterion_options: dict[str, object] | None = None,
+    image_norm: str | None = None,
 ) -> np.ndarray:
     """Score channels and choose the removal mask for the options."""
-    scoring = Scoring(criterion, aggregate, seed, calib, calib_samples, criterion_options)
+    scoring = Scoring(
+        criterion, aggregate, seed, calib, calib_samples, criterion_options, image_norm=image_norm
+    )
     return _plan(dep, options, cost, scoring)[0]
 
 
@@ -445,12 +471,14 @@ def prune(
     latency: LatencySource | None = None,
     force: bool = False,
     input_shapes: InputShapes | None = None,
+    image_norm: str | None = None,
 ) -> PruneResult:
     """Prune a model by options (ratio, global ranking, MACs or latency target) or by replaying a saved
     plan, and prove the result equal to the masked reference unless `verify` is False.
 
     Criteria that read activations, gradients or a held-out split (mean_act, apoz, hrank, entropy,
-    act_var, taylor, blend) take their calibration data from `calib` (see score_channels); the
+    act_var, taylor, blend) take their calibration data from `calib`, normalised as `image_norm` says
+    (see score_channels; a fixed one given is recorded in the written model); the
     criterion's own report (the blend search's) comes back as `criterion_report`.  threads: onnxruntime
     intra-op threads of calibration and verification (default: onnxruntime's own choice).  A replayed
     plan made for another model file is refused (PlanError) unless `force`, which only logs a warning.
@@ -487,11 +515,13 @@ def prune(
     before = count_cost(dep.model, dep.shapes)
     criterion_report = None
     latency_model = _latency_model(dep, latency, sha) if latency is not None else None
+    scoring = Scoring(
+        criterion, aggregate, seed, calib, calib_samples, criterion_options, threads, image_norm
+    )
     if plan is not None:
         removed = plan.removed_mask(dep)
         settings = plan.settings
     else:
-        scoring = Scoring(criterion, aggregate, seed, calib, calib_samples, criterion_options, threads)
         feedback = latency.feedback if latency is not None else 0  # _plan times latency targets only
         removed, criterion_report = _plan(dep, options, before, scoring, latency_model, feedback)
         settings = {k: v for k, v in vars(options).items() if v not in (None, [], False)}
@@ -500,10 +530,12 @@ def prune(
     settings = {k: v for k, v in settings.items() if k != "recovery"}
     recovery = None
     if method != "none":
-        pruned, recovery = _recover(dep, removed, pruned, calib, method, calib_samples, seed, threads)
+        pruned, recovery = _recover(dep, removed, pruned, scoring, method)
         settings["recovery"] = recovery.as_dict()
     after = model_cost(pruned)
     restore_inputs(pruned, loaded.proto)
+    if image_norm not in (None, OWN_STATISTICS):
+        set_metadata(pruned, image_norm_metadata(image_norm))
     new_plan = PruningPlan.from_removed(
         dep,
         removed,
@@ -564,16 +596,15 @@ def _recover(
     dep: DependencyGraph,
     removed: np.ndarray,
     pruned: onnx.ModelProto,
-    calib: ArrayDataset | str,
+    scoring: Scoring,
     method: str,
-    calib_samples: int | None,
-    seed: int,
-    threads: int | None,
     ridge: float = RecoveryConfig.ridge,
 ) -> tuple[onnx.ModelProto, RecoveryReport]:
-    """Recover on `calib_samples` images and measure the result on RECOVERY_HOLDOUT others."""
+    """Recover on the scoring's calib_samples calibration images and measure the result on
+    RECOVERY_HOLDOUT others."""
+    calib_samples, seed, threads = scoring.calib_samples, scoring.seed, scoring.threads
     samples = None if calib_samples is None else calib_samples + RECOVERY_HOLDOUT
-    data = load_calibration(calib, samples, seed, image_shape(dep.model))
+    data = scoring.calibration(dep, samples)
     if len(data) < 2:
         raise CalibrationError(
             f"recovery needs at least 2 calibration images (one held out), got {len(data)}."
@@ -613,16 +644,19 @@ def recover(
     seed: int = 0,
     ridge: float = RecoveryConfig.ridge,
     threads: int | None = None,
+    image_norm: str | None = None,
 ) -> RecoveryResult:
     """Recover a model pruned from `original` by `plan` (surgery's output, not yet recovered): "bn"
     recalibrates BatchNorm and corrects biases, "lsq" re-fits the affected layers by least squares
-    (see graphprune.surgery.recover).  Fits on `calib_samples` images, measures on RECOVERY_HOLDOUT more."""
+    (see graphprune.surgery.recover).  Fits on `calib_samples` images (normalised as `image_norm` says),
+    measures on RECOVERY_HOLDOUT more."""
     check_recovery(method, calib)
     dep = analyze_model(original)
     removed = plan.removed_mask(dep)
-    model, report = _recover(
-        dep, removed, as_loaded(pruned).proto, calib, method, calib_samples, seed, threads, ridge
+    data = Scoring(
+        seed=seed, calib=calib, calib_samples=calib_samples, threads=threads, image_norm=image_norm
     )
+    model, report = _recover(dep, removed, as_loaded(pruned).proto, data, method, ridge)
     return RecoveryResult(model, report)
 
 

@@ -1,4 +1,6 @@
-"""Loading, cleaning and atomically saving ONNX models (external data included)."""
+"""Loading, cleaning and atomically saving ONNX models (external data included); the model-level
+properties (metadata_props, doc string, version) a rewritten model keeps, and the input normalisation
+graphprune records among them."""
 
 from __future__ import annotations
 
@@ -6,7 +8,7 @@ import hashlib
 import logging
 import os
 import tempfile
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,6 +30,9 @@ FLOAT_TYPES = frozenset(
 )
 # With external data, tensors of at least this many bytes leave the model file.
 EXTERNAL_MIN_BYTES = 1024
+# The metadata_props key under which a model records how its 8-bit inputs are normalised (MEAN/STD or
+# a preset of graphprune.data.image_norm): eval, prune, finetune and the recipes read their data so.
+IMAGE_NORM_KEY = "graphprune.image_norm"
 
 
 @dataclass
@@ -256,6 +261,35 @@ def _fold(node: onnx.NodeProto, values: dict[str, onnx.TensorProto]) -> onnx.Ten
     value = OPS[node.op_type].fold(inputs, attrs)
     # np.asarray, not np.ascontiguousarray: the latter turns a 0-d constant into shape [1]
     return None if value is None else numpy_helper.from_array(np.asarray(value), node.output[0])
+
+
+def set_metadata(model: onnx.ModelProto, entries: Mapping[str, str]) -> None:
+    """Set `entries` in the model's metadata_props (replacing those keys, keeping the others)."""
+    kept = [prop for prop in model.metadata_props if prop.key not in entries]
+    del model.metadata_props[:]
+    model.metadata_props.extend(kept)
+    for key, value in entries.items():
+        model.metadata_props.add(key=key, value=value)
+
+
+def keep_model_properties(model: onnx.ModelProto, source: onnx.ModelProto) -> None:
+    """Give a rewritten or re-exported model the source's metadata_props (class names, strides, the
+    image normalisation: what deployment code reads), doc string, domain and model version."""
+    set_metadata(model, {prop.key: prop.value for prop in source.metadata_props})
+    model.doc_string, model.domain = source.doc_string, source.domain
+    model.model_version = source.model_version
+
+
+def input_image_norm(model: onnx.ModelProto, given: str | None = None) -> str | None:
+    """How to normalise 8-bit data for `model`: as `given`, else as the model records (IMAGE_NORM_KEY),
+    else None (the data's own statistics, with a warning: graphprune.data.load_dataset)."""
+    recorded = (prop.value for prop in model.metadata_props if prop.key == IMAGE_NORM_KEY)
+    return given or next(recorded, None)
+
+
+def image_norm_metadata(applied: str | None) -> dict[str, str]:
+    """The metadata entry recording the normalisation a model's training data got (none for floats)."""
+    return {IMAGE_NORM_KEY: applied} if applied is not None else {}
 
 
 def save_model(model: onnx.ModelProto, path: str | os.PathLike[str], *, external_data: bool = False) -> Path:

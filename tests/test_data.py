@@ -355,3 +355,89 @@ def test_a_folder_too_big_for_memory_is_refused_before_decoding(tmp_path: Path, 
     with pytest.raises(DataError, match=r"more than the 0.0 GiB of memory available.*--limit"):
         load_dataset(str(tmp_path / "big"))
     assert len(load_dataset(str(tmp_path / "big"), limit=3)) == 3
+
+
+# Image normalisation (--image-norm) -------------------------------------------------------------------
+
+
+def _two_level_folder(root: Path) -> Path:
+    """RGB images of pixel (0, 128, 255) under train/ and of (255, 255, 255) under test/."""
+    _write_images(root / "train", {"a": [np.full((4, 4, 3), (0, 128, 255), dtype=np.uint8)] * 2})
+    _write_images(root / "test", {"a": [np.full((4, 4, 3), 255, dtype=np.uint8)]})
+    return root
+
+
+@pytest.mark.parametrize(
+    ("image_norm", "expected"),
+    [
+        ("imagenet", [(0 - 0.485) / 0.229, (128 / 255 - 0.456) / 0.224, (1 - 0.406) / 0.225]),
+        ("unit", [0.0, 128 / 255, 1.0]),
+        ("signed", [-1.0, 128 / 255 * 2 - 1, 1.0]),
+        ("pixels", [0.0, 128.0, 255.0]),
+        ("0.5/0.25", [-2.0, (128 / 255 - 0.5) / 0.25, 2.0]),
+        ("0.1,0.2,0.3/0.5,0.5,0.5", [-0.2, (128 / 255 - 0.2) / 0.5, 1.4]),
+    ],
+)
+def test_fixed_image_norms_are_applied_to_8_bit_images(tmp_path: Path, image_norm: str, expected) -> None:  # noqa: ANN001
+    ds = load_dataset(str(_two_level_folder(tmp_path / "set")), image_norm=image_norm)
+    np.testing.assert_allclose(ds.images[0, :, 0, 0], expected, rtol=1e-5, atol=1e-4)
+    assert ds.image_norm == image_norm  # what a trained model records
+
+
+def test_own_statistics_are_measured_on_the_training_split_and_reused_for_the_test_split(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    from graphprune.data import load_splits
+
+    root = tmp_path / "set"
+    _write_images(root / "train", {"a": [np.full((4, 4), v, dtype=np.uint8) for v in (50, 150)]})
+    _write_images(root / "test", {"a": [np.full((4, 4), 250, dtype=np.uint8)]})
+    train, test = load_splits(str(root), image_norm="data")
+    np.testing.assert_allclose(train.images[:, 0, 0, 0], [-1.0, 1.0], atol=1e-5)  # own mean 100, std 50
+    np.testing.assert_allclose(test.images[0, 0, 0, 0], 3.0, atol=1e-4)  # (250 - 100) / 50, not 0
+    assert train.image_norm == test.image_norm == f"{100 / 255:.6g}/{50 / 255:.6g}"
+    assert not caplog.records  # "data" given: no warning
+    load_dataset(str(root))  # not given: the data's own statistics, said once
+    load_dataset(str(root), limit=1)
+    assert [r.getMessage().split(":")[0] for r in caplog.records] == [str(root)]
+    assert "--image-norm" in caplog.records[0].getMessage()
+
+
+def test_float_images_are_taken_as_normalised_whatever_the_image_norm(tmp_path: Path) -> None:
+    original = load_dataset("synthetic:8")
+    np.savez(tmp_path / "floats.npz", images=original.images, labels=original.labels)
+    for spec in (str(tmp_path / "floats.npz"), "synthetic:8"):
+        loaded = load_dataset(spec, image_norm="imagenet")
+        assert np.array_equal(loaded.images, original.images) and loaded.image_norm is None
+
+
+@pytest.mark.skipif(not _fashion_installed(), reason="dataset-fashion-mnist is not installed")
+def test_fashion_mnist_is_normalised_with_its_published_statistics_unless_told() -> None:
+    published = load_dataset("fashion-mnist", "test", limit=20)
+    assert published.image_norm == f"{sources.FASHION_MNIST_MEAN}/{sources.FASHION_MNIST_STD}"
+    assert np.array_equal(
+        load_dataset("fashion-mnist", "test", limit=20, image_norm="data").images, published.images
+    )
+    unit = load_dataset("fashion-mnist", "test", limit=20, image_norm="unit").images
+    np.testing.assert_allclose(
+        unit, published.images * sources.FASHION_MNIST_STD + sources.FASHION_MNIST_MEAN, atol=1e-5
+    )
+
+
+def test_bad_image_norms_are_one_line_data_errors(tmp_path: Path) -> None:
+    from graphprune.data.image_norm import parse_normalization
+
+    for text in ("imagenette", "0.5", "0.5/0", "a/b", "0.5/-1", "nan/1", "/0.5"):
+        with pytest.raises(DataError, match="neither"):
+            parse_normalization(text)
+    root = _two_level_folder(tmp_path / "set")
+    with pytest.raises(DataError, match="2 mean.*3 channel"):
+        load_dataset(str(root), image_norm="0.1,0.2/0.3,0.4")
+    np.savez(tmp_path / "wide.npz", x=np.full((2, 1, 4, 4), 1000, dtype=np.int32), y=np.array([0, 1]))
+    with pytest.raises(DataError, match="from 1000 to 1000.*8-bit"):
+        load_dataset(str(tmp_path / "wide.npz"), image_norm="unit")
+    assert (
+        load_dataset(str(tmp_path / "wide.npz"), image_norm="data").image_norm is not None
+    )  # own stats: any range
+    with pytest.raises(DataError, match="already normalised"):
+        sources.load_calibration(load_dataset("synthetic:8"), image_norm="unit")

@@ -236,6 +236,29 @@ def test_label_free_calibration_data_is_accepted_where_no_label_is_needed(tmp_pa
             load_dataset(str(source))
 
 
+def test_pruning_keeps_the_models_metadata_and_records_the_image_norm_given(tmp_path: Path) -> None:
+    """Deployment code reads metadata_props (class names, strides); the pruned model keeps them, its
+    doc string and version, and records a fixed image normalisation it was calibrated with, which
+    the next calibration of it then uses."""
+    from graphprune.api import Scoring, analyze_model
+    from graphprune.model_io import IMAGE_NORM_KEY, set_metadata
+
+    model = residual(channels=3)
+    set_metadata(model, {"names": "{0: 'cat', 1: 'dog'}", "stride": "32"})
+    model.doc_string, model.model_version = "a residual toy", 7
+    plain = prune(model, PlanOptions(ratio=0.5)).model
+    assert {p.key: p.value for p in plain.metadata_props} == {"names": "{0: 'cat', 1: 'dog'}", "stride": "32"}
+    assert (plain.doc_string, plain.model_version) == ("a residual toy", 7)
+    folder = label_free_sources(tmp_path)["flat"]
+    options = PlanOptions(ratio=0.5)
+    calibrated = prune(model, options, criterion="mean_act", calib=str(folder), image_norm="imagenet").model
+    assert {p.key: p.value for p in calibrated.metadata_props}[IMAGE_NORM_KEY] == "imagenet"
+    assert Scoring(calib=str(folder)).calibration(analyze_model(calibrated), 4).image_norm == "imagenet"
+    assert Scoring(calib=str(folder)).calibration(analyze_model(plain), 4).image_norm != "imagenet"
+    data = prune(model, options, criterion="mean_act", calib=str(folder), image_norm="data").model
+    assert IMAGE_NORM_KEY not in {p.key for p in data.metadata_props}  # the calibration set's own: no record
+
+
 def dynamic_hw(model: onnx.ModelProto) -> onnx.ModelProto:
     """The model with symbolic height and width on its input and output, as exported with dynamic axes."""
     dynamic = onnx.ModelProto()
@@ -563,3 +586,20 @@ def test_every_command_that_reports_numbers_can_print_them_as_json() -> None:
         and "--json" not in {flag for action in command._actions for flag in action.option_strings}
     ]
     assert missing == []
+
+
+def test_every_command_that_reads_images_for_a_model_takes_image_norm() -> None:
+    """A model trained with fixed statistics (ImageNet's) is misjudged on data standardised with its own:
+    every command reading --data or --calib can be told how (the built-in demo excepted)."""
+    import argparse
+
+    from graphprune.cli.main import build_parser
+
+    parser = build_parser()
+    commands = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices
+    flags = {
+        name: {f for a in command._actions for f in a.option_strings} for name, command in commands.items()
+    }
+    readers = {name for name, given in flags.items() if given & {"--data", "--calib"} and name != "demo"}
+    assert {"eval", "finetune", "train", "prune", "criteria", "slim", "gate-decorator"} <= readers
+    assert [name for name in sorted(readers) if "--image-norm" not in flags[name]] == []

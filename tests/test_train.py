@@ -377,3 +377,81 @@ def test_resume_refuses_a_checkpoint_of_another_model(tmp_path: Path, train_set:
             _config(epochs=1, checkpoint_dir=tmp_path, resume=True, model_sha256="b" * 64),
         )
     assert "\n" not in str(caught.value)
+
+
+def _brightness_classifier(path: Path, image_norm: str | None) -> None:
+    """A 1x4x4 classifier whose logits are (mean, -mean) of its input: class 0 above zero, so what it
+    predicts depends on how the images were normalised; records `image_norm` when given."""
+    import numpy as np
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    from graphprune.model_io import image_norm_metadata, save_model, set_metadata
+
+    nodes = [
+        helper.make_node("ReduceMean", ["x"], ["m"], axes=[2, 3], keepdims=0),
+        helper.make_node("Mul", ["m", "signs"], ["logits"]),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "brightness",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 1, 4, 4])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", 2])],
+        [numpy_helper.from_array(np.array([[1.0], [-1.0]], np.float32).T, "signs")],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    set_metadata(model, image_norm_metadata(image_norm))
+    onnx.checker.check_model(model)
+    save_model(model, path)
+
+
+def test_eval_normalises_a_folder_as_the_model_records(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Bright images are class a, dark ones class b: standardised with their own statistics the
+    classifier gets them all right; with the recorded 0.9/0.1 (as trained) every image reads dark."""
+    import numpy as np
+    from PIL import Image
+
+    for label, level in (("a", 200), ("b", 50)):
+        (tmp_path / "set" / label).mkdir(parents=True)
+        for index in range(3):
+            Image.fromarray(np.full((4, 4), level, np.uint8)).save(tmp_path / "set" / label / f"{index}.png")
+    plain, recorded = tmp_path / "plain.onnx", tmp_path / "recorded.onnx"
+    _brightness_classifier(plain, None)
+    _brightness_classifier(recorded, "0.9/0.1")
+
+    def accuracy(model: Path, *flags: str) -> float:
+        capsys.readouterr()
+        assert _cli("eval", str(model), "--data", str(tmp_path / "set"), "--json", *flags) == 0
+        return json.loads(capsys.readouterr().out)["accuracy"]
+
+    assert accuracy(plain) == 1.0
+    assert accuracy(recorded) == 0.5
+    assert accuracy(recorded, "--image-norm", "data") == 1.0  # what is given wins over the record
+    assert accuracy(plain, "--image-norm", "0.9/0.1") == 0.5
+
+
+def test_train_and_finetune_record_the_normalisation_and_keep_the_models_metadata(tmp_path: Path) -> None:
+    import numpy as np
+    import onnx
+
+    from graphprune.api import prune
+    from graphprune.model_io import IMAGE_NORM_KEY, input_image_norm, set_metadata
+
+    rng = np.random.default_rng(0)
+    data = tmp_path / "pixels.npz"
+    np.savez(data, x=rng.integers(0, 128, size=(32, 1, 28, 28), dtype=np.uint8), y=np.arange(32) % 4)
+    base, tuned = tmp_path / "base.onnx", tmp_path / "tuned.onnx"
+    flags = ("--data", str(data), "--batch-size", "32", "--epochs", "1")
+    assert _cli("train", "--model", "resnet20", "-o", str(base), *flags) == 0
+    trained_with = input_image_norm(onnx.load(base))
+    assert trained_with is not None and float(trained_with.split("/")[0]) == pytest.approx(
+        63.5 / 255, abs=0.01
+    )
+    pruned = prune(base).model
+    set_metadata(pruned, {"names": "{0: 'cat'}"})  # what an exporter such as ultralytics writes
+    onnx.save(pruned, tmp_path / "pruned.onnx")
+    assert _cli("finetune", str(tmp_path / "pruned.onnx"), "-o", str(tuned), *flags) == 0
+    metadata = {p.key: p.value for p in onnx.load(tuned).metadata_props}
+    assert metadata == {"names": "{0: 'cat'}", IMAGE_NORM_KEY: trained_with}

@@ -24,6 +24,7 @@ from pathlib import Path
 import torch
 
 from graphprune.data import load_dataset
+from graphprune.model_io import image_norm_metadata
 from graphprune.onnxutil import atomic_write
 from graphprune.runtime.evaluate import evaluate_onnx
 from graphprune.torch_bridge.train import TrainConfig, export_trained, fit
@@ -73,7 +74,7 @@ def main() -> None:
         device=args.device,
     )
     history = fit(module, train, None, config)
-    export_trained(module, args.out, train.sample_shape)
+    export_trained(module, args.out, train.sample_shape, image_norm_metadata(train.image_norm))
     accuracy = evaluate_onnx(args.out, test)
     record = {
         "model": args.model,

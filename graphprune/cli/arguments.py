@@ -70,6 +70,31 @@ def add_input_shape_argument(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def parse_image_norm(text: str) -> str:
+    """A --image-norm value, checked (graphprune.data.image_norm) so a typo fails as a usage error."""
+    from graphprune.data.image_norm import parse_normalization
+    from graphprune.errors import DataError
+
+    try:
+        parse_normalization(text)
+    except DataError as exc:
+        raise argparse.ArgumentTypeError(str(exc).removeprefix("--image-norm ")) from exc
+    return text
+
+
+def add_image_norm_argument(parser: argparse.ArgumentParser) -> None:
+    """--image-norm: how 8-bit images (image folders, uint8 .npz) become model inputs."""
+    parser.add_argument(
+        "--image-norm",
+        type=parse_image_norm,
+        metavar="data|imagenet|unit|signed|pixels|MEAN/STD",
+        help="how 8-bit images become inputs, as the model was trained (default: as the model records, "
+        "else data): data (each channel standardised with the data's own mean and std), imagenet (torchvision's pretrained models), unit "
+        "(pixels/255), signed ([-1,1]), pixels (0..255), or MEAN/STD on the 0..1 scale, one value or "
+        "one per channel (0.5/0.25, 0.485,0.456,0.406/0.229,0.224,0.225)",
+    )
+
+
 def add_json_argument(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", action="store_true", help="the results as one JSON object on stdout")
 
@@ -91,6 +116,7 @@ def add_calibration_arguments(parser: argparse.ArgumentParser) -> None:
         "--calib", help="calibration data for activation/taylor/blend criteria (dataset spec)"
     )
     parser.add_argument("--calib-samples", type=int, default=1024, help="calibration images drawn (seeded)")
+    add_image_norm_argument(parser)
     parser.add_argument(
         "--recover",
         choices=("none", "bn", "lsq"),
@@ -123,6 +149,7 @@ def calibration_kwargs(args: argparse.Namespace) -> dict[str, Any]:
         "calib": args.calib,
         "calib_samples": args.calib_samples,
         "recover": args.recover,
+        "image_norm": args.image_norm,
     }
     if args.criterion == "blend":
         from graphprune.search.blend import DEFAULT_POOL, BlendConfig

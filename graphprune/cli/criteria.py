@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from graphprune.cli.arguments import POOL_HELP, add_alias, add_json_argument
+from graphprune.cli.arguments import POOL_HELP, add_alias, add_image_norm_argument, add_json_argument
 
 if TYPE_CHECKING:
     from rich.table import Table
@@ -40,6 +40,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--calib-samples", type=int, default=512, help="calibration images drawn (seeded)")
     add_alias(p, "--samples", "--calib-samples", type=int)
+    add_image_norm_argument(p)
     p.add_argument("--criteria", default=",".join(DEFAULT_POOL), help=POOL_HELP)
     p.add_argument(
         "--aggregate", default="sum", choices=("sum", "mean", "max"), help="group score from members"
@@ -55,6 +56,7 @@ def cmd_criteria(args: argparse.Namespace) -> int:
     from graphprune.api import analyze_model, torch_gate_gradients
     from graphprune.cli.console import out, stage
     from graphprune.data import load_calibration
+    from graphprune.model_io import input_image_norm
     from graphprune.report.tables import render
     from graphprune.runtime.shapes import image_shape
     from graphprune.search.blend.clustering import cluster_layers, mean_similarity
@@ -63,7 +65,13 @@ def cmd_criteria(args: argparse.Namespace) -> int:
     names = [name.strip() for name in args.criteria.split(",") if name.strip()]
     with stage("analysis"):
         dep = analyze_model(args.model)
-    data = load_calibration(args.calib, args.calib_samples, args.seed, image_shape(dep.model))
+    data = load_calibration(
+        args.calib,
+        args.calib_samples,
+        args.seed,
+        image_shape(dep.model),
+        input_image_norm(dep.model, args.image_norm),
+    )
     inputs = pool_inputs(dep, data, names, seed=args.seed, gate_gradients=torch_gate_gradients)
     with stage("criteria"):
         pool = score_pool(inputs, names, args.aggregate)

@@ -11,7 +11,12 @@ import argparse
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from graphprune.cli.arguments import add_json_argument, distillation_arguments, teacher
+from graphprune.cli.arguments import (
+    add_image_norm_argument,
+    add_json_argument,
+    distillation_arguments,
+    teacher,
+)
 from graphprune.errors import GraphPruneError
 
 if TYPE_CHECKING:
@@ -25,6 +30,7 @@ def _common(p: argparse.ArgumentParser) -> None:
     source.add_argument("--model", help="zoo model trained from scratch (resnet20, vgg16_bn, ...)")
     source.add_argument("--onnx", help="start from this ONNX model (BN kept), made trainable")
     p.add_argument("--data", default="fashion-mnist", help="fashion-mnist, synthetic[:N], a .npz or a folder")
+    add_image_norm_argument(p)
     p.add_argument("--train-limit", type=int, help="use a seeded subset of this many training samples")
     p.add_argument("--val-limit", type=int, help="use a seeded subset of this many test samples")
     p.add_argument("-o", "--output", required=True, help="where the pruned, fine-tuned ONNX model goes")
@@ -51,7 +57,9 @@ def _start(args: argparse.Namespace) -> Start:
 
     if args.onnx and Path(args.onnx).resolve() == Path(args.output).resolve():
         raise GraphPruneError("the output path is the input model; graphprune never overwrites its input.")
-    return Start(args.model, args.onnx, args.data, args.train_limit, args.val_limit, args.seed)
+    return Start(
+        args.model, args.onnx, args.data, args.train_limit, args.val_limit, args.seed, args.image_norm
+    )
 
 
 def _train(args: argparse.Namespace) -> TrainConfig:

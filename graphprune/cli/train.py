@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING
 
 from graphprune.cli.arguments import (
     add_alias,
+    add_image_norm_argument,
     add_json_argument,
     distillation_arguments,
     set_threads,
@@ -27,6 +28,8 @@ from graphprune.cli.arguments import (
 from graphprune.errors import GraphPruneError
 
 if TYPE_CHECKING:
+    from collections.abc import Mapping
+
     from torch import nn
 
     from graphprune.data import ArrayDataset
@@ -59,6 +62,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--data", required=True, help="fashion-mnist, synthetic[:N], FILE.npz or an image folder")
     p.add_argument("--split", default="test", choices=("train", "test"), help="which split to evaluate")
     p.add_argument("--limit", type=int, default=None, help="evaluate a seeded subset of N samples")
+    add_image_norm_argument(p)
     p.add_argument("--batch-size", type=int, default=256, help="images per onnxruntime run")
     p.add_argument(
         "--threads", type=int, default=None, help="onnxruntime intra-op threads (default: its own)"
@@ -74,6 +78,7 @@ def _training_arguments(p: argparse.ArgumentParser, *, epochs: int, lr: float, s
     """Options shared by train and finetune (defaults: ANCHORS.md's recipe)."""
     add_json_argument(p)
     p.add_argument("--data", required=True, help="fashion-mnist, synthetic[:N], FILE.npz or an image folder")
+    add_image_norm_argument(p)
     p.add_argument("--epochs", type=int, default=epochs, help="passes over the training set")
     p.add_argument("--batch-size", type=int, default=128, help="per process under torchrun")
     p.add_argument("--lr", type=float, default=lr, help="peak (one-cycle) or initial (cosine) learning rate")
@@ -134,14 +139,20 @@ def _config(args: argparse.Namespace, model_sha256: str | None = None) -> TrainC
 
 
 def _datasets(
-    args: argparse.Namespace, shape: tuple[int, int, int] | None = None
+    args: argparse.Namespace, shape: tuple[int, int, int] | None = None, image_norm: str | None = None
 ) -> tuple[ArrayDataset, ArrayDataset]:
-    """(train split, test split) of --data, each optionally limited; a folder's images fitted to `shape`."""
-    from graphprune.data import load_dataset
+    """(train split, test split) of --data, each optionally limited; a folder's images fitted to `shape`
+    and normalised as `image_norm` says (see graphprune.data.load_splits)."""
+    from graphprune.data import load_splits
 
-    train = load_dataset(args.data, "train", limit=args.train_limit, seed=args.seed, shape=shape)
-    test = load_dataset(args.data, "test", limit=args.val_limit, seed=args.seed, shape=shape)
-    return train, test
+    return load_splits(
+        args.data,
+        train_limit=args.train_limit,
+        test_limit=args.val_limit,
+        seed=args.seed,
+        shape=shape,
+        image_norm=image_norm,
+    )
 
 
 def _check_output(args: argparse.Namespace, model: str | None = None) -> None:
@@ -158,9 +169,12 @@ def _train_and_export(
     test: ArrayDataset,
     args: argparse.Namespace,
     model_sha256: str | None = None,
+    metadata: Mapping[str, str] | None = None,
 ) -> float | None:
-    """Fit with per-epoch lines, then (rank 0) export to OUT and return its test accuracy via ORT."""
+    """Fit with per-epoch lines, then (rank 0) export to OUT (`metadata` and the normalisation of the
+    training images in its metadata_props) and return its test accuracy via ORT."""
     from graphprune.cli.console import stage
+    from graphprune.model_io import image_norm_metadata
     from graphprune.runtime.evaluate import evaluate_onnx
     from graphprune.torch_bridge.train import dist_info, export_trained, fit
 
@@ -168,7 +182,8 @@ def _train_and_export(
     if not dist_info().is_main:
         return None
     with stage("export"):
-        export_trained(module, args.output, train.sample_shape)
+        metadata = {**(metadata or {}), **image_norm_metadata(train.image_norm)}
+        export_trained(module, args.output, train.sample_shape, metadata)
     with stage("evaluate"):
         return evaluate_onnx(args.output, test)
 
@@ -195,11 +210,12 @@ def cmd_train(args: argparse.Namespace) -> int:
     import torch
 
     from graphprune.cli.console import out, print_results
+    from graphprune.data.image_norm import OWN_STATISTICS
     from graphprune.zoo import build
 
     _check_output(args)
     set_threads(args)
-    train, test = _datasets(args)
+    train, test = _datasets(args, image_norm=args.image_norm or OWN_STATISTICS)  # recorded in the model
     torch.manual_seed(args.seed)
     module = build(args.model, in_channels=train.sample_shape[0], num_classes=train.num_classes)
     accuracy = _train_and_export(module, train, test, args)
@@ -216,7 +232,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 def cmd_finetune(args: argparse.Namespace) -> int:
     from graphprune.cli.console import console, out, print_results, stage
-    from graphprune.model_io import load_model, model_sha256
+    from graphprune.model_io import input_image_norm, load_model, model_sha256
     from graphprune.runtime.evaluate import evaluate_onnx
     from graphprune.runtime.shapes import image_shape
     from graphprune.torch_bridge.foldback import apply_to_module, onnx_to_module, verify_foldback
@@ -227,7 +243,7 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     set_threads(args)
     main = dist_info().is_main
     loaded = load_model(args.model)
-    train, test = _datasets(args, image_shape(loaded.proto))
+    train, test = _datasets(args, image_shape(loaded.proto), input_image_norm(loaded.proto, args.image_norm))
     with stage("fold-back") if main else contextlib.nullcontext():
         if args.module:
             module = apply_to_module(build(args.module), loaded.proto)
@@ -237,7 +253,8 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     before = evaluate_onnx(loaded.proto, test) if main else None
     if main:
         console.print(f"fold-back  equal to {Path(args.model).name}: max rel err {error:.2g}")
-    after = _train_and_export(module, train, test, args, model_sha256(args.model))
+    metadata = {prop.key: prop.value for prop in loaded.proto.metadata_props}
+    after = _train_and_export(module, train, test, args, model_sha256(args.model), metadata)
     if before is not None and after is not None:
         numbers = {"foldback_max_rel_error": error, "accuracy_before": before, "accuracy_after": after}
         print_results(
@@ -253,12 +270,15 @@ def cmd_finetune(args: argparse.Namespace) -> int:
 def cmd_eval(args: argparse.Namespace) -> int:
     from graphprune.cli.console import out, print_results, stage
     from graphprune.data import load_dataset
-    from graphprune.model_io import load_model
+    from graphprune.model_io import input_image_norm, load_model
     from graphprune.runtime.evaluate import evaluate_onnx
     from graphprune.runtime.shapes import image_shape
 
     model = load_model(args.model).proto
-    data = load_dataset(args.data, args.split, limit=args.limit, shape=image_shape(model))
+    image_norm = input_image_norm(model, args.image_norm)
+    data = load_dataset(
+        args.data, args.split, limit=args.limit, shape=image_shape(model), image_norm=image_norm
+    )
     with stage("evaluate"):
         accuracy = evaluate_onnx(model, data, args.batch_size, provider=args.provider, threads=args.threads)
     correct = round(accuracy * len(data))

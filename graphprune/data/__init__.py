@@ -7,7 +7,13 @@ from __future__ import annotations
 
 from graphprune.data.dataset import ArrayDataset
 from graphprune.data.loader import torch_loader
-from graphprune.data.sources import FASHION_MNIST_MEAN, FASHION_MNIST_STD, load_calibration, load_dataset
+from graphprune.data.sources import (
+    FASHION_MNIST_MEAN,
+    FASHION_MNIST_STD,
+    load_calibration,
+    load_dataset,
+    load_splits,
+)
 
 __all__ = [
     "FASHION_MNIST_MEAN",
@@ -15,5 +21,6 @@ __all__ = [
     "ArrayDataset",
     "load_calibration",
     "load_dataset",
+    "load_splits",
     "torch_loader",
 ]

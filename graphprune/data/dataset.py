@@ -22,12 +22,15 @@ def seeded_indices(total: int, count: int | None, seed: int) -> np.ndarray | Non
 @dataclass
 class ArrayDataset:
     """Normalised float32 images [N,C,H,W] with int64 labels [N] in 0..num_classes-1; a label-free set
-    (calibration images only) has num_classes 0 and every label -1 (see `unlabelled`)."""
+    (calibration images only) has num_classes 0 and every label -1 (see `unlabelled`).  `image_norm`
+    is the MEAN/STD its 8-bit images were normalised with (graphprune.data.image_norm), None for images
+    that came as floats."""
 
     images: np.ndarray
     labels: np.ndarray
     num_classes: int
     name: str
+    image_norm: str | None = None
 
     def __post_init__(self) -> None:
         self.images = np.ascontiguousarray(self.images, dtype=np.float32)
@@ -49,9 +52,9 @@ class ArrayDataset:
             )
 
     @classmethod
-    def unlabelled(cls, images: np.ndarray, name: str) -> ArrayDataset:
+    def unlabelled(cls, images: np.ndarray, name: str, image_norm: str | None = None) -> ArrayDataset:
         """Images without labels: enough for label-free criteria and recovery."""
-        return cls(images, np.full(len(images), -1), 0, name)
+        return cls(images, np.full(len(images), -1), 0, name, image_norm)
 
     @property
     def labelled(self) -> bool:
@@ -90,7 +93,9 @@ class ArrayDataset:
 
     def subset(self, indices: np.ndarray) -> ArrayDataset:
         """A new dataset holding the samples at `indices` (copied)."""
-        return ArrayDataset(self.images[indices], self.labels[indices], self.num_classes, self.name)
+        return ArrayDataset(
+            self.images[indices], self.labels[indices], self.num_classes, self.name, self.image_norm
+        )
 
     def sample(self, count: int | None, seed: int = 0) -> ArrayDataset:
         """A seeded random subset of `count` samples kept in their original order (the whole set when

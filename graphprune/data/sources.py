@@ -1,14 +1,16 @@
 """Dataset sources: Fashion-MNIST from the Debian package, .npz files, image folders, synthetic patterns.
 
 Every source returns an ArrayDataset of normalised float32 images. Integer images (npz, image files)
-are standardised per channel with their own mean and std; float images in an npz are taken as
-already normalised. Fashion-MNIST uses its published mean 0.2860 and std 0.3530.
+are standardised per channel with their own mean and std, or with the fixed values `image_norm` names
+(graphprune.data.image_norm); float images in an npz, and synthetic ones, are taken as already
+normalised. Fashion-MNIST's own statistics are its published mean 0.2860 and std 0.3530.
 """
 
 from __future__ import annotations
 
 import functools
 import gzip
+import logging
 import subprocess
 from collections import Counter
 from pathlib import Path
@@ -17,10 +19,13 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from graphprune.data.dataset import ArrayDataset, seeded_indices
+from graphprune.data.image_norm import OWN, OWN_STATISTICS, Normalization, fixed, parse_normalization
 from graphprune.errors import DataError
 
 if TYPE_CHECKING:
     from PIL import Image
+
+log = logging.getLogger(__name__)
 
 SPLITS = ("train", "test")
 FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
@@ -47,6 +52,7 @@ def load_dataset(
     seed: int = 0,
     labels: bool = True,
     shape: tuple[int, int, int] | None = None,
+    image_norm: str | None = None,
 ) -> ArrayDataset:
     """Load "fashion-mnist", "synthetic[:N]", an .npz file or an image-folder tree as an ArrayDataset.
 
@@ -54,35 +60,78 @@ def load_dataset(
     seeds the synthetic generator.  With `labels` False, images without labels are accepted too (an
     .npz holding images only, a flat folder of images) and come back unlabelled.  `shape` (channels,
     height, width: the model's input) converts a folder's images to 1 or 3 channels and fits them to its
-    size (see fit_image); arrays are taken as they are.
+    size (see fit_image); arrays are taken as they are.  `image_norm` says how 8-bit images become
+    inputs ("data", a preset or MEAN/STD: see graphprune.data.image_norm); None is "data" with a
+    warning where 8-bit images get their own statistics (a model trained with fixed ones wants those).
     """
     if split not in SPLITS:
         raise DataError(f"Unknown split '{split}'; use one of {', '.join(SPLITS)}.")
     if limit is not None and limit < 1:
         raise DataError(f"Dataset limit must be at least 1, got {limit}; pass a positive limit or none.")
+    normalization = parse_normalization(image_norm or OWN_STATISTICS)
     if spec == "fashion-mnist":
-        dataset = load_fashion_mnist(split)
+        dataset = load_fashion_mnist(split, normalization)
     elif spec == "synthetic" or spec.startswith("synthetic:"):
+        _taken_as_normalised(normalization, "synthetic images")
         dataset = synthetic(_synthetic_count(spec, split), split=split, seed=seed)
     else:
         path = Path(spec)
         if path.is_dir():
-            return load_image_folder(path, split, limit=limit, seed=seed, labels=labels, shape=shape)
-        if path.suffix == ".npz" and path.is_file():
-            dataset = load_npz(path, split, labels=labels)
+            dataset = load_image_folder(
+                path, split, limit=limit, seed=seed, labels=labels, shape=shape, normalization=normalization
+            )
+        elif path.suffix == ".npz" and path.is_file():
+            dataset = load_npz(path, split, labels=labels, normalization=normalization).sample(limit, seed)
         else:
             raise DataError(
                 f"Dataset '{spec}' is neither 'fashion-mnist', 'synthetic[:N]', an existing .npz file nor a "
                 "folder of class sub-folders; check the spelling or the path."
             )
+        if image_norm is None and dataset.image_norm is not None:
+            _warn_own_statistics(spec, dataset.image_norm)
+        return dataset
     return dataset.sample(limit, seed)
+
+
+def load_splits(
+    spec: str,
+    *,
+    train_limit: int | None = None,
+    test_limit: int | None = None,
+    seed: int = 0,
+    shape: tuple[int, int, int] | None = None,
+    image_norm: str | None = None,
+) -> tuple[ArrayDataset, ArrayDataset]:
+    """(train, test) splits of a dataset spec (see load_dataset), each optionally limited to a seeded
+    subset; the test split's 8-bit images are normalised exactly as the training split's were (with
+    the training split's statistics where those are used)."""
+    train = load_dataset(spec, "train", limit=train_limit, seed=seed, shape=shape, image_norm=image_norm)
+    test_norm = train.image_norm or image_norm
+    return train, load_dataset(spec, "test", limit=test_limit, seed=seed, shape=shape, image_norm=test_norm)
+
+
+_WARNED_OWN_STATISTICS: set[str] = set()
+
+
+def _warn_own_statistics(spec: str, applied: str) -> None:
+    """Say once per dataset spec that its 8-bit images were standardised with their own statistics."""
+    if spec in _WARNED_OWN_STATISTICS:
+        return
+    _WARNED_OWN_STATISTICS.add(spec)
+    log.warning(
+        "%s: 8-bit images standardised with their own mean/std (%s); if the model was trained with fixed "
+        "ones, give them: --image-norm imagenet (torchvision's), unit, signed, pixels or MEAN/STD",
+        spec,
+        applied,
+    )
 
 
 # Fashion-MNIST ---------------------------------------------------------------------------------------
 
 
-def load_fashion_mnist(split: str = "train") -> ArrayDataset:
-    """Fashion-MNIST (60000 train / 10000 test, 1x28x28, 10 classes) from the Debian package files."""
+def load_fashion_mnist(split: str = "train", normalization: Normalization = OWN) -> ArrayDataset:
+    """Fashion-MNIST (60000 train / 10000 test, 1x28x28, 10 classes) from the Debian package files,
+    normalised with its published statistics unless `normalization` fixes others."""
     folder = fashion_mnist_dir()
     prefix = FASHION_MNIST_PREFIX[split]
     images = read_idx(folder / f"{prefix}-images-idx3-ubyte.gz")
@@ -91,8 +140,10 @@ def load_fashion_mnist(split: str = "train") -> ArrayDataset:
         raise DataError(
             f"Fashion-MNIST files in {folder} have shapes {images.shape} and {labels.shape}; reinstall them."
         )
-    normalised = (images[:, None].astype(np.float32) / 255.0 - FASHION_MNIST_MEAN) / FASHION_MNIST_STD
-    return ArrayDataset(normalised, labels, 10, "fashion-mnist")
+    if normalization.own:
+        normalization = fixed(FASHION_MNIST_MEAN, FASHION_MNIST_STD)
+    normalised, applied = normalization.apply(images[:, None], "fashion-mnist")
+    return ArrayDataset(normalised, labels, 10, "fashion-mnist", applied)
 
 
 def fashion_mnist_dir() -> Path:
@@ -192,7 +243,9 @@ def synthetic(count: int, *, split: str = "train", seed: int = 0) -> ArrayDatase
 # Files ------------------------------------------------------------------------------------------------
 
 
-def load_npz(path: Path, split: str = "train", *, labels: bool = True) -> ArrayDataset:
+def load_npz(
+    path: Path, split: str = "train", *, labels: bool = True, normalization: Normalization = OWN
+) -> ArrayDataset:
     """Arrays from an .npz: x_<split>/y_<split> if present, else x or images with y or labels.  With
     `labels` False the labels may be missing, and an archive holding one array under any other key (the
     model's input name, say) is taken as images.
@@ -209,16 +262,19 @@ def load_npz(path: Path, split: str = "train", *, labels: bool = True) -> ArrayD
     if not labels and len(arrays) == 1:
         image_keys += tuple(arrays)
     images = _to_nchw(_first(arrays, image_keys, path), path)
+    applied = None
     if np.issubdtype(images.dtype, np.integer):
-        images = _standardise(images)
+        images, applied = normalization.apply(images, str(path))
+    else:
+        _taken_as_normalised(normalization, f"{path}'s float images")
     if not labels and not arrays.keys() & set(label_keys):
-        return ArrayDataset.unlabelled(images, path.stem)
+        return ArrayDataset.unlabelled(images, path.stem, applied)
     targets = _first(arrays, label_keys, path)
     if not np.issubdtype(targets.dtype, np.integer) or targets.ndim != 1 or len(targets) == 0:
         raise DataError(
             f"Labels in {path} must be a non-empty 1-D integer array, got {targets.dtype} {targets.shape}."
         )
-    return ArrayDataset(images, targets, int(targets.max()) + 1, path.stem)
+    return ArrayDataset(images, targets, int(targets.max()) + 1, path.stem, applied)
 
 
 def _first(arrays: dict[str, np.ndarray], keys: tuple[str, ...], path: Path) -> np.ndarray:
@@ -242,12 +298,11 @@ def _to_nchw(images: np.ndarray, path: Path) -> np.ndarray:
     )
 
 
-def _standardise(images: np.ndarray) -> np.ndarray:
-    """Integer [N,C,H,W] images as float32 standardised per channel with their own mean and std."""
-    values = images.astype(np.float32)
-    mean = values.mean(axis=(0, 2, 3), keepdims=True)
-    std = values.std(axis=(0, 2, 3), keepdims=True)
-    return (values - mean) / np.where(std > 0, std, 1.0)
+def _taken_as_normalised(normalization: Normalization, what: str) -> None:
+    """Say (at info level) that a fixed normalisation leaves float images as they are: a model's
+    recorded normalisation applies to 8-bit data only, and float arrays come normalised."""
+    if not normalization.own:
+        log.info("%s are floats, taken as normalised: image norm %s not applied", what, normalization.text)
 
 
 def load_image_folder(
@@ -258,6 +313,7 @@ def load_image_folder(
     seed: int = 0,
     labels: bool = True,
     shape: tuple[int, int, int] | None = None,
+    normalization: Normalization = OWN,
 ) -> ArrayDataset:
     """Images under root/<class>/ (or root/<split>/<class>/ when that exists), one label per sub-folder;
     with `labels` False, a flat folder of images is read unlabelled.
@@ -309,10 +365,11 @@ def load_image_folder(
         raise DataError(f"Cannot read an image under {root} ({exc}); remove or fix the file.") from exc
     stacked = np.stack(pixels)
     images = stacked[:, None] if gray else stacked.transpose(0, 3, 1, 2)
+    normalised, applied = normalization.apply(images, f"folder {root}")
     if flat:
-        return ArrayDataset.unlabelled(_standardise(images), name)
+        return ArrayDataset.unlabelled(normalised, name, applied)
     targets = np.array([label for _, label in files])
-    return ArrayDataset(_standardise(images), targets, len(classes), name)
+    return ArrayDataset(normalised, targets, len(classes), name, applied)
 
 
 # Bytes per image element while a folder is decoded and standardised: the uint8 pixels and three
@@ -371,9 +428,17 @@ def load_calibration(
     samples: int | None = None,
     seed: int = 0,
     shape: tuple[int, int, int] | None = None,
+    image_norm: str | None = None,
 ) -> ArrayDataset:
     """Calibration images: a seeded subset of `samples` from a dataset spec's training split (see
-    load_dataset, `shape` included; labels optional) or from an ArrayDataset."""
+    load_dataset, `shape` and `image_norm` included; labels optional) or from an ArrayDataset."""
     if isinstance(source, str):
-        return load_dataset(source, "train", limit=samples, seed=seed, labels=False, shape=shape)
+        return load_dataset(
+            source, "train", limit=samples, seed=seed, labels=False, shape=shape, image_norm=image_norm
+        )
+    if image_norm is not None:
+        raise DataError(
+            f"image_norm={image_norm!r} applies to a dataset spec; images given as an ArrayDataset are "
+            "already normalised."
+        )
     return source.sample(samples, seed)

@@ -552,6 +552,7 @@ def run_gate_decorator(
     config.validate(module is not None)
     init_distributed(config.train.device)
     train, val = config.start.datasets()
+    metadata = config.start.metadata(train)
     if module is None:
         module = config.start.module(train)
         if config.start.model is not None and config.epochs_baseline:
@@ -563,7 +564,7 @@ def run_gate_decorator(
     )
     widths = {n: m.num_features for n, m in module.named_modules() if isinstance(m, nn.BatchNorm2d)}
     with workspace(config.workdir) as work:
-        stages = [export_stage(module, "start", work / "start.onnx", val)]
+        stages = [export_stage(module, "start", work / "start.onnx", val, metadata)]
         run = _Run(
             config,
             module,
@@ -595,7 +596,7 @@ def run_gate_decorator(
         if config.epochs_finetune:
             tune = run.train_config(epochs=config.epochs_finetune, lr=config.finetune_lr)
             fit(module, train, val, tune, teacher=teacher)
-        stages.append(export_stage(module, "fine-tuned", work / "final.onnx", val))
+        stages.append(export_stage(module, "fine-tuned", work / "final.onnx", val, metadata))
         output = publish(stages[-1], config.output)
     stages[-1] = replace(stages[-1], path=output)
     return GateDecoratorResult(output, stages, masked=run.masked, target_macs=run.target)

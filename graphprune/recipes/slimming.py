@@ -187,6 +187,7 @@ def run_slimming(
     config.validate(module is not None)
     init_distributed(config.train.device)
     train, val = config.start.datasets()
+    metadata = config.start.metadata(train)
     module = module if module is not None else config.start.module(train)
     lam = config.lambda_for(module, train.sample_shape)
     sparse = replace(config.train, epochs=config.epochs_sparse, checkpoint_dir=None, resume=False)
@@ -199,7 +200,7 @@ def run_slimming(
             log.info("sparsity training: %d epochs, lambda %g", config.epochs_sparse, lam)
             fit(module, train, val, sparse, callbacks=[BNSparsity(lam)])
         label = "sparsity-trained" if config.epochs_sparse else "start"
-        current = export_stage(module, label, work / "sparse.onnx", val)
+        current = export_stage(module, label, work / "sparse.onnx", val, metadata)
         stages.append(current)
         for index in range(1, config.passes + 1):
             pruning = partial(
@@ -214,7 +215,8 @@ def run_slimming(
             if config.epochs_finetune:
                 callbacks = [] if index == config.passes else [BNSparsity(lam)]
                 fit(module, train, val, tune, callbacks=callbacks, teacher=teacher)
-                current = export_stage(module, f"pass {index} fine-tuned", work / f"slim{index}.onnx", val)
+                slim = work / f"slim{index}.onnx"
+                current = export_stage(module, f"pass {index} fine-tuned", slim, val, metadata)
                 stages.append(current)
         output = publish(current, config.output)
     stages[-1] = replace(stages[-1], path=output)

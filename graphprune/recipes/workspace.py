@@ -9,7 +9,7 @@ import logging
 import os
 import shutil
 import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import cached_property, partial
@@ -20,8 +20,10 @@ import torch
 from torch import nn
 
 from graphprune.api import PruneResult, model_cost
-from graphprune.data import ArrayDataset, load_dataset
+from graphprune.data import ArrayDataset, load_splits
+from graphprune.data.image_norm import OWN_STATISTICS
 from graphprune.errors import GraphPruneError
+from graphprune.model_io import image_norm_metadata, input_image_norm
 from graphprune.onnxutil import atomic_write
 from graphprune.runtime.evaluate import evaluate_onnx
 from graphprune.runtime.shapes import image_shape
@@ -44,6 +46,7 @@ class Start:
     train_limit: int | None = None
     val_limit: int | None = None
     seed: int = 0
+    image_norm: str | None = None  # how 8-bit images become inputs (graphprune.data.image_norm)
 
     def validate(self, module_given: bool = False) -> None:
         """A start needs a zoo name or an ONNX file, not both; a module passed in Python needs neither."""
@@ -60,11 +63,29 @@ class Start:
 
     def datasets(self) -> tuple[ArrayDataset, ArrayDataset]:
         """(train, validation) splits of the dataset, each optionally limited to a seeded subset; a
-        folder's images fitted to the ONNX start's input size."""
-        shape = image_shape(self.onnx_proto) if self.onnx is not None else None
-        train = load_dataset(self.data, "train", limit=self.train_limit, seed=self.seed, shape=shape)
-        val = load_dataset(self.data, "test", limit=self.val_limit, seed=self.seed, shape=shape)
-        return train, val
+        folder's images fitted to the ONNX start's input size and normalised as `image_norm` says, else
+        as the ONNX start records, else with the training split's own statistics."""
+        if self.onnx is not None:
+            shape, image_norm = (
+                image_shape(self.onnx_proto),
+                input_image_norm(self.onnx_proto, self.image_norm),
+            )
+        else:
+            shape, image_norm = None, self.image_norm or OWN_STATISTICS  # a new model records its data's
+        return load_splits(
+            self.data,
+            train_limit=self.train_limit,
+            test_limit=self.val_limit,
+            seed=self.seed,
+            shape=shape,
+            image_norm=image_norm,
+        )
+
+    def metadata(self, data: ArrayDataset) -> dict[str, str]:
+        """What the recipe's models record: the ONNX start's metadata_props, and how `data` (the training
+        data) was normalised."""
+        given = {p.key: p.value for p in self.onnx_proto.metadata_props} if self.onnx is not None else {}
+        return {**given, **image_norm_metadata(data.image_norm)}
 
     def module(self, train: ArrayDataset) -> nn.Module:
         """The starting module: a fresh zoo model sized for the data, or the ONNX model made trainable."""
@@ -117,11 +138,14 @@ def measure(label: str, path: Path, val: ArrayDataset) -> Stage:
     return Stage(label, path, accuracy, cost.macs, cost.params)
 
 
-def export_stage(module: nn.Module, label: str, path: Path, val: ArrayDataset) -> Stage:
-    """Export the module with BN kept (on the CPU) and measure it, on rank 0; every rank gets the Stage."""
+def export_stage(
+    module: nn.Module, label: str, path: Path, val: ArrayDataset, metadata: Mapping[str, str]
+) -> Stage:
+    """Export the module with BN kept (on the CPU), `metadata` in its metadata_props, and measure it, on
+    rank 0; every rank gets the Stage."""
 
     def on_main() -> Stage:
-        export_trained(module, path, val.sample_shape)
+        export_trained(module, path, val.sample_shape, metadata)
         return measure(label, path, val)
 
     return run_on_main(on_main)

@@ -15,6 +15,7 @@ from google.protobuf.message import Message
 
 from graphprune.analysis.graph import DependencyGraph
 from graphprune.errors import PlanError, VerificationError
+from graphprune.model_io import keep_model_properties
 from graphprune.onnxutil import opset_of
 from graphprune.ops.context import ParamMember, Role
 
@@ -182,6 +183,7 @@ def apply_removal(dep: DependencyGraph, removed: np.ndarray) -> onnx.ModelProto:
         if init.name in originals and init.name not in sliced:
             init.CopyFrom(originals[init.name])
     model.ir_version = dep.model.ir_version
+    keep_model_properties(model, dep.model)
     del model.opset_import[:]
     model.opset_import.extend(dep.model.opset_import)
     del model.graph.value_info[:]

@@ -27,6 +27,7 @@ import io
 import logging
 import os
 import warnings
+from collections.abc import Mapping
 from typing import Literal
 
 import onnx
@@ -35,7 +36,7 @@ import torch
 from torch import nn
 
 from graphprune.errors import GraphPruneError, InvalidModelError, UnsupportedModelError
-from graphprune.model_io import fold_constants, save_model
+from graphprune.model_io import fold_constants, save_model, set_metadata
 
 logger = logging.getLogger(__name__)
 
@@ -60,13 +61,14 @@ def export(
     dynamic_batch: bool = True,
     opset: int = 17,
     external_data: bool | None = None,
+    metadata: Mapping[str, str] | None = None,
 ) -> onnx.ModelProto:
     """Export a deep copy of `module` (in eval mode) to `path` and return the model as written.
 
     The graph input is named "input" and the output "output"; with `dynamic_batch` their first dim is
     the symbol "batch". `external_data=True` writes every tensor of 1 KiB or more to `<path>.data`
-    beside the model; None writes them inline unless the model is too large for one protobuf. The
-    user's module is never modified.
+    beside the model; None writes them inline unless the model is too large for one protobuf.
+    `metadata` goes into the model's metadata_props. The user's module is never modified.
     """
     if exporter not in ("legacy", "dynamo"):
         raise GraphPruneError(f"Unknown exporter '{exporter}'; use 'legacy' or 'dynamo'.")
@@ -82,6 +84,7 @@ def export(
     fold_constants(proto, frozenset({"Identity"}))
     remove_unused_initializers(proto)
     _check_export(proto, model, fold_bn=fold_bn)
+    set_metadata(proto, metadata or {})
     if external_data is None:
         external_data = proto.ByteSize() > PROTOBUF_LIMIT_BYTES
     save_model(proto, path, external_data=external_data)

@@ -43,7 +43,7 @@ import math
 import os
 import random
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -662,10 +662,14 @@ def evaluate(
 
 
 def export_trained(
-    module: nn.Module, path: str | os.PathLike[str], sample_shape: tuple[int, ...]
+    module: nn.Module,
+    path: str | os.PathLike[str],
+    sample_shape: tuple[int, ...],
+    metadata: Mapping[str, str] | None = None,
 ) -> onnx.ModelProto:
-    """Export a trained module to ONNX with BatchNorm kept (legacy exporter, dynamic batch), on the CPU."""
+    """Export a trained module to ONNX with BatchNorm kept (legacy exporter, dynamic batch), on the CPU,
+    with `metadata` in its metadata_props."""
     from graphprune.torch_bridge.export import export
 
     module.cpu()
-    return export(module, torch.zeros(1, *sample_shape), path, fold_bn=False)
+    return export(module, torch.zeros(1, *sample_shape), path, fold_bn=False, metadata=metadata)

@@ -1,0 +1,107 @@
+"""How 8-bit images become model inputs (`--image-norm`): standardised with the data's own per-channel
+statistics (the default), or (pixel / 255 - mean) / std with the fixed values the model was trained with.
+
+Presets: "imagenet" (torchvision's pretrained classifiers), "unit" (pixels / 255, in [0, 1]: ultralytics
+and many Keras models), "signed" ([-1, 1]: Keras MobileNet / Inception preprocessing) and "pixels"
+(0..255 as they are: Keras models that rescale inside the graph). Any other normalisation is written
+MEAN/STD on the 0..1 scale, as torchvision's Normalize takes it: "0.5/0.25", or one value per channel,
+"0.485,0.456,0.406/0.229,0.224,0.225".
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+
+import numpy as np
+
+from graphprune.errors import DataError
+
+OWN_STATISTICS = "data"
+PRESETS: dict[str, tuple[tuple[float, ...], tuple[float, ...]]] = {
+    "imagenet": ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
+    "unit": ((0.0,), (1.0,)),
+    "signed": ((0.5,), (0.5,)),
+    "pixels": ((0.0,), (1.0 / 255.0,)),
+}
+NORMALIZE_CHOICES = (OWN_STATISTICS, *PRESETS)
+PIXEL_MAX = 255
+
+
+@dataclass(frozen=True)
+class Normalization:
+    """Fixed per-channel `mean` and `std` on the 0..1 pixel scale (one value, or one per channel), or
+    both None for the data's own statistics."""
+
+    text: str
+    mean: tuple[float, ...] | None = None
+    std: tuple[float, ...] | None = None
+
+    @property
+    def own(self) -> bool:
+        """Whether the images are standardised with their own statistics."""
+        return self.mean is None
+
+    def resolved(self, images: np.ndarray) -> Normalization:
+        """The fixed normalisation these [N,C,H,W] pixels (0..255 scale) get: the data's own per-channel
+        statistics measured (a channel of one value gets std 1/255), else this one."""
+        if not self.own:
+            return self
+        values = images / np.float32(PIXEL_MAX)
+        mean = values.mean(axis=(0, 2, 3), dtype=np.float64)
+        std = values.std(axis=(0, 2, 3), dtype=np.float64)
+        std = np.where(std > 0, std, 1.0 / PIXEL_MAX)
+        text = f"{','.join(f'{m:.6g}' for m in mean)}/{','.join(f'{s:.6g}' for s in std)}"
+        return Normalization(text, tuple(mean.tolist()), tuple(std.tolist()))
+
+    def apply(self, images: np.ndarray, source: str) -> tuple[np.ndarray, str]:
+        """Integer [N,C,H,W] images as float32 model inputs, and the MEAN/STD they got (own statistics
+        measured: see `resolved`); `source` names the data in errors.  Fixed statistics need 8-bit
+        pixels and one value or one per channel."""
+        values = images.astype(np.float32)
+        if not self.own and values.size and (values.min() < 0 or values.max() > PIXEL_MAX):
+            raise DataError(
+                f"{source} holds integers from {values.min():.0f} to {values.max():.0f}; --image-norm "
+                f"{self.text} is for 8-bit pixels (0..{PIXEL_MAX}): store them as such, or use "
+                f"--image-norm {OWN_STATISTICS}."
+            )
+        fixed = self.resolved(values)
+        assert fixed.mean is not None and fixed.std is not None
+        channels = values.shape[1]
+        if {len(fixed.mean), len(fixed.std)} - {1, channels}:
+            raise DataError(
+                f"--image-norm {self.text} gives {len(fixed.mean)} mean(s) and {len(fixed.std)} std(s), "
+                f"but {source} has {channels} channel(s); give one value or one per channel."
+            )
+        mean = np.asarray(fixed.mean, np.float32).reshape(1, -1, 1, 1)
+        std = np.asarray(fixed.std, np.float32).reshape(1, -1, 1, 1)
+        return (values / PIXEL_MAX - mean) / std, fixed.text
+
+
+OWN = Normalization(OWN_STATISTICS)
+
+
+@functools.lru_cache(maxsize=16)
+def parse_normalization(text: str) -> Normalization:
+    """A Normalization from "data", a preset name or MEAN/STD (see the module docstring)."""
+    if text == OWN_STATISTICS:
+        return OWN
+    if text in PRESETS:
+        return Normalization(text, *PRESETS[text])
+    mean_text, slash, std_text = text.partition("/")
+    try:
+        mean = tuple(float(v) for v in mean_text.split(","))
+        std = tuple(float(v) for v in std_text.split(","))
+    except ValueError:
+        mean = std = ()
+    if not slash or not mean or not std or not all(np.isfinite(mean + std)) or min(std) <= 0:
+        raise DataError(
+            f"--image-norm {text!r} is neither {', '.join(NORMALIZE_CHOICES)} nor MEAN/STD with positive "
+            "std (e.g. 0.5/0.25 or 0.485,0.456,0.406/0.229,0.224,0.225)."
+        )
+    return Normalization(text, mean, std)
+
+
+def fixed(mean: float, std: float) -> Normalization:
+    """A one-value normalisation (a dataset's published statistics)."""
+    return Normalization(f"{mean}/{std}", (mean,), (std,))
