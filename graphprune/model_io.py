@@ -263,6 +263,11 @@ def _fold(node: onnx.NodeProto, values: dict[str, onnx.TensorProto]) -> onnx.Ten
     return None if value is None else numpy_helper.from_array(np.asarray(value), node.output[0])
 
 
+def metadata(model: onnx.ModelProto) -> dict[str, str]:
+    """The model's metadata_props as a dict."""
+    return {prop.key: prop.value for prop in model.metadata_props}
+
+
 def set_metadata(model: onnx.ModelProto, entries: Mapping[str, str]) -> None:
     """Set `entries` in the model's metadata_props (replacing those keys, keeping the others)."""
     kept = [prop for prop in model.metadata_props if prop.key not in entries]
@@ -275,7 +280,7 @@ def set_metadata(model: onnx.ModelProto, entries: Mapping[str, str]) -> None:
 def keep_model_properties(model: onnx.ModelProto, source: onnx.ModelProto) -> None:
     """Give a rewritten or re-exported model the source's metadata_props (class names, strides, the
     image normalisation: what deployment code reads), doc string, domain and model version."""
-    set_metadata(model, {prop.key: prop.value for prop in source.metadata_props})
+    set_metadata(model, metadata(source))
     model.doc_string, model.domain = source.doc_string, source.domain
     model.model_version = source.model_version
 
@@ -283,8 +288,7 @@ def keep_model_properties(model: onnx.ModelProto, source: onnx.ModelProto) -> No
 def input_image_norm(model: onnx.ModelProto, given: str | None = None) -> str | None:
     """How to normalise 8-bit data for `model`: as `given`, else as the model records (IMAGE_NORM_KEY),
     else None (the data's own statistics, with a warning: graphprune.data.load_dataset)."""
-    recorded = (prop.value for prop in model.metadata_props if prop.key == IMAGE_NORM_KEY)
-    return given or next(recorded, None)
+    return given or metadata(model).get(IMAGE_NORM_KEY)
 
 
 def image_norm_metadata(applied: str | None) -> dict[str, str]:

@@ -59,7 +59,7 @@ def run_demo(config: DemoConfig) -> DemoResult:
 
     from graphprune.api import recover
     from graphprune.data import load_dataset
-    from graphprune.model_io import save_model
+    from graphprune.model_io import image_norm_metadata, metadata, save_model
     from graphprune.runtime.evaluate import evaluate_onnx
     from graphprune.torch_bridge.distill import OnnxTeacher
     from graphprune.torch_bridge.foldback import onnx_to_module, verify_foldback
@@ -94,7 +94,8 @@ def run_demo(config: DemoConfig) -> DemoResult:
     train_config = TrainConfig(epochs=config.finetune_epochs, lr=0.01, schedule="cosine", seed=0)
     fit(module, train, None, train_config, teacher=teacher)
     tuned_path = out / "resnet20_pruned_finetuned.onnx"
-    export_trained(module, tuned_path, train.sample_shape)
+    recorded = {**metadata(start), **image_norm_metadata(train.image_norm)}
+    export_trained(module, tuned_path, train.sample_shape, recorded)
     steps = " + recovered" if config.recover != "none" else ""
     models[f"pruned{steps} + fine-tuned"] = tuned_path
 

@@ -232,7 +232,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 def cmd_finetune(args: argparse.Namespace) -> int:
     from graphprune.cli.console import console, out, print_results, stage
-    from graphprune.model_io import input_image_norm, load_model, model_sha256
+    from graphprune.model_io import input_image_norm, load_model, metadata, model_sha256
     from graphprune.runtime.evaluate import evaluate_onnx
     from graphprune.runtime.shapes import image_shape
     from graphprune.torch_bridge.foldback import apply_to_module, onnx_to_module, verify_foldback
@@ -253,8 +253,7 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     before = evaluate_onnx(loaded.proto, test) if main else None
     if main:
         console.print(f"fold-back  equal to {Path(args.model).name}: max rel err {error:.2g}")
-    metadata = {prop.key: prop.value for prop in loaded.proto.metadata_props}
-    after = _train_and_export(module, train, test, args, model_sha256(args.model), metadata)
+    after = _train_and_export(module, train, test, args, model_sha256(args.model), metadata(loaded.proto))
     if before is not None and after is not None:
         numbers = {"foldback_max_rel_error": error, "accuracy_before": before, "accuracy_after": after}
         print_results(

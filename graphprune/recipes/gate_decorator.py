@@ -552,7 +552,7 @@ def run_gate_decorator(
     config.validate(module is not None)
     init_distributed(config.train.device)
     train, val = config.start.datasets()
-    metadata = config.start.metadata(train)
+    metadata = config.start.model_metadata(train)
     if module is None:
         module = config.start.module(train)
         if config.start.model is not None and config.epochs_baseline:

@@ -187,7 +187,7 @@ def run_slimming(
     config.validate(module is not None)
     init_distributed(config.train.device)
     train, val = config.start.datasets()
-    metadata = config.start.metadata(train)
+    metadata = config.start.model_metadata(train)
     module = module if module is not None else config.start.module(train)
     lam = config.lambda_for(module, train.sample_shape)
     sparse = replace(config.train, epochs=config.epochs_sparse, checkpoint_dir=None, resume=False)

@@ -23,7 +23,7 @@ from graphprune.api import PruneResult, model_cost
 from graphprune.data import ArrayDataset, load_splits
 from graphprune.data.image_norm import OWN_STATISTICS
 from graphprune.errors import GraphPruneError
-from graphprune.model_io import image_norm_metadata, input_image_norm
+from graphprune.model_io import image_norm_metadata, input_image_norm, metadata
 from graphprune.onnxutil import atomic_write
 from graphprune.runtime.evaluate import evaluate_onnx
 from graphprune.runtime.shapes import image_shape
@@ -81,10 +81,10 @@ class Start:
             image_norm=image_norm,
         )
 
-    def metadata(self, data: ArrayDataset) -> dict[str, str]:
+    def model_metadata(self, data: ArrayDataset) -> dict[str, str]:
         """What the recipe's models record: the ONNX start's metadata_props, and how `data` (the training
         data) was normalised."""
-        given = {p.key: p.value for p in self.onnx_proto.metadata_props} if self.onnx is not None else {}
+        given = metadata(self.onnx_proto) if self.onnx is not None else {}
         return {**given, **image_norm_metadata(data.image_norm)}
 
     def module(self, train: ArrayDataset) -> nn.Module:
