@@ -15,6 +15,7 @@ from PIL import Image
 from torch import nn
 
 from graphprune.data import ArrayDataset, load_dataset, sources, torch_loader
+from graphprune.data.dataset import ImageInput
 from graphprune.data.sources import fit_image
 from graphprune.errors import DataError
 
@@ -225,9 +226,9 @@ def test_image_folder_of_mixed_sizes_fits_a_given_size(tmp_path: Path) -> None:
     root = tmp_path / "photos"
     sizes = [(40, 36, 3), (28, 28, 3), (64, 30, 3)]
     _write_images(root / "test", {"a": [rng.integers(0, 256, size=s, dtype=np.uint8) for s in sizes]})
-    fitted = load_dataset(str(root), "test", shape=(3, 28, 28))
+    fitted = load_dataset(str(root), "test", shape=ImageInput(3, 28, 28))
     assert fitted.images.shape == (3, 3, 28, 28) and fitted.name == "photos"
-    assert load_dataset(str(root), "test", shape=(1, 20, 24)).images.shape == (3, 1, 20, 24)  # gray model
+    assert load_dataset(str(root), "test", shape=ImageInput(1, 20, 24)).images.shape == (3, 1, 20, 24)  # gray
     assert load_dataset(str(root), "test").images.shape == (3, 3, 40, 36)  # no size: the first, most common
 
 
@@ -325,14 +326,15 @@ def test_numpy_side_does_not_import_torch() -> None:
 @pytest.mark.parametrize(
     ("dims", "expected"),
     [
-        (["N", 3, 224, 200], (3, 224, 200)),
-        ([1, 1, 28, 28], (1, 28, 28)),
-        (["N", 224, 224, 3], None),  # channels-last (tf2onnx): datasets are channels-first
+        (["N", 3, 224, 200], ImageInput(3, 224, 200)),
+        ([1, 1, 28, 28], ImageInput(1, 28, 28)),
+        (["N", 224, 200, 3], ImageInput(3, 224, 200, channels_last=True)),  # Keras through tf2onnx
         (["N", 3, "H", "W"], None),  # no size to fit to
+        (["N", "H", "W", 3], None),
         (["N", 3, 224], None),
     ],
 )
-def test_the_shape_a_folder_is_fitted_to_comes_from_a_channels_first_image_input(dims, expected) -> None:  # noqa: ANN001
+def test_the_shape_a_folder_is_fitted_to_comes_from_an_image_input(dims, expected) -> None:  # noqa: ANN001
     from onnx import TensorProto, helper
 
     from graphprune.runtime.shapes import image_shape
@@ -441,3 +443,28 @@ def test_bad_image_norms_are_one_line_data_errors(tmp_path: Path) -> None:
     )  # own stats: any range
     with pytest.raises(DataError, match="already normalised"):
         sources.load_calibration(load_dataset("synthetic:8"), image_norm="unit")
+
+
+# Channels-last models (Keras through tf2onnx) ---------------------------------------------------------
+
+
+def test_a_channels_last_input_gets_its_data_channels_last(tmp_path: Path) -> None:
+    rng = np.random.default_rng(5)
+    root = tmp_path / "photos"
+    _write_images(root, {"a": [rng.integers(0, 256, size=(20, 24, 3), dtype=np.uint8) for _ in range(3)]})
+    first = load_dataset(str(root), shape=ImageInput(3, 16, 16))
+    last = load_dataset(str(root), shape=ImageInput(3, 16, 16, channels_last=True))
+    assert last.channels_last and last.sample_shape == (16, 16, 3) and last.images.flags.c_contiguous
+    assert np.array_equal(last.images, first.images.transpose(0, 2, 3, 1))
+    assert np.array_equal(last.subset(np.array([2, 0])).images, last.images[[2, 0]])
+    arrays = sources.load_calibration("synthetic:4", shape=ImageInput(1, 28, 28, channels_last=True))
+    assert arrays.sample_shape == (28, 28, 1)  # arrays are laid out too
+    given = sources.load_calibration(first, shape=ImageInput(3, 16, 16, channels_last=True))
+    assert np.array_equal(given.images, last.images) and first.laid_out(False) is first
+
+
+def test_augmentation_of_channels_last_batches_is_that_of_channels_first_ones() -> None:
+    ds = load_dataset("synthetic:16")
+    (first, _), *_ = list(torch_loader(ds, 16, augment=True, seed=3))
+    (last, _), *_ = list(torch_loader(ds.laid_out(True), 16, augment=True, seed=3))
+    assert torch.equal(last, first.permute(0, 2, 3, 1))

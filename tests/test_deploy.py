@@ -603,3 +603,39 @@ def test_every_command_that_reads_images_for_a_model_takes_image_norm() -> None:
     readers = {name for name, given in flags.items() if given & {"--data", "--calib"} and name != "demo"}
     assert {"eval", "finetune", "train", "prune", "criteria", "slim", "gate-decorator"} <= readers
     assert [name for name in sorted(readers) if "--image-norm" not in flags[name]] == []
+
+
+def test_a_channels_last_model_is_evaluated_calibrated_and_fine_tuned_on_a_folder(tmp_path: Path) -> None:
+    """Keras models through tf2onnx take [N, H, W, C]: a folder is fitted and laid out for them (it was
+    refused as channels-first data of the wrong shape)."""
+    from PIL import Image
+
+    from graphprune.cli.main import main
+
+    torch = pytest.importorskip("torch")
+    from helpers import export_torch
+
+    class ChannelsLast(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv = torch.nn.Sequential(torch.nn.Conv2d(3, 16, 3, padding=1), torch.nn.BatchNorm2d(16))
+            self.head = torch.nn.Linear(16, 2)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.head(torch.relu(self.conv(x.permute(0, 3, 1, 2))).mean((2, 3)))
+
+    model = tmp_path / "nhwc.onnx"
+    export_torch(ChannelsLast(), (1, 12, 12, 3), model)
+    rng = np.random.default_rng(0)
+    for label in ("a", "b"):
+        (tmp_path / "photos" / label).mkdir(parents=True)
+        for index in range(4):
+            pixels = rng.integers(0, 256, size=(20, 16, 3), dtype=np.uint8)
+            Image.fromarray(pixels).save(tmp_path / "photos" / label / f"{index}.png")
+    photos = str(tmp_path / "photos")
+    assert main(["eval", str(model), "--data", photos]) == 0
+    pruned = tmp_path / "pruned.onnx"
+    calib = ["--calib", photos, "--calib-samples", "4", "--criterion", "mean_act", "--recover", "lsq"]
+    assert main(["prune", str(model), "-o", str(pruned), "--ratio", "0.5", *calib]) == 0
+    tuned = ["-o", str(tmp_path / "tuned.onnx"), "--data", photos, "--epochs", "1", "--batch-size", "4"]
+    assert main(["finetune", str(pruned), *tuned]) == 0

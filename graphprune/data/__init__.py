@@ -5,7 +5,7 @@ Importing this package does not import torch; only `torch_loader` does, when cal
 
 from __future__ import annotations
 
-from graphprune.data.dataset import ArrayDataset
+from graphprune.data.dataset import ArrayDataset, ImageInput
 from graphprune.data.loader import torch_loader
 from graphprune.data.sources import (
     FASHION_MNIST_MEAN,
@@ -19,6 +19,7 @@ __all__ = [
     "FASHION_MNIST_MEAN",
     "FASHION_MNIST_STD",
     "ArrayDataset",
+    "ImageInput",
     "load_calibration",
     "load_dataset",
     "load_splits",

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
@@ -19,18 +19,30 @@ def seeded_indices(total: int, count: int | None, seed: int) -> np.ndarray | Non
     return np.sort(np.random.default_rng(seed).choice(total, size=count, replace=False))
 
 
+@dataclass(frozen=True)
+class ImageInput:
+    """A model's image input: channels, height and width, channels first ([N, C, H, W]) or last
+    ([N, H, W, C]: Keras models through tf2onnx); what a dataset is converted, fitted and laid out to."""
+
+    channels: int
+    height: int
+    width: int
+    channels_last: bool = False
+
+
 @dataclass
 class ArrayDataset:
-    """Normalised float32 images [N,C,H,W] with int64 labels [N] in 0..num_classes-1; a label-free set
-    (calibration images only) has num_classes 0 and every label -1 (see `unlabelled`).  `image_norm`
-    is the MEAN/STD its 8-bit images were normalised with (graphprune.data.image_norm), None for images
-    that came as floats."""
+    """Normalised float32 images [N,C,H,W] (or [N,H,W,C] when `channels_last`, for a model that takes
+    them so) with int64 labels [N] in 0..num_classes-1; a label-free set (calibration images only) has
+    num_classes 0 and every label -1 (see `unlabelled`).  `image_norm` is the MEAN/STD its 8-bit images
+    were normalised with (graphprune.data.image_norm), None for images that came as floats."""
 
     images: np.ndarray
     labels: np.ndarray
     num_classes: int
     name: str
     image_norm: str | None = None
+    channels_last: bool = False
 
     def __post_init__(self) -> None:
         self.images = np.ascontiguousarray(self.images, dtype=np.float32)
@@ -73,9 +85,16 @@ class ArrayDataset:
 
     @property
     def sample_shape(self) -> tuple[int, int, int]:
-        """(C, H, W) of one image."""
-        _, channels, height, width = self.images.shape
-        return channels, height, width
+        """One image's shape as the model takes it: (C, H, W), or (H, W, C) channels-last."""
+        _, *shape = self.images.shape
+        return shape[0], shape[1], shape[2]
+
+    def laid_out(self, channels_last: bool) -> ArrayDataset:
+        """The set with its images channels-last or channels-first (itself when already so)."""
+        if channels_last == self.channels_last:
+            return self
+        order = (0, 2, 3, 1) if channels_last else (0, 3, 1, 2)
+        return replace(self, images=self.images.transpose(order), channels_last=channels_last)
 
     def batches(
         self, batch_size: int, *, shuffle: bool = False, seed: int = 0
@@ -93,9 +112,7 @@ class ArrayDataset:
 
     def subset(self, indices: np.ndarray) -> ArrayDataset:
         """A new dataset holding the samples at `indices` (copied)."""
-        return ArrayDataset(
-            self.images[indices], self.labels[indices], self.num_classes, self.name, self.image_norm
-        )
+        return replace(self, images=self.images[indices], labels=self.labels[indices])
 
     def sample(self, count: int | None, seed: int = 0) -> ArrayDataset:
         """A seeded random subset of `count` samples kept in their original order (the whole set when

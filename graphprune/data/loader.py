@@ -42,7 +42,9 @@ def torch_loader(
         tensors,
         sampler=BatchSampler(sampler, batch_size, drop_last=False),
         batch_size=None,
-        collate_fn=PadCropFlip(CROP_PADDING, torch.Generator().manual_seed(seed + 1)) if augment else _as_is,
+        collate_fn=PadCropFlip(CROP_PADDING, torch.Generator().manual_seed(seed + 1), ds.channels_last)
+        if augment
+        else _as_is,
     )
 
 
@@ -53,16 +55,23 @@ def _as_is(batch: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torc
 
 @dataclass
 class PadCropFlip:
-    """Per-sample random crop after edge padding, then a random horizontal flip, on an [N,C,H,W] batch."""
+    """Per-sample random crop after edge padding, then a random horizontal flip, on an [N,C,H,W] batch
+    (or [N,H,W,C] when `channels_last`)."""
 
     padding: int
     generator: torch.Generator
+    channels_last: bool = False
 
     def __call__(self, batch: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        images, labels = batch
+        if self.channels_last:
+            return self._augment(images.permute(0, 3, 1, 2)).permute(0, 2, 3, 1), labels
+        return self._augment(images), labels
+
+    def _augment(self, images: torch.Tensor) -> torch.Tensor:
         import torch
         import torch.nn.functional as F
 
-        images, labels = batch
         n, channels, height, width = images.shape
         pad = self.padding
         padded = F.pad(images, (pad, pad, pad, pad), mode="replicate")
@@ -74,4 +83,4 @@ class PadCropFlip:
             torch.arange(n)[:, None, None, None], torch.arange(channels)[None, :, None, None], rows, cols
         ]
         flip = torch.rand(n, generator=self.generator) < 0.5
-        return torch.where(flip[:, None, None, None], crops.flip(3), crops), labels
+        return torch.where(flip[:, None, None, None], crops.flip(3), crops)

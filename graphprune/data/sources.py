@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from graphprune.data.dataset import ArrayDataset, seeded_indices
+from graphprune.data.dataset import ArrayDataset, ImageInput, seeded_indices
 from graphprune.data.image_norm import OWN, OWN_STATISTICS, Normalization, fixed, parse_normalization
 from graphprune.errors import DataError
 
@@ -51,16 +51,17 @@ def load_dataset(
     limit: int | None = None,
     seed: int = 0,
     labels: bool = True,
-    shape: tuple[int, int, int] | None = None,
+    shape: ImageInput | None = None,
     image_norm: str | None = None,
 ) -> ArrayDataset:
     """Load "fashion-mnist", "synthetic[:N]", an .npz file or an image-folder tree as an ArrayDataset.
 
     `limit` keeps a seeded random subset of that many samples (in their original order); `seed` also
     seeds the synthetic generator.  With `labels` False, images without labels are accepted too (an
-    .npz holding images only, a flat folder of images) and come back unlabelled.  `shape` (channels,
-    height, width: the model's input) converts a folder's images to 1 or 3 channels and fits them to its
-    size (see fit_image); arrays are taken as they are.  `image_norm` says how 8-bit images become
+    .npz holding images only, a flat folder of images) and come back unlabelled.  `shape` (the model's
+    image input) converts a folder's images to its 1 or 3 channels and fits them to its size (see
+    fit_image), arrays being taken at their size; the images come channels-last for a channels-last
+    input.  `image_norm` says how 8-bit images become
     inputs ("data", a preset or MEAN/STD: see graphprune.data.image_norm); None is "data" with a
     warning where 8-bit images get their own statistics (a model trained with fixed ones wants those).
     """
@@ -69,28 +70,26 @@ def load_dataset(
     if limit is not None and limit < 1:
         raise DataError(f"Dataset limit must be at least 1, got {limit}; pass a positive limit or none.")
     normalization = parse_normalization(image_norm or OWN_STATISTICS)
+    path = Path(spec)
     if spec == "fashion-mnist":
-        dataset = load_fashion_mnist(split, normalization)
+        dataset = load_fashion_mnist(split, normalization).sample(limit, seed)
     elif spec == "synthetic" or spec.startswith("synthetic:"):
         _taken_as_normalised(normalization, "synthetic images")
-        dataset = synthetic(_synthetic_count(spec, split), split=split, seed=seed)
+        dataset = synthetic(_synthetic_count(spec, split), split=split, seed=seed).sample(limit, seed)
+    elif path.is_dir():
+        dataset = load_image_folder(
+            path, split, limit=limit, seed=seed, labels=labels, shape=shape, normalization=normalization
+        )
+    elif path.suffix == ".npz" and path.is_file():
+        dataset = load_npz(path, split, labels=labels, normalization=normalization).sample(limit, seed)
     else:
-        path = Path(spec)
-        if path.is_dir():
-            dataset = load_image_folder(
-                path, split, limit=limit, seed=seed, labels=labels, shape=shape, normalization=normalization
-            )
-        elif path.suffix == ".npz" and path.is_file():
-            dataset = load_npz(path, split, labels=labels, normalization=normalization).sample(limit, seed)
-        else:
-            raise DataError(
-                f"Dataset '{spec}' is neither 'fashion-mnist', 'synthetic[:N]', an existing .npz file nor a "
-                "folder of class sub-folders; check the spelling or the path."
-            )
-        if image_norm is None and dataset.image_norm is not None:
-            _warn_own_statistics(spec, dataset.image_norm)
-        return dataset
-    return dataset.sample(limit, seed)
+        raise DataError(
+            f"Dataset '{spec}' is neither 'fashion-mnist', 'synthetic[:N]', an existing .npz file nor a "
+            "folder of class sub-folders; check the spelling or the path."
+        )
+    if image_norm is None and dataset.image_norm is not None and spec != "fashion-mnist":  # published
+        _warn_own_statistics(spec, dataset.image_norm)
+    return dataset.laid_out(shape is not None and shape.channels_last)
 
 
 def load_splits(
@@ -99,7 +98,7 @@ def load_splits(
     train_limit: int | None = None,
     test_limit: int | None = None,
     seed: int = 0,
-    shape: tuple[int, int, int] | None = None,
+    shape: ImageInput | None = None,
     image_norm: str | None = None,
 ) -> tuple[ArrayDataset, ArrayDataset]:
     """(train, test) splits of a dataset spec (see load_dataset), each optionally limited to a seeded
@@ -312,13 +311,13 @@ def load_image_folder(
     limit: int | None = None,
     seed: int = 0,
     labels: bool = True,
-    shape: tuple[int, int, int] | None = None,
+    shape: ImageInput | None = None,
     normalization: Normalization = OWN,
 ) -> ArrayDataset:
     """Images under root/<class>/ (or root/<split>/<class>/ when that exists), one label per sub-folder;
     with `labels` False, a flat folder of images is read unlabelled.
 
-    With `shape` (channels, height, width) the images become grayscale for 1 channel, RGB otherwise, and
+    With `shape` (the model's image input) the images become grayscale for 1 channel, RGB otherwise, and
     are fitted to its size (fit_image); without, grayscale if every file is grayscale, RGB otherwise, and
     fitted to their most common size. With `limit` only the chosen files are decoded.
     """
@@ -350,9 +349,9 @@ def load_image_folder(
         for path, _ in files:
             with Image.open(path) as image:
                 headers.append((image.mode, image.size))
-        gray = shape[0] == 1 if shape is not None else all(mode in GRAY_MODES for mode, _ in headers)
+        gray = shape.channels == 1 if shape is not None else all(mode in GRAY_MODES for mode, _ in headers)
         if shape is not None:
-            height, width = shape[1:]
+            height, width = shape.height, shape.width
         else:  # the most common size
             width, height = Counter(wh for _, wh in headers).most_common(1)[0][0]
         _check_fits_in_memory(root, len(files) * (1 if gray else 3) * height * width)
@@ -427,11 +426,12 @@ def load_calibration(
     source: ArrayDataset | str,
     samples: int | None = None,
     seed: int = 0,
-    shape: tuple[int, int, int] | None = None,
+    shape: ImageInput | None = None,
     image_norm: str | None = None,
 ) -> ArrayDataset:
     """Calibration images: a seeded subset of `samples` from a dataset spec's training split (see
-    load_dataset, `shape` and `image_norm` included; labels optional) or from an ArrayDataset."""
+    load_dataset, `shape` and `image_norm` included; labels optional) or from an ArrayDataset (laid out
+    as `shape` says)."""
     if isinstance(source, str):
         return load_dataset(
             source, "train", limit=samples, seed=seed, labels=False, shape=shape, image_norm=image_norm
@@ -441,4 +441,4 @@ def load_calibration(
             f"image_norm={image_norm!r} applies to a dataset spec; images given as an ArrayDataset are "
             "already normalised."
         )
-    return source.sample(samples, seed)
+    return source.sample(samples, seed).laid_out(shape is not None and shape.channels_last)

@@ -35,8 +35,8 @@ def evaluate_onnx(
     expected = tuple(graph_input.shape[1:])
     if all(isinstance(d, int) for d in expected) and expected != ds.sample_shape:
         layout = (
-            " (a channels-last model: datasets are channels-first [C, H, W], so evaluate a channels-first "
-            "export)"
+            " (a channels-last model: lay the images out for it with dataset.laid_out(True), or load them "
+            "with shape=graphprune.runtime.shapes.image_shape(model))"
             if expected == (*ds.sample_shape[1:], ds.sample_shape[0])
             else ""
         )

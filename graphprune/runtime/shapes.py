@@ -12,6 +12,7 @@ import logging
 import numpy as np
 import onnx
 
+from graphprune.data.dataset import ImageInput
 from graphprune.errors import GraphPruneError, InvalidModelError
 
 log = logging.getLogger(__name__)
@@ -27,16 +28,20 @@ def data_inputs(model: onnx.ModelProto) -> list[onnx.ValueInfoProto]:
     return [value for value in model.graph.input if value.name not in initialisers]
 
 
-def image_shape(model: onnx.ModelProto) -> tuple[int, int, int] | None:
-    """(channels, height, width) of the model's only image input ([N, C, H, W], C 1 or 3, H and W fixed),
-    else None (a channels-last [N, H, W, C] input too: datasets are channels-first): what a folder of
-    images is converted and fitted to for it."""
+def image_shape(model: onnx.ModelProto) -> ImageInput | None:
+    """The model's only image input: [N, C, H, W] with C 1 or 3, or channels-last [N, H, W, C] (Keras
+    through tf2onnx), H and W fixed; else None. What a folder of images is converted, fitted and laid
+    out to for it."""
     inputs = data_inputs(model)
     dims = inputs[0].type.tensor_type.shape.dim if len(inputs) == 1 else []
     sizes = [d.dim_value if d.HasField("dim_value") else 0 for d in dims]
-    if len(sizes) != 4 or sizes[1] not in (1, 3) or min(sizes[2:]) <= 0:
+    if len(sizes) != 4:
         return None
-    return sizes[1], sizes[2], sizes[3]
+    if sizes[1] in (1, 3) and min(sizes[2:]) > 0:
+        return ImageInput(sizes[1], sizes[2], sizes[3])
+    if sizes[3] in (1, 3) and min(sizes[1:3]) > 0:
+        return ImageInput(sizes[3], sizes[1], sizes[2], channels_last=True)
+    return None
 
 
 def symbolic_spatial_inputs(model: onnx.ModelProto) -> list[str]:

@@ -318,9 +318,8 @@ def _train_loader(ds: ArrayDataset, config: TrainConfig, epoch: int, info: DistI
         tensors, num_replicas=info.world_size, rank=info.rank, shuffle=config.shuffle, seed=config.seed
     )
     sampler.set_epoch(epoch)
-    augment = PadCropFlip(
-        CROP_PADDING, torch.Generator().manual_seed(epoch_seed(config.seed, epoch, info.rank))
-    )
+    generator = torch.Generator().manual_seed(epoch_seed(config.seed, epoch, info.rank))
+    augment = PadCropFlip(CROP_PADDING, generator, ds.channels_last)
     return DataLoader(
         tensors,
         sampler=BatchSampler(sampler, config.batch_size, drop_last=False),
