@@ -33,6 +33,7 @@ if TYPE_CHECKING:
     from torch import nn
 
     from graphprune.data import ArrayDataset
+    from graphprune.recipes.workspace import Start
     from graphprune.torch_bridge.train import Callback, TrainConfig, TrainState
 
 
@@ -138,21 +139,12 @@ def _config(args: argparse.Namespace, model_sha256: str | None = None) -> TrainC
     )
 
 
-def _datasets(
-    args: argparse.Namespace, shape: tuple[int, int, int] | None = None, image_norm: str | None = None
-) -> tuple[ArrayDataset, ArrayDataset]:
-    """(train split, test split) of --data, each optionally limited; a folder's images fitted to `shape`
-    and normalised as `image_norm` says (see graphprune.data.load_splits)."""
-    from graphprune.data import load_splits
+def _start(args: argparse.Namespace, *, model: str | None = None, onnx: str | None = None) -> Start:
+    """Where training starts (a zoo model or an ONNX file), with --data and its limits, seed and
+    --image-norm: Start.datasets() reads the splits as the model takes them."""
+    from graphprune.recipes.workspace import Start
 
-    return load_splits(
-        args.data,
-        train_limit=args.train_limit,
-        test_limit=args.val_limit,
-        seed=args.seed,
-        shape=shape,
-        image_norm=image_norm,
-    )
+    return Start(model, onnx, args.data, args.train_limit, args.val_limit, args.seed, args.image_norm)
 
 
 def _check_output(args: argparse.Namespace, model: str | None = None) -> None:
@@ -207,17 +199,13 @@ def _epoch_printer() -> Callback:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    import torch
-
     from graphprune.cli.console import out, print_results
-    from graphprune.data.image_norm import OWN_STATISTICS
-    from graphprune.zoo import build
 
     _check_output(args)
     set_threads(args)
-    train, test = _datasets(args, image_norm=args.image_norm or OWN_STATISTICS)  # recorded in the model
-    torch.manual_seed(args.seed)
-    module = build(args.model, in_channels=train.sample_shape[0], num_classes=train.num_classes)
+    start = _start(args, model=args.model)
+    train, test = start.datasets()
+    module = start.module(train)
     accuracy = _train_and_export(module, train, test, args)
     if accuracy is not None:
         print_results(
@@ -232,9 +220,8 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 def cmd_finetune(args: argparse.Namespace) -> int:
     from graphprune.cli.console import console, out, print_results, stage
-    from graphprune.model_io import input_image_norm, load_model, metadata, model_sha256
+    from graphprune.model_io import metadata, model_sha256
     from graphprune.runtime.evaluate import evaluate_onnx
-    from graphprune.runtime.shapes import image_shape
     from graphprune.torch_bridge.foldback import apply_to_module, onnx_to_module, verify_foldback
     from graphprune.torch_bridge.train import dist_info
     from graphprune.zoo import build
@@ -242,18 +229,19 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     _check_output(args, args.model)
     set_threads(args)
     main = dist_info().is_main
-    loaded = load_model(args.model)
-    train, test = _datasets(args, image_shape(loaded.proto), input_image_norm(loaded.proto, args.image_norm))
+    start = _start(args, onnx=args.model)
+    proto = start.onnx_proto
+    train, test = start.datasets()
     with stage("fold-back") if main else contextlib.nullcontext():
         if args.module:
-            module = apply_to_module(build(args.module), loaded.proto)
+            module = apply_to_module(build(args.module), proto)
         else:
-            module = onnx_to_module(loaded.proto)
-        error = verify_foldback(module, loaded.proto)
-    before = evaluate_onnx(loaded.proto, test) if main else None
+            module = onnx_to_module(proto)
+        error = verify_foldback(module, proto)
+    before = evaluate_onnx(proto, test) if main else None
     if main:
         console.print(f"fold-back  equal to {Path(args.model).name}: max rel err {error:.2g}")
-    after = _train_and_export(module, train, test, args, model_sha256(args.model), metadata(loaded.proto))
+    after = _train_and_export(module, train, test, args, model_sha256(args.model), metadata(proto))
     if before is not None and after is not None:
         numbers = {"foldback_max_rel_error": error, "accuracy_before": before, "accuracy_after": after}
         print_results(
