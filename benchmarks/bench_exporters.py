@@ -7,7 +7,11 @@ GRAPHPRUNE_PADDLE_PYTHON: the python of a venv holding tensorflow-cpu + tf2onnx 
 paddlepaddle + paddle2onnx), ultralytics in this one; a framework that is missing is reported as such.
 
 Each model is pruned with verification (graphprune's own check), then checked once more end to end:
-the pruned model against the masked reference on a fresh seeded input, outputs only.
+the pruned model against the masked reference on a fresh seeded input, outputs only. Then the round
+trip a user makes with a folder of photos (JPEG files of odd sizes in 4 class folders, generated), each
+step a graphprune command: `prune --calib photos --criterion mean_act --recover lsq`, and for a
+classifier `eval` of the pruned model and `finetune` (1 epoch) of it. The folder is fitted and laid out
+to each model's input (channels-last for Keras).
 
     python benchmarks/bench_exporters.py [--out /tmp/exporters]
 """
@@ -142,7 +146,40 @@ def outputs_match(result) -> float:  # noqa: ANN001 - PruneResult
     )
 
 
-def run_one(exporter: str, name: str, build: Callable[[Path], None], folder: Path) -> dict[str, object]:
+def write_photos(root: Path, classes: int = 4, per_class: int = 8) -> Path:
+    """JPEG files of seeded random RGB pixels, of several sizes, in `classes` class folders."""
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for label in range(classes):
+        (root / f"class{label}").mkdir(parents=True, exist_ok=True)
+        for index in range(per_class):
+            pixels = rng.integers(0, 256, size=(120 + 5 * index, 100, 3), dtype=np.uint8)
+            Image.fromarray(pixels).save(root / f"class{label}" / f"{index}.jpg")
+    return root
+
+
+def folder_round_trip(path: Path, photos: Path) -> str:
+    """The graphprune commands a user runs with a folder of photos: "ok (steps)" or the first failure."""
+    from graphprune.cli.main import main as graphprune
+
+    pruned, tuned = path.with_name(f"{path.stem}-calibrated.onnx"), path.with_name(f"{path.stem}-tuned.onnx")
+    calib = ["--calib", str(photos), "--calib-samples", "16", "--criterion", "mean_act", "--recover", "lsq"]
+    steps = [("prune", ["prune", str(path), "-o", str(pruned), "--ratio", "0.5", *calib])]
+    if len(make_session(path).get_outputs()[0].shape) == 2:  # a classifier
+        steps += [
+            ("eval", ["eval", str(pruned), "--data", str(photos)]),
+            ("finetune", ["finetune", str(pruned), "-o", str(tuned), "--data", str(photos), "--epochs", "1"]),
+        ]
+    for step, argv in steps:
+        if graphprune(argv) != 0:
+            return f"{step} failed (see its error above)"
+    return f"ok ({', '.join(step for step, _ in steps)})"
+
+
+def run_one(
+    exporter: str, name: str, build: Callable[[Path], None], folder: Path, photos: Path
+) -> dict[str, object]:
     row: dict[str, object] = {"exporter": exporter, "model": name}
     path = folder / f"{exporter.split()[0]}-{name}.onnx"
     try:
@@ -167,6 +204,7 @@ def run_one(exporter: str, name: str, build: Callable[[Path], None], folder: Pat
         "macs_kept": result.after.macs / result.before.macs,
         "verify_max_rel_err": result.verification.max_rel_error,
         "independent_max_rel_err": outputs_match(result),
+        "folder": folder_round_trip(path, photos),
     }
 
 
@@ -179,8 +217,9 @@ def main() -> None:
         folder = Path(args.out or scratch)
         folder.mkdir(parents=True, exist_ok=True)
         rows = []
+        photos = write_photos(folder / "photos")
         for exporter, name, build in MODELS:
-            rows.append(run_one(exporter, name, build, folder))
+            rows.append(run_one(exporter, name, build, folder, photos))
             print(rows[-1], flush=True)
     common.write_json(common.RESULTS / "exporters.json", {"machine": info, "ratio": 0.5, "rows": rows})
     table = common.markdown_table(
@@ -192,6 +231,7 @@ def main() -> None:
             "MACs kept",
             "verify err",
             "independent err",
+            "folder of photos",
             "blocked / reason",
         ],
         [
@@ -203,6 +243,7 @@ def main() -> None:
                 f"{r['macs_kept']:.3f}" if "macs_kept" in r else "-",
                 f"{r['verify_max_rel_err']:.1e}" if "verify_max_rel_err" in r else "-",
                 f"{r['independent_max_rel_err']:.1e}" if "independent_max_rel_err" in r else "-",
+                r.get("folder", "-"),
                 "; ".join(r.get("blocked", [])) or r.get("reason", ""),
             ]
             for r in rows

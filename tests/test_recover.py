@@ -305,3 +305,21 @@ def test_the_cli_names_layers_left_as_is_once_per_reason(capsys) -> None:  # noq
     assert printed.count("left as is") == 2
     assert "left as is (5): not reconstructed: depthwise convolution: dw0, dw1 and 3 more" in printed
     assert "left as is (1): BN parameters are not initialisers: bn" in printed
+
+
+def test_a_cut_fed_one_output_of_a_node_it_runs_for_another_defines_it_once() -> None:
+    """Split makes a and b; the cut that computes a + b with b fed keeps the Split for a, whose b
+    output onnxruntime refused as a second definition of the fed input (ultralytics' C3k2 blocks split
+    their input so: lsq recovery of YOLO11 failed)."""
+    x = helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1, 4])
+    y = helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [1, 2])
+    nodes = [
+        helper.make_node("Split", ["x", "sizes"], ["a", "b"], axis=1),
+        helper.make_node("Add", ["a", "b"], ["y"]),
+    ]
+    sizes = numpy_helper.from_array(np.array([2, 2], np.int64), "sizes")
+    model = helper.make_model(helper.make_graph(nodes, "split", [x], [y], [sizes]))
+    cut = recover_module._truncated(model, ["y"], {"b": np.dtype(np.float32)})
+    fed = np.array([[10.0, 20.0]], np.float32)
+    (out,) = make_session(cut).run(["y"], {"x": np.arange(4, dtype=np.float32)[None], "b": fed})
+    np.testing.assert_array_equal(out, [[10.0, 21.0]])

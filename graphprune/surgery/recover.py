@@ -167,6 +167,10 @@ def _truncated(
     cut.CopyFrom(model)
     del cut.graph.node[:]
     cut.graph.node.extend(nodes)
+    for node in cut.graph.node:  # a node kept for another output also makes a given one: the fed
+        for index, name in enumerate(node.output):  # value stands in for it (one definition per name)
+            if name in given:
+                node.output[index] = f"{name}/recomputed"
     del cut.graph.output[:]
     cut.graph.output.extend(onnx.ValueInfoProto(name=name) for name in outputs)
     kept = [init for init in cut.graph.initializer if init.name in needed]
