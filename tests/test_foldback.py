@@ -275,3 +275,29 @@ def test_apply_to_module_refuses_a_graph_with_folded_bn(tmp_path: Path, dynamo: 
     with pytest.raises(UnsupportedModelError, match="BatchNorm was folded.*export with BN kept") as caught:
         apply_to_module(copy.deepcopy(module), result.model)
     assert "\n" not in str(caught.value)
+
+
+def test_fold_back_exports_onnx2torch_shape_modules_after_a_dynamo_export(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A dynamo export imports torch.onnx.symbolic_helper by name, a compatibility module without the
+    export's GLOBALS; onnx2torch, imported after it, read the export opset there, so every later
+    fold-back of a graph with a Shape (a flatten at a dynamic batch) failed with an AttributeError."""
+    import importlib
+
+    from helpers import export_torch
+    from onnx2torch.utils import common
+
+    class Flat(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv, self.bn, self.fc = nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4), nn.Linear(4 * 6 * 6, 3)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.fc(torch.relu(self.bn(self.conv(x))).view(x.size(0), -1))
+
+    proto = export_torch(Flat(), (2, 1, 8, 8), tmp_path / "flat.onnx")
+    assert any(node.op_type == "Shape" for node in proto.graph.node)
+    monkeypatch.setattr(common, "symbolic_helper", importlib.import_module("torch.onnx.symbolic_helper"))
+    module = onnx_to_module(proto)
+    assert verify_foldback(module, proto) < 1e-5

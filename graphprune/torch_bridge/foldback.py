@@ -173,6 +173,7 @@ def onnx_to_module(pruned: ModelLike) -> nn.Module:
     """A trainable torch module (onnx2torch) computing the pruned graph, with BN gamma/beta trainable."""
     from onnx2torch import convert
 
+    _export_opset_for_onnx2torch()
     model = _for_onnx2torch(clean(_proto(pruned)))
     try:
         module = convert(model)
@@ -183,6 +184,20 @@ def onnx_to_module(pruned: ModelLike) -> nn.Module:
         ) from exc
     _check_batchnorm_trainable(model, module)
     return module
+
+
+def _export_opset_for_onnx2torch() -> None:
+    """Let onnx2torch's modules read the export opset while they are exported (its Shape, Gather ...
+    export themselves through it). onnx2torch takes it from the module `from torch.onnx import
+    symbolic_helper` gives; since torch 2.9 that is a compatibility module without GLOBALS once anything
+    imported it by its full name (the dynamo exporter does), and every export of such a module then
+    failed (AttributeError: _export_onnx_opset_version) in a process that had made a dynamo export."""
+    from onnx2torch.utils import common
+
+    if not hasattr(common.symbolic_helper, "GLOBALS"):
+        from torch.onnx._internal.torchscript_exporter import symbolic_helper
+
+        common.symbolic_helper = symbolic_helper
 
 
 def _for_onnx2torch(model: onnx.ModelProto) -> onnx.ModelProto:
