@@ -468,3 +468,26 @@ def test_augmentation_of_channels_last_batches_is_that_of_channels_first_ones() 
     (first, _), *_ = list(torch_loader(ds, 16, augment=True, seed=3))
     (last, _), *_ = list(torch_loader(ds.laid_out(True), 16, augment=True, seed=3))
     assert torch.equal(last, first.permute(0, 2, 3, 1))
+
+
+def test_a_folder_too_big_for_memory_is_read_in_parts_for_evaluation(tmp_path: Path, monkeypatch) -> None:  # noqa: ANN001
+    rng = np.random.default_rng(6)
+    images = {
+        label: [rng.integers(0, 256, size=(8, 8, 3), dtype=np.uint8) for _ in range(7)] for label in "ab"
+    }
+    _write_images(tmp_path / "set", images)
+    root = str(tmp_path / "set")
+    whole = {norm: load_dataset(root, "test", image_norm=norm) for norm in ("unit", "data")}
+    assert [len(p) for p in sources.dataset_parts(root)] == [14]  # fits: one part
+    per_image = 3 * 8 * 8 * sources.FOLDER_BYTES_PER_ELEMENT
+    monkeypatch.setattr(sources, "available_memory", lambda: 12 * per_image)  # parts of 3 images
+    for norm, expected in whole.items():
+        parts = list(sources.dataset_parts(root, image_norm=norm))
+        assert [len(p) for p in parts] == [3, 3, 3, 3, 2]
+        assert np.array_equal(np.concatenate([p.labels for p in parts]), expected.labels)
+        np.testing.assert_allclose(np.concatenate([p.images for p in parts]), expected.images, atol=1e-5)
+        assert {p.image_norm for p in parts} == {expected.image_norm}  # own statistics: of the whole here
+    with pytest.raises(DataError, match="memory"):
+        load_dataset(root)  # everything but evaluation holds a folder whole
+    layout = ImageInput(3, 8, 8, channels_last=True)
+    assert all(p.sample_shape == (8, 8, 3) for p in sources.dataset_parts(root, shape=layout))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import shutil
 from pathlib import Path
 from typing import Any
@@ -406,12 +407,17 @@ def _brightness_classifier(path: Path, image_norm: str | None) -> None:
 
 
 def test_eval_normalises_a_folder_as_the_model_records(
-    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
     """Bright images are class a, dark ones class b: standardised with their own statistics the
     classifier gets them all right; with the recorded 0.9/0.1 (as trained) every image reads dark."""
     import numpy as np
     from PIL import Image
+
+    from graphprune.data import sources
 
     for label, level in (("a", 200), ("b", 50)):
         (tmp_path / "set" / label).mkdir(parents=True)
@@ -430,6 +436,10 @@ def test_eval_normalises_a_folder_as_the_model_records(
     assert accuracy(recorded) == 0.5
     assert accuracy(recorded, "--image-norm", "data") == 1.0  # what is given wins over the record
     assert accuracy(plain, "--image-norm", "0.9/0.1") == 0.5
+    monkeypatch.setattr(sources, "available_memory", lambda: 4 * 16 * sources.FOLDER_BYTES_PER_ELEMENT)
+    caplog.set_level(logging.INFO, logger="graphprune.data.sources")
+    assert accuracy(plain) == 1.0 and accuracy(recorded) == 0.5  # in parts of one image: the same
+    assert "read in parts" in caplog.text
 
 
 def test_train_and_finetune_record_the_normalisation_and_keep_the_models_metadata(tmp_path: Path) -> None:

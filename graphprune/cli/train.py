@@ -256,23 +256,29 @@ def cmd_finetune(args: argparse.Namespace) -> int:
 
 def cmd_eval(args: argparse.Namespace) -> int:
     from graphprune.cli.console import out, print_results, stage
-    from graphprune.data import load_dataset
+    from graphprune.data import dataset_parts
     from graphprune.model_io import input_image_norm, load_model
     from graphprune.runtime.evaluate import evaluate_onnx
     from graphprune.runtime.shapes import image_shape
 
     model = load_model(args.model).proto
     image_norm = input_image_norm(model, args.image_norm)
-    data = load_dataset(
+    parts = dataset_parts(
         args.data, args.split, limit=args.limit, shape=image_shape(model), image_norm=image_norm
     )
-    with stage("evaluate"):
-        accuracy = evaluate_onnx(model, data, args.batch_size, provider=args.provider, threads=args.threads)
-    correct = round(accuracy * len(data))
-    numbers = {"accuracy": accuracy, "correct": correct, "samples": len(data), "data": data.name}
+    correct = samples = 0
+    with stage("evaluate"):  # a folder too big for memory comes in parts
+        for part in parts:
+            accuracy = evaluate_onnx(
+                model, part, args.batch_size, provider=args.provider, threads=args.threads
+            )
+            correct += round(accuracy * len(part))
+            samples += len(part)
+    accuracy, name = correct / samples, part.name
+    numbers = {"accuracy": accuracy, "correct": correct, "samples": samples, "data": name}
     print_results(
         args.json,
         {**numbers, "split": args.split, "model": args.model},
-        lambda: out.print(f"accuracy {accuracy:.4f} ({correct}/{len(data)}) on {data.name} {args.split}"),
+        lambda: out.print(f"accuracy {accuracy:.4f} ({correct}/{samples}) on {name} {args.split}"),
     )
     return 0

@@ -10,6 +10,7 @@ from graphprune.data.loader import torch_loader
 from graphprune.data.sources import (
     FASHION_MNIST_MEAN,
     FASHION_MNIST_STD,
+    dataset_parts,
     load_calibration,
     load_dataset,
     load_splits,
@@ -19,6 +20,7 @@ __all__ = [
     "FASHION_MNIST_MEAN",
     "FASHION_MNIST_STD",
     "ArrayDataset",
+    "dataset_parts",
     "ImageInput",
     "load_calibration",
     "load_dataset",

@@ -13,6 +13,8 @@ import gzip
 import logging
 import subprocess
 from collections import Counter
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -65,11 +67,7 @@ def load_dataset(
     inputs ("data", a preset or MEAN/STD: see graphprune.data.image_norm); None is "data" with a
     warning where 8-bit images get their own statistics (a model trained with fixed ones wants those).
     """
-    if split not in SPLITS:
-        raise DataError(f"Unknown split '{split}'; use one of {', '.join(SPLITS)}.")
-    if limit is not None and limit < 1:
-        raise DataError(f"Dataset limit must be at least 1, got {limit}; pass a positive limit or none.")
-    normalization = parse_normalization(image_norm or OWN_STATISTICS)
+    normalization = _checked(split, limit, image_norm)
     path = Path(spec)
     if spec == "fashion-mnist":
         dataset = load_fashion_mnist(split, normalization).sample(limit, seed)
@@ -87,6 +85,50 @@ def load_dataset(
             f"Dataset '{spec}' is neither 'fashion-mnist', 'synthetic[:N]', an existing .npz file nor a "
             "folder of class sub-folders; check the spelling or the path."
         )
+    return _as_the_model_takes(dataset, spec, shape, image_norm)
+
+
+def dataset_parts(
+    spec: str,
+    split: str = "test",
+    *,
+    limit: int | None = None,
+    seed: int = 0,
+    shape: ImageInput | None = None,
+    image_norm: str | None = None,
+) -> Iterator[ArrayDataset]:
+    """load_dataset's labelled dataset in one part, except for an image folder too big to hold in
+    memory decoded, which comes in parts of a quarter of the memory available each (its own statistics,
+    where used, measured on a seeded sample of STATISTICS_SAMPLE images): what evaluation reads."""
+    path = Path(spec)
+    if not path.is_dir():
+        yield load_dataset(spec, split, limit=limit, seed=seed, shape=shape, image_norm=image_norm)
+        return
+    normalization = _checked(split, limit, image_norm)
+    folder = ImageFolder.scan(path, split, labels=True, limit=limit, seed=seed, shape=shape)
+    free = available_memory()
+    if free is None or folder.decoded_bytes(len(folder.files)) <= free:
+        yield _as_the_model_takes(folder.dataset(folder.files, normalization), spec, shape, image_norm)
+        return
+    log.info("folder %s does not fit in memory decoded: read in parts", folder.root)
+    for part in folder.chunks(normalization, free // 4):
+        yield _as_the_model_takes(part, spec, shape, image_norm)
+
+
+def _checked(split: str, limit: int | None, image_norm: str | None) -> Normalization:
+    """The normalisation `image_norm` names, once the split and limit are checked."""
+    if split not in SPLITS:
+        raise DataError(f"Unknown split '{split}'; use one of {', '.join(SPLITS)}.")
+    if limit is not None and limit < 1:
+        raise DataError(f"Dataset limit must be at least 1, got {limit}; pass a positive limit or none.")
+    return parse_normalization(image_norm or OWN_STATISTICS)
+
+
+def _as_the_model_takes(
+    dataset: ArrayDataset, spec: str, shape: ImageInput | None, image_norm: str | None
+) -> ArrayDataset:
+    """The dataset laid out for the model's input, with a warning (once per spec) when its 8-bit images
+    got their own statistics without being told to."""
     if image_norm is None and dataset.image_norm is not None and spec != "fashion-mnist":  # published
         _warn_own_statistics(spec, dataset.image_norm)
     return dataset.laid_out(shape is not None and shape.channels_last)
@@ -319,56 +361,119 @@ def load_image_folder(
 
     With `shape` (the model's image input) the images become grayscale for 1 channel, RGB otherwise, and
     are fitted to its size (fit_image); without, grayscale if every file is grayscale, RGB otherwise, and
-    fitted to their most common size. With `limit` only the chosen files are decoded.
+    fitted to their most common size. With `limit` only the chosen files are decoded. A folder that
+    would not fit in memory decoded is refused (dataset_parts reads one in parts for evaluation).
     """
-    from PIL import Image
+    folder = ImageFolder.scan(root, split, labels=labels, limit=limit, seed=seed, shape=shape)
+    _check_fits_in_memory(folder.root, folder.decoded_bytes(len(folder.files)))
+    return folder.dataset(folder.files, normalization)
 
-    name = root.name  # the dataset's, not its split folder's
-    if (root / split).is_dir():
-        root = root / split
-    classes = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
-    files = [
-        (path, label)
-        for label, name in enumerate(classes)
-        for path in sorted((root / name).iterdir())
-        if path.suffix.lower() in IMAGE_SUFFIXES
-    ]
-    flat = not files and not labels
-    if flat:
-        files = [(path, -1) for path in sorted(root.iterdir()) if path.suffix.lower() in IMAGE_SUFFIXES]
-    if not files:
-        raise DataError(
-            f"Folder {root} has no images in class sub-folders; lay it out as {root}/<class>/<image>"
-            + (" (or, for calibration, put the images in it directly)." if not labels else ".")
-        )
-    chosen = seeded_indices(len(files), limit, seed)
-    if chosen is not None:
-        files = [files[i] for i in chosen]
-    try:
-        headers = []
-        for path, _ in files:
-            with Image.open(path) as image:
-                headers.append((image.mode, image.size))
-        gray = shape.channels == 1 if shape is not None else all(mode in GRAY_MODES for mode, _ in headers)
+
+@dataclass
+class ImageFolder:
+    """The image files of a folder tree, (path, label) in order (label -1 in a flat folder), and how
+    they decode: grayscale or RGB, fitted to (height, width)."""
+
+    root: Path
+    name: str
+    files: list[tuple[Path, int]]
+    classes: list[str]
+    gray: bool
+    size: tuple[int, int]
+
+    @classmethod
+    def scan(
+        cls,
+        root: Path,
+        split: str,
+        *,
+        labels: bool,
+        limit: int | None,
+        seed: int,
+        shape: ImageInput | None,
+    ) -> ImageFolder:
+        """List the folder (see load_image_folder), keep a seeded subset of `limit` files, and read every
+        kept file's header for its mode and size."""
+        from PIL import Image
+
+        name = root.name  # the dataset's, not its split folder's
+        if (root / split).is_dir():
+            root = root / split
+        classes = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+        files = [
+            (path, label)
+            for label, folder in enumerate(classes)
+            for path in sorted((root / folder).iterdir())
+            if path.suffix.lower() in IMAGE_SUFFIXES
+        ]
+        if not files and not labels:  # a flat folder of images
+            files = [(path, -1) for path in sorted(root.iterdir()) if path.suffix.lower() in IMAGE_SUFFIXES]
+        if not files:
+            raise DataError(
+                f"Folder {root} has no images in class sub-folders; lay it out as {root}/<class>/<image>"
+                + (" (or, for calibration, put the images in it directly)." if not labels else ".")
+            )
+        chosen = seeded_indices(len(files), limit, seed)
+        if chosen is not None:
+            files = [files[i] for i in chosen]
+        try:
+            headers = []
+            for path, _ in files:
+                with Image.open(path) as image:
+                    headers.append((image.mode, image.size))
+        except OSError as exc:
+            raise DataError(f"Cannot read an image under {root} ({exc}); remove or fix the file.") from exc
         if shape is not None:
-            height, width = shape.height, shape.width
-        else:  # the most common size
+            gray, size = shape.channels == 1, (shape.height, shape.width)
+        else:  # grayscale if every file is, at the most common size
             width, height = Counter(wh for _, wh in headers).most_common(1)[0][0]
-        _check_fits_in_memory(root, len(files) * (1 if gray else 3) * height * width)
+            gray, size = all(mode in GRAY_MODES for mode, _ in headers), (height, width)
+        return cls(root, name, files, classes if files[0][1] >= 0 else [], gray, size)
+
+    def decoded_bytes(self, count: int) -> int:
+        """Memory that decoding and normalising `count` of the images takes at its peak."""
+        return count * (1 if self.gray else 3) * self.size[0] * self.size[1] * FOLDER_BYTES_PER_ELEMENT
+
+    def pixels(self, files: list[tuple[Path, int]]) -> np.ndarray:
+        """The files decoded and fitted: uint8 [N, C, H, W]."""
+        from PIL import Image
+
         pixels = []
-        for path, _ in files:
-            with Image.open(path) as image:
-                converted = fit_image(image.convert("L" if gray else "RGB"), (height, width))
-                pixels.append(np.asarray(converted))
-    except OSError as exc:
-        raise DataError(f"Cannot read an image under {root} ({exc}); remove or fix the file.") from exc
-    stacked = np.stack(pixels)
-    images = stacked[:, None] if gray else stacked.transpose(0, 3, 1, 2)
-    normalised, applied = normalization.apply(images, f"folder {root}")
-    if flat:
-        return ArrayDataset.unlabelled(normalised, name, applied)
-    targets = np.array([label for _, label in files])
-    return ArrayDataset(normalised, targets, len(classes), name, applied)
+        try:
+            for path, _ in files:
+                with Image.open(path) as image:
+                    pixels.append(
+                        np.asarray(fit_image(image.convert("L" if self.gray else "RGB"), self.size))
+                    )
+        except OSError as exc:
+            raise DataError(
+                f"Cannot read an image under {self.root} ({exc}); remove or fix the file."
+            ) from exc
+        stacked = np.stack(pixels)
+        return stacked[:, None] if self.gray else stacked.transpose(0, 3, 1, 2)
+
+    def dataset(self, files: list[tuple[Path, int]], normalization: Normalization) -> ArrayDataset:
+        """The files as a normalised dataset (unlabelled for a flat folder)."""
+        normalised, applied = normalization.apply(self.pixels(files), f"folder {self.root}")
+        if not self.classes:
+            return ArrayDataset.unlabelled(normalised, self.name, applied)
+        targets = np.array([label for _, label in files])
+        return ArrayDataset(normalised, targets, len(self.classes), self.name, applied)
+
+    def chunks(self, normalization: Normalization, memory: int) -> Iterator[ArrayDataset]:
+        """The images in order, as datasets of at most `memory` bytes decoded each, all normalised alike:
+        the data's own statistics are measured on a seeded sample of STATISTICS_SAMPLE images."""
+        if normalization.own:
+            sample = seeded_indices(len(self.files), STATISTICS_SAMPLE, 0)
+            files = self.files if sample is None else [self.files[i] for i in sample]
+            normalization = normalization.resolved(self.pixels(files))
+        step = max(1, memory // self.decoded_bytes(1))
+        for start in range(0, len(self.files), step):
+            yield self.dataset(self.files[start : start + step], normalization)
+
+
+# A folder read in parts measures its own statistics on this many images (seeded).
+STATISTICS_SAMPLE = 1024
 
 
 # Bytes per image element while a folder is decoded and standardised: the uint8 pixels and three
@@ -376,10 +481,11 @@ def load_image_folder(
 FOLDER_BYTES_PER_ELEMENT = 13
 
 
-def _check_fits_in_memory(root: Path, elements: int) -> None:
-    """Refuse a folder whose decoding would need more memory than the machine has available (a folder
-    is held in memory whole), before decoding it: an out-of-memory kill says nothing."""
-    need, free = elements * FOLDER_BYTES_PER_ELEMENT, available_memory()
+def _check_fits_in_memory(root: Path, need: int) -> None:
+    """Refuse a folder whose decoding would need more memory (`need` bytes) than the machine has
+    available (a folder is held in memory whole), before decoding it: an out-of-memory kill says
+    nothing."""
+    free = available_memory()
     if free is not None and need > free:
         raise DataError(
             f"Folder {root} would take about {need / 2**30:.1f} GiB decoded, more than the "
