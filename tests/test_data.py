@@ -491,3 +491,31 @@ def test_a_folder_too_big_for_memory_is_read_in_parts_for_evaluation(tmp_path: P
         load_dataset(root)  # everything but evaluation holds a folder whole
     layout = ImageInput(3, 8, 8, channels_last=True)
     assert all(p.sample_shape == (8, 8, 3) for p in sources.dataset_parts(root, shape=layout))
+
+
+def test_a_dataset_without_a_test_split_holds_one_out(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Accuracy measured on the training images would flatter the model: a folder without test/ (or an
+    .npz without x_test) gives a seeded tenth of its samples as the test split, disjoint from training."""
+    from graphprune.data import load_splits
+
+    pixels = np.arange(40, dtype=np.uint8)[:, None, None, None] * np.ones((1, 1, 4, 4), np.uint8)
+    _write_images(tmp_path / "set", {"a": list(pixels[:20, 0]), "b": list(pixels[20:, 0])})
+    np.savez(tmp_path / "xy.npz", x=pixels, y=np.arange(40) // 20)
+    for spec in (str(tmp_path / "set"), str(tmp_path / "xy.npz")):
+        train, test = load_splits(spec, image_norm="pixels")
+        seen = [set(ds.images[:, 0, 0, 0].round().astype(int).tolist()) for ds in (train, test)]
+        assert (
+            (len(train), len(test)) == (36, 4)
+            and not seen[0] & seen[1]
+            and seen[0] | seen[1] == set(range(40))
+        )
+        assert (train.image_norm, test.image_norm) == ("pixels", "pixels")
+        limited = load_splits(spec, train_limit=10, test_limit=2, image_norm="pixels")
+        assert [len(ds) for ds in limited] == [10, 2]
+        assert set(limited[1].images[:, 0, 0, 0].round().astype(int).tolist()) <= seen[1]  # still held out
+    assert "no test split: 4 of its 40 samples" in caplog.text
+    _write_images(tmp_path / "split" / "train", {"a": list(pixels[:3, 0])})
+    _write_images(tmp_path / "split" / "test", {"a": list(pixels[3:5, 0])})
+    assert [len(ds) for ds in load_splits(str(tmp_path / "split"))] == [3, 2]  # its own test split

@@ -145,10 +145,82 @@ def load_splits(
 ) -> tuple[ArrayDataset, ArrayDataset]:
     """(train, test) splits of a dataset spec (see load_dataset), each optionally limited to a seeded
     subset; the test split's 8-bit images are normalised exactly as the training split's were (with
-    the training split's statistics where those are used)."""
+    the training split's statistics where those are used). A folder without a test/ sub-folder, or an
+    .npz without x_test, has no test split: a seeded HOLDOUT_SHARE of it is held out as one (accuracy
+    measured on the training images would flatter every model)."""
+    if not has_test_split(spec):
+        return _held_out_splits(spec, train_limit, test_limit, seed, shape, image_norm)
     train = load_dataset(spec, "train", limit=train_limit, seed=seed, shape=shape, image_norm=image_norm)
     test_norm = train.image_norm or image_norm
     return train, load_dataset(spec, "test", limit=test_limit, seed=seed, shape=shape, image_norm=test_norm)
+
+
+# The share of a dataset without a test split that load_splits holds out as one.
+HOLDOUT_SHARE = 0.1
+
+
+def has_test_split(spec: str) -> bool:
+    """Whether the spec has test images of its own: Fashion-MNIST and synthetic sets do, a folder with a
+    test/ sub-folder does, an .npz with x_test or images_test does."""
+    path = Path(spec)
+    if path.is_dir():
+        return (path / "test").is_dir()
+    if path.suffix == ".npz" and path.is_file():
+        try:
+            with np.load(path, allow_pickle=False) as archive:
+                return bool({"x_test", "images_test"} & set(archive.files))
+        except (OSError, ValueError):
+            return True  # load_dataset says what is wrong with it
+    return True
+
+
+def _held_out_splits(
+    spec: str,
+    train_limit: int | None,
+    test_limit: int | None,
+    seed: int,
+    shape: ImageInput | None,
+    image_norm: str | None,
+) -> tuple[ArrayDataset, ArrayDataset]:
+    """(train, test) of a dataset without a test split (see load_splits); only the images kept are
+    decoded, and normalised together."""
+    normalization = _checked("train", train_limit, image_norm)
+    _checked("test", test_limit, image_norm)
+    path = Path(spec)
+    if path.is_dir():
+        folder = ImageFolder.scan(path, "train", labels=True, limit=None, seed=seed, shape=shape)
+        train_rows, test_rows = _held_out(spec, len(folder.files), seed, train_limit, test_limit)
+        files = [folder.files[i] for i in np.concatenate([train_rows, test_rows])]
+        _check_fits_in_memory(folder.root, folder.decoded_bytes(len(files)))
+        both = folder.dataset(files, normalization)
+        cut = len(train_rows)
+        train, test = both.subset(np.arange(cut)), both.subset(np.arange(cut, len(files)))
+    else:
+        whole = load_npz(path, "train", normalization=normalization)
+        train_rows, test_rows = _held_out(spec, len(whole), seed, train_limit, test_limit)
+        train, test = whole.subset(train_rows), whole.subset(test_rows)
+    return _as_the_model_takes(train, spec, shape, image_norm), _as_the_model_takes(
+        test, spec, shape, image_norm
+    )
+
+
+def _held_out(
+    spec: str, count: int, seed: int, train_limit: int | None, test_limit: int | None
+) -> tuple[np.ndarray, np.ndarray]:
+    """Sorted (train, test) rows of `count` samples: a seeded HOLDOUT_SHARE (at least one) held out for
+    testing, each part then cut to a seeded subset of its limit."""
+    if count < 2:
+        raise DataError(f"{spec} holds {count} sample; training and testing on it need at least 2.")
+    order = np.random.default_rng(seed).permutation(count)
+    held = max(1, round(HOLDOUT_SHARE * count))
+    log.warning(
+        "%s has no test split: %d of its %d samples (seeded) are held out to test on", spec, held, count
+    )
+    rows = []
+    for part, limit in ((order[held:], train_limit), (order[:held], test_limit)):
+        chosen = seeded_indices(len(part), limit, seed)
+        rows.append(np.sort(part if chosen is None else part[chosen]))
+    return rows[0], rows[1]
 
 
 _WARNED_OWN_STATISTICS: set[str] = set()
