@@ -259,6 +259,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from graphprune.data import dataset_parts
     from graphprune.model_io import input_image_norm, load_model
     from graphprune.runtime.evaluate import evaluate_onnx
+    from graphprune.runtime.progress import progress
     from graphprune.runtime.shapes import image_shape
 
     model = load_model(args.model).proto
@@ -267,10 +268,15 @@ def cmd_eval(args: argparse.Namespace) -> int:
         args.data, args.split, limit=args.limit, shape=image_shape(model), image_norm=image_norm
     )
     correct = samples = 0
-    with stage("evaluate"):  # a folder too big for memory comes in parts
-        for part in parts:
+    with stage("evaluate"), progress(desc="evaluate", unit="img") as bar:
+        for part in parts:  # a folder too big for memory comes in parts
             accuracy = evaluate_onnx(
-                model, part, args.batch_size, provider=args.provider, threads=args.threads
+                model,
+                part,
+                args.batch_size,
+                provider=args.provider,
+                threads=args.threads,
+                on_batch=bar.update,
             )
             correct += round(accuracy * len(part))
             samples += len(part)

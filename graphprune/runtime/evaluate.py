@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 
 import numpy as np
 import onnx
@@ -21,10 +22,12 @@ def evaluate_onnx(
     *,
     provider: str = "cpu",
     threads: int | None = None,
+    on_batch: Callable[[int], object] | None = None,
 ) -> float:
     """Top-1 accuracy of an ONNX classifier on `ds`, run through onnxruntime.
 
     A model with a fixed batch dimension is fed batches of exactly that size (the tail padded).
+    `on_batch(images)` is called after each batch (a progress bar's update).
     """
     if len(ds) == 0:
         raise DataError(f"Dataset '{ds.name}' is empty; evaluate on a dataset with samples.")
@@ -56,4 +59,6 @@ def evaluate_onnx(
                 f"{logits.shape}."
             )
         correct += int((logits[:count].argmax(1) == labels).sum())
+        if on_batch is not None:
+            on_batch(count)
     return correct / len(ds)
