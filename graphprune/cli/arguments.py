@@ -78,7 +78,7 @@ def parse_image_norm(text: str) -> str:
     try:
         parse_normalization(text)
     except DataError as exc:
-        raise argparse.ArgumentTypeError(str(exc).removeprefix("--image-norm ")) from exc
+        raise argparse.ArgumentTypeError(str(exc).partition(";")[0]) from exc
     return text
 
 

@@ -96,8 +96,9 @@ def parse_normalization(text: str) -> Normalization:
         mean = std = ()
     if not slash or not mean or not std or not all(np.isfinite(mean + std)) or min(std) <= 0:
         raise DataError(
-            f"--image-norm {text!r} is neither {', '.join(NORMALIZE_CHOICES)} nor MEAN/STD with positive "
-            "std (e.g. 0.5/0.25 or 0.485,0.456,0.406/0.229,0.224,0.225)."
+            f"image normalisation {text!r} is neither {', '.join(NORMALIZE_CHOICES)} nor MEAN/STD with "
+            "positive std (e.g. 0.5/0.25 or 0.485,0.456,0.406/0.229,0.224,0.225); give one with "
+            "--image-norm (it also overrides one a model records)."
         )
     return Normalization(text, mean, std)
 
