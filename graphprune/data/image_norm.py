@@ -47,9 +47,15 @@ class Normalization:
         statistics measured (a channel of one value gets std 1/255), else this one."""
         if not self.own:
             return self
-        values = images / np.float32(PIXEL_MAX)
-        mean = values.mean(axis=(0, 2, 3), dtype=np.float64)
-        std = values.std(axis=(0, 2, 3), dtype=np.float64)
+        total = np.zeros(images.shape[1])
+        squares = np.zeros(images.shape[1])
+        for part in _parts(images):
+            scaled = part / float(PIXEL_MAX)  # float64: sums of millions of pixels stay exact enough
+            total += scaled.sum(axis=(0, 2, 3))
+            squares += np.square(scaled).sum(axis=(0, 2, 3))
+        count = images.shape[0] * images.shape[2] * images.shape[3]
+        mean = total / count
+        std = np.sqrt(np.maximum(squares / count - mean**2, 0.0))
         std = np.where(std > 0, std, 1.0 / PIXEL_MAX)
         text = f"{','.join(f'{m:.6g}' for m in mean)}/{','.join(f'{s:.6g}' for s in std)}"
         return Normalization(text, tuple(mean.tolist()), tuple(std.tolist()))
@@ -57,17 +63,17 @@ class Normalization:
     def apply(self, images: np.ndarray, source: str) -> tuple[np.ndarray, str]:
         """Integer [N,C,H,W] images as float32 model inputs, and the MEAN/STD they got (own statistics
         measured: see `resolved`); `source` names the data in errors.  Fixed statistics need 8-bit
-        pixels and one value or one per channel."""
-        values = images.astype(np.float32)
-        if not self.own and values.size and (values.min() < 0 or values.max() > PIXEL_MAX):
+        pixels and one value or one per channel.  Worked in parts: the peak is the integer images and
+        the float32 result (IMAGE_BYTES_PER_PIXEL per uint8 element)."""
+        if not self.own and images.size and (images.min() < 0 or images.max() > PIXEL_MAX):
             raise DataError(
-                f"{source} holds integers from {values.min():.0f} to {values.max():.0f}; --image-norm "
+                f"{source} holds integers from {images.min()} to {images.max()}; --image-norm "
                 f"{self.text} is for 8-bit pixels (0..{PIXEL_MAX}): store them as such, or use "
                 f"--image-norm {OWN_STATISTICS}."
             )
-        fixed = self.resolved(values)
+        fixed = self.resolved(images)
         assert fixed.mean is not None and fixed.std is not None
-        channels = values.shape[1]
+        channels = images.shape[1]
         if {len(fixed.mean), len(fixed.std)} - {1, channels}:
             raise DataError(
                 f"--image-norm {self.text} gives {len(fixed.mean)} mean(s) and {len(fixed.std)} std(s), "
@@ -75,7 +81,24 @@ class Normalization:
             )
         mean = np.asarray(fixed.mean, np.float32).reshape(1, -1, 1, 1)
         std = np.asarray(fixed.std, np.float32).reshape(1, -1, 1, 1)
-        return (values / PIXEL_MAX - mean) / std, fixed.text
+        normalised = np.empty(images.shape, np.float32)
+        start = 0
+        for part in _parts(images):
+            normalised[start : start + len(part)] = (part / np.float32(PIXEL_MAX) - mean) / std
+            start += len(part)
+        return normalised, fixed.text
+
+
+# Elements per step of the normalisation: its float temporaries stay tens of MB whatever the data.
+PART_ELEMENTS = 1 << 22
+# Peak bytes per uint8 image element while a set is normalised: the pixels and the float32 result.
+IMAGE_BYTES_PER_PIXEL = 1 + 4
+
+
+def _parts(images: np.ndarray) -> list[np.ndarray]:
+    """Consecutive slices of the images along N, of about PART_ELEMENTS elements each (at least one image)."""
+    step = max(1, PART_ELEMENTS // max(1, images[0].size if len(images) else 1))
+    return [images[start : start + step] for start in range(0, len(images), step)]
 
 
 OWN = Normalization(OWN_STATISTICS)

@@ -21,7 +21,14 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from graphprune.data.dataset import ArrayDataset, ImageInput, seeded_indices
-from graphprune.data.image_norm import OWN, OWN_STATISTICS, Normalization, fixed, parse_normalization
+from graphprune.data.image_norm import (
+    IMAGE_BYTES_PER_PIXEL,
+    OWN,
+    OWN_STATISTICS,
+    Normalization,
+    fixed,
+    parse_normalization,
+)
 from graphprune.errors import DataError
 
 if TYPE_CHECKING:
@@ -452,6 +459,7 @@ class ImageFolder:
     classes: list[str]
     gray: bool
     size: tuple[int, int]
+    channels_last: bool = False
 
     @classmethod
     def scan(
@@ -500,29 +508,31 @@ class ImageFolder:
         else:  # grayscale if every file is, at the most common size
             width, height = Counter(wh for _, wh in headers).most_common(1)[0][0]
             gray, size = all(mode in GRAY_MODES for mode, _ in headers), (height, width)
-        return cls(root, name, files, classes if files[0][1] >= 0 else [], gray, size)
+        channels_last = shape is not None and shape.channels_last
+        return cls(root, name, files, classes if files[0][1] >= 0 else [], gray, size, channels_last)
 
     def decoded_bytes(self, count: int) -> int:
-        """Memory that decoding and normalising `count` of the images takes at its peak."""
-        return count * (1 if self.gray else 3) * self.size[0] * self.size[1] * FOLDER_BYTES_PER_ELEMENT
+        """Memory that decoding, normalising and laying out `count` of the images takes at its peak."""
+        per_element = FOLDER_BYTES_PER_ELEMENT + (
+            CHANNELS_LAST_BYTES_PER_ELEMENT if self.channels_last else 0
+        )
+        return count * (1 if self.gray else 3) * self.size[0] * self.size[1] * per_element
 
     def pixels(self, files: list[tuple[Path, int]]) -> np.ndarray:
-        """The files decoded and fitted: uint8 [N, C, H, W]."""
+        """The files decoded and fitted: uint8 [N, C, H, W], written in place (one byte per element)."""
         from PIL import Image
 
-        pixels = []
+        pixels = np.empty((len(files), 1 if self.gray else 3, *self.size), np.uint8)
         try:
-            for path, _ in files:
+            for index, (path, _) in enumerate(files):
                 with Image.open(path) as image:
-                    pixels.append(
-                        np.asarray(fit_image(image.convert("L" if self.gray else "RGB"), self.size))
-                    )
+                    fitted = np.asarray(fit_image(image.convert("L" if self.gray else "RGB"), self.size))
+                pixels[index] = fitted[None] if self.gray else fitted.transpose(2, 0, 1)
         except OSError as exc:
             raise DataError(
                 f"Cannot read an image under {self.root} ({exc}); remove or fix the file."
             ) from exc
-        stacked = np.stack(pixels)
-        return stacked[:, None] if self.gray else stacked.transpose(0, 3, 1, 2)
+        return pixels
 
     def dataset(self, files: list[tuple[Path, int]], normalization: Normalization) -> ArrayDataset:
         """The files as a normalised dataset (unlabelled for a flat folder)."""
@@ -548,9 +558,11 @@ class ImageFolder:
 STATISTICS_SAMPLE = 1024
 
 
-# Bytes per image element while a folder is decoded and standardised: the uint8 pixels and three
-# float32 copies at the peak (the values, their deviations from the mean, the result).
-FOLDER_BYTES_PER_ELEMENT = 13
+# Bytes per image element while a folder is decoded and normalised: the uint8 pixels and the float32
+# result (graphprune.data.image_norm works in parts); a channels-last model's data also takes the
+# float32 result's transposed copy.
+FOLDER_BYTES_PER_ELEMENT = IMAGE_BYTES_PER_PIXEL
+CHANNELS_LAST_BYTES_PER_ELEMENT = 4
 
 
 def _check_fits_in_memory(root: Path, need: int) -> None:
