@@ -7,6 +7,7 @@ import argparse
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
+    from graphprune.recipes.workspace import Start
     from graphprune.torch_bridge.distill import Teacher
 
 POOL_HELP = "comma-separated criteria"
@@ -171,6 +172,23 @@ def calibration_kwargs(args: argparse.Namespace) -> dict[str, Any]:
             )
         }
     return kwargs
+
+
+def training_start(args: argparse.Namespace, model: str | None = None, onnx: str | None = None) -> Start:
+    """Where training starts (a zoo model or an ONNX file) with --data, its limits, --seed and
+    --image-norm: Start.datasets() reads the splits as the model takes them (train, finetune, slim,
+    gate-decorator)."""
+    from graphprune.recipes.workspace import Start
+
+    return Start(
+        model=model,
+        onnx=onnx,
+        data=args.data,
+        train_limit=args.train_limit,
+        val_limit=args.val_limit,
+        seed=args.seed,
+        image_norm=args.image_norm,
+    )
 
 
 def distillation_arguments(p: argparse.ArgumentParser) -> None:

@@ -16,6 +16,7 @@ from graphprune.cli.arguments import (
     add_json_argument,
     distillation_arguments,
     teacher,
+    training_start,
 )
 from graphprune.errors import GraphPruneError
 
@@ -53,13 +54,9 @@ def _common(p: argparse.ArgumentParser) -> None:
 
 
 def _start(args: argparse.Namespace) -> Start:
-    from graphprune.recipes.workspace import Start
-
     if args.onnx and Path(args.onnx).resolve() == Path(args.output).resolve():
         raise GraphPruneError("the output path is the input model; graphprune never overwrites its input.")
-    return Start(
-        args.model, args.onnx, args.data, args.train_limit, args.val_limit, args.seed, args.image_norm
-    )
+    return training_start(args, args.model, args.onnx)
 
 
 def _train(args: argparse.Namespace) -> TrainConfig:

@@ -24,6 +24,7 @@ from graphprune.cli.arguments import (
     distillation_arguments,
     set_threads,
     teacher,
+    training_start,
 )
 from graphprune.errors import GraphPruneError
 
@@ -33,7 +34,6 @@ if TYPE_CHECKING:
     from torch import nn
 
     from graphprune.data import ArrayDataset
-    from graphprune.recipes.workspace import Start
     from graphprune.torch_bridge.train import Callback, TrainConfig, TrainState
 
 
@@ -139,14 +139,6 @@ def _config(args: argparse.Namespace, model_sha256: str | None = None) -> TrainC
     )
 
 
-def _start(args: argparse.Namespace, *, model: str | None = None, onnx: str | None = None) -> Start:
-    """Where training starts (a zoo model or an ONNX file), with --data and its limits, seed and
-    --image-norm: Start.datasets() reads the splits as the model takes them."""
-    from graphprune.recipes.workspace import Start
-
-    return Start(model, onnx, args.data, args.train_limit, args.val_limit, args.seed, args.image_norm)
-
-
 def _check_output(args: argparse.Namespace, model: str | None = None) -> None:
     output = Path(args.output)
     if output.suffix != ".onnx":
@@ -203,7 +195,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     _check_output(args)
     set_threads(args)
-    start = _start(args, model=args.model)
+    start = training_start(args, model=args.model)
     train, test = start.datasets()
     module = start.module(train)
     accuracy = _train_and_export(module, train, test, args)
@@ -229,7 +221,7 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     _check_output(args, args.model)
     set_threads(args)
     main = dist_info().is_main
-    start = _start(args, onnx=args.model)
+    start = training_start(args, onnx=args.model)
     proto = start.onnx_proto
     train, test = start.datasets()
     with stage("fold-back") if main else contextlib.nullcontext():
