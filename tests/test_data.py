@@ -519,3 +519,17 @@ def test_a_dataset_without_a_test_split_holds_one_out(
     _write_images(tmp_path / "split" / "train", {"a": list(pixels[:3, 0])})
     _write_images(tmp_path / "split" / "test", {"a": list(pixels[3:5, 0])})
     assert [len(ds) for ds in load_splits(str(tmp_path / "split"))] == [3, 2]  # its own test split
+
+
+def test_a_val_folder_is_the_test_split_and_a_missing_one_is_named(tmp_path: Path) -> None:
+    from graphprune.data import load_splits
+
+    pixels = [np.full((4, 4), v, np.uint8) for v in range(5)]
+    _write_images(tmp_path / "imagenet" / "train", {"a": pixels[:3]})
+    _write_images(tmp_path / "imagenet" / "val", {"a": pixels[3:]})
+    assert [len(ds) for ds in load_splits(str(tmp_path / "imagenet"))] == [3, 2]  # ImageNet's layout
+    assert len(load_dataset(str(tmp_path / "imagenet"), "test")) == 2
+    _write_images(tmp_path / "trainonly" / "train", {"a": pixels})
+    with pytest.raises(DataError, match=r"has train/ but no test split \(test/ or val/ or validation/\)"):
+        load_dataset(str(tmp_path / "trainonly"), "test")  # eval's default split, one clear line
+    assert [len(ds) for ds in load_splits(str(tmp_path / "trainonly"))] == [4, 1]  # held out

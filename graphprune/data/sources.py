@@ -162,6 +162,15 @@ def load_splits(
     return train, load_dataset(spec, "test", limit=test_limit, seed=seed, shape=shape, image_norm=test_norm)
 
 
+# Sub-folders that hold a split of an image folder, first found wins (ImageNet's is val/).
+SPLIT_FOLDERS = {"train": ("train",), "test": ("test", "val", "validation")}
+
+
+def _split_folder(root: Path, split: str) -> Path | None:
+    """The sub-folder of `root` holding `split` (SPLIT_FOLDERS), None when there is none."""
+    return next((root / name for name in SPLIT_FOLDERS[split] if (root / name).is_dir()), None)
+
+
 # The share of a dataset without a test split that load_splits holds out as one.
 HOLDOUT_SHARE = 0.1
 
@@ -171,7 +180,7 @@ def has_test_split(spec: str) -> bool:
     test/ sub-folder does, an .npz with x_test or images_test does."""
     path = Path(spec)
     if path.is_dir():
-        return (path / "test").is_dir()
+        return _split_folder(path, "test") is not None
     if path.suffix == ".npz" and path.is_file():
         try:
             with np.load(path, allow_pickle=False) as archive:
@@ -435,7 +444,8 @@ def load_image_folder(
     shape: ImageInput | None = None,
     normalization: Normalization = OWN,
 ) -> ArrayDataset:
-    """Images under root/<class>/ (or root/<split>/<class>/ when that exists), one label per sub-folder;
+    """Images under root/<class>/ (or root/<split>/<class>/ when that exists: train/, and test/, val/ or
+    validation/ for the test split), one label per sub-folder;
     with `labels` False, a flat folder of images is read unlabelled.
 
     With `shape` (the model's image input) the images become grayscale for 1 channel, RGB otherwise, and
@@ -477,8 +487,14 @@ class ImageFolder:
         from PIL import Image
 
         name = root.name  # the dataset's, not its split folder's
-        if (root / split).is_dir():
-            root = root / split
+        split_root = _split_folder(root, split)
+        if split_root is None and _split_folder(root, "train") is not None:
+            raise DataError(
+                f"Folder {root} has {SPLIT_FOLDERS['train'][0]}/ but no {split} split "
+                f"({' or '.join(f'{name}/' for name in SPLIT_FOLDERS[split])}); add one, or read the "
+                "train split."
+            )
+        root = split_root or root
         classes = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
         files = [
             (path, label)
