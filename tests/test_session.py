@@ -131,3 +131,22 @@ def test_input_feed_resolves_dims_and_is_seeded() -> None:
     again = input_feed(model, 5, seed=1)
     np.testing.assert_array_equal(feed["image"], again["image"])
     assert not np.array_equal(feed["image"], input_feed(model, 5, seed=2)["image"])
+
+
+def test_top_k_counts_rank_the_right_class_as_argmax_breaks_ties() -> None:
+    from onnx import TensorProto, helper
+
+    from graphprune.data import ArrayDataset
+    from graphprune.runtime.evaluate import evaluate_onnx, top_k_correct
+
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 1, 1, 4])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 4])
+    flat = helper.make_node("Flatten", ["x"], ["y"])
+    model = helper.make_model(
+        helper.make_graph([flat], "scores", [x], [y]), opset_imports=[helper.make_opsetid("", 17)]
+    )
+    scores = np.array([[0.9, 0.1, 0.5, 0.3], [0.2, 0.2, 0.2, 0.2], [0.1, 0.4, 0.3, 0.4]], np.float32)
+    data = ArrayDataset(scores[:, None, None, :], np.array([2, 0, 3]), 4, "scores")
+    # ranks: 1 (0.9 above), 0 (ties, first), 1 (tied with class 1, which argmax picks)
+    assert top_k_correct(model, data, ks=(1, 2, 5)) == [1, 3, 3]
+    assert evaluate_onnx(model, data) == pytest.approx(1 / 3)

@@ -250,7 +250,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from graphprune.cli.console import out, print_results, stage
     from graphprune.data import dataset_parts
     from graphprune.model_io import input_image_norm, load_model
-    from graphprune.runtime.evaluate import evaluate_onnx
+    from graphprune.runtime.evaluate import top_k_correct
     from graphprune.runtime.progress import progress
     from graphprune.runtime.shapes import image_shape
 
@@ -259,24 +259,26 @@ def cmd_eval(args: argparse.Namespace) -> int:
     parts = dataset_parts(
         args.data, args.split, limit=args.limit, shape=image_shape(model), image_norm=image_norm
     )
-    correct = samples = 0
+    correct = top5 = samples = 0
     with stage("evaluate"), progress(desc="evaluate", unit="img") as bar:
         for part in parts:  # a folder too big for memory comes in parts
-            accuracy = evaluate_onnx(
+            counts = top_k_correct(
                 model,
                 part,
                 args.batch_size,
+                ks=(1, 5),
                 provider=args.provider,
                 threads=args.threads,
                 on_batch=bar.update,
             )
-            correct += round(accuracy * len(part))
-            samples += len(part)
+            correct, top5, samples = correct + counts[0], top5 + counts[1], samples + len(part)
     accuracy, name = correct / samples, part.name
-    numbers = {"accuracy": accuracy, "correct": correct, "samples": samples, "data": name}
+    numbers = {"accuracy": accuracy, "top5_accuracy": top5 / samples, "correct": correct, "samples": samples}
     print_results(
         args.json,
-        {**numbers, "split": args.split, "model": args.model},
-        lambda: out.print(f"accuracy {accuracy:.4f} ({correct}/{samples}) on {name} {args.split}"),
+        {**numbers, "data": name, "split": args.split, "model": args.model},
+        lambda: out.print(
+            f"accuracy {accuracy:.4f} ({correct}/{samples}), top-5 {top5 / samples:.4f}, on {name} {args.split}"
+        ),
     )
     return 0

@@ -22,9 +22,23 @@ def evaluate_onnx(
     *,
     provider: str = "cpu",
     threads: int | None = None,
-    on_batch: Callable[[int], object] | None = None,
 ) -> float:
-    """Top-1 accuracy of an ONNX classifier on `ds`, run through onnxruntime.
+    """Top-1 accuracy of an ONNX classifier on `ds`, run through onnxruntime (see top_k_correct)."""
+    return top_k_correct(model, ds, batch_size, provider=provider, threads=threads)[0] / len(ds)
+
+
+def top_k_correct(
+    model: onnx.ModelProto | str | os.PathLike[str],
+    ds: ArrayDataset,
+    batch_size: int = EVAL_BATCH,
+    *,
+    ks: tuple[int, ...] = (1,),
+    provider: str = "cpu",
+    threads: int | None = None,
+    on_batch: Callable[[int], object] | None = None,
+) -> list[int]:
+    """How many of `ds`'s images an ONNX classifier ranks the right class within its top k, for each k
+    of `ks` (k above the class count counts every image), run through onnxruntime.
 
     A model with a fixed batch dimension is fed batches of exactly that size (the tail padded).
     `on_batch(images)` is called after each batch (a progress bar's update).
@@ -47,7 +61,7 @@ def evaluate_onnx(
             f"The model expects inputs {expected} but dataset '{ds.name}' has images {ds.sample_shape}"
             f"{layout}; evaluate on matching data."
         )
-    correct = 0
+    correct = [0] * len(ks)
     for images, labels in ds.batches(fixed or batch_size):
         count = len(images)
         if fixed is not None and count < fixed:
@@ -58,7 +72,13 @@ def evaluate_onnx(
                 f"accuracy needs a classifier whose first output is [N, classes], but it has shape "
                 f"{logits.shape}."
             )
-        correct += int((logits[:count].argmax(1) == labels).sum())
+        # the right class's rank: the classes scoring above it, and those tied with it that come first
+        # (as argmax breaks ties)
+        scores = logits[:count]
+        right = scores[np.arange(count), labels][:, None]
+        before = np.arange(scores.shape[1])[None, :] < labels[:, None]
+        rank = ((scores > right) | ((scores == right) & before)).sum(axis=1)
+        correct = [total + int((rank < k).sum()) for total, k in zip(correct, ks, strict=True)]
         if on_batch is not None:
             on_batch(count)
-    return correct / len(ds)
+    return correct
