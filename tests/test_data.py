@@ -7,6 +7,7 @@ import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -14,9 +15,9 @@ import torch
 from PIL import Image
 from torch import nn
 
-from graphprune.data import ArrayDataset, load_dataset, sources, torch_loader
+from graphprune.data import ArrayDataset, folders, load_dataset, sources, torch_loader
 from graphprune.data.dataset import ImageInput
-from graphprune.data.sources import fit_image
+from graphprune.data.folders import fit_image
 from graphprune.errors import DataError
 
 
@@ -350,10 +351,10 @@ def test_a_folder_too_big_for_memory_is_refused_before_decoding(tmp_path: Path, 
     a subset that fits loads."""
     rng = np.random.default_rng(4)
     _write_images(tmp_path / "big", {"a": [rng.integers(0, 256, size=(16, 16, 3), dtype=np.uint8)] * 4})
-    real = sources.available_memory()
+    real = folders.available_memory()
     assert real is None or real > 2**20  # read from /proc/meminfo on Linux
-    per_image = 3 * 16 * 16 * sources.FOLDER_BYTES_PER_ELEMENT
-    monkeypatch.setattr(sources, "available_memory", lambda: 3 * per_image)
+    per_image = 3 * 16 * 16 * folders.FOLDER_BYTES_PER_ELEMENT
+    monkeypatch.setattr(folders, "available_memory", lambda: 3 * per_image)
     with pytest.raises(DataError, match=r"more than the 0.0 GiB of memory available.*--limit"):
         load_dataset(str(tmp_path / "big"))
     assert len(load_dataset(str(tmp_path / "big"), limit=3)) == 3
@@ -479,8 +480,8 @@ def test_a_folder_too_big_for_memory_is_read_in_parts_for_evaluation(tmp_path: P
     root = str(tmp_path / "set")
     whole = {norm: load_dataset(root, "test", image_norm=norm) for norm in ("unit", "data")}
     assert [len(p) for p in sources.dataset_parts(root)] == [14]  # fits: one part
-    per_image = 3 * 8 * 8 * sources.FOLDER_BYTES_PER_ELEMENT
-    monkeypatch.setattr(sources, "available_memory", lambda: 12 * per_image)  # parts of 3 images
+    per_image = 3 * 8 * 8 * folders.FOLDER_BYTES_PER_ELEMENT
+    monkeypatch.setattr(folders, "available_memory", lambda: 12 * per_image)  # parts of 3 images
     for norm, expected in whole.items():
         parts = list(sources.dataset_parts(root, image_norm=norm))
         assert [len(p) for p in parts] == [3, 3, 3, 3, 2]
@@ -533,3 +534,32 @@ def test_a_val_folder_is_the_test_split_and_a_missing_one_is_named(tmp_path: Pat
     with pytest.raises(DataError, match=r"has train/ but no test split \(test/ or val/ or validation/\)"):
         load_dataset(str(tmp_path / "trainonly"), "test")  # eval's default split, one clear line
     assert [len(ds) for ds in load_splits(str(tmp_path / "trainonly"))] == [4, 1]  # held out
+
+
+def test_a_training_folder_too_big_for_memory_is_decoded_to_disk(tmp_path: Path, monkeypatch) -> None:  # noqa: ANN001
+    from graphprune.data import load_splits
+
+    rng = np.random.default_rng(7)
+    images = {
+        label: [rng.integers(0, 256, size=(8, 8, 3), dtype=np.uint8) for _ in range(6)] for label in "ab"
+    }
+    _write_images(tmp_path / "set" / "train", images)
+    _write_images(tmp_path / "set" / "test", {"a": images["a"][:2]})
+    root = str(tmp_path / "set")
+    layouts = (None, ImageInput(3, 8, 8, channels_last=True))
+    in_memory = {layout: load_splits(root, image_norm="unit", shape=layout) for layout in layouts}
+    monkeypatch.setattr(folders, "available_memory", lambda: 3 * 3 * 8 * 8 * folders.FOLDER_BYTES_PER_ELEMENT)
+    monkeypatch.setattr(folders.tempfile, "tempdir", str(tmp_path / "spill"))
+    (tmp_path / "spill").mkdir()
+    for layout in layouts:
+        train, test = load_splits(root, image_norm="unit", shape=layout)
+        assert isinstance(train.images.base, np.memmap) and train.channels_last == (layout is not None)
+        for got, expected in zip((train, test), in_memory[layout], strict=True):
+            assert np.array_equal(got.images, expected.images) and np.array_equal(got.labels, expected.labels)
+    (x, y), *_ = list(torch_loader(train, 4, shuffle=True, augment=True))  # trains from the file
+    assert tuple(x.shape) == (4, 8, 8, 3) and all(
+        p.name.startswith("graphprune-data-") for p in (tmp_path / "spill").iterdir()
+    )
+    monkeypatch.setattr(folders.shutil, "disk_usage", lambda path: SimpleNamespace(free=100))
+    with pytest.raises(DataError, match="free in .*--train-limit"):
+        load_splits(root)

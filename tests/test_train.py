@@ -417,7 +417,7 @@ def test_eval_normalises_a_folder_as_the_model_records(
     import numpy as np
     from PIL import Image
 
-    from graphprune.data import sources
+    from graphprune.data import folders
 
     for label, level in (("a", 200), ("b", 50)):
         (tmp_path / "set" / label).mkdir(parents=True)
@@ -436,7 +436,7 @@ def test_eval_normalises_a_folder_as_the_model_records(
     assert accuracy(recorded) == 0.5
     assert accuracy(recorded, "--image-norm", "data") == 1.0  # what is given wins over the record
     assert accuracy(plain, "--image-norm", "0.9/0.1") == 0.5
-    monkeypatch.setattr(sources, "available_memory", lambda: 4 * 16 * sources.FOLDER_BYTES_PER_ELEMENT)
+    monkeypatch.setattr(folders, "available_memory", lambda: 4 * 16 * folders.FOLDER_BYTES_PER_ELEMENT)
     caplog.set_level(logging.INFO, logger="graphprune.data.sources")
     assert accuracy(plain) == 1.0 and accuracy(recorded) == 0.5  # in parts of one image: the same
     assert "read in parts" in caplog.text

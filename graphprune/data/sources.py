@@ -1,4 +1,5 @@
-"""Dataset sources: Fashion-MNIST from the Debian package, .npz files, image folders, synthetic patterns.
+"""Dataset sources: Fashion-MNIST from the Debian package, .npz files, image folders (graphprune.data.folders),
+synthetic patterns; the splits training reads, and the parts evaluation reads.
 
 Every source returns an ArrayDataset of normalised float32 images. Integer images (npz, image files)
 are standardised per channel with their own mean and std, or with the fixed values `image_norm` names
@@ -12,27 +13,19 @@ import functools
 import gzip
 import logging
 import subprocess
-from collections import Counter
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import numpy as np
 
 from graphprune.data.dataset import ArrayDataset, ImageInput, seeded_indices
-from graphprune.data.image_norm import (
-    IMAGE_BYTES_PER_PIXEL,
-    OWN,
-    OWN_STATISTICS,
-    Normalization,
-    fixed,
-    parse_normalization,
+from graphprune.data.folders import (
+    ImageFolder,
+    load_image_folder,
+    split_folder,
 )
+from graphprune.data.image_norm import OWN, OWN_STATISTICS, Normalization, fixed, parse_normalization
 from graphprune.errors import DataError
-
-if TYPE_CHECKING:
-    from PIL import Image
 
 log = logging.getLogger(__name__)
 
@@ -45,10 +38,6 @@ FASHION_MNIST_PREFIX = {"train": "train", "test": "t10k"}
 SYNTHETIC_SIZES = {"train": 6000, "test": 1000}
 SYNTHETIC_SHAPE = (1, 28, 28)
 SYNTHETIC_PERIODS = (3.0, 4.2, 5.6, 7.5, 10.0)
-IMAGE_SUFFIXES = frozenset(
-    {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".pgm", ".ppm"}
-)
-GRAY_MODES = frozenset({"1", "L", "LA", "I", "I;16", "F"})
 # IDX type codes (the third magic byte) and their big-endian numpy dtypes.
 IDX_DTYPES = {0x08: ">u1", 0x09: ">i1", 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
 
@@ -113,12 +102,11 @@ def dataset_parts(
         return
     normalization = _checked(split, limit, image_norm)
     folder = ImageFolder.scan(path, split, labels=True, limit=limit, seed=seed, shape=shape)
-    free = available_memory()
-    if free is None or folder.decoded_bytes(len(folder.files)) <= free:
+    if folder.fits(len(folder.files)):
         yield _as_the_model_takes(folder.dataset(folder.files, normalization), spec, shape, image_norm)
         return
     log.info("folder %s does not fit in memory decoded: read in parts", folder.root)
-    for part in folder.chunks(normalization, free // 4):
+    for part in folder.chunks(normalization):
         yield _as_the_model_takes(part, spec, shape, image_norm)
 
 
@@ -154,21 +142,15 @@ def load_splits(
     subset; the test split's 8-bit images are normalised exactly as the training split's were (with
     the training split's statistics where those are used). A folder without a test/ sub-folder, or an
     .npz without x_test, has no test split: a seeded HOLDOUT_SHARE of it is held out as one (accuracy
-    measured on the training images would flatter every model)."""
+    measured on the training images would flatter every model). A folder too big for memory is
+    decoded to a temporary file instead (ImageFolder.on_disk)."""
+    if Path(spec).is_dir():
+        return _folder_splits(spec, train_limit, test_limit, seed, shape, image_norm)
     if not has_test_split(spec):
-        return _held_out_splits(spec, train_limit, test_limit, seed, shape, image_norm)
+        return _held_out_npz(spec, train_limit, test_limit, seed, shape, image_norm)
     train = load_dataset(spec, "train", limit=train_limit, seed=seed, shape=shape, image_norm=image_norm)
     test_norm = train.image_norm or image_norm
     return train, load_dataset(spec, "test", limit=test_limit, seed=seed, shape=shape, image_norm=test_norm)
-
-
-# Sub-folders that hold a split of an image folder, first found wins (ImageNet's is val/).
-SPLIT_FOLDERS = {"train": ("train",), "test": ("test", "val", "validation")}
-
-
-def _split_folder(root: Path, split: str) -> Path | None:
-    """The sub-folder of `root` holding `split` (SPLIT_FOLDERS), None when there is none."""
-    return next((root / name for name in SPLIT_FOLDERS[split] if (root / name).is_dir()), None)
 
 
 # The share of a dataset without a test split that load_splits holds out as one.
@@ -180,7 +162,7 @@ def has_test_split(spec: str) -> bool:
     test/ sub-folder does, an .npz with x_test or images_test does."""
     path = Path(spec)
     if path.is_dir():
-        return _split_folder(path, "test") is not None
+        return split_folder(path, "test") is not None
     if path.suffix == ".npz" and path.is_file():
         try:
             with np.load(path, allow_pickle=False) as archive:
@@ -190,7 +172,7 @@ def has_test_split(spec: str) -> bool:
     return True
 
 
-def _held_out_splits(
+def _folder_splits(
     spec: str,
     train_limit: int | None,
     test_limit: int | None,
@@ -198,25 +180,46 @@ def _held_out_splits(
     shape: ImageInput | None,
     image_norm: str | None,
 ) -> tuple[ArrayDataset, ArrayDataset]:
-    """(train, test) of a dataset without a test split (see load_splits); only the images kept are
-    decoded, and normalised together."""
+    """load_splits of an image folder: only the images kept are decoded, the test split normalised as
+    the training split was."""
     normalization = _checked("train", train_limit, image_norm)
     _checked("test", test_limit, image_norm)
     path = Path(spec)
-    if path.is_dir():
-        folder = ImageFolder.scan(path, "train", labels=True, limit=None, seed=seed, shape=shape)
-        train_rows, test_rows = _held_out(spec, len(folder.files), seed, train_limit, test_limit)
-        files = [folder.files[i] for i in np.concatenate([train_rows, test_rows])]
-        _check_fits_in_memory(folder.root, folder.decoded_bytes(len(files)))
-        both = folder.dataset(files, normalization)
-        cut = len(train_rows)
-        train, test = both.subset(np.arange(cut)), both.subset(np.arange(cut, len(files)))
+    if split_folder(path, "test") is not None:
+        train_folder = ImageFolder.scan(path, "train", labels=True, limit=train_limit, seed=seed, shape=shape)
+        test_folder = ImageFolder.scan(path, "test", labels=True, limit=test_limit, seed=seed, shape=shape)
+        train_files, test_files = train_folder.files, test_folder.files
     else:
-        whole = load_npz(path, "train", normalization=normalization)
-        train_rows, test_rows = _held_out(spec, len(whole), seed, train_limit, test_limit)
-        train, test = whole.subset(train_rows), whole.subset(test_rows)
+        train_folder = test_folder = ImageFolder.scan(
+            path, "train", labels=True, limit=None, seed=seed, shape=shape
+        )
+        train_rows, test_rows = _held_out(spec, len(train_folder.files), seed, train_limit, test_limit)
+        train_files = [train_folder.files[i] for i in train_rows]
+        test_files = [train_folder.files[i] for i in test_rows]
+    train = train_folder.training_set(train_files, normalization)
+    assert train.image_norm is not None  # a folder's images are 8-bit
+    test = test_folder.training_set(test_files, parse_normalization(train.image_norm))
     return _as_the_model_takes(train, spec, shape, image_norm), _as_the_model_takes(
         test, spec, shape, image_norm
+    )
+
+
+def _held_out_npz(
+    spec: str,
+    train_limit: int | None,
+    test_limit: int | None,
+    seed: int,
+    shape: ImageInput | None,
+    image_norm: str | None,
+) -> tuple[ArrayDataset, ArrayDataset]:
+    """load_splits of an .npz without a test split (arrays are held whole anyway)."""
+    normalization = _checked("train", train_limit, image_norm)
+    _checked("test", test_limit, image_norm)
+    whole = load_npz(Path(spec), "train", normalization=normalization)
+    train_rows, test_rows = _held_out(spec, len(whole), seed, train_limit, test_limit)
+    return (
+        _as_the_model_takes(whole.subset(train_rows), spec, shape, image_norm),
+        _as_the_model_takes(whole.subset(test_rows), spec, shape, image_norm),
     )
 
 
@@ -432,200 +435,6 @@ def _taken_as_normalised(normalization: Normalization, what: str) -> None:
     recorded normalisation applies to 8-bit data only, and float arrays come normalised."""
     if not normalization.own:
         log.info("%s are floats, taken as normalised: image norm %s not applied", what, normalization.text)
-
-
-def load_image_folder(
-    root: Path,
-    split: str = "train",
-    *,
-    limit: int | None = None,
-    seed: int = 0,
-    labels: bool = True,
-    shape: ImageInput | None = None,
-    normalization: Normalization = OWN,
-) -> ArrayDataset:
-    """Images under root/<class>/ (or root/<split>/<class>/ when that exists: train/, and test/, val/ or
-    validation/ for the test split), one label per sub-folder;
-    with `labels` False, a flat folder of images is read unlabelled.
-
-    With `shape` (the model's image input) the images become grayscale for 1 channel, RGB otherwise, and
-    are fitted to its size (fit_image); without, grayscale if every file is grayscale, RGB otherwise, and
-    fitted to their most common size. With `limit` only the chosen files are decoded. A folder that
-    would not fit in memory decoded is refused (dataset_parts reads one in parts for evaluation).
-    """
-    folder = ImageFolder.scan(root, split, labels=labels, limit=limit, seed=seed, shape=shape)
-    _check_fits_in_memory(folder.root, folder.decoded_bytes(len(folder.files)))
-    return folder.dataset(folder.files, normalization)
-
-
-@dataclass
-class ImageFolder:
-    """The image files of a folder tree, (path, label) in order (label -1 in a flat folder), and how
-    they decode: grayscale or RGB, fitted to (height, width)."""
-
-    root: Path
-    name: str
-    files: list[tuple[Path, int]]
-    classes: list[str]
-    gray: bool
-    size: tuple[int, int]
-    channels_last: bool = False
-
-    @classmethod
-    def scan(
-        cls,
-        root: Path,
-        split: str,
-        *,
-        labels: bool,
-        limit: int | None,
-        seed: int,
-        shape: ImageInput | None,
-    ) -> ImageFolder:
-        """List the folder (see load_image_folder), keep a seeded subset of `limit` files, and read every
-        kept file's header for its mode and size."""
-        from PIL import Image
-
-        name = root.name  # the dataset's, not its split folder's
-        split_root = _split_folder(root, split)
-        if split_root is None and _split_folder(root, "train") is not None:
-            raise DataError(
-                f"Folder {root} has {SPLIT_FOLDERS['train'][0]}/ but no {split} split "
-                f"({' or '.join(f'{name}/' for name in SPLIT_FOLDERS[split])}); add one, or read the "
-                "train split."
-            )
-        root = split_root or root
-        classes = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
-        files = [
-            (path, label)
-            for label, folder in enumerate(classes)
-            for path in sorted((root / folder).iterdir())
-            if path.suffix.lower() in IMAGE_SUFFIXES
-        ]
-        if not files and not labels:  # a flat folder of images
-            files = [(path, -1) for path in sorted(root.iterdir()) if path.suffix.lower() in IMAGE_SUFFIXES]
-        if not files:
-            raise DataError(
-                f"Folder {root} has no images in class sub-folders; lay it out as {root}/<class>/<image>"
-                + (" (or, for calibration, put the images in it directly)." if not labels else ".")
-            )
-        chosen = seeded_indices(len(files), limit, seed)
-        if chosen is not None:
-            files = [files[i] for i in chosen]
-        try:
-            headers = []
-            for path, _ in files:
-                with Image.open(path) as image:
-                    headers.append((image.mode, image.size))
-        except OSError as exc:
-            raise DataError(f"Cannot read an image under {root} ({exc}); remove or fix the file.") from exc
-        if shape is not None:
-            gray, size = shape.channels == 1, (shape.height, shape.width)
-        else:  # grayscale if every file is, at the most common size
-            width, height = Counter(wh for _, wh in headers).most_common(1)[0][0]
-            gray, size = all(mode in GRAY_MODES for mode, _ in headers), (height, width)
-        channels_last = shape is not None and shape.channels_last
-        return cls(root, name, files, classes if files[0][1] >= 0 else [], gray, size, channels_last)
-
-    def decoded_bytes(self, count: int) -> int:
-        """Memory that decoding, normalising and laying out `count` of the images takes at its peak."""
-        per_element = FOLDER_BYTES_PER_ELEMENT + (
-            CHANNELS_LAST_BYTES_PER_ELEMENT if self.channels_last else 0
-        )
-        return count * (1 if self.gray else 3) * self.size[0] * self.size[1] * per_element
-
-    def pixels(self, files: list[tuple[Path, int]]) -> np.ndarray:
-        """The files decoded and fitted: uint8 [N, C, H, W], written in place (one byte per element)."""
-        from PIL import Image
-
-        pixels = np.empty((len(files), 1 if self.gray else 3, *self.size), np.uint8)
-        try:
-            for index, (path, _) in enumerate(files):
-                with Image.open(path) as image:
-                    fitted = np.asarray(fit_image(image.convert("L" if self.gray else "RGB"), self.size))
-                pixels[index] = fitted[None] if self.gray else fitted.transpose(2, 0, 1)
-        except OSError as exc:
-            raise DataError(
-                f"Cannot read an image under {self.root} ({exc}); remove or fix the file."
-            ) from exc
-        return pixels
-
-    def dataset(self, files: list[tuple[Path, int]], normalization: Normalization) -> ArrayDataset:
-        """The files as a normalised dataset (unlabelled for a flat folder)."""
-        normalised, applied = normalization.apply(self.pixels(files), f"folder {self.root}")
-        if not self.classes:
-            return ArrayDataset.unlabelled(normalised, self.name, applied)
-        targets = np.array([label for _, label in files])
-        return ArrayDataset(normalised, targets, len(self.classes), self.name, applied)
-
-    def chunks(self, normalization: Normalization, memory: int) -> Iterator[ArrayDataset]:
-        """The images in order, as datasets of at most `memory` bytes decoded each, all normalised alike:
-        the data's own statistics are measured on a seeded sample of STATISTICS_SAMPLE images."""
-        if normalization.own:
-            sample = seeded_indices(len(self.files), STATISTICS_SAMPLE, 0)
-            files = self.files if sample is None else [self.files[i] for i in sample]
-            normalization = normalization.resolved(self.pixels(files))
-        step = max(1, memory // self.decoded_bytes(1))
-        for start in range(0, len(self.files), step):
-            yield self.dataset(self.files[start : start + step], normalization)
-
-
-# A folder read in parts measures its own statistics on this many images (seeded).
-STATISTICS_SAMPLE = 1024
-
-
-# Bytes per image element while a folder is decoded and normalised: the uint8 pixels and the float32
-# result (graphprune.data.image_norm works in parts); a channels-last model's data also takes the
-# float32 result's transposed copy.
-FOLDER_BYTES_PER_ELEMENT = IMAGE_BYTES_PER_PIXEL
-CHANNELS_LAST_BYTES_PER_ELEMENT = 4
-
-
-def _check_fits_in_memory(root: Path, need: int) -> None:
-    """Refuse a folder whose decoding would need more memory (`need` bytes) than the machine has
-    available (a folder is held in memory whole), before decoding it: an out-of-memory kill says
-    nothing."""
-    free = available_memory()
-    if free is not None and need > free:
-        raise DataError(
-            f"Folder {root} would take about {need / 2**30:.1f} GiB decoded, more than the "
-            f"{free / 2**30:.1f} GiB of memory available (its images are held in memory whole); draw a "
-            "seeded subset (--limit, --train-limit / --val-limit, --calib-samples) or use fewer images."
-        )
-
-
-def available_memory() -> int | None:
-    """Bytes of memory available to new allocations (Linux MemAvailable), None where unknown."""
-    try:
-        with open("/proc/meminfo") as meminfo:
-            for line in meminfo:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return None
-
-
-# The share of the resized image a centre crop keeps (torchvision's evaluation transform: 224 of 256).
-CROP_SHARE = 0.875
-
-
-def fit_image(image: Image.Image, size: tuple[int, int]) -> Image.Image:
-    """An image at (height, width) `size`: as it is when it already has that size, else resized
-    (bilinear, aspect kept) so that the crop keeps CROP_SHARE of its shorter side, and centre-cropped,
-    as torchvision's models are evaluated (a 500x375 photo for a 224x224 input: 341x256, then 224x224)."""
-    from PIL import Image
-
-    height, width = size
-    if image.size == (width, height):
-        return image
-    scale = max(height, width) / CROP_SHARE / min(image.size)
-    resized = image.resize(
-        (max(width, round(image.width * scale)), max(height, round(image.height * scale))),
-        Image.Resampling.BILINEAR,
-    )
-    left, top = (resized.width - width) // 2, (resized.height - height) // 2
-    return resized.crop((left, top, left + width, top + height))
 
 
 def load_calibration(
