@@ -144,13 +144,23 @@ def load_splits(
     .npz without x_test, has no test split: a seeded HOLDOUT_SHARE of it is held out as one (accuracy
     measured on the training images would flatter every model). A folder too big for memory is
     decoded to a temporary file instead (ImageFolder.on_disk)."""
-    if Path(spec).is_dir():
-        return _folder_splits(spec, train_limit, test_limit, seed, shape, image_norm)
-    if not has_test_split(spec):
-        return _held_out_npz(spec, train_limit, test_limit, seed, shape, image_norm)
-    train = load_dataset(spec, "train", limit=train_limit, seed=seed, shape=shape, image_norm=image_norm)
-    test_norm = train.image_norm or image_norm
-    return train, load_dataset(spec, "test", limit=test_limit, seed=seed, shape=shape, image_norm=test_norm)
+    normalization = _checked("train", train_limit, image_norm)
+    _checked("test", test_limit, image_norm)
+    path = Path(spec)
+    if path.is_dir():
+        train, test = _folder_splits(path, normalization, train_limit, test_limit, seed, shape)
+    elif not has_test_split(spec):
+        whole = load_npz(path, "train", normalization=normalization)
+        train_rows, test_rows = _held_out(spec, len(whole), seed, train_limit, test_limit)
+        train, test = whole.subset(train_rows), whole.subset(test_rows)
+    else:
+        train = load_dataset(spec, "train", limit=train_limit, seed=seed, shape=shape, image_norm=image_norm)
+        test_norm = train.image_norm or image_norm
+        test = load_dataset(spec, "test", limit=test_limit, seed=seed, shape=shape, image_norm=test_norm)
+        return train, test
+    return _as_the_model_takes(train, spec, shape, image_norm), _as_the_model_takes(
+        test, spec, shape, image_norm
+    )
 
 
 # The share of a dataset without a test split that load_splits holds out as one.
@@ -173,18 +183,15 @@ def has_test_split(spec: str) -> bool:
 
 
 def _folder_splits(
-    spec: str,
+    path: Path,
+    normalization: Normalization,
     train_limit: int | None,
     test_limit: int | None,
     seed: int,
     shape: ImageInput | None,
-    image_norm: str | None,
 ) -> tuple[ArrayDataset, ArrayDataset]:
-    """load_splits of an image folder: only the images kept are decoded, the test split normalised as
-    the training split was."""
-    normalization = _checked("train", train_limit, image_norm)
-    _checked("test", test_limit, image_norm)
-    path = Path(spec)
+    """load_splits of an image folder: only the images kept are decoded (to disk when they do not fit
+    in memory), the test split normalised as the training split was."""
     if split_folder(path, "test") is not None:
         train_folder = ImageFolder.scan(path, "train", labels=True, limit=train_limit, seed=seed, shape=shape)
         test_folder = ImageFolder.scan(path, "test", labels=True, limit=test_limit, seed=seed, shape=shape)
@@ -193,34 +200,12 @@ def _folder_splits(
         train_folder = test_folder = ImageFolder.scan(
             path, "train", labels=True, limit=None, seed=seed, shape=shape
         )
-        train_rows, test_rows = _held_out(spec, len(train_folder.files), seed, train_limit, test_limit)
+        train_rows, test_rows = _held_out(str(path), len(train_folder.files), seed, train_limit, test_limit)
         train_files = [train_folder.files[i] for i in train_rows]
         test_files = [train_folder.files[i] for i in test_rows]
     train = train_folder.training_set(train_files, normalization)
     assert train.image_norm is not None  # a folder's images are 8-bit
-    test = test_folder.training_set(test_files, parse_normalization(train.image_norm))
-    return _as_the_model_takes(train, spec, shape, image_norm), _as_the_model_takes(
-        test, spec, shape, image_norm
-    )
-
-
-def _held_out_npz(
-    spec: str,
-    train_limit: int | None,
-    test_limit: int | None,
-    seed: int,
-    shape: ImageInput | None,
-    image_norm: str | None,
-) -> tuple[ArrayDataset, ArrayDataset]:
-    """load_splits of an .npz without a test split (arrays are held whole anyway)."""
-    normalization = _checked("train", train_limit, image_norm)
-    _checked("test", test_limit, image_norm)
-    whole = load_npz(Path(spec), "train", normalization=normalization)
-    train_rows, test_rows = _held_out(spec, len(whole), seed, train_limit, test_limit)
-    return (
-        _as_the_model_takes(whole.subset(train_rows), spec, shape, image_norm),
-        _as_the_model_takes(whole.subset(test_rows), spec, shape, image_norm),
-    )
+    return train, test_folder.training_set(test_files, parse_normalization(train.image_norm))
 
 
 def _held_out(
