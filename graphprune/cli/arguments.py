@@ -88,11 +88,12 @@ def add_image_norm_argument(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--image-norm",
         type=parse_image_norm,
-        metavar="data|imagenet|unit|signed|pixels|MEAN/STD",
+        metavar="data|imagenet|unit|signed|pixels|caffe|MEAN/STD",
         help="how 8-bit images become inputs, as the model was trained (default: as the model records, "
-        "else data): data (each channel standardised with the data's own mean and std), imagenet (torchvision's pretrained models), unit "
-        "(pixels/255), signed ([-1,1]), pixels (0..255), or MEAN/STD on the 0..1 scale, one value or "
-        "one per channel (0.5/0.25, 0.485,0.456,0.406/0.229,0.224,0.225)",
+        "else data): data (each channel standardised with the data's own mean and std), imagenet "
+        "(torchvision's pretrained models), unit (pixels/255), signed ([-1,1]), pixels (0..255), caffe "
+        "(BGR, ImageNet mean subtracted: Keras ResNet50/VGG), or MEAN/STD on the 0..1 scale, one value "
+        "or one per channel (0.5/0.25, 0.485,0.456,0.406/0.229,0.224,0.225)",
     )
 
 

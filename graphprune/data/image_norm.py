@@ -3,7 +3,8 @@ statistics (the default), or (pixel / 255 - mean) / std with the fixed values th
 
 Presets: "imagenet" (torchvision's pretrained classifiers), "unit" (pixels / 255, in [0, 1]: ultralytics
 and many Keras models), "signed" ([-1, 1]: Keras MobileNet / Inception preprocessing) and "pixels"
-(0..255 as they are: Keras models that rescale inside the graph). Any other normalisation is written
+(0..255 as they are: Keras models that rescale inside the graph), "caffe" (channels in BGR order, the
+ImageNet mean subtracted on the 0..255 scale: Keras ResNet50 / VGG). Any other normalisation is written
 MEAN/STD on the 0..1 scale, as torchvision's Normalize takes it: "0.5/0.25", or one value per channel,
 "0.485,0.456,0.406/0.229,0.224,0.225".
 """
@@ -18,24 +19,18 @@ import numpy as np
 from graphprune.errors import DataError
 
 OWN_STATISTICS = "data"
-PRESETS: dict[str, tuple[tuple[float, ...], tuple[float, ...]]] = {
-    "imagenet": ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
-    "unit": ((0.0,), (1.0,)),
-    "signed": ((0.5,), (0.5,)),
-    "pixels": ((0.0,), (1.0 / 255.0,)),
-}
-NORMALIZE_CHOICES = (OWN_STATISTICS, *PRESETS)
 PIXEL_MAX = 255
 
 
 @dataclass(frozen=True)
 class Normalization:
     """Fixed per-channel `mean` and `std` on the 0..1 pixel scale (one value, or one per channel), or
-    both None for the data's own statistics."""
+    both None for the data's own statistics; with `bgr` the channels are reversed first (RGB to BGR)."""
 
     text: str
     mean: tuple[float, ...] | None = None
     std: tuple[float, ...] | None = None
+    bgr: bool = False
 
     @property
     def own(self) -> bool:
@@ -83,7 +78,7 @@ class Normalization:
         std = np.asarray(fixed.std, np.float32).reshape(1, -1, 1, 1)
         normalised = np.empty(images.shape, np.float32)
         start = 0
-        for part in _parts(images):
+        for part in _parts(images[:, ::-1] if fixed.bgr else images):
             normalised[start : start + len(part)] = (part / np.float32(PIXEL_MAX) - mean) / std
             start += len(part)
         return normalised, fixed.text
@@ -102,6 +97,20 @@ def _parts(images: np.ndarray) -> list[np.ndarray]:
 
 
 OWN = Normalization(OWN_STATISTICS)
+PRESETS = {
+    preset.text: preset
+    for preset in (
+        Normalization("imagenet", (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
+        Normalization("unit", (0.0,), (1.0,)),
+        Normalization("signed", (0.5,), (0.5,)),
+        Normalization("pixels", (0.0,), (1.0 / PIXEL_MAX,)),
+        # Keras' "caffe" preprocessing: BGR, the ImageNet means 103.939, 116.779, 123.68 subtracted
+        Normalization(
+            "caffe", (103.939 / PIXEL_MAX, 116.779 / PIXEL_MAX, 123.68 / PIXEL_MAX), (1.0 / PIXEL_MAX,), True
+        ),
+    )
+}
+NORMALIZE_CHOICES = (OWN_STATISTICS, *PRESETS)
 
 
 @functools.lru_cache(maxsize=16)
@@ -110,7 +119,7 @@ def parse_normalization(text: str) -> Normalization:
     if text == OWN_STATISTICS:
         return OWN
     if text in PRESETS:
-        return Normalization(text, *PRESETS[text])
+        return PRESETS[text]
     mean_text, slash, std_text = text.partition("/")
     try:
         mean = tuple(float(v) for v in mean_text.split(","))

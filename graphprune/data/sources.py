@@ -237,7 +237,7 @@ def _warn_own_statistics(spec: str, applied: str) -> None:
     _WARNED_OWN_STATISTICS.add(spec)
     log.warning(
         "%s: 8-bit images standardised with their own mean/std (%s); if the model was trained with fixed "
-        "ones, give them: --image-norm imagenet (torchvision's), unit, signed, pixels or MEAN/STD",
+        "ones, give them: --image-norm imagenet (torchvision's), unit, signed, pixels, caffe or MEAN/STD",
         spec,
         applied,
     )
