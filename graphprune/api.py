@@ -131,9 +131,8 @@ def score_channels(
     `calib_samples` are drawn (seeded); activation statistics are collected from them when the
     criterion reads activations and `activations` does not already hold them; `image_norm` says how a
     spec's 8-bit images become inputs ("data", "imagenet", MEAN/STD...: graphprune.data.image_norm;
-    default: as the model records, else the data's own statistics).
-    criterion_options go to
-    the criterion's constructor (e.g. {"config": BlendConfig(...)} for "blend").  threads: onnxruntime
+    default: as the model records, else the data's own statistics).  criterion_options go to the
+    criterion's constructor (e.g. {"config": BlendConfig(...)} for "blend").  threads: onnxruntime
     intra-op threads of calibration (default: onnxruntime's own choice)."""
     scoring = Scoring(
         criterion, aggregate, seed, calib, calib_samples, criterion_options, threads, image_norm

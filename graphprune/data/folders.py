@@ -50,13 +50,14 @@ def load_image_folder(
     normalization: Normalization = OWN,
 ) -> ArrayDataset:
     """Images under root/<class>/ (or root/<split>/<class>/ when that exists: train/, and test/, val/ or
-    validation/ for the test split), one label per sub-folder;
-    with `labels` False, a flat folder of images is read unlabelled.
+    validation/ for the test split), one label per sub-folder; with `labels` False, a flat folder of
+    images is read unlabelled.
 
     With `shape` (the model's image input) the images become grayscale for 1 channel, RGB otherwise, and
     are fitted to its size (fit_image); without, grayscale if every file is grayscale, RGB otherwise, and
     fitted to their most common size. With `limit` only the chosen files are decoded. A folder that
-    would not fit in memory decoded is refused (dataset_parts reads one in parts for evaluation).
+    would not fit in memory decoded is refused (evaluation reads one in parts, training from disk:
+    graphprune.data.sources.dataset_parts and load_splits).
     """
     folder = ImageFolder.scan(root, split, labels=labels, limit=limit, seed=seed, shape=shape)
     check_fits_in_memory(folder.root, folder.decoded_bytes(len(folder.files)))
