@@ -58,9 +58,10 @@ def run_demo(config: DemoConfig) -> DemoResult:
     import torch
 
     from graphprune.api import recover
-    from graphprune.data import load_dataset
-    from graphprune.model_io import image_norm_metadata, metadata, save_model
+    from graphprune.data import load_dataset, load_splits
+    from graphprune.model_io import image_norm_metadata, input_image_norm, load_model, metadata, save_model
     from graphprune.runtime.evaluate import evaluate_onnx
+    from graphprune.runtime.shapes import image_shape
     from graphprune.torch_bridge.distill import OnnxTeacher
     from graphprune.torch_bridge.foldback import onnx_to_module, verify_foldback
     from graphprune.torch_bridge.train import TrainConfig, export_trained, fit
@@ -70,8 +71,9 @@ def run_demo(config: DemoConfig) -> DemoResult:
     torch.set_num_threads(config.threads)
     original = out / "resnet20_fmnist.onnx"
     shutil.copyfile(REFERENCE, original)
-    train = load_dataset(config.data, "train", limit=config.finetune_samples, seed=0)
-    test = load_dataset(config.data, "test")
+    reference = load_model(original).proto  # a folder is read as it takes its input
+    takes = {"shape": image_shape(reference), "image_norm": input_image_norm(reference)}
+    train, test = load_splits(config.data, train_limit=config.finetune_samples, seed=0, **takes)
 
     pruned_path, plan_path = out / "resnet20_pruned.onnx", out / "resnet20_pruned.plan.json"
     options = PlanOptions(target_macs=config.target_macs, round_to=config.round_to)
@@ -81,7 +83,7 @@ def run_demo(config: DemoConfig) -> DemoResult:
 
     start = result.model
     if config.recover != "none":
-        calib = load_dataset(config.data, "train", limit=config.calib_samples, seed=1)
+        calib = load_dataset(config.data, "train", limit=config.calib_samples, seed=1, **takes)
         recovered = recover(
             original, result.model, calib, plan=result.plan, method=config.recover, threads=config.threads
         )
