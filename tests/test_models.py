@@ -230,6 +230,9 @@ def test_cli_analyze_text_and_json(cli_dir: Path) -> None:
     assert summary["prunable_groups"] == 12
     assert sum(g["prunable"] for g in summary["groups"] if g["prunable"] > 1) == summary["prunable_channels"]
     assert list(summary["blocked_nodes"]) == ["output output"]
+    image = {"channels": 1, "height": 28, "width": 28, "channels_last": False}
+    assert (summary["image_input"], summary["image_norm"]) == (image, None)  # an export records none
+    assert "image input: 1x28x28 channels-first, normalisation not recorded" in text
 
 
 def test_cli_prune_verify_and_replay(cli_dir: Path, tmp_path: Path) -> None:

@@ -7,13 +7,21 @@ from collections import Counter
 from typing import Any
 
 from graphprune.analysis.graph import DependencyGraph
+from graphprune.model_io import input_image_norm
 from graphprune.onnxutil import opset_of
 
 
-def analysis_summary(dep: DependencyGraph, name: str, macs: int, params: int) -> dict[str, Any]:
+def analysis_summary(
+    dep: DependencyGraph,
+    name: str,
+    macs: int,
+    params: int,
+    image_input: dict[str, Any] | None = None,
+) -> dict[str, Any]:
     """Groups, prunable channels, blocked nodes with reasons, grouped convs (and whether their conv
-    groups can be removed whole), and the model's MACs and params (counted by the caller:
-    graphprune.api.model_cost)."""
+    groups can be removed whole), the model's MACs and params (counted by the caller:
+    graphprune.api.model_cost), its image input (channels, height, width, channels_last: the caller's
+    graphprune.runtime.shapes.image_shape) and the normalisation it records for it."""
     graph_inputs = dep.model.graph.input
     dynamic = any(not d.HasField("dim_value") for v in graph_inputs for d in v.type.tensor_type.shape.dim[:1])
     groups = []
@@ -44,6 +52,8 @@ def analysis_summary(dep: DependencyGraph, name: str, macs: int, params: int) ->
         "macs": macs,
         "params": params,
         "dynamic_batch": dynamic,
+        "image_input": image_input,
+        "image_norm": input_image_norm(dep.model),
         "prunable_groups": sum(1 for g in groups if g["prunable"] > 1),
         "prunable_channels": sum(g["prunable"] for g in groups if g["prunable"] > 1),
         "blocked_nodes": dict(sorted(dep.blocked_nodes.items())),

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 from pathlib import Path
 
 from graphprune.cli.arguments import (
@@ -30,11 +31,14 @@ def cmd_analyze(args: argparse.Namespace) -> int:
     from graphprune.api import analyze_model
     from graphprune.report.summary import render_analysis
     from graphprune.runtime.cost import count_cost
+    from graphprune.runtime.shapes import image_shape
 
     with stage("analysis"):
         dep = analyze_model(args.model, input_shapes(args))
     cost = count_cost(dep.model, dep.shapes)
-    summary = analysis_summary(dep, Path(args.model).name, cost.macs, cost.params)
+    image = image_shape(dep.model)
+    image_input = dataclasses.asdict(image) if image is not None else None
+    summary = analysis_summary(dep, Path(args.model).name, cost.macs, cost.params, image_input)
     print_results(args.json, summary, lambda: out.print(render_analysis(summary), end="", soft_wrap=True))
     return 0
 

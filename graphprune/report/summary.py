@@ -22,6 +22,14 @@ def render_analysis(summary: dict[str, Any], largest: int = 5) -> str:
         f"groups: {summary['prunable_groups']} prunable ({summary['prunable_channels']:,} channels), "
         f"{len(summary['groups']) - summary['prunable_groups']} blocked",
     ]
+    image = summary.get("image_input")
+    if image is not None:
+        layout = "channels-last" if image["channels_last"] else "channels-first"
+        norm = summary.get("image_norm")
+        how = f"normalised as {norm} (recorded)" if norm else "normalisation not recorded (--image-norm)"
+        lines.insert(
+            1, f"image input: {image['channels']}x{image['height']}x{image['width']} {layout}, {how}"
+        )
     for node, reason in summary["blocked_nodes"].items():
         lines.append(f"  blocked  {node}: {reason}")
     convs = summary["grouped_convs"]
