@@ -564,3 +564,16 @@ def test_a_training_folder_too_big_for_memory_is_decoded_to_disk(tmp_path: Path,
     monkeypatch.setattr(folders.shutil, "disk_usage", lambda path: SimpleNamespace(free=100))
     with pytest.raises(DataError, match="free in .*--train-limit"):
         load_splits(root)
+
+
+def test_a_truncated_or_foreign_file_in_a_folder_is_named(tmp_path: Path) -> None:
+    rng = np.random.default_rng(8)
+    _write_images(tmp_path / "set", {"a": [rng.integers(0, 256, size=(32, 32, 3), dtype=np.uint8)] * 2})
+    photo = tmp_path / "set" / "a" / "photo.jpg"
+    Image.fromarray(rng.integers(0, 256, size=(64, 64, 3), dtype=np.uint8)).save(photo)
+    photo.write_bytes(photo.read_bytes()[:400])  # cut short: the header reads, the pixels do not
+    with pytest.raises(DataError, match=r"Cannot read the image .*photo\.jpg"):
+        load_dataset(str(tmp_path / "set"))
+    photo.write_bytes(b"not an image")
+    with pytest.raises(DataError, match=r"Cannot read the image .*photo\.jpg"):
+        load_dataset(str(tmp_path / "set"))

@@ -10,6 +10,7 @@ import shutil
 import tempfile
 from collections import Counter
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -90,7 +91,6 @@ class ImageFolder:
     ) -> ImageFolder:
         """List the folder (see load_image_folder), keep a seeded subset of `limit` files, and read every
         kept file's header for its mode and size."""
-        from PIL import Image
 
         name = root.name  # the dataset's, not its split folder's
         split_root = split_folder(root, split)
@@ -118,13 +118,10 @@ class ImageFolder:
         chosen = seeded_indices(len(files), limit, seed)
         if chosen is not None:
             files = [files[i] for i in chosen]
-        try:
-            headers = []
-            for path, _ in files:
-                with Image.open(path) as image:
-                    headers.append((image.mode, image.size))
-        except OSError as exc:
-            raise DataError(f"Cannot read an image under {root} ({exc}); remove or fix the file.") from exc
+        headers = []
+        for path, _ in files:
+            with _readable(path) as image:
+                headers.append((image.mode, image.size))
         if shape is not None:
             gray, size = shape.channels == 1, (shape.height, shape.width)
         else:  # grayscale if every file is, at the most common size
@@ -142,18 +139,12 @@ class ImageFolder:
 
     def pixels(self, files: list[tuple[Path, int]]) -> np.ndarray:
         """The files decoded and fitted: uint8 [N, C, H, W], written in place (one byte per element)."""
-        from PIL import Image
 
         pixels = np.empty((len(files), 1 if self.gray else 3, *self.size), np.uint8)
-        try:
-            for index, (path, _) in enumerate(files):
-                with Image.open(path) as image:
-                    fitted = np.asarray(fit_image(image.convert("L" if self.gray else "RGB"), self.size))
-                pixels[index] = fitted[None] if self.gray else fitted.transpose(2, 0, 1)
-        except OSError as exc:
-            raise DataError(
-                f"Cannot read an image under {self.root} ({exc}); remove or fix the file."
-            ) from exc
+        for index, (path, _) in enumerate(files):
+            with _readable(path) as image:
+                fitted = np.asarray(fit_image(image.convert("L" if self.gray else "RGB"), self.size))
+            pixels[index] = fitted[None] if self.gray else fitted.transpose(2, 0, 1)
         return pixels
 
     def dataset(self, files: list[tuple[Path, int]], normalization: Normalization) -> ArrayDataset:
@@ -228,6 +219,19 @@ class ImageFolder:
             images[start : start + len(part)] = part.transpose(0, 2, 3, 1) if self.channels_last else part
         images.flush()
         return self._labelled(images, files, normalization.text, self.channels_last)
+
+
+@contextmanager
+def _readable(path: Path) -> Iterator[Image.Image]:
+    """The image file opened; a file that cannot be read or decoded (truncated, not an image) is one
+    DataError naming it."""
+    from PIL import Image
+
+    try:
+        with Image.open(path) as image:
+            yield image
+    except OSError as exc:  # PIL's UnidentifiedImageError and truncated data are OSErrors
+        raise DataError(f"Cannot read the image {path} ({exc}); remove or fix the file.") from exc
 
 
 # A folder read in parts measures its own statistics on this many images (seeded).
