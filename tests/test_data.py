@@ -18,6 +18,7 @@ from torch import nn
 from graphprune.data import ArrayDataset, folders, load_dataset, sources, torch_loader
 from graphprune.data.dataset import ImageInput
 from graphprune.data.folders import fit_image
+from graphprune.data.image_norm import parse_normalization
 from graphprune.errors import DataError
 
 
@@ -429,8 +430,6 @@ def test_fashion_mnist_is_normalised_with_its_published_statistics_unless_told()
 
 
 def test_bad_image_norms_are_one_line_data_errors(tmp_path: Path) -> None:
-    from graphprune.data.image_norm import parse_normalization
-
     for text in ("imagenette", "0.5", "0.5/0", "a/b", "0.5/-1", "nan/1", "/0.5"):
         with pytest.raises(DataError, match="neither"):
             parse_normalization(text)
@@ -577,3 +576,38 @@ def test_a_truncated_or_foreign_file_in_a_folder_is_named(tmp_path: Path) -> Non
     photo.write_bytes(b"not an image")
     with pytest.raises(DataError, match=r"Cannot read the image .*photo\.jpg"):
         load_dataset(str(tmp_path / "set"))
+
+
+def test_under_torchrun_the_processes_of_a_machine_share_one_decoded_training_folder(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Local rank 0 decodes a training folder larger than memory to one file per run; the other local
+    ranks map that file instead of decoding the folder again, and give up in one line when it never
+    comes."""
+    from graphprune.data import load_splits
+
+    rng = np.random.default_rng(9)
+    images = {
+        label: [rng.integers(0, 256, size=(8, 8, 3), dtype=np.uint8) for _ in range(6)] for label in "ab"
+    }
+    _write_images(tmp_path / "set" / "train", images)
+    _write_images(tmp_path / "set" / "test", {"a": images["a"][:2]})
+    root = str(tmp_path / "set")
+    monkeypatch.setattr(folders, "available_memory", lambda: 3 * 3 * 8 * 8 * folders.FOLDER_BYTES_PER_ELEMENT)
+    monkeypatch.setattr(folders.tempfile, "tempdir", str(tmp_path))
+    monkeypatch.setenv("TORCHELASTIC_RUN_ID", "run7")
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    written, _ = load_splits(root, image_norm="unit")
+    (shared,) = tmp_path.glob("graphprune-data-run7-*")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    folder = folders.ImageFolder.scan(Path(root), "train", labels=True, limit=None, seed=0, shape=None)
+    monkeypatch.setattr(
+        folders.ImageFolder, "pixels", lambda *a: pytest.fail("local rank 1 decoded the folder")
+    )
+    mapped = folder.on_disk(folder.files, parse_normalization("unit"))
+    assert np.array_equal(mapped.images, written.images) and isinstance(mapped.images.base, np.memmap)
+    assert (shared / "images.f32").is_file()
+    monkeypatch.setattr(folders, "SPILL_WAIT_S", 0.2)
+    monkeypatch.setenv("TORCHELASTIC_RUN_ID", "run8")  # another run: nothing written for it
+    with pytest.raises(DataError, match="local rank 0 did not decode"):
+        load_splits(root, image_norm="unit")

@@ -5,9 +5,12 @@ and holding them in memory, in parts (evaluation) or on disk (training sets larg
 from __future__ import annotations
 
 import atexit
+import hashlib
 import logging
+import os
 import shutil
 import tempfile
+import time
 from collections import Counter
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -193,32 +196,83 @@ class ImageFolder:
     def on_disk(self, files: list[tuple[Path, int]], normalization: Normalization) -> ArrayDataset:
         """The files as a normalised dataset whose images live in a float32 file (np.memmap) in a
         temporary folder removed at exit, written in parts (see `fixed`) and already laid out as the
-        model takes them: for training sets larger than memory."""
+        model takes them: for training sets larger than memory. Under torchrun the processes of a
+        machine share one file: local rank 0 writes it, the others wait for it (spill_folder)."""
         normalization = self.fixed(normalization, files)
         channels = 1 if self.gray else 3
         shape = (
             (len(files), *self.size, channels) if self.channels_last else (len(files), channels, *self.size)
         )
+        key = repr((str(self.root), [str(path) for path, _ in files], shape, normalization.text))
+        folder, writer = spill_folder(hashlib.sha256(key.encode()).hexdigest()[:16])
+        path = folder / "images.f32"
+        if writer:
+            self._write(path, files, normalization, shape)
+        else:
+            _wait_for(path, self.root)
+        images = np.memmap(path, np.float32, "c", shape=shape)  # copy-on-write: the file stays as written
+        return self._labelled(images, files, normalization.text, self.channels_last)
+
+    def _write(
+        self,
+        path: Path,
+        files: list[tuple[Path, int]],
+        normalization: Normalization,
+        shape: tuple[int, ...],
+    ) -> None:
+        """Decode, normalise and lay out the files into `path` in parts (under another name until done)."""
         need = int(np.prod(shape)) * 4
-        folder = Path(tempfile.mkdtemp(prefix="graphprune-data-"))
-        atexit.register(shutil.rmtree, folder, ignore_errors=True)
-        free = shutil.disk_usage(folder).free
+        free = shutil.disk_usage(path.parent).free
         if need > free:
             raise DataError(
                 f"Folder {self.root} takes {need / 2**30:.1f} GiB as float32, more than the memory and the "
-                f"{free / 2**30:.1f} GiB free in {folder.parent}; draw a seeded subset (--train-limit / "
-                "--val-limit) or set TMPDIR to a larger disk."
+                f"{free / 2**30:.1f} GiB free in {path.parent.parent}; draw a seeded subset (--train-limit "
+                "/ --val-limit) or set TMPDIR to a larger disk."
             )
         log.warning(
-            "folder %s does not fit in memory: decoded to %s (%.1f GiB)", self.root, folder, need / 2**30
+            "folder %s does not fit in memory: decoded to %s (%.1f GiB)", self.root, path, need / 2**30
         )
-        images = np.memmap(folder / "images.f32", np.float32, "w+", shape=shape)
+        partial = path.with_suffix(".partial")
+        images = np.memmap(partial, np.float32, "w+", shape=shape)
         step = self.part_size()
         for start in range(0, len(files), step):
             part, _ = normalization.apply(self.pixels(files[start : start + step]), f"folder {self.root}")
             images[start : start + len(part)] = part.transpose(0, 2, 3, 1) if self.channels_last else part
         images.flush()
-        return self._labelled(images, files, normalization.text, self.channels_last)
+        os.replace(partial, path)
+
+
+# How long a process waits for local rank 0 to decode a shared training folder (seconds).
+SPILL_WAIT_S = 3600.0
+
+
+def spill_folder(key: str) -> tuple[Path, bool]:
+    """The temporary folder a training set larger than memory is decoded into, and whether this
+    process writes it: its own folder, or under torchrun (TORCHELASTIC_RUN_ID, LOCAL_RANK) one per run
+    and data `key` that local rank 0 writes and removes at exit."""
+    run, rank = os.environ.get("TORCHELASTIC_RUN_ID"), os.environ.get("LOCAL_RANK")
+    if run is None or rank is None:
+        folder = Path(tempfile.mkdtemp(prefix="graphprune-data-"))
+        atexit.register(shutil.rmtree, folder, ignore_errors=True)
+        return folder, True
+    folder = Path(tempfile.gettempdir()) / f"graphprune-data-{run}-{key}"
+    writer = rank == "0"
+    if writer:
+        folder.mkdir(parents=True, exist_ok=True)
+        atexit.register(shutil.rmtree, folder, ignore_errors=True)
+    return folder, writer
+
+
+def _wait_for(path: Path, root: Path) -> None:
+    """Wait until local rank 0 has written `path` (SPILL_WAIT_S at most)."""
+    log.info("waiting for local rank 0 to decode %s to %s", root, path)
+    deadline = time.monotonic() + SPILL_WAIT_S
+    while not path.exists():
+        if time.monotonic() > deadline:
+            raise DataError(
+                f"local rank 0 did not decode {root} to {path} within {SPILL_WAIT_S:.0f} s; see its error."
+            )
+        time.sleep(0.5)
 
 
 @contextmanager
