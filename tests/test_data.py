@@ -536,16 +536,21 @@ def test_a_val_folder_is_the_test_split_and_a_missing_one_is_named(tmp_path: Pat
     assert [len(ds) for ds in load_splits(str(tmp_path / "trainonly"))] == [4, 1]  # held out
 
 
-def test_a_training_folder_too_big_for_memory_is_decoded_to_disk(tmp_path: Path, monkeypatch) -> None:  # noqa: ANN001
-    from graphprune.data import load_splits
-
+def _training_folder(root: Path) -> str:
+    """12 random 8x8 RGB images in train/ (two classes) and 2 of them in test/; the folder's path."""
     rng = np.random.default_rng(7)
     images = {
         label: [rng.integers(0, 256, size=(8, 8, 3), dtype=np.uint8) for _ in range(6)] for label in "ab"
     }
-    _write_images(tmp_path / "set" / "train", images)
-    _write_images(tmp_path / "set" / "test", {"a": images["a"][:2]})
-    root = str(tmp_path / "set")
+    _write_images(root / "train", images)
+    _write_images(root / "test", {"a": images["a"][:2]})
+    return str(root)
+
+
+def test_a_training_folder_too_big_for_memory_is_decoded_to_disk(tmp_path: Path, monkeypatch) -> None:  # noqa: ANN001
+    from graphprune.data import load_splits
+
+    root = _training_folder(tmp_path / "set")
     layouts = (None, ImageInput(3, 8, 8, channels_last=True))
     in_memory = {layout: load_splits(root, image_norm="unit", shape=layout) for layout in layouts}
     monkeypatch.setattr(folders, "available_memory", lambda: 3 * 3 * 8 * 8 * folders.FOLDER_BYTES_PER_ELEMENT)
@@ -586,13 +591,7 @@ def test_under_torchrun_the_processes_of_a_machine_share_one_decoded_training_fo
     comes."""
     from graphprune.data import load_splits
 
-    rng = np.random.default_rng(9)
-    images = {
-        label: [rng.integers(0, 256, size=(8, 8, 3), dtype=np.uint8) for _ in range(6)] for label in "ab"
-    }
-    _write_images(tmp_path / "set" / "train", images)
-    _write_images(tmp_path / "set" / "test", {"a": images["a"][:2]})
-    root = str(tmp_path / "set")
+    root = _training_folder(tmp_path / "set")
     monkeypatch.setattr(folders, "available_memory", lambda: 3 * 3 * 8 * 8 * folders.FOLDER_BYTES_PER_ELEMENT)
     monkeypatch.setattr(folders.tempfile, "tempdir", str(tmp_path))
     monkeypatch.setenv("TORCHELASTIC_RUN_ID", "run7")
