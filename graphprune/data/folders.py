@@ -142,7 +142,6 @@ class ImageFolder:
 
     def pixels(self, files: list[tuple[Path, int]]) -> np.ndarray:
         """The files decoded and fitted: uint8 [N, C, H, W], written in place (one byte per element)."""
-
         pixels = np.empty((len(files), 1 if self.gray else 3, *self.size), np.uint8)
         for index, (path, _) in enumerate(files):
             with _readable(path) as image:
