@@ -434,6 +434,8 @@ def test_eval_normalises_a_folder_as_the_model_records(
 
     assert accuracy(plain) == 1.0
     assert accuracy(recorded) == 0.5
+    assert _cli("eval", str(recorded), "--data", str(tmp_path / "set"), "--json") == 0
+    assert json.loads(capsys.readouterr().out)["image_norm"] == "0.9/0.1"  # what the images got
     assert accuracy(recorded, "--image-norm", "data") == 1.0  # what is given wins over the record
     assert accuracy(plain, "--image-norm", "0.9/0.1") == 0.5
     monkeypatch.setattr(folders, "available_memory", lambda: 4 * 16 * folders.FOLDER_BYTES_PER_ELEMENT)

@@ -276,7 +276,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     numbers = {"accuracy": accuracy, "top5_accuracy": top5 / samples, "correct": correct, "samples": samples}
     print_results(
         args.json,
-        {**numbers, "data": name, "split": args.split, "model": args.model},
+        {**numbers, "data": name, "split": args.split, "model": args.model, "image_norm": part.image_norm},
         lambda: out.print(
             f"accuracy {accuracy:.4f} ({correct}/{samples}), top-5 {top5 / samples:.4f}, on {name} {args.split}"
         ),
