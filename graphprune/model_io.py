@@ -296,6 +296,12 @@ def image_norm_metadata(applied: str | None) -> dict[str, str]:
     return {IMAGE_NORM_KEY: applied} if applied is not None else {}
 
 
+def trained_metadata(start: onnx.ModelProto | None, applied: str | None) -> dict[str, str]:
+    """What a model trained from `start` (None: from scratch) on images normalised as `applied` records:
+    the start's metadata_props, and that normalisation."""
+    return {**(metadata(start) if start is not None else {}), **image_norm_metadata(applied)}
+
+
 def save_model(model: onnx.ModelProto, path: str | os.PathLike[str], *, external_data: bool = False) -> Path:
     """Write atomically; with external_data the weights (tensors of EXTERNAL_MIN_BYTES or more) go to
     `<name>.data` beside the model."""

@@ -59,7 +59,7 @@ def run_demo(config: DemoConfig) -> DemoResult:
 
     from graphprune.api import recover
     from graphprune.data import load_dataset, load_splits
-    from graphprune.model_io import image_norm_metadata, input_image_norm, load_model, metadata, save_model
+    from graphprune.model_io import input_image_norm, load_model, save_model, trained_metadata
     from graphprune.runtime.evaluate import evaluate_onnx
     from graphprune.runtime.shapes import image_shape
     from graphprune.torch_bridge.distill import OnnxTeacher
@@ -96,8 +96,7 @@ def run_demo(config: DemoConfig) -> DemoResult:
     train_config = TrainConfig(epochs=config.finetune_epochs, lr=0.01, schedule="cosine", seed=0)
     fit(module, train, None, train_config, teacher=teacher)
     tuned_path = out / "resnet20_pruned_finetuned.onnx"
-    recorded = {**metadata(start), **image_norm_metadata(train.image_norm)}
-    export_trained(module, tuned_path, train.sample_shape, recorded)
+    export_trained(module, tuned_path, train.sample_shape, trained_metadata(start, train.image_norm))
     steps = " + recovered" if config.recover != "none" else ""
     models[f"pruned{steps} + fine-tuned"] = tuned_path
 

@@ -152,13 +152,12 @@ def _train_and_export(
     train: ArrayDataset,
     test: ArrayDataset,
     args: argparse.Namespace,
+    metadata: Mapping[str, str],
     model_sha256: str | None = None,
-    metadata: Mapping[str, str] | None = None,
 ) -> float | None:
-    """Fit with per-epoch lines, then (rank 0) export to OUT (`metadata` and the normalisation of the
-    training images in its metadata_props) and return its test accuracy via ORT."""
+    """Fit with per-epoch lines, then (rank 0) export to OUT with `metadata` in its metadata_props
+    (Start.model_metadata) and return its test accuracy via ORT."""
     from graphprune.cli.console import stage
-    from graphprune.model_io import image_norm_metadata
     from graphprune.runtime.evaluate import evaluate_onnx
     from graphprune.torch_bridge.train import dist_info, export_trained, fit
 
@@ -166,7 +165,6 @@ def _train_and_export(
     if not dist_info().is_main:
         return None
     with stage("export"):
-        metadata = {**(metadata or {}), **image_norm_metadata(train.image_norm)}
         export_trained(module, args.output, train.sample_shape, metadata)
     with stage("evaluate"):
         return evaluate_onnx(args.output, test)
@@ -198,7 +196,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     start = training_start(args, model=args.model)
     train, test = start.datasets()
     module = start.module(train)
-    accuracy = _train_and_export(module, train, test, args)
+    accuracy = _train_and_export(module, train, test, args, start.model_metadata(train))
     if accuracy is not None:
         print_results(
             args.json,
@@ -212,7 +210,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 def cmd_finetune(args: argparse.Namespace) -> int:
     from graphprune.cli.console import console, out, print_results, stage
-    from graphprune.model_io import metadata, model_sha256
+    from graphprune.model_io import model_sha256
     from graphprune.runtime.evaluate import evaluate_onnx
     from graphprune.torch_bridge.foldback import apply_to_module, onnx_to_module, verify_foldback
     from graphprune.torch_bridge.train import dist_info
@@ -233,7 +231,9 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     before = evaluate_onnx(proto, test) if main else None
     if main:
         console.print(f"fold-back  equal to {Path(args.model).name}: max rel err {error:.2g}")
-    after = _train_and_export(module, train, test, args, model_sha256(args.model), metadata(proto))
+    after = _train_and_export(
+        module, train, test, args, start.model_metadata(train), model_sha256(args.model)
+    )
     if before is not None and after is not None:
         numbers = {"foldback_max_rel_error": error, "accuracy_before": before, "accuracy_after": after}
         print_results(

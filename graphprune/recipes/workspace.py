@@ -23,7 +23,7 @@ from graphprune.api import PruneResult, model_cost
 from graphprune.data import ArrayDataset, load_splits
 from graphprune.data.image_norm import OWN_STATISTICS
 from graphprune.errors import GraphPruneError
-from graphprune.model_io import image_norm_metadata, input_image_norm, metadata
+from graphprune.model_io import input_image_norm, trained_metadata
 from graphprune.onnxutil import atomic_write
 from graphprune.runtime.evaluate import evaluate_onnx
 from graphprune.runtime.shapes import image_shape
@@ -84,8 +84,7 @@ class Start:
     def model_metadata(self, data: ArrayDataset) -> dict[str, str]:
         """What the recipe's models record: the ONNX start's metadata_props, and how `data` (the training
         data) was normalised."""
-        given = metadata(self.onnx_proto) if self.onnx is not None else {}
-        return {**given, **image_norm_metadata(data.image_norm)}
+        return trained_metadata(self.onnx_proto if self.onnx is not None else None, data.image_norm)
 
     def module(self, train: ArrayDataset) -> nn.Module:
         """The starting module: a fresh zoo model sized for the data, or the ONNX model made trainable."""
