@@ -85,10 +85,12 @@ def parse_image_norm(text: str) -> str:
 
 def add_image_norm_argument(parser: argparse.ArgumentParser) -> None:
     """--image-norm: how 8-bit images (image folders, uint8 .npz) become model inputs."""
+    from graphprune.data.image_norm import NORMALIZE_CHOICES
+
     parser.add_argument(
         "--image-norm",
         type=parse_image_norm,
-        metavar="data|imagenet|unit|signed|pixels|caffe|MEAN/STD",
+        metavar="|".join((*NORMALIZE_CHOICES, "MEAN/STD")),
         help="how 8-bit images become inputs, as the model was trained (default: as the model records, "
         "else data): data (each channel standardised with the data's own mean and std), imagenet "
         "(torchvision's pretrained models), unit (pixels/255), signed ([-1,1]), pixels (0..255), caffe "

@@ -133,8 +133,3 @@ def parse_normalization(text: str) -> Normalization:
             "--image-norm (it also overrides one a model records)."
         )
     return Normalization(text, mean, std)
-
-
-def fixed(mean: float, std: float) -> Normalization:
-    """A one-value normalisation (a dataset's published statistics)."""
-    return Normalization(f"{mean}/{std}", (mean,), (std,))

@@ -24,7 +24,7 @@ from graphprune.data.folders import (
     load_image_folder,
     split_folder,
 )
-from graphprune.data.image_norm import OWN, OWN_STATISTICS, Normalization, fixed, parse_normalization
+from graphprune.data.image_norm import OWN, OWN_STATISTICS, Normalization, parse_normalization
 from graphprune.errors import DataError
 
 log = logging.getLogger(__name__)
@@ -59,9 +59,9 @@ def load_dataset(
     .npz holding images only, a flat folder of images) and come back unlabelled.  `shape` (the model's
     image input) converts a folder's images to its 1 or 3 channels and fits them to its size (see
     fit_image), arrays being taken at their size; the images come channels-last for a channels-last
-    input.  `image_norm` says how 8-bit images become
-    inputs ("data", a preset or MEAN/STD: see graphprune.data.image_norm); None is "data" with a
-    warning where 8-bit images get their own statistics (a model trained with fixed ones wants those).
+    input.  `image_norm` says how 8-bit images become inputs ("data", a preset or MEAN/STD: see
+    graphprune.data.image_norm); None is "data" with a warning where 8-bit images get their own
+    statistics (a model trained with fixed ones wants those).
     """
     normalization = _checked(split, limit, image_norm)
     path = Path(spec)
@@ -149,7 +149,7 @@ def load_splits(
     path = Path(spec)
     if path.is_dir():
         train, test = _folder_splits(path, normalization, train_limit, test_limit, seed, shape)
-    elif not has_test_split(spec):
+    elif _npz_without_test_split(path):
         whole = load_npz(path, "train", normalization=normalization)
         train_rows, test_rows = _held_out(spec, len(whole), seed, train_limit, test_limit)
         train, test = whole.subset(train_rows), whole.subset(test_rows)
@@ -167,19 +167,16 @@ def load_splits(
 HOLDOUT_SHARE = 0.1
 
 
-def has_test_split(spec: str) -> bool:
-    """Whether the spec has test images of its own: Fashion-MNIST and synthetic sets do, a folder with a
-    test/ sub-folder does, an .npz with x_test or images_test does."""
-    path = Path(spec)
-    if path.is_dir():
-        return split_folder(path, "test") is not None
-    if path.suffix == ".npz" and path.is_file():
-        try:
-            with np.load(path, allow_pickle=False) as archive:
-                return bool({"x_test", "images_test"} & set(archive.files))
-        except (OSError, ValueError):
-            return True  # load_dataset says what is wrong with it
-    return True
+def _npz_without_test_split(path: Path) -> bool:
+    """Whether `path` is an .npz holding neither x_test nor images_test (one that cannot be read is left
+    to load_dataset to describe)."""
+    if path.suffix != ".npz" or not path.is_file():
+        return False
+    try:
+        with np.load(path, allow_pickle=False) as archive:
+            return not {"x_test", "images_test"} & set(archive.files)
+    except (OSError, ValueError):
+        return False
 
 
 def _folder_splits(
@@ -258,7 +255,7 @@ def load_fashion_mnist(split: str = "train", normalization: Normalization = OWN)
             f"Fashion-MNIST files in {folder} have shapes {images.shape} and {labels.shape}; reinstall them."
         )
     if normalization.own:
-        normalization = fixed(FASHION_MNIST_MEAN, FASHION_MNIST_STD)
+        normalization = parse_normalization(f"{FASHION_MNIST_MEAN}/{FASHION_MNIST_STD}")
     normalised, applied = normalization.apply(images[:, None], "fashion-mnist")
     return ArrayDataset(normalised, labels, 10, "fashion-mnist", applied)
 
