@@ -169,7 +169,9 @@ def plan_target(
             "predicted_ms": table_ms(table, original, start.model),
         }
         starts.append(start)
-    probe: dict[str, object] = {"batch": args.batch, "rows": {key: {} for key in paths}}
+    # time_models holds each round between two readings of the profile's canary
+    canary = {"canary_ms": table.canary_ms}
+    probe: dict[str, object] = {"batch": args.batch, "rows": {key: {} for key in paths}, "profile": canary}
     # twice the rounds: a model's fastest round is likelier to fall in a quiet spell of the shared host
     with high_priority(args.priority):
         time_models([(probe, paths)], argparse.Namespace(**{**vars(args), "rounds": 2 * args.rounds}))
@@ -183,6 +185,7 @@ def plan_target(
         "latency_fraction": fraction,
         "anchor_timing_ms": measured,
         "rows": rows,
+        "profile": canary,
     }
     plans = {
         TARGET_MACS: (

@@ -444,8 +444,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--global", dest="global_ranking", action="store_true", help="rank channels across groups")
     p.add_argument(
         "--normalize",
-        default="mean",
-        help="score normalisation for --global: mean, max, sum, none, rank, lamp",
+        default=None,
+        help="score normalisation for --global: mean, max, sum, none, rank, lamp (default: mean; lamp with "
+        "--objective latency)",
     )
     p.add_argument(
         "--objective",

@@ -23,6 +23,14 @@ log = logging.getLogger(__name__)
 OBJECTIVES = ("channels", "latency")
 
 
+# --global's score normalisation unless one is given.  The latency allocation weighs a move's importance
+# lost against the ms it saves: with `mean` a channel costs about the same in a 16-wide trunk as in a
+# 1152-wide expansion, so the narrow groups are cut to the bone; LAMP (a channel's score over the sum of
+# those at least as large) prices a share of the group instead (-ln(1 - share) for equal scores), and at
+# the same MACs its plans ran 1.1-1.4x faster (benchmarks/results/latency.md).
+DEFAULT_NORMALIZATION = {"channels": "mean", "latency": "lamp"}
+
+
 @dataclass
 class PlanOptions:
     """How much to remove and under which limits (see `graphprune prune --help`)."""
@@ -36,7 +44,11 @@ class PlanOptions:
     min_channels: int = 1
     round_to: int = 1
     exclude: list[str] = field(default_factory=list)
-    normalize: str = "mean"
+    normalize: str | None = None  # None: the objective's own (DEFAULT_NORMALIZATION)
+
+    def __post_init__(self) -> None:
+        if self.normalize is None:
+            self.normalize = DEFAULT_NORMALIZATION.get(self.objective, "mean")
 
     @property
     def needs_latency(self) -> bool:
