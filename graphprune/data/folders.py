@@ -64,7 +64,7 @@ def load_image_folder(
     graphprune.data.sources.dataset_parts and load_splits).
     """
     folder = ImageFolder.scan(root, split, labels=labels, limit=limit, seed=seed, shape=shape)
-    check_fits_in_memory(folder.root, folder.decoded_bytes(len(folder.files)))
+    folder.check_fits(len(folder.files))
     return folder.dataset(folder.files, normalization)
 
 
@@ -165,6 +165,17 @@ class ImageFolder:
         """Whether `count` of the images fit in the memory available, decoded (see decoded_bytes)."""
         free = available_memory()
         return free is None or self.decoded_bytes(count) <= free
+
+    def check_fits(self, count: int) -> None:
+        """Refuse, before decoding, `count` of the images that would not fit in memory (a folder loaded
+        whole is held in memory whole): an out-of-memory kill says nothing."""
+        if not self.fits(count):
+            raise DataError(
+                f"Folder {self.root} would take about {self.decoded_bytes(count) / 2**30:.1f} GiB decoded, "
+                f"more than the {(available_memory() or 0) / 2**30:.1f} GiB of memory available (its images "
+                "are held in memory whole); draw a seeded subset (--limit, --train-limit / --val-limit, "
+                "--calib-samples) or use fewer images."
+            )
 
     def part_size(self) -> int:
         """Images per part when the folder is read in parts: a quarter of the memory available."""
@@ -296,19 +307,6 @@ STATISTICS_SAMPLE = 1024
 # float32 result's transposed copy.
 FOLDER_BYTES_PER_ELEMENT = IMAGE_BYTES_PER_PIXEL
 CHANNELS_LAST_BYTES_PER_ELEMENT = 4
-
-
-def check_fits_in_memory(root: Path, need: int) -> None:
-    """Refuse a folder whose decoding would need more memory (`need` bytes) than the machine has
-    available (a folder is held in memory whole), before decoding it: an out-of-memory kill says
-    nothing."""
-    free = available_memory()
-    if free is not None and need > free:
-        raise DataError(
-            f"Folder {root} would take about {need / 2**30:.1f} GiB decoded, more than the "
-            f"{free / 2**30:.1f} GiB of memory available (its images are held in memory whole); draw a "
-            "seeded subset (--limit, --train-limit / --val-limit, --calib-samples) or use fewer images."
-        )
 
 
 def available_memory() -> int | None:
