@@ -35,7 +35,13 @@ from graphprune.planning import PlanOptions, RemovalPlanner
 from graphprune.planning.latency import LatencyModel, layer_specs
 from graphprune.planning.plan import KERNEL_MULTIPLE, PruningPlan
 from graphprune.runtime.cost import CostReport, count_cost
-from graphprune.runtime.profile import LatencyTable, Timing, measure_wholes, profile_model
+from graphprune.runtime.profile import (
+    LatencyTable,
+    Timing,
+    measure_wholes,
+    profile_model,
+    pruned_in_model_scales,
+)
 from graphprune.runtime.shapes import (
     InputShapes,
     image_shape,
@@ -307,6 +313,9 @@ def _calibrate(
     # the copies' widths snap to the table's fast steps, as every plan made with the table will
     removals = [RemovalPlanner(PlanOptions(ratio=r), latency=model)(dep, zeros) for r in CALIBRATION_RATIOS]
     copies = [apply_removal(dep, removed) for removed in removals]
+    if table.provider == "cpu" and table.in_model_ms:
+        table.in_model_points = _in_model_points(model, removals, copies, where, timing)
+        model = LatencyModel(dep, table)
     kernels = [model.kernels_ms(removed) for removed in removals]
     quiet = {"timing": timing, "canary_ms": table.canary_ms, "expected_ms": table.end_to_end_ms, **where}
     times = np.asarray(measure_wholes([dep.model, *copies], **quiet))
@@ -321,6 +330,36 @@ def _calibrate(
         if abs(table.check_error or 0) <= CALIBRATION_TOLERANCE:
             return True
     return False
+
+
+def _in_model_points(
+    model: LatencyModel,
+    removals: list[np.ndarray],
+    copies: list[onnx.ModelProto],
+    where: dict[str, Any],
+    timing: Timing | None,
+) -> dict[str, list[tuple[float, float]]]:
+    """Each layer's (share of its weights kept, in-model scale) in the pruned copies, where it was
+    pruned: a layer's cold-weight penalty inside the model fades as its weights shrink to fit the cache."""
+    points: dict[str, list[tuple[float, float]]] = {}
+    for removed, copy in zip(removals, copies, strict=True):
+        removed_class = model.class_mask(removed)
+        kept = {layer.spec.node: (layer, model.widths(layer, removed_class)) for layer in model.layers}
+        shares = {node: layer.spec.weight_share(*widths) for node, (layer, widths) in kept.items()}
+        # every layer sets the copy's pace; the pruned ones get points
+        alone = {node: layer.curve.latency(*widths) for node, (layer, widths) in kept.items()}
+        scales = pruned_in_model_scales(
+            copy,
+            alone,
+            batch=where["batch"],
+            threads=where["threads"],
+            timing=timing or Timing(),
+            expected_ms=model.table.end_to_end_ms,
+        )
+        for node, scale in scales.items():
+            if shares[node] < 1.0:
+                points.setdefault(node, []).append((shares[node], scale))
+    return points
 
 
 def _latency_model(dep: DependencyGraph, source: LatencySource, sha: str | None) -> LatencyModel:

@@ -369,6 +369,30 @@ def test_a_layer_slower_inside_the_model_is_planned_at_its_in_model_time(tmp_pat
     assert table.fastest_with(faster).in_model_scale("conv4") == pytest.approx(2)
 
 
+def test_a_layers_in_model_scale_follows_the_share_of_its_weights_kept(tmp_path: Path) -> None:
+    """conv4 ran 4x its time alone inside the model, 1.5x inside a copy keeping a quarter of its
+    weights (they fit the cache there; 1.8x in another copy at the same share): between the two the
+    scale is linear in the weights kept, below the copy flat; the table saves the points, and a merged
+    table drops them (calibrated again)."""
+    model = chain()
+    table = fake_table(model, {(8, 16): linear(1.0), (16, 24): linear(1.0), (24, 6): linear(1.0)})
+    full = table.curve("conv4").full_ms
+    table.in_model_ms = {"conv4": 4 * full}
+    table.in_model_points = {"conv4": [(0.25, 1.8), (0.25, 1.5)], "conv1": [(0.5, 3.0)]}
+    assert [table.in_model_scale("conv4", share) for share in (1.0, 0.625, 0.25, 0.1)] == pytest.approx(
+        [4.0, 2.75, 1.5, 1.5]  # of two copies at one share, the faster
+    )
+    assert table.in_model_scale("conv1", 0.5) == 1.0  # no full-width time: points alone say nothing
+    conv4 = next(
+        layer for layer in LatencyModel(analyze_model(model), table).layers if layer.spec.node == "conv4"
+    )
+    assert conv4.spec.weight_share(16, 12) == 0.5
+    assert conv4.latency(16, 12) == pytest.approx(table.curve("conv4").latency(16, 12) * (1.5 + 2.5 / 3))
+    loaded = LatencyTable.load(table.save(tmp_path / "lut.json"))
+    assert loaded.in_model_points == table.in_model_points
+    assert table.fastest_with(loaded).in_model_points == {}
+
+
 def test_latency_targeted_plans_are_verified_and_record_the_prediction(tmp_path: Path) -> None:
     model = chain()
     table = fake_table(model, {(8, 16): linear(1.0), (16, 24): linear(0.5), (24, 6): linear(0.2)})
@@ -805,6 +829,14 @@ def test_profile_command_writes_a_table_prune_can_use(tmp_path: Path) -> None:
     assert summary["model_sha256"] == table.model_sha256 == sha256_file(path)
     assert set(table.layers) == {"conv1", "conv4", "conv7"} and table.end_to_end_ms > 0
     assert set(table.in_model_ms) == set(table.layers)  # each layer found in the whole model's profile
+    # and in each pruned copy's, at the share of its weights the copy keeps, where the copy prunes it
+    # (a group no wider than the runtime's block stays whole: the 16-wide one here at block 16)
+    assert set(table.in_model_points) <= set(table.layers)
+    if table.block <= 16:  # the 24-wide group narrows
+        assert {"conv4", "conv7"} <= set(table.in_model_points)
+    for points in table.in_model_points.values():
+        # one per copy (two copies may keep the same widths)
+        assert 1 <= len(points) <= 3 and all(0 < share < 1 and scale > 0 for share, scale in points)
     assert summary["sum_error"] == pytest.approx(table.sum_error)
     assert len(table.calibration) == 2 and summary["check_error"] == pytest.approx(table.check_error)
     assert table.curve("conv1").out_widths[-1] == 16 and table.curve("conv7").out_widths == [
@@ -825,10 +857,12 @@ def test_profile_names_the_layers_that_run_slower_inside_the_model(
     onnx.save(model, path)
     table = fake_table(model, {(8, 16): linear(1.0), (16, 24): linear(1.0), (24, 6): linear(1.0)})
     table.in_model_ms = {"conv1": table.curve("conv1").full_ms, "conv4": 3 * table.curve("conv4").full_ms}
+    table.in_model_points = {"conv4": [(0.5, 1.4), (0.25, 1.1)]}
     monkeypatch.setattr("graphprune.api.profile_latency", lambda *_, **__: table)
     assert main(["profile", str(path), "-o", str(tmp_path / "lut.json")]) == 0
     assert (
-        "1 of 3 layers ran over 1.2x their time alone inside the model (weights cold there; slowest conv4 3.0x)"
+        "1 of 3 layers ran over 1.2x their time alone inside the model (weights cold there; slowest conv4 "
+        "3.0x, 1.1x with 25% of its weights): planned at it"
         in " ".join(capsys.readouterr().out.split())  # the console wraps long lines
     )
 

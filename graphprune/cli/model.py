@@ -289,9 +289,12 @@ def _print_profile(args: argparse.Namespace, table) -> None:  # noqa: ANN001 - L
     slower = [node for node, scale in scales.items() if scale > IN_MODEL_NOTABLE]
     if slower:
         slowest = max(slower, key=scales.__getitem__)
+        shares, pruned = table.in_model_curve(slowest)
         out.print(
             f"{len(slower)} of {len(table.layers)} layers ran over {IN_MODEL_NOTABLE}x their time alone "
-            f"inside the model (weights cold there; slowest {slowest} {scales[slowest]:.1f}x): planned at it"
+            f"inside the model (weights cold there; slowest {slowest} {scales[slowest]:.1f}x"
+            + (f", {pruned[0]:.1f}x with {shares[0]:.0%} of its weights" if len(shares) > 1 else "")
+            + "): planned at it"
         )
     if table.check_error is not None:
         out.print(

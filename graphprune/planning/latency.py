@@ -17,7 +17,7 @@ import onnx
 
 from graphprune.analysis.graph import DependencyGraph, Group
 from graphprune.errors import PlanError
-from graphprune.runtime.profile import PROFILED_OPS, LatencyTable, LayerCurve, LayerSpec
+from graphprune.runtime.profile import PROFILED_OPS, LatencyTable, LayerCurve, LayerSpec, scale_at
 
 if TYPE_CHECKING:
     from graphprune.planning.planner import Planner
@@ -113,13 +113,13 @@ def _plain(value: object) -> object:
 @dataclass
 class _Layer:
     """A weighted layer: its measured curve over (input, output) widths, scaled to its time inside the
-    whole model."""
+    whole model at the share of its weights kept (LatencyTable.in_model_curve)."""
 
     spec: LayerSpec
     curve: LayerCurve
     in_classes: np.ndarray | None
     out_classes: np.ndarray | None
-    scale: float = 1.0
+    in_model: tuple[list[float], list[float]] = ([1.0], [1.0])
 
     @property
     def channels(self) -> tuple[int, int]:
@@ -131,7 +131,8 @@ class _Layer:
         return self.spec.tied
 
     def latency(self, kept_in: int, kept_out: int) -> float:
-        return self.curve.latency(kept_in, kept_out) * self.scale
+        share = self.spec.weight_share(kept_in, kept_out)
+        return self.curve.latency(kept_in, kept_out) * scale_at(self.in_model, share)
 
 
 @dataclass
@@ -250,7 +251,7 @@ class LatencyModel:
                     table.curves[signature],
                     self._classes(node.input[0]),
                     self._classes(node.output[0]),
-                    table.in_model_scale(spec.node),
+                    table.in_model_curve(spec.node),
                 )
             )
         self.others = other_ops(dep, table.other_ms, table.other_fixed_ms) if table.other_ms > 0 else []
@@ -285,9 +286,14 @@ class LatencyModel:
     def kernels_ms(self, removed: np.ndarray) -> float:
         """Predicted kernel time (ms) after removing the atoms of the boolean mask `removed`: the
         layers' latencies and the other ops' shares."""
+        removed_class = self.class_mask(removed)
+        return sum(cost.latency(*self.widths(cost, removed_class)) for cost in self.costs)
+
+    def class_mask(self, removed: np.ndarray) -> np.ndarray:
+        """Per channel class (the dependency graph's roots): whether the atom mask `removed` removes it."""
         removed_class = np.zeros(self.dep.roots.size, dtype=bool)
         removed_class[self.dep.roots[removed]] = True
-        return sum(cost.latency(*self.widths(cost, removed_class)) for cost in self.costs)
+        return removed_class
 
     def predict(self, removed: np.ndarray) -> float:
         """Latency (ms) of the whole model after removing the atoms of `removed`."""

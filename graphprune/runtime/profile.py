@@ -89,6 +89,12 @@ class LayerSpec:
         """A tied layer's input width at an output width."""
         return out_width * self.in_channels // self.out_channels
 
+    def weight_share(self, kept_in: int, kept_out: int) -> float:
+        """Share of the layer's weights kept at these widths (a tied layer's follow its output)."""
+        if self.tied:
+            return kept_out / self.out_channels
+        return kept_in * kept_out / (self.in_channels * self.out_channels)
+
     def groups_at(self, in_width: int) -> int:
         """The conv's group count at an input width."""
         if self.depthwise:
@@ -147,6 +153,12 @@ def _step(widths: list[int], times: list[float], width: int, whole: float) -> fl
     return times[min(int(np.searchsorted(widths, width)), len(widths) - 1)]
 
 
+def scale_at(curve: tuple[list[float], list[float]], weight_share: float) -> float:
+    """An in-model scale curve (LatencyTable.in_model_curve) read at a weight share."""
+    shares, scales = curve
+    return scales[0] if len(shares) == 1 else float(np.interp(weight_share, shares, scales))
+
+
 # Least share of the layers' latency a calibration copy must shed to weigh in the fit.
 MIN_SPREAD = 0.1
 
@@ -172,6 +184,8 @@ class LatencyTable:
     # per layer node: its kernel's time (ms) at full width inside the whole model (CPU profiler), at
     # the pace the layers were timed alone (kernel_pace)
     in_model_ms: dict[str, float] = field(default_factory=dict)
+    # per layer node: (share of its weights kept, in-model scale) in the calibration's pruned copies (CPU)
+    in_model_points: dict[str, list[tuple[float, float]]] = field(default_factory=dict)
     profiles: int = 1  # of the layers, each point at its fastest (a second when the first missed its check)
     canary_ms: float | None = None  # the canary's fastest reading while profiling: the machine's quiet speed
 
@@ -179,13 +193,26 @@ class LatencyTable:
     def layers_sum_ms(self) -> float:
         return sum(self.curves[sig].full_ms * self.in_model_scale(node) for node, sig in self.layers.items())
 
-    def in_model_scale(self, node: str) -> float:
+    def in_model_scale(self, node: str, weight_share: float = 1.0) -> float:
         """How much slower the layer ran inside the whole model than alone (1 when not measured): its
         weights come cold from memory there, while a layer timed alone keeps them in cache (a batch-1
         Gemm of 1280x1000 ran 3.9x its isolated time inside MobileNetV3, the squeeze-excite convs 2-2.5x,
-        most convs within 2%)."""
+        most convs within 2%).  At `weight_share` of its weights kept: linear between the full layer
+        and the calibration's pruned copies (`in_model_points`), flat beyond the smallest, since
+        weights shrunk to fit the cache stop paying (that Gemm at a quarter of its input: 1.3x)."""
+        return scale_at(self.in_model_curve(node), weight_share)
+
+    def in_model_curve(self, node: str) -> tuple[list[float], list[float]]:
+        """The layer's in-model scale at the weight shares it was measured at, ascending (the last 1.0);
+        of two copies keeping the same share, the lower scale (load only ever slows a profile)."""
         measured = self.in_model_ms.get(node)
-        return 1.0 if measured is None else measured / self.curves[self.layers[node]].full_ms
+        if measured is None:
+            return [1.0], [1.0]
+        scales = {1.0: measured / self.curves[self.layers[node]].full_ms}
+        for share, scale in self.in_model_points.get(node, []):
+            scales[share] = min(scale, scales.get(share, scale))
+        shares = sorted(scales)
+        return shares, [scales[share] for share in shares]
 
     @property
     def kernels_ms(self) -> float:
@@ -245,15 +272,12 @@ class LatencyTable:
             canary_ms=min((c for c in (self.canary_ms, other.canary_ms) if c is not None), default=None),
             calibration=[],
             check_point=None,
+            in_model_points={},
         )
 
     def curve(self, node: str) -> LayerCurve | None:
         signature = self.layers.get(node)
         return self.curves[signature] if signature is not None else None
-
-    def layer_ms(self, node: str, kept_in: int, kept_out: int) -> float:
-        """The layer's predicted time (ms) inside the model at the kept widths."""
-        return self.curves[self.layers[node]].latency(kept_in, kept_out) * self.in_model_scale(node)
 
     def check(self, model_sha256: str | None, provider: str | None = None, batch: int | None = None) -> None:
         """Refuse a table measured for another model, or with another execution provider or batch than
@@ -291,6 +315,7 @@ class LatencyTable:
             "other_ms": self.other_ms,
             "other_fixed_ms": self.other_fixed_ms,
             "in_model_ms": self.in_model_ms,
+            "in_model_points": self.in_model_points,
             "sum_error": self.sum_error,
             "calibration": self.calibration,
             "fit": self.fit,
@@ -329,6 +354,10 @@ class LatencyTable:
             other_ms=float(data.get("other_ms", 0.0)),
             other_fixed_ms=float(data.get("other_fixed_ms", 0.0)),
             in_model_ms={node: float(ms) for node, ms in data.get("in_model_ms", {}).items()},
+            in_model_points={
+                node: [(float(share), float(scale)) for share, scale in points]
+                for node, points in data.get("in_model_points", {}).items()
+            },
             calibration=[(float(a), float(b)) for a, b in data.get("calibration", [])],
             check_point=tuple(data["check_point"]) if data.get("check_point") else None,
         )
@@ -824,6 +853,24 @@ def kernel_profile(
                 run()
             rounds.append(node_kernels(json.loads(Path(session.end_profiling()).read_text()), warmup))
     return min(rounds, key=lambda kernels: sum(kernel.ms for kernel in kernels.values()))
+
+
+def pruned_in_model_scales(
+    model: ModelLike,
+    alone_ms: dict[str, float],
+    *,
+    batch: int,
+    threads: int | None,
+    timing: Timing,
+    expected_ms: float | None = None,
+) -> dict[str, float]:
+    """Each layer's in-model scale inside a pruned copy of a model (CPU): its kernel time in the copy's
+    `kernel_profile`, at that profile's pace (kernel_pace), over its time alone at the copy's widths
+    (`alone_ms`, by layer node)."""
+    kernels = kernel_profile(model, batch=batch, threads=threads, timing=timing, expected_ms=expected_ms)
+    in_model = layer_kernel_ms(model, list(alone_ms), kernels)
+    pace = kernel_pace(in_model, alone_ms)
+    return {node: ms / pace / alone_ms[node] for node, ms in in_model.items() if alone_ms[node] > 0}
 
 
 def fixed_kernel_cost(kernels: Sequence[Kernel]) -> float:
