@@ -88,7 +88,9 @@ def measure(name: str, batch: int, work: Path, args: argparse.Namespace) -> dict
 
 def render(payload: dict) -> str:
     lines = header(
-        "Latency predictions, timed right after the profile (cpu, 2 threads)", payload["machine"], __doc__
+        f"Latency predictions, timed right after the profile (cpu, {payload['settings']['threads']} threads)",
+        payload["machine"],
+        __doc__,
     )
     lines.append(
         f"Targets: M = {payload['settings']['macs']} of the MACs, F = {payload['settings']['latency']} of "
