@@ -495,8 +495,9 @@ def profile_model(
         if provider == "cpu" and measure is None
         else {}
     )
-    in_model = layer_kernel_ms(model, [spec.node for spec in layers], kernels)
-    pace = kernel_pace(in_model, {spec.node: curves[spec.signature].full_ms for spec in layers})
+    in_model, pace = paced_layer_ms(
+        model, kernels, {spec.node: curves[spec.signature].full_ms for spec in layers}
+    )
     other, other_fixed = (ms / pace for ms in other_kernel_time(kernels))
     loads.append(os.getloadavg()[0])
     table = LatencyTable(
@@ -508,7 +509,7 @@ def profile_model(
         block=timing.block or 1,
         other_ms=other,
         other_fixed_ms=other_fixed,
-        in_model_ms={node: ms / pace for node, ms in in_model.items()},
+        in_model_ms=in_model,
         layers={spec.node: spec.signature for spec in layers},
         curves=curves,
         canary_ms=canary.fastest,
@@ -868,9 +869,18 @@ def pruned_in_model_scales(
     `kernel_profile`, at that profile's pace (kernel_pace), over its time alone at the copy's widths
     (`alone_ms`, by layer node)."""
     kernels = kernel_profile(model, batch=batch, threads=threads, timing=timing, expected_ms=expected_ms)
+    in_model, _ = paced_layer_ms(model, kernels, alone_ms)
+    return {node: ms / alone_ms[node] for node, ms in in_model.items() if alone_ms[node] > 0}
+
+
+def paced_layer_ms(
+    model: ModelLike, kernels: dict[str, Kernel], alone_ms: dict[str, float]
+) -> tuple[dict[str, float], float]:
+    """The layers' kernel times (ms) in a whole model's `kernel_profile`, divided by that profile's pace
+    against their times alone (`alone_ms`, by layer node; kernel_pace), and the pace."""
     in_model = layer_kernel_ms(model, list(alone_ms), kernels)
     pace = kernel_pace(in_model, alone_ms)
-    return {node: ms / pace / alone_ms[node] for node, ms in in_model.items() if alone_ms[node] > 0}
+    return {node: ms / pace for node, ms in in_model.items()}, pace
 
 
 def fixed_kernel_cost(kernels: Sequence[Kernel]) -> float:
